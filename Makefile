@@ -1,0 +1,30 @@
+# Two commands set everything up on a fresh machine: `make quickstart` and `make test`.
+# Versions are pinned here (the pyproject declares ranges) so that pip reuses the local torch wheels.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PINS := torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.installed
+
+.PHONY: venv quickstart test test-slow clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(PINS)
+	$(PY) -m pip install -q --no-deps torchaudio==2.11.0
+	$(PY) -m pip install -q -e '.[test]' $(PINS)
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+quickstart: $(STAMP)
+	$(VENV)/bin/mmbalance quickstart
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) results/*/ reports/*/

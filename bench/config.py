@@ -1,0 +1,293 @@
+"""Typed, validated run configs: YAML + dotted overrides -> RunConfig -> run id.
+
+A config has the sections dataset / model / method / optim / schedule / train / eval. The
+`dataset`, `method` and every encoder section are *named*: a `name` picks a registered class and
+the other keys are validated against that class's own `Params` model, so a method's
+hyperparameters are typed without the harness knowing them.
+
+Every error names the dotted key, where its value came from (file or override) and what is
+allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from bench.errors import ConfigError, allowed_list, closest
+
+
+class Strict(BaseModel):
+    """Unknown keys are errors, never silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class NoParams(Strict):
+    """Params of a class that takes none."""
+
+
+class ModelConfig(Strict):
+    # modality -> {name: <encoder>, ...its params}; modalities left out get the dataset's default
+    encoders: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    fusion: Literal["concat", "sum", "film", "gated", "late"] = "concat"
+    # film/gated: the modality whose features condition (modulate) the other's
+    conditioning: str | None = None
+
+
+class OptimConfig(Strict):
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+class ScheduleConfig(Strict):
+    name: Literal["constant", "step", "multistep", "cosine"] = "constant"
+    step_size: int = Field(70, ge=1)
+    milestones: list[int] = Field(default_factory=list)
+    gamma: float = Field(0.1, gt=0)
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(40, ge=1)
+    batch_size: int = Field(64, ge=1)
+    eval_batch_size: int = Field(512, ge=1)
+    drop_last: bool = False
+    seed: int = 0
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    amp: bool = True  # bf16 autocast, used only on CUDA
+    workers: int = Field(0, ge=0)
+    progress: bool = True
+
+
+class EvalConfig(Strict):
+    select_metric: Literal["acc", "macro_f1", "map"] = "acc"
+    probe: bool = True
+    probe_c_grid: list[float] = Field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0])
+    probe_max_iter: int = Field(500, ge=10)
+
+
+class RunConfig(Strict):
+    group: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$")
+    dataset: dict[str, Any] = Field(default_factory=lambda: {"name": "avdigits"})
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    method: dict[str, Any] = Field(default_factory=lambda: {"name": "joint"})
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    def run_id(self) -> str:
+        return run_id(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# Keys that do not change what a run computes, so they stay out of the run id.
+HASH_EXCLUDED = ("group", "train.workers", "train.progress")
+
+
+def run_id(cfg: RunConfig) -> str:
+    """`<method>-<12 hex>`: a stable hash of the resolved config (defaults filled in)."""
+    data = cfg.to_dict()
+    for dotted in HASH_EXCLUDED:
+        *parents, leaf = dotted.split(".")
+        node = data
+        for p in parents:
+            node = node[p]
+        node.pop(leaf, None)
+    digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+    return f"{cfg.method['name']}-{digest[:12]}"
+
+
+# ----------------------------------------------------------------------------------- loading
+
+
+class Sources:
+    """Remembers where each dotted key's value came from, for error messages."""
+
+    def __init__(self) -> None:
+        self._by_key: dict[str, str] = {}
+
+    def record(self, data: Mapping[str, Any], origin: str, prefix: str = "") -> None:
+        for key, value in data.items():
+            dotted = f"{prefix}{key}"
+            self._by_key[dotted] = origin
+            if isinstance(value, Mapping):
+                self.record(value, origin, dotted + ".")
+
+    def of(self, dotted: str) -> str:
+        parts = dotted.split(".")
+        for n in range(len(parts), 0, -1):
+            origin = self._by_key.get(".".join(parts[:n]))
+            if origin:
+                return origin
+        return "the defaults"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.epochs=5' -> (['train', 'epochs'], 5); values are parsed as YAML scalars/lists."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} is not of the form key.sub=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML: {e}") from None
+    return key.strip().split("."), value
+
+
+def set_dotted(data: dict[str, Any], path: Sequence[str], value: Any) -> None:
+    node = data
+    for part in path[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[path[-1]] = value
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping, not {type(data).__name__}")
+    return data
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    base: Mapping[str, Any] | None = None,
+) -> RunConfig:
+    """Read YAML (optional), merge `base` under it and dotted `overrides` over it, then validate."""
+    sources = Sources()
+    data: dict[str, Any] = copy.deepcopy(dict(base or {}))
+    sources.record(data, "the sweep's base config")
+    if path is not None:
+        file_data = read_yaml(Path(path))
+        sources.record(file_data, f"file {str(path)!r}")
+        deep_merge(data, file_data)
+    for text in overrides:
+        keys, value = parse_override(text)
+        set_dotted(data, keys, value)
+        sources.record({".".join(keys): value}, f"override {text!r}")
+    return validate(data, sources)
+
+
+def deep_merge(into: dict[str, Any], new: Mapping[str, Any]) -> None:
+    for key, value in new.items():
+        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
+            deep_merge(into[key], value)
+        else:
+            into[key] = copy.deepcopy(value)
+
+
+def validate(data: Mapping[str, Any], sources: Sources | None = None) -> RunConfig:
+    """Structure first, then each named section against its registered class's Params."""
+    sources = sources or Sources()
+    try:
+        cfg = RunConfig.model_validate(dict(data))
+    except ValidationError as e:
+        raise ConfigError(format_errors(e, RunConfig, sources)) from None
+    from bench.registry import DATASETS, ENCODERS, METHODS
+
+    dataset_cls = DATASETS.get(require_name(cfg.dataset, "dataset", sources), sources.of("dataset.name"))
+    cfg.dataset = resolve_named(cfg.dataset, dataset_cls.Params, "dataset", sources)
+    cfg.method = resolve_named(
+        cfg.method,
+        METHODS.get(require_name(cfg.method, "method", sources), sources.of("method.name")).Params,
+        "method",
+        sources,
+    )
+    modalities = dataset_cls.modality_names()
+    encoders = dict(cfg.model.encoders)
+    for modality in encoders:
+        if modality not in modalities:
+            raise ConfigError(
+                f"model.encoders.{modality} (from {sources.of(f'model.encoders.{modality}')}): "
+                f"dataset {dataset_cls.registry_name!r} has no modality {modality!r}"
+                f"{closest(modality, modalities)}; its modalities: {allowed_list(modalities)}"
+            )
+    for modality in modalities:
+        where = f"model.encoders.{modality}"
+        section = {**dataset_cls.default_encoder(modality), **encoders.get(modality, {})}
+        encoder_cls = ENCODERS.get(require_name(section, where, sources), sources.of(where + ".name"))
+        encoders[modality] = resolve_named(section, encoder_cls.Params, where, sources)
+    cfg.model.encoders = encoders
+    conditioning = cfg.model.conditioning
+    if conditioning is not None and conditioning not in modalities:
+        raise ConfigError(
+            f"model.conditioning={conditioning!r} (from {sources.of('model.conditioning')}) is not a "
+            f"modality of {dataset_cls.registry_name!r}{closest(conditioning, modalities)}; "
+            f"allowed: {allowed_list(modalities)}"
+        )
+    return cfg
+
+
+def require_name(section: Mapping[str, Any], where: str, sources: Sources) -> str:
+    name = section.get("name")
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{where}.name is missing (section from {sources.of(where)}); it picks the class")
+    return name
+
+
+def resolve_named(
+    section: Mapping[str, Any], params_cls: type[BaseModel], where: str, sources: Sources
+) -> dict[str, Any]:
+    """Validate a named section's keys against `params_cls`; return it with defaults filled in."""
+    rest = {k: v for k, v in section.items() if k != "name"}
+    try:
+        params = params_cls.model_validate(rest)
+    except ValidationError as e:
+        raise ConfigError(format_errors(e, params_cls, sources, prefix=where)) from None
+    return {"name": section["name"], **params.model_dump(mode="json")}
+
+
+def format_errors(
+    error: ValidationError, model: type[BaseModel], sources: Sources, prefix: str = ""
+) -> str:
+    lines = []
+    for item in error.errors():
+        loc = [str(p) for p in item["loc"]]
+        dotted = ".".join(([prefix] if prefix else []) + loc)
+        origin = sources.of(dotted)
+        if item["type"] == "extra_forbidden":
+            allowed = allowed_keys(model, loc[:-1])
+            lines.append(
+                f"unknown key {dotted!r} (from {origin}){closest(loc[-1], allowed)}; "
+                f"allowed keys here: {allowed_list(allowed)}"
+            )
+        else:
+            lines.append(f"{dotted}: {item['msg']} (got {item.get('input')!r}, from {origin})")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def allowed_keys(model: type[BaseModel], path: Sequence[str]) -> list[str]:
+    """The field names of the (nested) model at `path`, or [] if it is not a model."""
+    current: Any = model
+    for part in path:
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        current = field.annotation
+    return list(getattr(current, "model_fields", {}))
+
+
+def dump_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

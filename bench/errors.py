@@ -1,0 +1,32 @@
+"""Exceptions that carry a message a user can act on (what, where it came from, what is allowed)."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class MMBalanceError(Exception):
+    """Base class: an error whose message is meant for the user, printed without a traceback."""
+
+
+class ConfigError(MMBalanceError):
+    """A config key, type or name is wrong."""
+
+
+class DataError(MMBalanceError):
+    """A dataset directory, file or split is missing or unusable."""
+
+
+class RunFailed(MMBalanceError):
+    """A run stopped; its status file records the cause."""
+
+
+def closest(value: str, allowed: Iterable[str]) -> str:
+    """'; did you mean X?' when one allowed value is close to `value`, else ''."""
+    match = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1, cutoff=0.6)
+    return f"; did you mean {match[0]!r}?" if match else ""
+
+
+def allowed_list(allowed: Iterable[str]) -> str:
+    return ", ".join(sorted(str(a) for a in allowed)) or "(none)"

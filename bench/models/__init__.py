@@ -1,0 +1,15 @@
+"""Encoders (one per modality, identical for every method) and fusion heads."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from bench.registry import ENCODERS
+from datasets.base import Modality
+
+
+def build_encoder(section: dict, modality: Modality) -> nn.Module:
+    """An encoder from its resolved config section ({name, ...params}) for one modality."""
+    cls = ENCODERS.get(section["name"], f"model.encoders.{modality.name}")
+    params = cls.Params.model_validate({k: v for k, v in section.items() if k != "name"})
+    return cls(params, modality)

@@ -1,0 +1,88 @@
+"""Name -> class registries for methods, datasets and encoders (timm-style decorators).
+
+A new method is one file with one decorated class::
+
+    @METHODS.register("my_method")
+    class MyMethod(Method): ...
+
+The built-in packages are imported on first lookup, and so are the modules that third-party
+packages declare under the ``mmbalance.plugins`` entry-point group.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable, Iterator
+from importlib.metadata import entry_points
+from typing import Generic, TypeVar
+
+from bench.errors import ConfigError, allowed_list, closest
+
+T = TypeVar("T")
+
+_BUILTIN_PACKAGES = ("methods", "datasets", "bench.models")
+
+
+class Registry(Generic[T]):
+    """A named table of classes; `kind` is used in error messages ("method", "dataset", ...)."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, type[T]] = {}
+
+    def register(self, name: str) -> Callable[[type[T]], type[T]]:
+        def decorator(cls: type[T]) -> type[T]:
+            existing = self._entries.get(name)
+            if existing is not None and existing is not cls:
+                raise ValueError(f"{self.kind} {name!r} is registered twice: {existing} and {cls}")
+            self._entries[name] = cls
+            cls.registry_name = name  # type: ignore[attr-defined]
+            return cls
+
+        return decorator
+
+    def get(self, name: str, where: str = "") -> type[T]:
+        load_all()
+        try:
+            return self._entries[name]
+        except KeyError:
+            src = f" (in {where})" if where else ""
+            raise ConfigError(
+                f"unknown {self.kind} {name!r}{src}{closest(name, self._entries)}; "
+                f"allowed: {allowed_list(self._entries)}"
+            ) from None
+
+    def names(self) -> list[str]:
+        load_all()
+        return sorted(self._entries)
+
+    def items(self) -> Iterator[tuple[str, type[T]]]:
+        load_all()
+        return iter(sorted(self._entries.items()))
+
+    def __contains__(self, name: str) -> bool:
+        load_all()
+        return name in self._entries
+
+
+METHODS: Registry = Registry("method")
+DATASETS: Registry = Registry("dataset")
+ENCODERS: Registry = Registry("encoder")
+
+_loaded = False
+
+
+def load_all() -> None:
+    """Import every built-in module and plugin once, so that their decorators run."""
+    global _loaded  # the import side effect is process-wide by nature; this only memoises it
+    if _loaded:
+        return
+    _loaded = True
+    for package_name in _BUILTIN_PACKAGES:
+        package = importlib.import_module(package_name)
+        for info in pkgutil.iter_modules(package.__path__):
+            if not info.name.startswith("_") and info.name not in ("base", "prepare"):
+                importlib.import_module(f"{package_name}.{info.name}")
+    for ep in entry_points(group="mmbalance.plugins"):
+        importlib.import_module(ep.value)

@@ -1,0 +1,128 @@
+"""The results store: results/<group>/<run id>/ with config, metrics, summary, checkpoints, status.
+
+Every write goes to a temporary file in the same directory and is renamed over the target, so a
+run killed at any moment leaves either the old or the new file, never half of one. Reports read
+only this store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+STATES = ("running", "finished", "failed", "interrupted")
+
+
+def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "w") -> None:
+    """Call `write(file)` on a temp file beside `path`, fsync it, then rename it over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text))
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+class RunDir:
+    """One run's directory and the files in it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.config = self.path / "config.yaml"
+        self.metrics = self.path / "metrics.jsonl"
+        self.summary = self.path / "summary.json"
+        self.status_file = self.path / "status.json"
+        self.checkpoint = self.path / "checkpoint.pt"  # state after the last finished epoch
+        self.best = self.path / "best.pt"  # model weights at the best validation epoch
+
+    @property
+    def run_id(self) -> str:
+        return self.path.name
+
+    # ---- config
+    def write_config(self, config: dict[str, Any]) -> None:
+        atomic_write_text(self.config, yaml.safe_dump(config, sort_keys=False))
+
+    def read_config(self) -> dict[str, Any]:
+        return yaml.safe_load(self.config.read_text())
+
+    # ---- status
+    def status(self) -> dict[str, Any]:
+        if not self.status_file.exists():
+            return {"state": "new"}
+        return json.loads(self.status_file.read_text())
+
+    def set_status(self, state: str, **info: Any) -> None:
+        assert state in STATES, state
+        record = {
+            "state": state,
+            "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            **info,
+        }
+        atomic_write_json(self.status_file, record)
+
+    # ---- per-epoch metrics
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics.exists():
+            return []
+        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+
+    def write_metrics(self, records: list[dict[str, Any]]) -> None:
+        atomic_write_text(self.metrics, "".join(json.dumps(r) + "\n" for r in records))
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        # rewriting the (small) file keeps the append atomic
+        self.write_metrics(self.read_metrics() + [record])
+
+    # ---- summary and checkpoints
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        atomic_write_json(self.summary, summary)
+
+    def read_summary(self) -> dict[str, Any] | None:
+        return json.loads(self.summary.read_text()) if self.summary.exists() else None
+
+    def save(self, path: Path, state: dict[str, Any]) -> None:
+        atomic_write(path, lambda f: torch.save(state, f), mode="wb")
+
+    def load(self, path: Path) -> dict[str, Any]:
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+class Store:
+    """The root of all results: `root/<group>/<run id>/`."""
+
+    def __init__(self, root: str | Path = "results") -> None:
+        self.root = Path(root)
+
+    def run_dir(self, group: str, run_id: str) -> RunDir:
+        return RunDir(self.root / group / run_id)
+
+    def runs(self, group: str | None = None) -> Iterator[RunDir]:
+        """Every run directory (one holding config.yaml), in a group or in all groups."""
+        pattern = f"{group}/*/config.yaml" if group else "*/*/config.yaml"
+        for config in sorted(self.root.glob(pattern)):
+            yield RunDir(config.parent)

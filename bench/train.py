@@ -1,0 +1,294 @@
+"""The one training loop that every method shares.
+
+It owns seeding, devices, autocast, batching, per-epoch evaluation on val and test, model
+selection on val, checkpoints after every epoch with resume, metrics.jsonl, probes, cost and the
+run's status. The method owns only what happens inside one step.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import resource
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from bench.config import RunConfig
+from bench.data import batches, epoch_generator, num_batches, seed_everything
+from bench.errors import MMBalanceError, RunFailed
+from bench.evaluate import evaluate
+from bench.models import build_encoder
+from bench.probe import probe_all
+from bench.registry import DATASETS, METHODS
+from bench.store import RunDir, Store
+from datasets.base import SPLITS, Dataset
+from methods.base import Method, MethodSetup, StepHelpers
+
+
+class NonFiniteLoss(MMBalanceError):
+    def __init__(self, key: str, value: float, epoch: int, batch: int) -> None:
+        super().__init__(f"loss {key!r} became {value} at epoch {epoch}, batch {batch}")
+        self.epoch, self.batch = epoch, batch
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    path: str
+    state: str  # finished | skipped
+    summary: dict[str, Any]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RunFailed(f"train.device={name!r} but CUDA is not available here; use auto or cpu")
+    return torch.device(name)
+
+
+def build_dataset(cfg: RunConfig) -> Dataset:
+    cls = DATASETS.get(cfg.dataset["name"], "dataset.name")
+    return cls(cls.Params.model_validate({k: v for k, v in cfg.dataset.items() if k != "name"}))
+
+
+def build_method(cfg: RunConfig, dataset: Dataset) -> Method:
+    encoders = nn.ModuleDict({m.name: build_encoder(cfg.model.encoders[m.name], m) for m in dataset.modalities})
+    setup = MethodSetup(encoders, dataset.num_classes, dataset.modalities, cfg.model.fusion, cfg.model.conditioning)
+    cls = METHODS.get(cfg.method["name"], "method.name")
+    return cls(cls.Params.model_validate({k: v for k, v in cfg.method.items() if k != "name"}), setup)
+
+
+def build_optimizer(cfg: RunConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    o = cfg.optim
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
+    return cls(groups, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+
+
+def build_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    s = cfg.schedule
+    if s.name == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, s.step_size, s.gamma)
+    if s.name == "multistep":
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, s.milestones, s.gamma)
+    if s.name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.train.epochs)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class PassCounter:
+    """Counts encoder forward calls in training mode, to report forward passes per step."""
+
+    def __init__(self, encoders: nn.ModuleDict) -> None:
+        self.calls = 0
+        self.n_encoders = len(encoders)
+        for encoder in encoders.values():
+            encoder.register_forward_hook(self._hook)
+
+    def _hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        if module.training:
+            self.calls += 1
+
+
+class Trainer:
+    """Trains one run config into one run directory."""
+
+    def __init__(self, cfg: RunConfig, run_dir: RunDir) -> None:
+        self.cfg = cfg
+        self.dir = run_dir
+        self.device = resolve_device(cfg.train.device)
+        seed_everything(cfg.train.seed)
+        self.dataset = build_dataset(cfg)
+        self.splits = {name: self.dataset.checked_split(name) for name in SPLITS}
+        self.method = build_method(cfg, self.dataset).to(self.device)
+        self.optimizer = build_optimizer(cfg, self.method.param_groups())
+        self.scheduler = build_scheduler(cfg, self.optimizer)
+        self.helpers = StepHelpers(self.optimizer, self.device, cfg.train.amp)
+        self.method.attach(self.helpers)
+        self.passes = PassCounter(self.method.encoders)
+        self.steps = 0
+
+    # ---- checkpoints
+    def save_checkpoint(self, epoch: int) -> None:
+        self.dir.save(
+            self.dir.checkpoint,
+            {
+                "epoch": epoch,
+                "model": self.method.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": rng_state(),
+                "counters": {"steps": self.steps, "forward": self.passes.calls,
+                             "backward": self.helpers.backward_passes},
+            },
+        )
+
+    def resume(self) -> int:
+        """Restore the last checkpoint if there is one; returns the first epoch still to train."""
+        if not self.dir.checkpoint.exists():
+            self.dir.write_metrics([])
+            return 0
+        state = self.dir.load(self.dir.checkpoint)
+        self.method.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        counters = state["counters"]
+        self.steps, self.passes.calls = counters["steps"], counters["forward"]
+        self.helpers.backward_passes = counters["backward"]
+        # epochs recorded after the checkpoint are retrained, so their lines go
+        self.dir.write_metrics([r for r in self.dir.read_metrics() if r["epoch"] <= state["epoch"]])
+        return state["epoch"] + 1
+
+    # ---- one epoch
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        cfg = self.cfg.train
+        self.method.train()
+        self.method.on_epoch_start(epoch)
+        split = self.splits["train"]
+        loader = batches(split, cfg.batch_size, shuffle=True, generator=epoch_generator(cfg.seed, epoch),
+                         drop_last=cfg.drop_last, workers=cfg.workers, pin_memory=self.device.type == "cuda")
+        total = num_batches(len(split), cfg.batch_size, cfg.drop_last)
+        sums: dict[str, float] = {}
+        samples = 0
+        start = time.perf_counter()
+        bar = tqdm(loader, total=total, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                   disable=not cfg.progress, dynamic_ncols=True)
+        for index, batch in enumerate(bar):
+            batch = batch.to(self.device)
+            losses = self.method.training_step(batch)
+            for key, value in losses.items():
+                value = float(value)
+                if not math.isfinite(value):
+                    raise NonFiniteLoss(key, value, epoch, index)
+                sums[key] = sums.get(key, 0.0) + value * len(batch)
+            samples += len(batch)
+            self.steps += 1
+            bar.set_postfix(loss=f"{float(losses['loss']):.3f}", refresh=False)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - start
+        self.scheduler.step()
+        self.method.on_epoch_end(epoch)
+        return {**{k: v / max(samples, 1) for k, v in sums.items()},
+                "seconds": seconds, "samples_per_s": samples / seconds if seconds else 0.0}
+
+    def evaluate(self, split: str) -> dict[str, Any]:
+        return evaluate(self.method, self.splits[split], self.cfg.train.eval_batch_size, self.device,
+                        self.helpers.autocast)
+
+    # ---- the whole run
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        select = cfg.eval.select_metric
+        first = self.resume()
+        history = self.dir.read_metrics()
+        best = max((r["val"][select] for r in history), default=-math.inf)
+        for epoch in range(first, cfg.train.epochs):
+            record = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"], "train": self.train_epoch(epoch)}
+            record["val"], record["test"] = self.evaluate("val"), self.evaluate("test")
+            self.dir.append_metrics(record)
+            if record["val"][select] > best:
+                best = record["val"][select]
+                self.dir.save(self.dir.best, {"epoch": epoch, "model": self.method.state_dict()})
+            self.save_checkpoint(epoch)
+            self.dir.set_status("running", epoch=epoch + 1, epochs=cfg.train.epochs)
+        return self.summarise()
+
+    def summarise(self) -> dict[str, Any]:
+        cfg = self.cfg
+        history = self.dir.read_metrics()
+        select = cfg.eval.select_metric
+        best_val = max(history, key=lambda r: r["val"][select])  # first maximum: earliest epoch wins
+        best_test = max(history, key=lambda r: r["test"][select])
+        probes = {}
+        if cfg.eval.probe:
+            self.method.load_state_dict(self.dir.load(self.dir.best)["model"])
+            probes = probe_all(self.method, self.splits, cfg.train.eval_batch_size, self.device,
+                               self.helpers.autocast, cfg.eval.probe_c_grid, cfg.eval.probe_max_iter)
+        return {
+            "run_id": self.dir.run_id,
+            "dataset": cfg.dataset["name"],
+            "method": cfg.method["name"],
+            "fusion": cfg.model.fusion,
+            "seed": cfg.train.seed,
+            "epochs": cfg.train.epochs,
+            "selection": f"best val {select}",
+            "best_val": pick(best_val),
+            "best_test": {**pick(best_test), "note": "selected on test (the papers' protocol); optimistic"},
+            "last": pick(history[-1]),
+            "probes": probes,
+            "probe_selection": "logistic regression on frozen best-val encoder features; C chosen on val",
+            "cost": self.cost(history),
+        }
+
+    def cost(self, history: list[dict[str, Any]]) -> dict[str, Any]:
+        seconds = [r["train"]["seconds"] for r in history]
+        steps = max(self.steps, 1)
+        if self.device.type == "cuda":
+            peak = {"peak_gpu_mem_mb": torch.cuda.max_memory_allocated(self.device) / 2**20}
+        else:
+            peak = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        return {
+            "device": str(self.device),
+            "seconds_per_epoch": float(np.mean(seconds)),
+            "samples_per_s": float(np.mean([r["train"]["samples_per_s"] for r in history])),
+            "forward_passes_per_step": self.passes.calls / (steps * self.passes.n_encoders),
+            "backward_passes_per_step": self.helpers.backward_passes / steps,
+            **peak,
+        }
+
+
+def pick(record: dict[str, Any]) -> dict[str, Any]:
+    return {"epoch": record["epoch"], "val": record["val"], "test": record["test"]}
+
+
+def run(cfg: RunConfig, store: Store) -> RunResult:
+    """Train `cfg` into the store: skip it if finished, resume it if started, else start it.
+
+    A failure marks the run `failed` with its cause and raises RunFailed; whatever the run had
+    recorded (metrics, checkpoints) stays as it was.
+    """
+    run_dir = store.run_dir(cfg.group, cfg.run_id())
+    if run_dir.status()["state"] == "finished" and run_dir.summary.exists():
+        return RunResult(run_dir.run_id, str(run_dir.path), "skipped", run_dir.read_summary())
+    if not run_dir.config.exists():
+        run_dir.write_config(cfg.to_dict())
+    run_dir.set_status("running", epoch=0, epochs=cfg.train.epochs)
+    try:
+        summary = Trainer(cfg, run_dir).fit()
+    except KeyboardInterrupt:
+        run_dir.set_status("interrupted", error="interrupted by the user (KeyboardInterrupt)")
+        raise
+    except NonFiniteLoss as e:
+        run_dir.set_status("failed", error=str(e), epoch=e.epoch, batch=e.batch)
+        raise RunFailed(f"run {run_dir.run_id} failed: {e} ({run_dir.path})") from e
+    except Exception as e:
+        run_dir.set_status("failed", error=f"{type(e).__name__}: {e}")
+        raise RunFailed(f"run {run_dir.run_id} failed: {type(e).__name__}: {e} ({run_dir.path})") from e
+    run_dir.write_summary(summary)
+    run_dir.set_status("finished", epoch=cfg.train.epochs, epochs=cfg.train.epochs)
+    return RunResult(run_dir.run_id, str(run_dir.path), "finished", summary)

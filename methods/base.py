@@ -1,0 +1,158 @@
+"""The method contract: one class per method, the harness does everything else.
+
+A method owns its forward, backward and optimizer step(s) in `training_step`, like PyTorch
+Lightning's manual optimization; the harness attaches `StepHelpers` so that no method
+re-implements autocast, backward or step. Non-tensor state that must survive a resume (a stage,
+selected dimensions...) goes through nn.Module's `get_extra_state`/`set_extra_state`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from pydantic import BaseModel
+
+from bench.config import NoParams
+from datasets.base import Modality
+
+
+@dataclass
+class Batch:
+    inputs: dict[str, torch.Tensor]
+    labels: torch.Tensor
+
+    def to(self, device: torch.device) -> Batch:
+        nb = device.type == "cuda"
+        return Batch(
+            {m: t.to(device, non_blocking=nb) for m, t in self.inputs.items()},
+            self.labels.to(device, non_blocking=nb),
+        )
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class Prediction:
+    """Fused logits, and the method's own logits per modality (None where it has no such view)."""
+
+    fused: torch.Tensor
+    per_modality: dict[str, torch.Tensor] | None = None
+
+
+@dataclass
+class MethodSetup:
+    """What the harness hands every method: identical encoders, classes and the model config."""
+
+    encoders: nn.ModuleDict
+    num_classes: int
+    modalities: tuple[Modality, ...]
+    fusion: str = "concat"
+    conditioning: str | None = None
+
+    def feature_dims(self, names: tuple[str, ...] | None = None) -> dict[str, int]:
+        names = names or tuple(m.name for m in self.modalities)
+        return {m: self.encoders[m].out_dim for m in names}
+
+
+@dataclass
+class StepHelpers:
+    """Backward/step/zero_grad with the harness's precision policy; counts passes for the cost."""
+
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    amp: bool = False
+    backward_passes: int = field(default=0, init=False)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
+        # bf16 keeps fp32's exponent range, so no loss scaling is needed
+        loss.backward(**kwargs)
+        self.backward_passes += 1
+
+    def step(self) -> None:
+        self.optimizer.step()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+class Method(nn.Module):
+    """Base class. Subclasses set `Params` and implement `training_step` and `predict`."""
+
+    Params: ClassVar[type[BaseModel]] = NoParams
+    registry_name: ClassVar[str]
+
+    def __init__(self, params: BaseModel, setup: MethodSetup) -> None:
+        super().__init__()
+        self.params = params
+        self.num_classes = setup.num_classes
+        self.encoders = setup.encoders
+        self.helpers: StepHelpers | None = None
+
+    # ---- harness plumbing
+    def attach(self, helpers: StepHelpers) -> None:
+        self.helpers = helpers
+
+    def _h(self) -> StepHelpers:
+        if self.helpers is None:
+            raise RuntimeError("the harness attaches StepHelpers before training; call attach()")
+        return self.helpers
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return self._h().autocast() if self.helpers else contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
+        self._h().backward(loss, **kwargs)
+
+    def optimizer_step(self) -> None:
+        self._h().step()
+
+    def zero_grad_(self) -> None:
+        self._h().zero_grad()
+
+    @property
+    def modality_names(self) -> tuple[str, ...]:
+        return tuple(self.encoders.keys())
+
+    # ---- what a method implements
+    def training_step(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """One optimisation step on `batch`; returns scalar losses (must include 'loss')."""
+        raise NotImplementedError
+
+    def predict(self, batch: Batch) -> Prediction:
+        raise NotImplementedError
+
+    # ---- defaults a method may override
+    def encode(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {m: self.encoders[m](inputs[m]) for m in self.modality_names}
+
+    def features(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Frozen per-modality features for the linear probes: the encoders' outputs."""
+        return self.encode(batch.inputs)
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Called before epoch `epoch` (0-based) trains."""
+
+    def on_epoch_end(self, epoch: int) -> None:
+        """Called after epoch `epoch` trained, before it is evaluated."""
+
+    @staticmethod
+    def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), labels)
+
+    def trainable(self) -> Iterator[nn.Parameter]:
+        return (p for p in self.parameters() if p.requires_grad)
