@@ -11,6 +11,7 @@ import math
 import random
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,10 @@ from bench.registry import DATASETS, METHODS
 from bench.store import RunDir, Store
 from datasets.base import SPLITS, Dataset
 from methods.base import Method, MethodSetup, StepHelpers
+
+
+# builds (or hands out an already built) dataset for a config; sweeps share one between runs
+DatasetSource = Callable[[RunConfig], Dataset]
 
 
 class NonFiniteLoss(MMBalanceError):
@@ -116,12 +121,12 @@ class PassCounter:
 class Trainer:
     """Trains one run config into one run directory."""
 
-    def __init__(self, cfg: RunConfig, run_dir: RunDir) -> None:
+    def __init__(self, cfg: RunConfig, run_dir: RunDir, datasets: DatasetSource = build_dataset) -> None:
         self.cfg = cfg
         self.dir = run_dir
         self.device = resolve_device(cfg.train.device)
         seed_everything(cfg.train.seed)
-        self.dataset = build_dataset(cfg)
+        self.dataset = datasets(cfg)
         self.splits = {name: self.dataset.checked_split(name) for name in SPLITS}
         self.method = build_method(cfg, self.dataset).to(self.device)
         self.optimizer = build_optimizer(cfg, self.method.param_groups())
@@ -176,7 +181,7 @@ class Trainer:
         samples = 0
         start = time.perf_counter()
         bar = tqdm(loader, total=total, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                   disable=not cfg.progress, dynamic_ncols=True)
+                   disable=True if not cfg.progress else None, dynamic_ncols=True)  # None: off when not a TTY
         for index, batch in enumerate(bar):
             batch = batch.to(self.device)
             losses = self.method.training_step(batch)
@@ -266,7 +271,7 @@ def pick(record: dict[str, Any]) -> dict[str, Any]:
     return {"epoch": record["epoch"], "val": record["val"], "test": record["test"]}
 
 
-def run(cfg: RunConfig, store: Store) -> RunResult:
+def run(cfg: RunConfig, store: Store, datasets: DatasetSource = build_dataset) -> RunResult:
     """Train `cfg` into the store: skip it if finished, resume it if started, else start it.
 
     A failure marks the run `failed` with its cause and raises RunFailed; whatever the run had
@@ -279,7 +284,7 @@ def run(cfg: RunConfig, store: Store) -> RunResult:
         run_dir.write_config(cfg.to_dict())
     run_dir.set_status("running", epoch=0, epochs=cfg.train.epochs)
     try:
-        summary = Trainer(cfg, run_dir).fit()
+        summary = Trainer(cfg, run_dir, datasets).fit()
     except KeyboardInterrupt:
         run_dir.set_status("interrupted", error="interrupted by the user (KeyboardInterrupt)")
         raise

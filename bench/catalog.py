@@ -1,0 +1,37 @@
+"""What is registered, for `mmbalance list`: each class with its typed parameters and defaults."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+from bench.registry import DATASETS, ENCODERS, METHODS
+
+
+def params_line(params: type[BaseModel]) -> str:
+    parts = []
+    for name, field in params.model_fields.items():
+        default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+        parts.append(f"{name}={default}")
+    return ", ".join(parts) or "(no parameters)"
+
+
+def first_line(cls: type) -> str:
+    return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+
+
+def describe_registries() -> str:
+    lines = ["methods:"]
+    for name, cls in METHODS.items():
+        lines += [f"  {name:<12} {first_line(cls)}", f"  {'':<12} params: {params_line(cls.Params)}"]
+    lines.append("datasets:")
+    for name, cls in DATASETS.items():
+        lines += [f"  {name:<12} modalities: {', '.join(cls.MODALITIES)}",
+                  f"  {'':<12} params: {params_line(cls.Params)}"]
+        presets = getattr(cls, "PRESETS", None)
+        if presets:
+            lines.append(f"  {'':<12} presets: {', '.join(presets)}")
+    lines.append("encoders:")
+    for name, cls in ENCODERS.items():
+        lines.append(f"  {name:<12} params: {params_line(cls.Params)}")
+    lines.append("fusions (model.fusion): concat, sum, film, gated, late")
+    return "\n".join(lines)

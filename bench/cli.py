@@ -1,0 +1,134 @@
+"""`mmbalance` command line: argument parsing only; the work happens in the modules it calls."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+
+from bench.errors import MMBalanceError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO_ROOT / "configs" / "quickstart.yaml"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mmbalance",
+        description="Benchmark suite for multimodal learning under modality imbalance.",
+    )
+    parser.add_argument("--results", default="results", help="root of the results store (default: results)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("list", help="registered methods, datasets, encoders and presets")
+
+    p = sub.add_parser("run", help="train one run config, or every run of a sweep file")
+    p.add_argument("config", help="YAML run config or sweep file (one with `cells:`)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=5 method.alpha=0.8")
+    p.add_argument("--report", default=None, help="for a sweep: write its table to this directory")
+
+    p = sub.add_parser("quickstart", help="the main job on the embedded data, then its table")
+    p.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
+    p.add_argument("--report", default="reports/quickstart", help="where the table goes")
+
+    p = sub.add_parser("status", help="state of every run under a directory of the store")
+    p.add_argument("dir", help="a group directory (results/<group>), a run directory, or the store root")
+
+    p = sub.add_parser("show-config", help="print the fully resolved config (defaults filled in) and its run id")
+    p.add_argument("config", nargs="?", default=None)
+    p.add_argument("overrides", nargs="*")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except MMBalanceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from bench.catalog import describe_registries
+
+    print(describe_registries())
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from bench.config import load_config
+    from bench.store import Store
+    from bench.sweep import is_sweep_file
+
+    if is_sweep_file(args.config):
+        return run_sweep(Path(args.config), args.overrides, Store(args.results), args.report)
+    from bench.train import run
+
+    cfg = load_config(args.config, args.overrides)
+    result = run(cfg, Store(args.results))
+    best = result.summary["best_val"]
+    print(f"{result.state}: {result.path}")
+    print(f"test acc {best['test']['acc']:.4f} at best-val epoch {best['epoch'] + 1}; "
+          f"own per-modality {fmt(best['test']['modality_acc'])}; "
+          f"probes {fmt({m: p['test_acc'] for m, p in result.summary['probes'].items()})}")
+    return 0
+
+
+def run_sweep(path: Path, overrides: Sequence[str], store, report: str | None) -> int:
+    from bench.report.table import run_rows, summary_table, write_table
+    from bench.sweep import load_sweep, run_inline
+
+    sweep, configs = load_sweep(path, overrides)
+    print(f"sweep {sweep.group!r}: {len(sweep.cells)} cells x {len(sweep.seeds)} seeds = {len(configs)} runs "
+          f"-> {store.root / sweep.group}")
+    run_inline(configs, store)
+    ids = {c.run_id() for c in configs}
+    runs = run_rows(store, sweep.group)
+    runs = runs[runs["run_id"].isin(ids)]
+    table = summary_table(runs, order=list(sweep.cells))
+    print(table.to_markdown(index=False))
+    if report:
+        print(f"table written to {write_table(table, runs, Path(report), f'sweep {sweep.group}')}")
+    return 0
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from bench.store import Store
+
+    return run_sweep(QUICKSTART, args.overrides, Store(args.results), args.report)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from bench.status import status_table
+
+    print(status_table(Path(args.dir)))
+    return 0
+
+
+def cmd_show_config(args: argparse.Namespace) -> int:
+    from bench.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    print(f"# run id: {cfg.run_id()}")
+    return 0
+
+
+def fmt(values: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in values.items()) or "n/a"
+
+
+COMMANDS = {
+    "list": cmd_list,
+    "run": cmd_run,
+    "quickstart": cmd_quickstart,
+    "status": cmd_status,
+    "show-config": cmd_show_config,
+}
+
+if __name__ == "__main__":
+    raise SystemExit(main())
