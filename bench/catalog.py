@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from pydantic import BaseModel
 
 from bench.registry import DATASETS, ENCODERS, METHODS
@@ -16,7 +18,9 @@ def params_line(params: type[BaseModel]) -> str:
 
 
 def first_line(cls: type) -> str:
-    return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+    """The first line of the class's docstring, else of its module's (a method's file says what it is)."""
+    doc = cls.__doc__ or sys.modules[cls.__module__].__doc__ or ""
+    return doc.strip().splitlines()[0] if doc.strip() else ""
 
 
 def describe_registries() -> str:

@@ -83,9 +83,9 @@ class EvalConfig(Strict):
 class RunConfig(Strict):
     group: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$")
     label: str | None = None  # the row name in reports (a sweep's cell name)
-    dataset: dict[str, Any] = Field(default_factory=lambda: {"name": "avdigits"})
+    dataset: dict[str, Any] = Field(default_factory=lambda: {"name": DEFAULT_NAMES["dataset"]})
     model: ModelConfig = Field(default_factory=ModelConfig)
-    method: dict[str, Any] = Field(default_factory=lambda: {"name": "joint"})
+    method: dict[str, Any] = Field(default_factory=lambda: {"name": DEFAULT_NAMES["method"]})
     optim: OptimConfig = Field(default_factory=OptimConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -97,6 +97,8 @@ class RunConfig(Strict):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
+
+DEFAULT_NAMES = {"dataset": "avdigits", "method": "joint"}
 
 # Keys that do not change what a run computes, so they stay out of the run id.
 HASH_EXCLUDED = ("group", "label", "train.workers", "train.progress")
@@ -206,8 +208,13 @@ def deep_merge(into: dict[str, Any], new: Mapping[str, Any]) -> None:
 def validate(data: Mapping[str, Any], sources: Sources | None = None) -> RunConfig:
     """Structure first, then each named section against its registered class's Params."""
     sources = sources or Sources()
+    data = dict(data)
+    for section, default in DEFAULT_NAMES.items():
+        # `dataset.cache=...` alone keeps the default dataset rather than dropping its name
+        if isinstance(data.get(section), Mapping) and "name" not in data[section]:
+            data[section] = {"name": default, **data[section]}
     try:
-        cfg = RunConfig.model_validate(dict(data))
+        cfg = RunConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(format_errors(e, RunConfig, sources)) from None
     from bench.registry import DATASETS, ENCODERS, METHODS

@@ -23,9 +23,9 @@ class RunFailed(MMBalanceError):
 
 
 def closest(value: str, allowed: Iterable[str]) -> str:
-    """'; did you mean X?' when one allowed value is close to `value`, else ''."""
+    """' (did you mean X?)' when one allowed value is close to `value`, else ''."""
     match = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1, cutoff=0.6)
-    return f"; did you mean {match[0]!r}?" if match else ""
+    return f" (did you mean {match[0]!r}?)" if match else ""
 
 
 def allowed_list(allowed: Iterable[str]) -> str:

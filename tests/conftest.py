@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import pytest
+
+from bench.config import RunConfig, load_config
+from bench.store import Store
+
+# a fast config: the Gaussian generator, tiny MLPs, a few epochs
+FAST = [
+    "dataset.name=gaussian",
+    "train.epochs=4",
+    "train.batch_size=32",
+    "train.progress=false",
+    "optim.lr=0.05",
+    "schedule.name=step",
+    "schedule.step_size=2",
+    "eval.probe_c_grid=[0.1,1.0]",
+]
+
+
+@pytest.fixture
+def fast_config() -> Callable[..., RunConfig]:
+    def make(*overrides: str) -> RunConfig:
+        return load_config(None, [*FAST, *overrides])
+
+    return make
+
+
+@pytest.fixture
+def store(tmp_path) -> Store:
+    return Store(tmp_path / "results")
+
+
+TIMING_KEYS = ("seconds", "samples_per_s")
+
+
+def without_timing(records: Sequence[dict]) -> list[dict]:
+    """metrics.jsonl records minus wall-clock fields, which legitimately differ between runs."""
+    return [{**r, "train": {k: v for k, v in r["train"].items() if k not in TIMING_KEYS}} for r in records]
