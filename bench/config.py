@@ -43,7 +43,7 @@ class ModelConfig(Strict):
 
 
 # Defaults are the reference repos' (OGM-GE, MLA, DI-MML stage 1): SGD 1e-3, momentum 0.9,
-# weight decay 1e-4, StepLR(70, 0.1) stepped per epoch, 100 epochs, batch 64 (methods.md 1.3).
+# weight decay 1e-4, StepLR(70, 0.1) stepped per epoch, 100 epochs, batch 64.
 
 
 class OptimConfig(Strict):

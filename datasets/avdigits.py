@@ -1,4 +1,4 @@
-"""AV-Digits: the embedded default dataset (datasets.md C.3).
+"""AV-Digits: the embedded default dataset.
 
 Each of the 1,797 scikit-learn digit images (8x8) is paired with an espeak-ng utterance of the
 digit's name (1 s at 8 kHz), with speaker-disjoint train/val/test voices. Two knobs set which
@@ -29,7 +29,7 @@ from datasets.base import SPLITS, Dataset, Modality, TensorSplit
 from datasets.prepare.avdigits_generate import DEFAULT_CACHE, SAMPLE_RATE, WORDS, load_cache
 
 # (audio SNR in dB, image noise std): measured to give the named dominance with the default
-# MLP encoders (datasets.md C.2)
+# MLP encoders (see the README's quickstart table)
 PRESETS: dict[str, tuple[float, float]] = {
     "audio-dominant": (0.0, 0.6),
     "strong-audio-dominant": (10.0, 0.6),

@@ -4,7 +4,7 @@ Two views of the same digit. `color`: the digit painted in its class's colour pl
 (variance `color_jitter_var`) in train and val, but in a uniformly random colour at test, so the
 colour is a shortcut that stops working. `gray`: the gray digit plus Gaussian noise of std
 `gray_noise_sigma`. The shortcut modality is learned fast and starves the gray encoder
-(datasets.md C.2, option B). Val follows the training distribution: selection cannot see the
+(on 2 cores, joint training lands below both unimodal models). Val follows the training distribution: selection cannot see the
 shift, as in practice. Splits are AV-Digits' (same images in each split).
 """
 

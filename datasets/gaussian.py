@@ -1,8 +1,8 @@
 """A tiny Gaussian-prototype generator, for fast unit tests of the harness and methods only.
 
-Linearly separable Gaussian classes show no robust imbalance (datasets.md C.2, option C), so
-this is never a benchmark: it exists to make shapes, gradients and determinism testable in
-milliseconds.
+Linearly separable Gaussian classes show no robust imbalance (the effect needs feature learning
+on structured inputs), so this is never a benchmark: it exists to make shapes, gradients and
+determinism testable in milliseconds.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Joint training (methods.md 3.1): both encoders trained by one cross-entropy on fused logits.
+"""Joint training: both encoders trained by one cross-entropy on fused logits.
 
 The reference baseline of every paper. `model.fusion` picks the head: concat, sum, film, gated
 (the first modality, or `model.conditioning`, conditions the other) or late. For late fusion

@@ -1,4 +1,4 @@
-"""Fusion heads of the reference repos (methods.md 1.2), generalised to named modalities.
+"""Fusion heads of the reference repos (OGM-GE, MLA, DI-MML), generalised to named modalities.
 
 Each head maps {modality: feature} to fused logits and, where the head splits cleanly by
 modality, gives each modality's own logits (OGM-GE's convention: that modality's block of the
@@ -75,7 +75,7 @@ class SumFusion(Fusion):
 
 
 class LateFusion(Fusion):
-    """A private head per modality; the fused logits are their mean (methods.md 3.1, LF-a/LF-b)."""
+    """A private head per modality; the fused logits are their mean (late fusion)."""
 
     def __init__(self, dims: dict[str, int], num_classes: int) -> None:
         super().__init__(dims)

@@ -1,4 +1,4 @@
-"""The ResNet18 encoder of the reference repos (methods.md 1.1), trained from scratch.
+"""The ResNet18 encoder of the reference repos (OGM-GE, MLA, DI-MML), trained from scratch.
 
 No avgpool or fc inside: the layer4 map is mean-pooled here (over space for (B, C, H, W) input;
 over time and space for video (B, C, T, H, W), whose frames run through the 2-D network one by
