@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -16,6 +19,27 @@ def find_runs(path: Path) -> list[RunDir]:
         if found:
             return [RunDir(p.parent) for p in found]
     return []
+
+
+def shown_state(status: dict[str, Any]) -> str:
+    """The recorded state, with 'running' marked stale when its process on this host is gone
+    (a killed job cannot record its own end; running it again resumes it)."""
+    state = status["state"]
+    if state == "running" and status.get("host") == socket.gethostname() and not pid_alive(status.get("pid")):
+        return "running (stale: process gone)"
+    return state
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def status_table(path: Path) -> str:
@@ -33,7 +57,7 @@ def status_table(path: Path) -> str:
             "run": f"{rd.path.parent.name}/{rd.run_id}",
             "label": cfg.get("label") or cfg["method"]["name"],
             "seed": cfg["train"]["seed"],
-            "state": st["state"],
+            "state": shown_state(st),
             "epoch": f"{len(history)}/{cfg['train']['epochs']}",
             "best val acc": f"{best['val']['acc']:.3f}" if best else "–",
             "test acc @ best val": f"{best['test']['acc']:.3f}" if best else "–",

@@ -176,3 +176,21 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
         atomic_write(target, half_then_fail)
     assert json.loads(target.read_text()) == {"ok": 1}
     assert list(tmp_path.iterdir()) == [target]  # no temp file left behind
+
+
+def test_status_marks_a_killed_run_stale(fast_config, store, tmp_path):
+    import subprocess
+    import sys
+
+    from bench.status import shown_state, status_table
+
+    cfg = fast_config()
+    run(cfg, store)
+    rd = store.run_dir(cfg.group, cfg.run_id())
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    rd.set_status("running", epoch=2, epochs=4)
+    record = {**rd.status(), "pid": dead.pid}
+    assert shown_state(record) == "running (stale: process gone)"
+    assert shown_state(rd.status()) == "running"  # this process is alive
+    assert "1 running" in status_table(store.root / cfg.group)
