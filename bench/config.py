@@ -134,12 +134,15 @@ class Sources:
                 self.record(value, origin, dotted + ".")
 
     def of(self, dotted: str) -> str:
+        """The origin of `dotted`, else of the nearest key above it, else of a key below it
+        (an override `a.b.c=1` is where section `a.b` came from)."""
         parts = dotted.split(".")
         for n in range(len(parts), 0, -1):
             origin = self._by_key.get(".".join(parts[:n]))
             if origin:
                 return origin
-        return "the defaults"
+        below = [origin for key, origin in self._by_key.items() if key.startswith(dotted + ".")]
+        return below[-1] if below else "the defaults"
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

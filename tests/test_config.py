@@ -76,22 +76,12 @@ def test_unknown_modality_in_encoders(tmp_path):
     assert str(path) in msg
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bench/config.py load_config records an override's origin only under its full dotted key "
-    "(model.encoders.audoi.name), so an error about the parent key says 'from the defaults'",
-)
 def test_unknown_modality_from_override_names_the_override():
     msg = config_error(None, ("model.encoders.audoi.name=mlp",))
     assert "audio, visual" in msg
     assert "override 'model.encoders.audoi.name=mlp'" in msg
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bench/config.py format_errors: a section-level Params error (AVDigitsParams' preset "
-    "validator, loc ()) is looked up under 'dataset', which the override never recorded",
-)
 def test_preset_error_from_override_names_the_override():
     msg = config_error(None, ("dataset.preset=null",))
     assert "override 'dataset.preset=null'" in msg

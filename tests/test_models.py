@@ -328,8 +328,12 @@ def test_unimodal_unknown_modality_names_allowed():
 def plain_conv():
     """oneDNN spends ~0.7 s building kernels for each new input shape on CPU; the native
     convolution gives the same numbers without that, keeping this file within a few seconds."""
-    with torch.backends.mkldnn.flags(enabled=False):
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
         yield
+    finally:
+        torch.backends.mkldnn.enabled = before
 
 
 def test_resnet18_audio_one_channel(plain_conv):
