@@ -157,15 +157,24 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
-def set_dotted(data: dict[str, Any], path: Sequence[str], value: Any) -> None:
+def assign(data: dict[str, Any], sources: Sources, dotted: str, value: Any, origin: str) -> None:
+    """Set `data[a][b][c] = value` for dotted 'a.b.c' (creating sections) and record its origin."""
+    *parents, leaf = dotted.split(".")
     node = data
-    for part in path[:-1]:
+    for part in parents:
         child = node.get(part)
         if not isinstance(child, dict):
             child = {}
             node[part] = child
         node = child
-    node[path[-1]] = value
+    node[leaf] = value
+    sources.record({dotted: value}, origin)
+
+
+def apply_overrides(data: dict[str, Any], sources: Sources, overrides: Sequence[str]) -> None:
+    for text in overrides:
+        keys, value = parse_override(text)
+        assign(data, sources, ".".join(keys), value, f"override {text!r}")
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -193,10 +202,7 @@ def load_config(
         file_data = read_yaml(Path(path))
         sources.record(file_data, f"file {str(path)!r}")
         deep_merge(data, file_data)
-    for text in overrides:
-        keys, value = parse_override(text)
-        set_dotted(data, keys, value)
-        sources.record({".".join(keys): value}, f"override {text!r}")
+    apply_overrides(data, sources, overrides)
     return validate(data, sources)
 
 

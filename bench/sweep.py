@@ -29,11 +29,11 @@ from bench.config import (
     RunConfig,
     Sources,
     Strict,
+    apply_overrides,
+    assign,
     deep_merge,
     format_errors,
-    parse_override,
     read_yaml,
-    set_dotted,
     validate,
 )
 from bench.errors import RunFailed
@@ -74,12 +74,8 @@ def expand(sweep: SweepConfig, overrides: Sequence[str] = (), origin: str = "the
             sources = Sources()
             sources.record(data, f"{origin}, base")
             for dotted, value in cell.items():
-                set_dotted(data, dotted.split("."), value)
-                sources.record({dotted: value}, f"{origin}, cell {label!r}")
-            for text in overrides:
-                keys, value = parse_override(text)
-                set_dotted(data, keys, value)
-                sources.record({".".join(keys): value}, f"override {text!r}")
+                assign(data, sources, dotted, value, f"{origin}, cell {label!r}")
+            apply_overrides(data, sources, overrides)
             deep_merge(data, {"group": sweep.group, "label": label, "train": {"seed": seed}})
             configs.append(validate(data, sources))
     return configs

@@ -142,7 +142,7 @@ class Method(nn.Module):
         return self.encode(batch.inputs)
 
     def param_groups(self) -> list[dict[str, Any]]:
-        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+        return [{"params": list(self.trainable())}]
 
     def on_epoch_start(self, epoch: int) -> None:
         """Called before epoch `epoch` (0-based) trains."""

@@ -13,7 +13,7 @@ import torch.nn as nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
 from bench.config import NoParams
-from bench.errors import ConfigError
+from bench.models.frames import fold_time, mean_over_time, require_image_shape
 from bench.registry import ENCODERS
 from datasets.base import Modality
 
@@ -24,11 +24,7 @@ class ResNet18Encoder(nn.Module):
 
     def __init__(self, params: NoParams, modality: Modality) -> None:
         super().__init__()
-        if len(modality.shape) not in (3, 4):
-            raise ConfigError(
-                f"encoder resnet18 needs (C, H, W) or (C, T, H, W) input; modality "
-                f"{modality.name!r} has shape {modality.shape}"
-            )
+        require_image_shape("resnet18", modality)
         net = ResNet(BasicBlock, [2, 2, 2, 2])
         in_channels = modality.shape[0]
         if in_channels != 3:  # audio: 1 channel; optical flow: 2
@@ -39,9 +35,7 @@ class ResNet18Encoder(nn.Module):
         self.out_dim = 512
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 5:
-            b, c, t, h, w = x.shape
-            maps = self.layers(self.stem(x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)))
-            # (B*T, 512, h, w) -> mean over frames and space, like adaptive_avg_pool3d on (B, 512, T, h, w)
-            return maps.view(b, t, *maps.shape[1:]).mean(dim=(1, 3, 4))
-        return self.layers(self.stem(x)).mean(dim=(2, 3))
+        frames, t = fold_time(x)
+        # mean over space, then over frames: with equal-sized frames this is the reference code's
+        # adaptive_avg_pool3d over (T, h, w)
+        return mean_over_time(self.layers(self.stem(frames)).mean(dim=(2, 3)), t)

@@ -9,7 +9,7 @@ import torch.nn as nn
 from pydantic import Field
 
 from bench.config import Strict
-from bench.errors import ConfigError
+from bench.models.frames import fold_time, mean_over_time, require_image_shape
 from bench.registry import ENCODERS
 from datasets.base import Modality
 
@@ -58,11 +58,7 @@ class SmallCNNEncoder(nn.Module):
 
     def __init__(self, params: SmallCNNParams, modality: Modality) -> None:
         super().__init__()
-        if len(modality.shape) not in (3, 4):
-            raise ConfigError(
-                f"encoder small_cnn needs (C, H, W) or (C, T, H, W) input; modality "
-                f"{modality.name!r} has shape {modality.shape}"
-            )
+        require_image_shape("small_cnn", modality)
         c1, c2 = params.channels
         self.out_dim = params.out_dim
         self.features = nn.Sequential(
@@ -81,8 +77,5 @@ class SmallCNNEncoder(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 5:
-            b, c, t, h, w = x.shape
-            frames = x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
-            return self.features(frames).view(b, t, -1).mean(dim=1)
-        return self.features(x)
+        frames, t = fold_time(x)
+        return mean_over_time(self.features(frames), t)
