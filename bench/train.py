@@ -11,7 +11,7 @@ import math
 import random
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +29,7 @@ from bench.probe import probe_all
 from bench.registry import DATASETS, METHODS
 from bench.store import RunDir, Store
 from datasets.base import SPLITS, Dataset
-from methods.base import Method, MethodSetup, StepHelpers
+from methods.base import Batch, Method, MethodSetup, StepHelpers
 
 
 # builds (or hands out an already built) dataset for a config; sweeps share one between runs
@@ -65,7 +65,8 @@ def build_dataset(cfg: RunConfig) -> Dataset:
 
 def build_method(cfg: RunConfig, dataset: Dataset) -> Method:
     encoders = nn.ModuleDict({m.name: build_encoder(cfg.model.encoders[m.name], m) for m in dataset.modalities})
-    setup = MethodSetup(encoders, dataset.num_classes, dataset.modalities, cfg.model.fusion, cfg.model.conditioning)
+    setup = MethodSetup(encoders, dataset.num_classes, dataset.modalities, cfg.model.fusion,
+                        cfg.model.conditioning, cfg.train.epochs)
     cls = METHODS.get(cfg.method["name"], "method.name")
     return cls(cls.Params.model_validate({k: v for k, v in cfg.method.items() if k != "name"}), setup)
 
@@ -129,12 +130,20 @@ class Trainer:
         self.dataset = datasets(cfg)
         self.splits = {name: self.dataset.checked_split(name) for name in SPLITS}
         self.method = build_method(cfg, self.dataset).to(self.device)
-        self.optimizer = build_optimizer(cfg, self.method.param_groups())
-        self.scheduler = build_scheduler(cfg, self.optimizer)
-        self.helpers = StepHelpers(self.optimizer, self.device, cfg.train.amp)
+        optimizer, scheduler = self.build_optimizer()
+        self.helpers = StepHelpers(optimizer, self.device, cfg.train.amp, scheduler,
+                                   rebuild=self.build_optimizer, train_batches=self.unshuffled_train)
         self.method.attach(self.helpers)
         self.passes = PassCounter(self.method.encoders)
         self.steps = 0
+
+    def build_optimizer(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+        optimizer = build_optimizer(self.cfg, self.method.param_groups())
+        return optimizer, build_scheduler(self.cfg, optimizer)
+
+    def unshuffled_train(self) -> Iterator[Batch]:
+        for batch in batches(self.splits["train"], self.cfg.train.eval_batch_size, shuffle=False):
+            yield batch.to(self.device)
 
     # ---- checkpoints
     def save_checkpoint(self, epoch: int) -> None:
@@ -143,8 +152,8 @@ class Trainer:
             {
                 "epoch": epoch,
                 "model": self.method.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
+                "optimizer": self.helpers.optimizer.state_dict(),
+                "scheduler": self.helpers.scheduler.state_dict(),
                 "rng": rng_state(),
                 "counters": {"steps": self.steps, "forward": self.passes.calls,
                              "backward": self.helpers.backward_passes},
@@ -158,8 +167,8 @@ class Trainer:
             return 0
         state = self.dir.load(self.dir.checkpoint)
         self.method.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.helpers.optimizer.load_state_dict(state["optimizer"])
+        self.helpers.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         counters = state["counters"]
         self.steps, self.passes.calls = counters["steps"], counters["forward"]
@@ -177,6 +186,7 @@ class Trainer:
         loader = batches(split, cfg.batch_size, shuffle=True, generator=epoch_generator(cfg.seed, epoch),
                          drop_last=cfg.drop_last, workers=cfg.workers, pin_memory=self.device.type == "cuda")
         total = num_batches(len(split), cfg.batch_size, cfg.drop_last)
+        self.helpers.epoch, self.helpers.num_batches = epoch, total
         sums: dict[str, float] = {}
         samples = 0
         start = time.perf_counter()
@@ -184,6 +194,7 @@ class Trainer:
                    disable=True if not cfg.progress else None, dynamic_ncols=True)  # None: off when not a TTY
         for index, batch in enumerate(bar):
             batch = batch.to(self.device)
+            self.helpers.batch_index = index
             losses = self.method.training_step(batch)
             for key, value in losses.items():
                 value = float(value)
@@ -196,7 +207,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
-        self.scheduler.step()
+        self.helpers.scheduler.step()
         self.method.on_epoch_end(epoch)
         return {**{k: v / max(samples, 1) for k, v in sums.items()},
                 "seconds": seconds, "samples_per_s": samples / seconds if seconds else 0.0}
@@ -211,12 +222,17 @@ class Trainer:
         select = cfg.eval.select_metric
         first = self.resume()
         history = self.dir.read_metrics()
-        best = max((r["val"][select] for r in history), default=-math.inf)
+        best = max((r["val"][select] for r in history if r["selectable"]), default=-math.inf)
         for epoch in range(first, cfg.train.epochs):
-            record = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"], "train": self.train_epoch(epoch)}
-            record["val"], record["test"] = self.evaluate("val"), self.evaluate("test")
+            record = {"epoch": epoch, "lr": self.helpers.optimizer.param_groups[0]["lr"],
+                      "train": self.train_epoch(epoch)}
+            record["val"] = self.evaluate("val")
+            self.method.on_validation_end(epoch, record["val"])
+            record["test"] = self.evaluate("test")
+            record["method"] = self.method.epoch_log()
+            record["selectable"] = self.method.selectable(epoch)
             self.dir.append_metrics(record)
-            if record["val"][select] > best:
+            if record["selectable"] and record["val"][select] > best:
                 best = record["val"][select]
                 self.dir.save(self.dir.best, {"epoch": epoch, "model": self.method.state_dict()})
             self.save_checkpoint(epoch)
@@ -227,8 +243,11 @@ class Trainer:
         cfg = self.cfg
         history = self.dir.read_metrics()
         select = cfg.eval.select_metric
-        best_val = max(history, key=lambda r: r["val"][select])  # first maximum: earliest epoch wins
-        best_test = max(history, key=lambda r: r["test"][select])
+        candidates = [r for r in history if r["selectable"]]
+        if not candidates:
+            raise RunFailed(f"method {cfg.method['name']!r} marked no epoch as selectable")
+        best_val = max(candidates, key=lambda r: r["val"][select])  # first maximum: earliest epoch wins
+        best_test = max(candidates, key=lambda r: r["test"][select])
         probes = {}
         if cfg.eval.probe:
             self.method.load_state_dict(self.dir.load(self.dir.best)["model"])

@@ -45,7 +45,7 @@ class Gaussian(Dataset):
     def _sample(self, n: int, gen: torch.Generator) -> TensorSplit:
         p = self.params
         labels = torch.randint(0, p.num_classes, (n,), generator=gen)
-        separation = {"audio": p.separation_audio, "visual": p.separation_visual}
+        separation = {m: getattr(p, f"separation_{m}") for m in self.MODALITIES}
         inputs = {
             m: separation[m] * self._means[m][labels] + torch.randn(n, p.dim, generator=gen)
             for m in self.MODALITIES
@@ -62,3 +62,16 @@ class Gaussian(Dataset):
 
     def split(self, name: str) -> TensorSplit:
         return self._splits[name]
+
+
+class Gaussian3Params(GaussianParams):
+    separation_text: float = Field(1.5, ge=0)
+
+
+@DATASETS.register("gaussian3")
+class Gaussian3(Gaussian):
+    """The Gaussian generator with a third modality, for testing methods with M = 3."""
+
+    Params = Gaussian3Params
+    MODALITIES = ("audio", "visual", "text")
+    DEFAULT_ENCODERS = {m: {"name": "mlp", "hidden": 32, "out_dim": 16} for m in MODALITIES}

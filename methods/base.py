@@ -9,7 +9,7 @@ selected dimensions...) goes through nn.Module's `get_extra_state`/`set_extra_st
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -55,6 +55,7 @@ class MethodSetup:
     modalities: tuple[Modality, ...]
     fusion: str = "concat"
     conditioning: str | None = None
+    epochs: int = 1  # train.epochs: methods with stages check their lengths against it
 
     def feature_dims(self, names: tuple[str, ...] | None = None) -> dict[str, int]:
         names = names or tuple(m.name for m in self.modalities)
@@ -63,11 +64,21 @@ class MethodSetup:
 
 @dataclass
 class StepHelpers:
-    """Backward/step/zero_grad with the harness's precision policy; counts passes for the cost."""
+    """What the harness lends a method for its steps: backward/step/zero_grad with the harness's
+    precision policy, the position in the run, a fresh optimizer on request, and an unshuffled
+    pass over the training split. It counts backward passes for the cost report."""
 
     optimizer: torch.optim.Optimizer
-    device: torch.device
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     amp: bool = False
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    # rebuilds optimizer and scheduler from the config over method.param_groups()
+    rebuild: Callable[[], tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]] | None = None
+    # unshuffled batches of the training split, already on the device
+    train_batches: Callable[[], Iterator[Batch]] | None = None
+    epoch: int = 0  # 0-based epoch being trained
+    batch_index: int = 0  # 0-based index of the batch in this epoch
+    num_batches: int = 0  # batches per epoch
     backward_passes: int = field(default=0, init=False)
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -80,11 +91,25 @@ class StepHelpers:
         loss.backward(**kwargs)
         self.backward_passes += 1
 
+    def grad(self, outputs: torch.Tensor, inputs: Sequence[torch.Tensor], **kwargs: Any) -> tuple[torch.Tensor, ...]:
+        """torch.autograd.grad, counted as a backward pass."""
+        self.backward_passes += 1
+        return torch.autograd.grad(outputs, inputs, **kwargs)
+
     def step(self) -> None:
         self.optimizer.step()
 
-    def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        # set_to_none=False reproduces torch < 2.0, where zeroed (not None) grads still receive
+        # momentum and weight-decay updates at the next step
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def reset_optimizer(self) -> None:
+        """A fresh optimizer and scheduler (no momentum, base learning rate), e.g. at a stage start.
+        The parameter groups must stay the same through a run, so that resume can load them."""
+        if self.rebuild is None:
+            raise RuntimeError("this harness cannot rebuild the optimizer")
+        self.optimizer, self.scheduler = self.rebuild()
 
 
 class Method(nn.Module):
@@ -118,8 +143,8 @@ class Method(nn.Module):
     def optimizer_step(self) -> None:
         self._h().step()
 
-    def zero_grad_(self) -> None:
-        self._h().zero_grad()
+    def zero_grad_(self, set_to_none: bool = True) -> None:
+        self._h().zero_grad(set_to_none)
 
     @property
     def modality_names(self) -> tuple[str, ...]:
@@ -149,6 +174,17 @@ class Method(nn.Module):
 
     def on_epoch_end(self, epoch: int) -> None:
         """Called after epoch `epoch` trained, before it is evaluated."""
+
+    def on_validation_end(self, epoch: int, metrics: dict[str, Any]) -> None:
+        """Called with epoch `epoch`'s validation metrics (never the test split's)."""
+
+    def epoch_log(self) -> dict[str, Any]:
+        """Quantities that explain the method (recorded per epoch in metrics.jsonl under 'method')."""
+        return {}
+
+    def selectable(self, epoch: int) -> bool:
+        """Whether epoch `epoch` may be selected as the reported one (e.g. only the last stage)."""
+        return True
 
     @staticmethod
     def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
