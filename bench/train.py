@@ -182,6 +182,7 @@ class Trainer:
         cfg = self.cfg.train
         self.method.train()
         self.method.on_epoch_start(epoch)
+        lr = self.helpers.optimizer.param_groups[0]["lr"]  # after the hook, which may reset it
         split = self.splits["train"]
         loader = batches(split, cfg.batch_size, shuffle=True, generator=epoch_generator(cfg.seed, epoch),
                          drop_last=cfg.drop_last, workers=cfg.workers, pin_memory=self.device.type == "cuda")
@@ -209,7 +210,7 @@ class Trainer:
         seconds = time.perf_counter() - start
         self.helpers.scheduler.step()
         self.method.on_epoch_end(epoch)
-        return {**{k: v / max(samples, 1) for k, v in sums.items()},
+        return {**{k: v / max(samples, 1) for k, v in sums.items()}, "lr": lr,
                 "seconds": seconds, "samples_per_s": samples / seconds if seconds else 0.0}
 
     def evaluate(self, split: str) -> dict[str, Any]:
@@ -224,8 +225,8 @@ class Trainer:
         history = self.dir.read_metrics()
         best = max((r["val"][select] for r in history if r["selectable"]), default=-math.inf)
         for epoch in range(first, cfg.train.epochs):
-            record = {"epoch": epoch, "lr": self.helpers.optimizer.param_groups[0]["lr"],
-                      "train": self.train_epoch(epoch)}
+            train = self.train_epoch(epoch)
+            record = {"epoch": epoch, "lr": train.pop("lr"), "train": train}
             record["val"] = self.evaluate("val")
             self.method.on_validation_end(epoch, record["val"])
             record["test"] = self.evaluate("test")

@@ -194,3 +194,59 @@ def test_status_marks_a_killed_run_stale(fast_config, store, tmp_path):
     assert shown_state(record) == "running (stale: process gone)"
     assert shown_state(rd.status()) == "running"  # this process is alive
     assert "1 running" in status_table(store.root / cfg.group)
+
+
+@METHODS.register("test_staged")
+class Staged(Joint):
+    """Joint training with a 'stage 2' from epoch 2 on: a fresh optimizer at the boundary, only
+    stage-2 epochs selectable, and a record of what the hooks saw."""
+
+    def __init__(self, params, setup):
+        super().__init__(params, setup)
+        self.seen_val: list[int] = []
+        self.train_pass_sizes: list[int] = []
+
+    def on_epoch_start(self, epoch: int) -> None:
+        if epoch == 2:
+            self.helpers.reset_optimizer()
+            self.train_pass_sizes.append(sum(len(b) for b in self.helpers.train_batches()))
+
+    def on_validation_end(self, epoch, metrics):
+        assert "acc" in metrics
+        self.seen_val.append(epoch)
+
+    def epoch_log(self):
+        return {"stage": 2 if self.helpers.epoch >= 2 else 1, "batches": self.helpers.num_batches}
+
+    def selectable(self, epoch: int) -> bool:
+        return epoch >= 2
+
+
+def test_staged_method_hooks_selection_and_resume(fast_config, store, tmp_path, monkeypatch):
+    from bench.store import Store
+
+    cfg = fast_config("method.name=test_staged")
+    reference = run(cfg, Store(tmp_path / "ref"))
+    history = RunDir(reference.path).read_metrics()
+    assert [r["method"] for r in history] == [{"stage": s, "batches": 4} for s in (1, 1, 2, 2)]
+    assert [r["selectable"] for r in history] == [False, False, True, True]
+    assert reference.summary["best_val"]["epoch"] >= 2 and reference.summary["best_test"]["epoch"] >= 2
+    # the fresh optimizer restarts the schedule: epoch 2 runs at the base lr again (StepLR(2) had decayed it)
+    assert [r["lr"] for r in history] == pytest.approx([0.05, 0.05, 0.05, 0.05])
+
+    # interrupted right after the boundary, resumed: identical to the uninterrupted run
+    original = Trainer.train_epoch
+
+    def interrupt_at_epoch_3(self, epoch):
+        if epoch == 3:
+            raise KeyboardInterrupt
+        return original(self, epoch)
+
+    monkeypatch.setattr(Trainer, "train_epoch", interrupt_at_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, store)
+    monkeypatch.setattr(Trainer, "train_epoch", original)
+    resumed = run(cfg, store)
+    rd = store.run_dir(cfg.group, cfg.run_id())
+    assert without_timing(rd.read_metrics()) == without_timing(history)
+    assert resumed.summary["probes"] == reference.summary["probes"]
