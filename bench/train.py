@@ -180,14 +180,14 @@ class Trainer:
     # ---- one epoch
     def train_epoch(self, epoch: int) -> dict[str, float]:
         cfg = self.cfg.train
+        split = self.splits["train"]
+        total = num_batches(len(split), cfg.batch_size, cfg.drop_last)
+        self.helpers.epoch, self.helpers.num_batches, self.helpers.batch_index = epoch, total, 0
         self.method.train()
         self.method.on_epoch_start(epoch)
         lr = self.helpers.optimizer.param_groups[0]["lr"]  # after the hook, which may reset it
-        split = self.splits["train"]
         loader = batches(split, cfg.batch_size, shuffle=True, generator=epoch_generator(cfg.seed, epoch),
                          drop_last=cfg.drop_last, workers=cfg.workers, pin_memory=self.device.type == "cuda")
-        total = num_batches(len(split), cfg.batch_size, cfg.drop_last)
-        self.helpers.epoch, self.helpers.num_batches = epoch, total
         sums: dict[str, float] = {}
         samples = 0
         start = time.perf_counter()
