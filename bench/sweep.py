@@ -38,7 +38,7 @@ from bench.config import (
 )
 from bench.errors import RunFailed
 from bench.store import Store
-from bench.train import RunResult, build_dataset, run
+from bench.train import RunResult, build_dataset, build_method, run
 from datasets.base import Dataset
 
 
@@ -95,10 +95,25 @@ class DatasetCache:
         return self._built[key]
 
 
+def check_buildable(configs: Sequence[RunConfig], datasets: DatasetCache) -> None:
+    """Build each cell's model once (no training), so that a config the method rejects (stage
+    lengths that do not add up to train.epochs, say) stops the sweep before any run starts."""
+    checked = set()
+    for cfg in configs:
+        if cfg.label in checked:
+            continue
+        checked.add(cfg.label)
+        try:
+            build_method(cfg, datasets(cfg))
+        except ConfigError as e:
+            raise ConfigError(f"cell {cfg.label!r}: {e}") from None
+
+
 def run_inline(configs: Sequence[RunConfig], store: Store, *, keep_going: bool = True) -> list[RunResult]:
     """Run every config here, one after another. A failed run is reported and, with
     `keep_going`, the others still run; its status file names the cause."""
     datasets = DatasetCache()
+    check_buildable(configs, datasets)
     results, failures = [], []
     bar = tqdm(configs, desc="runs", unit="run", dynamic_ncols=True)
     for cfg in bar:

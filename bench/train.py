@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from bench.config import RunConfig
 from bench.data import batches, epoch_generator, num_batches, seed_everything
-from bench.errors import MMBalanceError, RunFailed
+from bench.errors import ConfigError, MMBalanceError, RunFailed
 from bench.evaluate import evaluate
 from bench.models import build_encoder
 from bench.probe import probe_all
@@ -294,26 +294,43 @@ def pick(record: dict[str, Any]) -> dict[str, Any]:
 def run(cfg: RunConfig, store: Store, datasets: DatasetSource = build_dataset) -> RunResult:
     """Train `cfg` into the store: skip it if finished, resume it if started, else start it.
 
-    A failure marks the run `failed` with its cause and raises RunFailed; whatever the run had
-    recorded (metrics, checkpoints) stays as it was.
+    A config the method rejects (a ConfigError while building) raises before anything is
+    written. Any other failure marks the run `failed` with its cause and raises RunFailed;
+    whatever the run had recorded (metrics, checkpoints) stays as it was.
     """
     run_dir = store.run_dir(cfg.group, cfg.run_id())
     if run_dir.status()["state"] == "finished" and run_dir.summary.exists():
         return RunResult(run_dir.run_id, str(run_dir.path), "skipped", run_dir.read_summary())
-    if not run_dir.config.exists():
-        run_dir.write_config(cfg.to_dict())
-    run_dir.set_status("running", epoch=0, epochs=cfg.train.epochs)
     try:
-        summary = Trainer(cfg, run_dir, datasets).fit()
+        trainer = Trainer(cfg, run_dir, datasets)  # builds data and model; writes nothing
+    except ConfigError:
+        raise
+    except Exception as e:
+        record_start(run_dir, cfg)
+        raise record_failure(run_dir, e) from e
+    record_start(run_dir, cfg)
+    try:
+        summary = trainer.fit()
     except KeyboardInterrupt:
         run_dir.set_status("interrupted", error="interrupted by the user (KeyboardInterrupt)")
         raise
-    except NonFiniteLoss as e:
-        run_dir.set_status("failed", error=str(e), epoch=e.epoch, batch=e.batch)
-        raise RunFailed(f"run {run_dir.run_id} failed: {e} ({run_dir.path})") from e
     except Exception as e:
-        run_dir.set_status("failed", error=f"{type(e).__name__}: {e}")
-        raise RunFailed(f"run {run_dir.run_id} failed: {type(e).__name__}: {e} ({run_dir.path})") from e
+        raise record_failure(run_dir, e) from e
     run_dir.write_summary(summary)
     run_dir.set_status("finished", epoch=cfg.train.epochs, epochs=cfg.train.epochs)
     return RunResult(run_dir.run_id, str(run_dir.path), "finished", summary)
+
+
+def record_start(run_dir: RunDir, cfg: RunConfig) -> None:
+    if not run_dir.config.exists():
+        run_dir.write_config(cfg.to_dict())
+    run_dir.set_status("running", epoch=0, epochs=cfg.train.epochs)
+
+
+def record_failure(run_dir: RunDir, error: Exception) -> RunFailed:
+    """Mark the run failed with its cause (epoch and batch for a non-finite loss)."""
+    if isinstance(error, NonFiniteLoss):
+        run_dir.set_status("failed", error=str(error), epoch=error.epoch, batch=error.batch)
+        return RunFailed(f"run {run_dir.run_id} failed: {error} ({run_dir.path})")
+    run_dir.set_status("failed", error=f"{type(error).__name__}: {error}")
+    return RunFailed(f"run {run_dir.run_id} failed: {type(error).__name__}: {error} ({run_dir.path})")

@@ -49,3 +49,15 @@ def test_a_sweep_needs_cells(tmp_path):
     path = write(tmp_path, "group: demo\ncells: {}\n")
     with pytest.raises(ConfigError, match="cells"):
         load_sweep(path)
+
+
+def test_a_cell_the_method_rejects_stops_the_sweep_before_any_run(tmp_path):
+    from bench.store import Store
+    from bench.sweep import run_inline
+
+    path = write(tmp_path, SWEEP + "  mie-too-long: {method.name: mie, method.epoch_list: [5, 5]}\n")
+    _, configs = load_sweep(path)
+    store = Store(tmp_path / "results")
+    with pytest.raises(ConfigError, match="cell 'mie-too-long'.*10.*2"):
+        run_inline(configs, store)
+    assert not store.root.exists()

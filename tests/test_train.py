@@ -250,3 +250,12 @@ def test_staged_method_hooks_selection_and_resume(fast_config, store, tmp_path, 
     rd = store.run_dir(cfg.group, cfg.run_id())
     assert without_timing(rd.read_metrics()) == without_timing(history)
     assert resumed.summary["probes"] == reference.summary["probes"]
+
+
+def test_a_config_the_method_rejects_writes_nothing(fast_config, store):
+    from bench.errors import ConfigError
+
+    cfg = fast_config("method.name=unimodal", "method.modality=audoi")
+    with pytest.raises(ConfigError, match="audoi"):
+        run(cfg, store)
+    assert not store.root.exists()
