@@ -20,7 +20,7 @@ def mini_quickstart(path):
     sweep["base"]["train"]["epochs"] = 2
     for cell, overrides in MINI_STAGES.items():
         sweep["cells"][cell].update(overrides)
-    path.write_text(yaml.safe_dump(sweep))
+    path.write_text(yaml.safe_dump(sweep, sort_keys=False))
     return list(sweep["cells"])
 
 
