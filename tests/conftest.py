@@ -39,3 +39,21 @@ TIMING_KEYS = ("seconds", "samples_per_s")
 def without_timing(records: Sequence[dict]) -> list[dict]:
     """metrics.jsonl records minus wall-clock fields, which legitimately differ between runs."""
     return [{**r, "train": {k: v for k, v in r["train"].items() if k not in TIMING_KEYS}} for r in records]
+
+
+def run_interrupted(cfg: RunConfig, store: Store, monkeypatch, at_epoch: int) -> None:
+    """Run `cfg` into `store` until a KeyboardInterrupt stops it as epoch `at_epoch` starts
+    training (epochs before it are complete and checkpointed); running it again resumes."""
+    from bench.train import Trainer, run
+
+    original = Trainer.train_epoch
+
+    def interrupt(self, epoch):
+        if epoch == at_epoch:
+            raise KeyboardInterrupt
+        return original(self, epoch)
+
+    monkeypatch.setattr(Trainer, "train_epoch", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, store)
+    monkeypatch.setattr(Trainer, "train_epoch", original)

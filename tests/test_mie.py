@@ -18,7 +18,7 @@ from bench.train import Trainer, run
 from datasets.base import Modality
 from methods.base import Batch, MethodSetup, StepHelpers
 from methods.mie import MIE, MIEParams, flat_projection
-from tests.conftest import FAST, without_timing
+from tests.conftest import FAST, run_interrupted, without_timing
 
 C = 4
 MODS = (Modality("audio", "vector", (5,)), Modality("visual", "vector", (3,)))
@@ -298,17 +298,7 @@ def reference(tmp_path_factory):
 @pytest.mark.parametrize("stop", [2, 3])  # at the stage boundary; mid-stage (P from the checkpoint)
 def test_interrupted_run_resumes_to_identical_metrics(reference, store, monkeypatch, stop):
     cfg, ref = reference
-    original = Trainer.train_epoch
-
-    def interrupt(self, epoch):
-        if epoch == stop:
-            raise KeyboardInterrupt
-        return original(self, epoch)
-
-    monkeypatch.setattr(Trainer, "train_epoch", interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        run(cfg, store)
-    monkeypatch.setattr(Trainer, "train_epoch", original)
+    run_interrupted(cfg, store, monkeypatch, at_epoch=stop)
     resumed = run(cfg, store)
     rd, ref_rd = store.run_dir(cfg.group, cfg.run_id()), RunDir(ref.path)
     assert without_timing(rd.read_metrics()) == without_timing(ref_rd.read_metrics())

@@ -16,12 +16,12 @@ from bench.config import load_config
 from bench.errors import ConfigError
 from bench.models.small import MLPEncoder, MLPParams
 from bench.store import RunDir, Store
-from bench.train import Trainer, run
+from bench.train import run
 from datasets.base import Modality
 from methods.base import Batch, MethodSetup, StepHelpers
 from methods.mla import MLA, MLAParams
 from methods.unimodal import Unimodal, UnimodalParams
-from tests.conftest import without_timing
+from tests.conftest import run_interrupted, without_timing
 
 C = 3
 
@@ -313,20 +313,10 @@ def test_harness_gaussian_and_gaussian3(fast_config, store):
 def test_P_survives_checkpoint_and_resume(fast_config, store, tmp_path, monkeypatch):
     cfg = fast_config("method.name=mla", "train.epochs=3", "eval.probe=false", "method.hgm=additive")
     reference = run(cfg, Store(tmp_path / "ref"))
-    original = Trainer.train_epoch
-
-    def interrupt_at_epoch_2(self, epoch):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return original(self, epoch)
-
-    monkeypatch.setattr(Trainer, "train_epoch", interrupt_at_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        run(cfg, store)
+    run_interrupted(cfg, store, monkeypatch, at_epoch=2)
     rd = store.run_dir(cfg.group, cfg.run_id())
     state = rd.load(rd.checkpoint)["model"]
     assert "P" in state and not torch.equal(state["P"], torch.eye(16)) and int(state["hgm_calls"]) > 0
-    monkeypatch.setattr(Trainer, "train_epoch", original)
     run(cfg, store)
     ref_dir = RunDir(reference.path)
     assert without_timing(rd.read_metrics()) == without_timing(ref_dir.read_metrics())

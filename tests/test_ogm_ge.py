@@ -15,7 +15,7 @@ from bench.config import load_config
 from bench.errors import ConfigError
 from bench.models.small import SmallCNNEncoder, SmallCNNParams
 from bench.store import RunDir, Store
-from bench.train import Trainer, run
+from bench.train import run
 from datasets.base import Modality
 from methods.base import Batch, MethodSetup, StepHelpers
 from methods.joint import Joint, JointParams
@@ -27,7 +27,7 @@ from methods.ogm_ge import (
     ground_truth_scores,
     modulation_coefficients,
 )
-from tests.conftest import without_timing
+from tests.conftest import run_interrupted, without_timing
 
 NUM_CLASSES = 3
 BATCH = 8
@@ -583,17 +583,7 @@ def test_ogm_ge_resume_is_exact(fast_config, store, tmp_path, monkeypatch):
     # all_encoder so that the MLP encoders get GE noise from the global RNG
     cfg = fast_config("method.name=ogm_ge", "method.param_filter=all_encoder")
     reference = run(cfg, Store(tmp_path / "ref"))
-    original = Trainer.train_epoch
-
-    def interrupt_at_epoch_2(self, epoch):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return original(self, epoch)
-
-    monkeypatch.setattr(Trainer, "train_epoch", interrupt_at_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        run(cfg, store)
-    monkeypatch.setattr(Trainer, "train_epoch", original)
+    run_interrupted(cfg, store, monkeypatch, at_epoch=2)
     resumed = run(cfg, store)
     rd = store.run_dir(cfg.group, cfg.run_id())
     assert without_timing(rd.read_metrics()) == without_timing(RunDir(reference.path).read_metrics())

@@ -10,9 +10,9 @@ import torch
 from bench.errors import RunFailed
 from bench.registry import METHODS
 from bench.store import RunDir, atomic_write_text
-from bench.train import Trainer, run
+from bench.train import run
 from methods.joint import Joint
-from tests.conftest import without_timing
+from tests.conftest import run_interrupted, without_timing
 
 
 def test_same_seed_gives_identical_metrics(fast_config, tmp_path):
@@ -36,22 +36,12 @@ def test_interrupted_run_resumes_to_identical_metrics(fast_config, store, tmp_pa
     cfg = fast_config("method.name=joint", "model.fusion=film")
     reference = run(cfg, Store(tmp_path / "ref"))
 
-    original = Trainer.train_epoch
-
-    def interrupt_at_epoch_2(self, epoch):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return original(self, epoch)
-
-    monkeypatch.setattr(Trainer, "train_epoch", interrupt_at_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        run(cfg, store)
+    run_interrupted(cfg, store, monkeypatch, at_epoch=2)
     rd = store.run_dir(cfg.group, cfg.run_id())
     assert rd.status()["state"] == "interrupted"
     assert [r["epoch"] for r in rd.read_metrics()] == [0, 1]
     assert rd.load(rd.checkpoint)["epoch"] == 1
 
-    monkeypatch.setattr(Trainer, "train_epoch", original)
     resumed = run(cfg, store)
     assert resumed.state == "finished"
     assert without_timing(rd.read_metrics()) == without_timing(RunDir(reference.path).read_metrics())
@@ -235,17 +225,7 @@ def test_staged_method_hooks_selection_and_resume(fast_config, store, tmp_path, 
     assert [r["lr"] for r in history] == pytest.approx([0.05, 0.05, 0.05, 0.05])
 
     # interrupted right after the boundary, resumed: identical to the uninterrupted run
-    original = Trainer.train_epoch
-
-    def interrupt_at_epoch_3(self, epoch):
-        if epoch == 3:
-            raise KeyboardInterrupt
-        return original(self, epoch)
-
-    monkeypatch.setattr(Trainer, "train_epoch", interrupt_at_epoch_3)
-    with pytest.raises(KeyboardInterrupt):
-        run(cfg, store)
-    monkeypatch.setattr(Trainer, "train_epoch", original)
+    run_interrupted(cfg, store, monkeypatch, at_epoch=3)
     resumed = run(cfg, store)
     rd = store.run_dir(cfg.group, cfg.run_id())
     assert without_timing(rd.read_metrics()) == without_timing(history)
