@@ -1,7 +1,7 @@
 """DI-MML: detached unimodal training with a shared head and DUC, then a certainty-weighted concat head.
 
 Detached and Interactive Multimodal Learning (Fan, Xu, Wang, Liu, Guo; ACM MM 2024, arXiv
-2407.19514; code github.com/fanyunfeng-bit/DI-MML). Spec: methods.md §7, quirks 19-23.
+2407.19514; code github.com/fanyunfeng-bit/DI-MML).
 
 Both stages run in one run of `stage1_epochs + stage2_epochs` (= train.epochs) epochs.
 
@@ -9,9 +9,9 @@ Stage 1, detached training (`main_CFT.py`). Each encoder trains on its own priva
 the modalities never compete; they interact only through a shared head h_s and, from epoch
 `duc_start_epoch` on, the DUC loss:
     L = sum_m CE(h_m(f_m)) + w * sum_m CE(h_s(f_m)) + [DUC on] L_DUC
-Dimension selection, once, at the start of epoch `duc_start_epoch` (quirk 20): per modality,
+Dimension selection, once, at the start of epoch `duc_start_epoch`: per modality,
 class prototypes over the training split; acc_d = the fraction of samples whose nearest prototype
-along dimension d alone is their class; T_m = {d: acc_d > mean_d acc_d}. DUC (quirk 21) is
+along dimension d alone is their class; T_m = {d: acc_d > mean_d acc_d}. DUC is
 InfoNCE on un-normalised features with the teacher detached and the batch's other samples as
 negatives: on the dimensions T_1 \\ T_2 the teacher is modality 1 and the student modality 2, on
 T_2 \\ T_1 the other way round. An empty dimension set contributes 0.
@@ -19,11 +19,11 @@ T_2 \\ T_1 the other way round. An empty dimension set contributes 0.
 Stage 2 (`main_CFT_stage2.py`): encoders and private heads frozen (eval mode, BN statistics
 frozen, no_grad); a concat head h_av = Linear(sum d_m, C), xavier-initialised as the code's
 stage 2, is trained with CE and a fresh optimizer (`helpers.reset_optimizer()`, the code's fresh
-SGD and StepLR). Prediction (quirk 19): z_k = the private heads' logits and h_av's; certainty
+SGD and StepLR). Prediction: z_k = the private heads' logits and h_av's; certainty
 c_k = max softmax(z_k); weights = softmax_k(c_k / T) per sample; fused = sum_k w_k z_k. The
 shared head is training-only. Only stage-2 epochs are selectable (the paper reports stage 2).
 
-Variants: none. Only the abstract of the paper was available, and spec §7 is read from the code,
+Variants: none. Only the abstract of the paper was available, and the algorithm is read from the code,
 so there is no known paper-vs-code difference to switch on; everything follows the code, with
 CREMA-D's settings as defaults (150 + 20 epochs, w = 1, DUC from epoch 20, tau = 50, T = 1).
 `shared_head=false` and `duc=false` are the ablation switches.
@@ -37,7 +37,7 @@ Differences from the released code, and documented choices:
 - Empty DUC dimension set: the code's loop then computes log(B) (a constant, zero gradient); here
   0, so gradients agree and only the logged `loss.duc` differs.
 - Stage 2 starts from the last stage-1 epoch's weights, which is what the code's overwritten
-  stage-1 checkpoint holds (quirk 23); its epoch is selected on val, not best-on-test.
+  stage-1 checkpoint holds; its epoch is selected on val, not best-on-test.
 - Stage-1 fused logits (the code reports only the private heads in stage 1): certainty-weighted
   private heads, the stage-2 rule without h_av. They feed the logged curves only.
 - M > 2 modalities: DUC runs over every ordered pair (teacher t, student s) on the dimensions
@@ -47,7 +47,7 @@ Differences from the released code, and documented choices:
   them, as the code's stage-2 optimizer over h_av alone.
 - The cost report counts only training-mode encoder forwards, so stage 2's frozen forwards do
   not count.
-- CREMA-D's fixed-pattern frame noise `--var` (quirk 22) belongs to the CREMA-D pipeline, not to
+- CREMA-D's fixed-pattern frame noise `--var` belongs to the CREMA-D pipeline, not to
   the method: it is a dataset parameter.
 """
 
@@ -82,7 +82,7 @@ class DIMMLParams(Strict):
 
 
 def dimension_accuracy(feats: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """acc_d (§7.2 step 3): how often the nearest class prototype along dimension d alone is the
+    """acc_d: how often the nearest class prototype along dimension d alone is the
     sample's class. Classes absent from `labels` are never the nearest."""
     counts = torch.bincount(labels, minlength=num_classes).to(feats.dtype)
     sums = feats.new_zeros(num_classes, feats.shape[1]).index_add_(0, labels, feats)
@@ -93,13 +93,13 @@ def dimension_accuracy(feats: torch.Tensor, labels: torch.Tensor, num_classes: i
 
 
 def top_dimensions(accuracy: torch.Tensor) -> torch.Tensor:
-    """T_m as a mask: the dimensions strictly above the mean accuracy (§7.2 step 4)."""
+    """T_m as a mask: the dimensions strictly above the mean accuracy."""
     return accuracy > accuracy.mean()
 
 
 def duc_term(student: torch.Tensor, teacher: torch.Tensor, tau: float) -> torch.Tensor:
     """InfoNCE of each student row against the detached teacher rows (positive: the same sample),
-    on un-normalised features (quirk 21). 0 on an empty dimension set."""
+    on un-normalised features. 0 on an empty dimension set."""
     if student.shape[1] == 0:
         return student.new_zeros((), dtype=torch.float32)
     # float32: un-normalised dot products over hundreds of dimensions lose too much in bf16

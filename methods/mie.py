@@ -2,7 +2,7 @@
 
 Paper: Jiang, Chi, Yang, "Modal-aware Interactive Enhancement for Multimodal Learning", arXiv
 2407.04587 (2024). The only released code is the authors' IGM repository (njustkmg/IJCAI25-IGM),
-whose README cites MIE; it is the reference here (quirk 14: it may hold IGM-era changes).
+whose README cites MIE; it is the reference here (it may hold IGM-era changes).
 
 What it does. Each modality has a private head Linear(d, 256) -> ReLU -> Linear(256, 64) ->
 Linear(64, C) (no non-linearity between the last two; PyTorch default init, as the code applies no
@@ -12,7 +12,7 @@ At the start of every stage after the first: (1) the weights go back to the best
 (`restart_from_best`), (2) the previous modality's training inputs to each head Linear layer give
 a projection P = V diag(exp(-T (s - s_min)/(s_max - s_min))) V^T (SVD of the accumulated
 sum over batches of xbar^T xbar, xbar the batch mean of the layer input), (3) a fresh optimizer and
-scheduler. During the stage each head Linear weight's gradient becomes grad_W @ P (quirk 17):
+scheduler. During the stage each head Linear weight's gradient becomes grad_W @ P:
 directions the previous modality used most are damped by up to e^-T, the least used kept.
 The fused prediction is the mean of the heads' softmaxes; `Prediction.fused` holds its log
 (argmax- and softmax-equivalent, so accuracy, macro-F1 and mAP are those of the mean softmax).
@@ -26,7 +26,7 @@ L = (1 - beta) [lam CE(o, y) + (1 - lam) CE(o, y_perm)] + beta CE(o, y)   (beta 
   projection. rho defaults to 0.05, the usual SAM value: the paper's rho is not known. Choice: the
   perturbed objective is the code's mixup + flat combination above, so that the two variants share
   one objective and differ only in the SAM mechanics; with mixup off it is plain CE, i.e. plain SAM.
-- "code" (quirk 15): L_ori = mixup CE at theta; each tensor moves by rho g/||g|| (per-tensor
+- "code": L_ori = mixup CE at theta; each tensor moves by rho g/||g|| (per-tensor
   norm) and is never moved back; the head alone is re-applied to the SAME features (the encoder
   is not re-run), L = (1 - beta) L_ori + beta CE(o_flat, y) with un-mixed labels, and its gradient
   is stepped. rho defaults to 1e-10 (the A-V configs), which makes the perturbation nil: the
@@ -38,16 +38,16 @@ global torch RNG, so a resumed run draws the same ones. Per step it reports "los
 
 Differences from the released code, all deliberate:
 - Quirk 16: the code restarts each stage from the best checkpoint on the TEST split (macro-F1,
-  quirk 18). This restarts from the best epoch on VALIDATION (`select_metric`, macro-F1 as the
+  ). This restarts from the best epoch on VALIDATION (`select_metric`, macro-F1 as the
   code by default); the test split never influences training.
 - Only the head Linear layers get a P: the code also accumulates conv covariances it never uses
-  (§6.5 quirk 8). Layers are matched by position; one whose input size differs between the two
+  (and runs SVDs on them). Layers are matched by position; one whose input size differs between the two
   modalities (the first, when the encoders' feature sizes differ) is left unprojected, as the
   code matches layers by weight shape.
 - P comes from an unshuffled pass in chunks of `flat_batch_size` (default 12, the code's train
   batch; xbar is a batch mean, so the chunk size shapes P), without augmentation or mixup.
 - The scheduler is re-created with the optimizer at each stage and stepped after each epoch
-  (the code steps it before, §6.5 quirk 4).
+  (the code steps it before each epoch, one step early).
 - Every epoch is selectable (as the code, which keeps the best over the whole run); epochs of the
   first stages fuse heads that have not trained yet and rarely win.
 - SVDs run in float64 (the accumulated matrix is float32).
@@ -254,10 +254,10 @@ class MIE(Method):
             f = self.encoders[m](x)
             loss_ori = self.mixup_ce(self.heads[m](f), y, lam, perm)
         grads = self._h().grad(loss_ori, params, retain_graph=True, allow_unused=True)
-        for p, g in zip(params, grads):  # quirk 15: per-tensor ascent, never undone
+        for p, g in zip(params, grads):  # as the code: per-tensor ascent, never undone
             if g is not None:
                 p.data.add_(g / g.norm().clamp_min(1e-12), alpha=self.rho)
-        with self.autocast():  # quirk 15: the head alone on the same features, un-mixed labels
+        with self.autocast():  # as the code: the head alone on the same features, un-mixed labels
             loss_flat = self.cross_entropy(self.heads[m](f), y)
             loss = (1 - beta) * loss_ori + beta * loss_flat
         self.backward(loss)

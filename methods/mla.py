@@ -1,10 +1,10 @@
 """MLA: alternating unimodal learning through one shared head (Zhang et al., CVPR 2024).
 
 Multimodal Learning with Alternating unimodal adaptation (Zhang, Yoon, Bansal, Yao, CVPR 2024,
-arXiv 2311.10707; methods.md section 5).
+arXiv 2311.10707).
 
 Training alternates between modalities through ONE shared head h = Linear(d, C). Per batch every
-encoder runs forward once, first (as the code does, quirk 12); then, in the dataset's modality
+encoder runs forward once, first (as the code does); then, in the dataset's modality
 order, for each modality m: loss_m = CE(h(f_m), y), backward, head-gradient modification (HGM),
 optimizer step, zero_grad. The head gets M updates per batch, each encoder one. h is re-applied
 after the previous modality's step (the code's W'v + b'), while f_m comes from the pre-update
@@ -18,14 +18,14 @@ forward. Test time fuses sum_m lambda_m h(f_m); `per_modality` is h(f_m).
   with P built from the features of steps < t (P = I at the first step); right after step t, P is
   updated with step t's batch-mean feature (so the next step's P holds "the previous modality").
   alpha is that step's alpha. P is shared by all modalities and persists across epochs.
-- "owm_code": the released GSPlugin as it would run with its guard fixed (quirk 9): on every call
+- "owm_code": the released GSPlugin as it would run with its guard fixed: on every call
   but the very first of training, r = batch mean of the CURRENT modality's features, k = P r^T,
   P <- P - k k^T / (alpha_i + k r), P <- P / ||P||_F, grad_W <- grad_W P^T; bias untouched.
   NOTE: the code writes `torch.mm(k, r)`, the d x d OUTER product, and divides elementwise; the
-  scalar r k of OWM (and of methods.md 5.3) is `torch.mm(r, k)`. We reproduce the code.
+  scalar r k of OWM is `torch.mm(r, k)`. We reproduce the code.
 - "additive": BalanceBenchmark's version: P updated as owm_code, grad_W <- grad_W + grad_W P^T.
 - "off": no modification. This is the released HEAD, whose guard `n == "module.weight"` never
-  matches the bare nn.Linear (quirk 8).
+  matches the bare nn.Linear.
 `owm_alpha`: None (default) = the code's schedule alpha_i = 0.1 ** (i/N + 1), i the batch index in
 the epoch, N the batches per epoch (0.1 -> ~0.01 within each epoch); a number = that constant.
 The paper's alpha is not recovered, so the paper variant uses the code's schedule by default.
@@ -33,17 +33,17 @@ The paper's alpha is not recovered, so the paper variant uses the code's schedul
 `fusion_mode` (default "entropy"):
 - "entropy" (paper): per sample, lambda = softmax over modalities of -e_m, e_m the class entropy
   of softmax(h(f_m)).
-- "entropy_batch" (the code, quirk 10): softmax over the BATCH dimension and entropy summed over
+- "entropy_batch" (the code): softmax over the BATCH dimension and entropy summed over
   the whole B x C matrix: one scalar weight per modality per evaluation batch, so the result
   depends on train.eval_batch_size and on which samples share a batch. With the harness's eval batch
   of 512 the summed entropies differ by many nats and one modality takes nearly all the weight
   (AV-Digits: audio 1.0 early, 0.81-0.99 at epoch 32; fused accuracy = the audio head's).
 - "fixed": `fixed_weights` {modality: weight}, summing to 1; by default the code's hard-coded
-  0.55 / 0.45 for M = 2 (quirk 11) and its a 0.35, v 0.25, t 0.4 for M = 3, given to the
+  0.55 / 0.45 for M = 2 and its a 0.35, v 0.25, t 0.4 for M = 3, given to the
   dataset's modalities by position (the code's order is audio, visual, text).
 Entropies use log_softmax: where the code's log(softmax) underflows to NaN we stay finite.
 
-`legacy_zero_grad` (quirk 12, methods.md 5.5): zero_grad(set_to_none=False) between the modality
+`legacy_zero_grad`: zero_grad(set_to_none=False) between the modality
 steps, as torch 1.8 did, so each already-stepped encoder gets an extra momentum + weight-decay step
 at every later modality's step; grads are set to None at the end of the batch (the code's
 `del p.grad`). The code logs 0.55 la + 0.45 lv as its loss; we log the mean and each loss.m.
