@@ -37,8 +37,8 @@ global torch RNG, so a resumed run draws the same ones. Per step it reports "los
 "loss_sam" (L at theta + eps); per epoch the stage, the active modality and the epoch restored.
 
 Differences from the released code, all deliberate:
-- Quirk 16: the code restarts each stage from the best checkpoint on the TEST split (macro-F1,
-  ). This restarts from the best epoch on VALIDATION (`select_metric`, macro-F1 as the
+- The code restarts each stage from the best checkpoint on the TEST split (macro-F1). This
+  restarts from the best epoch on VALIDATION (`select_metric`, macro-F1 as the
   code by default); the test split never influences training.
 - Only the head Linear layers get a P: the code also accumulates conv covariances it never uses
   (and runs SVDs on them). Layers are matched by position; one whose input size differs between the two
