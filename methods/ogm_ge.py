@@ -163,13 +163,7 @@ class OGMGE(Method):
         fusion = self.fusion
         feats = {m: f.float() for m, f in feats.items()}
         if isinstance(fusion, ConcatFusion):
-            weight, bias = fusion.fc_out.weight.float(), fusion.fc_out.bias.float()
-            out, start = {}, 0
-            for m in fusion.modalities:
-                block = weight[:, start : start + fusion.dims[m]]
-                out[m] = feats[m] @ block.t() + bias / len(fusion.modalities)
-                start += fusion.dims[m]
-            return out
+            return fusion.per_modality(feats)  # that modality's block of the weights, bias / M
         if isinstance(fusion, (SumFusion, LateFusion)):
             # sum: the full bias in training (the /M split is only for evaluation)
             return {m: F.linear(feats[m], h.weight.float(), h.bias.float()) for m, h in fusion.heads.items()}
