@@ -1,0 +1,173 @@
+"""The audio front-ends against independent numpy/scipy computations and hand-checked facts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.signal
+import torch
+
+from bench.errors import DataError
+from datasets import audio as fe
+
+
+def noise(n: int, seed: int = 0, scale: float = 0.3) -> torch.Tensor:
+    return torch.from_numpy((scale * np.random.default_rng(seed).standard_normal(n)).astype(np.float32))
+
+
+def sine(freq: float, seconds: float, sr: int) -> torch.Tensor:
+    t = np.arange(int(seconds * sr)) / sr
+    return torch.from_numpy((0.5 * np.sin(2 * np.pi * freq * t)).astype(np.float32))
+
+
+# --- tile_to, clip_unit, resample -------------------------------------------------------------
+
+def test_tile_to_repeats_then_crops():
+    x = torch.tensor([1.0, 2.0, 3.0])
+    assert fe.tile_to(x, 7).tolist() == [1, 2, 3, 1, 2, 3, 1]
+    assert fe.tile_to(x, 2).tolist() == [1, 2]
+    # a clip shorter than n/3 still fills n (OGM-GE's fixed x3 would stop at 6 samples)
+    assert fe.tile_to(torch.tensor([1.0, 2.0]), 9).tolist() == [1, 2, 1, 2, 1, 2, 1, 2, 1]
+    with pytest.raises(DataError, match="empty"):
+        fe.tile_to(torch.zeros(0), 5)
+
+
+def test_clip_unit():
+    assert fe.clip_unit(torch.tensor([-2.0, -0.5, 0.5, 1.0, 3.0])).tolist() == [-1, -0.5, 0.5, 1, 1]
+
+
+def test_resample_identity_lengths_and_content():
+    x = sine(1000, 0.5, 16000)
+    assert fe.resample(x, 16000, 16000) is x
+    down = fe.resample(x, 16000, 8000)
+    assert down.shape == (4000,)
+    assert fe.resample(x, 16000, 22050).shape == (11025,)
+    # a 1 kHz tone stays the same tone (away from the edges)
+    assert torch.allclose(down[200:-200], sine(1000, 0.5, 8000)[200:-200], atol=1e-4)
+    # a 6 kHz tone is above the new Nyquist (4 kHz) and is filtered out
+    assert fe.resample(sine(6000, 0.5, 16000), 16000, 8000)[200:-200].abs().max() < 1e-4
+
+
+# --- stft_log ---------------------------------------------------------------------------------
+
+def numpy_stft_log(x: np.ndarray, n_fft: int, hop: int, pad_mode: str) -> np.ndarray:
+    """librosa.stft semantics written out: centre-pad, frame, periodic Hann, rfft."""
+    x = np.pad(x.astype(np.float64), n_fft // 2, mode=pad_mode)
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)
+    n_frames = 1 + (len(x) - n_fft) // hop
+    frames = np.stack([x[i * hop:i * hop + n_fft] * window for i in range(n_frames)], axis=1)
+    return np.log(np.abs(np.fft.rfft(frames, axis=0)) + 1e-7)
+
+
+def test_stft_log_ogmge_shape():
+    assert fe.stft_log(noise(66150), 512, 353).shape == (257, 188)  # 3 s at 22,050 Hz
+
+
+@pytest.mark.parametrize("pad_mode", ["reflect", "constant"])
+def test_stft_log_matches_numpy(pad_mode):
+    x = noise(22050, seed=1)
+    ours = fe.stft_log(x, 512, 353, pad_mode).numpy()
+    ref = numpy_stft_log(x.numpy(), 512, 353, pad_mode)
+    assert ours.shape == ref.shape == (257, 63)
+    assert np.abs(ours - ref).max() < 1e-4
+
+
+def test_stft_pad_mode_changes_only_edge_frames():
+    x = noise(66150, seed=2)
+    differs = (fe.stft_log(x, 512, 353, "reflect") != fe.stft_log(x, 512, 353, "constant")).any(dim=0)
+    assert differs.nonzero().flatten().tolist() == [0, 187]
+
+
+# --- scipy_spectrogram_log --------------------------------------------------------------------
+
+@pytest.mark.parametrize("n, fs, nperseg, noverlap, frames", [
+    (160000, 22050, 512, 353, 1004),  # DI-MML CREMA-D Audio-1004
+    (160000, 16000, 512, 353, 1004),  # DI-MML AVE: 10 s at 16 kHz
+    (48000, 16000, 512, 353, 299),    # DI-MML Audio-299: 3 s at 16 kHz
+    (8000, 8000, 255, 100, 50),       # odd segment: no Nyquist bin to leave undoubled
+])
+def test_scipy_spectrogram_log_matches_scipy(n, fs, nperseg, noverlap, frames):
+    x = noise(n, seed=3) + 0.2  # a DC offset, removed per segment by detrend='constant'
+    ours = fe.scipy_spectrogram_log(x, fs, nperseg, noverlap)
+    _, _, psd = scipy.signal.spectrogram(x.numpy().astype(np.float64), fs, nperseg=nperseg, noverlap=noverlap)
+    ref = np.log(psd + 1e-7)
+    assert ours.shape == ref.shape == (nperseg // 2 + 1, frames)
+    assert np.abs(ours.numpy() - ref).max() < 1e-4
+
+
+def test_scipy_spectrogram_zscore_is_di_mml_normalisation():
+    x = noise(160000, seed=4)
+    raw = fe.scipy_spectrogram_log(x.double(), 22050).numpy()
+    z = fe.scipy_spectrogram_log(x.double(), 22050, zscore=True).numpy()
+    assert np.allclose(z, (raw - raw.mean()) / (raw.std() + 1e-9), atol=1e-10)
+    assert abs(z.mean()) < 1e-9 and abs(z.std() - 1) < 1e-6
+
+
+# --- kaldi_fbank ------------------------------------------------------------------------------
+
+def htk_mel(f):
+    return 1127.0 * np.log(1.0 + np.asarray(f) / 700.0)
+
+
+def mel_edges(sr: int, n_mels: int) -> np.ndarray:
+    """Mel-scale edges of the triangular bins from 20 Hz to Nyquist: bin b spans edges[b:b+3]."""
+    lo, hi = htk_mel(20.0), htk_mel(sr / 2)
+    return lo + (hi - lo) / (n_mels + 1) * np.arange(n_mels + 2)
+
+
+def numpy_kaldi_fbank(x: np.ndarray, sr: int, n_mels: int = 128) -> np.ndarray:
+    """Kaldi's fbank written out: 25 ms frames every 10 ms, per-frame DC removal, pre-emphasis
+    0.97, symmetric Hann ('hanning'), power spectrum zero-padded to a power of two, HTK mel
+    triangles from 20 Hz to Nyquist, log floored at float32 epsilon."""
+    x = x.astype(np.float64) - x.mean()
+    length, shift = int(0.025 * sr), int(0.010 * sr)
+    n_fft = 1 << (length - 1).bit_length()
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(length) / (length - 1))
+    edges = mel_edges(sr, n_mels)
+    bin_mel = htk_mel(np.arange(n_fft // 2 + 1) * sr / n_fft)
+    banks = np.stack([np.clip(np.minimum((bin_mel - left) / (mid - left), (right - bin_mel) / (right - mid)), 0, None)
+                      for left, mid, right in zip(edges, edges[1:], edges[2:])])
+    rows = []
+    for i in range(1 + (len(x) - length) // shift):
+        frame = x[i * shift:i * shift + length]
+        frame = frame - frame.mean()
+        frame = np.concatenate([[frame[0] * (1 - 0.97)], frame[1:] - 0.97 * frame[:-1]]) * window
+        power = np.abs(np.fft.rfft(frame, n_fft)) ** 2
+        rows.append(np.log(np.maximum(banks @ power, np.finfo(np.float32).eps)))
+    return np.array(rows)
+
+
+def test_kaldi_fbank_matches_numpy_for_three_frames():
+    x = noise(400 + 2 * 160, seed=5) + 0.1  # exactly 3 frames at 16 kHz
+    ours = fe.kaldi_fbank(x, 16000, target_frames=3).numpy()
+    ref = numpy_kaldi_fbank(x.numpy(), 16000)
+    assert ours.shape == ref.shape == (3, 128)
+    assert np.abs(ours - ref).max() < 5e-4
+
+
+def test_kaldi_fbank_pads_crops_and_normalises():
+    x = noise(48000, seed=6)  # 3 s at 16 kHz: 1 + (48000 - 400) // 160 = 298 frames
+    fbank = fe.kaldi_fbank(x, 16000)
+    assert fbank.shape == (1024, 128)
+    assert (fbank[298:] == 0).all() and (fbank[:298] != 0).any(dim=1).all()
+    assert torch.equal(fe.kaldi_fbank(x, 16000, target_frames=100), fbank[:100])
+    normed = fe.kaldi_fbank(x, 16000, norm=(fe.KS_FBANK_MEAN, fe.KS_FBANK_STD))
+    assert torch.allclose(normed, (fbank + 4.503877) / (2 * 5.141276))
+    assert torch.allclose(normed[-1], torch.full((128,), 4.503877 / 10.282552))
+
+
+@pytest.mark.parametrize("freq", [440.0, 1000.0, 3000.0])
+def test_kaldi_fbank_tone_peaks_in_its_mel_bin(freq):
+    # the bin whose triangle peaks nearest the tone's mel value holds the most energy
+    centres = mel_edges(16000, 128)[1:-1]
+    expected = int(np.abs(centres - htk_mel(freq)).argmin())
+    energy = fe.kaldi_fbank(sine(freq, 1.0, 16000), 16000, target_frames=98).mean(dim=0)
+    assert int(energy.argmax()) == expected
+    assert energy[expected] - torch.cat([energy[:expected - 2], energy[expected + 3:]]).max() > 3.0
+
+
+def test_too_short_inputs_are_data_errors():
+    with pytest.raises(DataError, match="25 ms"):
+        fe.kaldi_fbank(torch.zeros(100), 16000)
+    with pytest.raises(DataError, match="nperseg=512"):
+        fe.scipy_spectrogram_log(torch.zeros(300), 16000)
