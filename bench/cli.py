@@ -29,6 +29,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML run config or sweep file (one with `cells:`)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=5 method.alpha=0.8")
     p.add_argument("--report", default=None, help="for a sweep: write its table to this directory")
+    p.add_argument("--dry-run", action="store_true",
+                   help="resolve and validate the config(s), print them with their run ids; load no data, train nothing")
+
+    p = sub.add_parser("prepare", help="turn a dataset's raw download into the cache its runs read")
+    p.add_argument("name", help="dataset name (see `mmbalance list`)")
+    p.add_argument("--raw", required=True, help="the raw download, in the layout the dataset documents")
+    p.add_argument("--out", default=None, help="cache directory (default: data/<name>/<pipeline>)")
+    p.add_argument("--pipeline", default=None, help="named preprocessing variant (default: the dataset's)")
+    p.add_argument("--workers", type=int, default=1, help="decoding processes (default: 1)")
+    p.add_argument("--on-error", choices=("skip", "fail"), default="skip",
+                   help="missing or corrupt files: leave those samples out (default) or stop")
 
     p = sub.add_parser("quickstart", help="the main job on the embedded data, then its table")
     p.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
@@ -64,6 +75,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from bench.store import Store
     from bench.sweep import is_sweep_file
 
+    if args.dry_run:
+        return dry_run(Path(args.config), args.overrides)
     if is_sweep_file(args.config):
         return run_sweep(Path(args.config), args.overrides, Store(args.results), args.report)
     from bench.train import run
@@ -96,6 +109,29 @@ def run_sweep(path: Path, overrides: Sequence[str], store, report: str | None) -
     return 0
 
 
+def dry_run(path: Path, overrides: Sequence[str]) -> int:
+    from bench.config import load_config
+    from bench.sweep import is_sweep_file, load_sweep
+
+    if is_sweep_file(path):
+        _, configs = load_sweep(path, overrides)
+    else:
+        configs = [load_config(path, overrides)]
+    for cfg in configs:
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        print(f"# run id: {cfg.run_id()}\n---")
+    print(f"{len(configs)} run config(s) valid")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from datasets.prepare.runner import prepare
+
+    report = prepare(args.name, args.raw, args.out, args.pipeline, args.workers, args.on_error)
+    print(report.summary())
+    return 0
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from bench.store import Store
 
@@ -125,6 +161,7 @@ def fmt(values: dict[str, float]) -> str:
 COMMANDS = {
     "list": cmd_list,
     "run": cmd_run,
+    "prepare": cmd_prepare,
     "quickstart": cmd_quickstart,
     "status": cmd_status,
     "show-config": cmd_show_config,

@@ -236,7 +236,8 @@ def validate(data: Mapping[str, Any], sources: Sources | None = None) -> RunConf
         "method",
         sources,
     )
-    modalities = dataset_cls.modality_names()
+    dataset_params = dataset_cls.Params.model_validate({k: v for k, v in cfg.dataset.items() if k != "name"})
+    modalities = dataset_cls.modality_names(dataset_params)
     encoders = dict(cfg.model.encoders)
     for modality in encoders:
         if modality not in modalities:

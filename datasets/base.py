@@ -63,7 +63,9 @@ class Dataset(ABC):
         self.params = params
 
     @classmethod
-    def modality_names(cls) -> tuple[str, ...]:
+    def modality_names(cls, params: BaseModel | None = None) -> tuple[str, ...]:
+        """The modality names, known before any data is loaded (datasets whose modalities depend
+        on their params, like `manifest`, read them from `params`)."""
         return cls.MODALITIES
 
     @classmethod

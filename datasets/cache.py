@@ -1,0 +1,208 @@
+"""The prepared-dataset cache: one directory of memory-mappable arrays plus its metadata.
+
+Layout of a cache directory::
+
+    meta.json               what is in it (dataset, pipeline, classes, ids, labels, splits, skipped)
+    <modality>.npy          (N, *shape) float16 spectrograms or uint8 frames, opened with mmap
+    <modality>.count.npy    (N,) int16: for frame modalities, how many of the T slots are real
+    done.npy                (N,) bool: rows fully written (an interrupted prepare resumes from it)
+    report.json             the last prepare's report (missing and corrupt files by path)
+
+Rows follow the order of `meta.ids`; a split is a list of row indices. Rows that could not be
+prepared stay in the arrays but are left out of every split and listed in `meta.skipped`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from bench.errors import DataError
+
+FORMAT_VERSION = 1
+FLUSH_EVERY = 64
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """The per-sample array of one modality in the cache.
+
+    `frames` marks a (T, H, W, C) stack padded to T slots; its real length is stored beside it.
+    """
+
+    shape: tuple[int, ...]
+    dtype: Literal["float16", "float32", "uint8"]
+    frames: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"shape": list(self.shape), "dtype": self.dtype, "frames": self.frames}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ArraySpec:
+        return cls(tuple(d["shape"]), d["dtype"], bool(d.get("frames", False)))
+
+
+class CacheMeta(BaseModel):
+    """meta.json: everything a loader needs besides the arrays."""
+
+    format: int = FORMAT_VERSION
+    dataset: str
+    pipeline: str
+    pipeline_params: dict[str, Any]
+    classes: list[str]
+    arrays: dict[str, dict[str, Any]]  # modality -> ArraySpec.to_dict()
+    kinds: dict[str, str] = Field(default_factory=dict)  # modality -> audio / image / video / vector
+    ids: list[str]
+    labels: list[int]
+    # split -> row indices; rows that were skipped are not in any split
+    splits: dict[str, list[int]]
+    split_info: dict[str, Any] = Field(default_factory=dict)
+    skipped: dict[str, str] = Field(default_factory=dict)  # id -> why (names the file)
+    complete: bool = False
+
+    def array_specs(self) -> dict[str, ArraySpec]:
+        return {m: ArraySpec.from_dict(d) for m, d in self.arrays.items()}
+
+    def identity(self) -> dict[str, Any]:
+        """What must match for a resumed prepare to continue an existing cache."""
+        return {k: getattr(self, k) for k in ("format", "dataset", "pipeline", "pipeline_params", "arrays", "ids", "labels")}
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_meta(root: Path) -> CacheMeta:
+    path = root / "meta.json"
+    if not path.is_file():
+        raise DataError(
+            f"{str(root)!r} is not a prepared cache (no meta.json); "
+            f"make one with `mmbalance prepare NAME --raw DIR --out {root}`"
+        )
+    try:
+        return CacheMeta.model_validate_json(path.read_text())
+    except ValueError as e:
+        raise DataError(f"cache metadata {str(path)!r} is unreadable: {e}") from e
+
+
+class CacheWriter:
+    """Creates a cache directory, or reopens an unfinished one with the same identity."""
+
+    def __init__(self, root: Path, meta: CacheMeta) -> None:
+        self.root = root
+        self.meta = meta
+        self.specs = meta.array_specs()
+        root.mkdir(parents=True, exist_ok=True)
+        n = len(meta.ids)
+        if (root / "meta.json").exists():
+            self._check_same(read_meta(root))
+            self.done = np.load(root / "done.npy")
+            self.arrays = {m: np.load(root / f"{m}.npy", mmap_mode="r+") for m in self.specs}
+            self.counts = {m: np.load(root / f"{m}.count.npy") for m, s in self.specs.items() if s.frames}
+        else:
+            self.done = np.zeros(n, dtype=bool)
+            self.arrays = {
+                m: np.lib.format.open_memmap(root / f"{m}.npy", "w+", np.dtype(s.dtype), (n, *s.shape))
+                for m, s in self.specs.items()
+            }
+            self.counts = {m: np.zeros(n, dtype=np.int16) for m, s in self.specs.items() if s.frames}
+            self.flush()
+        self._since_flush = 0
+
+    def _check_same(self, existing: CacheMeta) -> None:
+        if existing.identity() != self.meta.identity():
+            differing = [k for k, v in self.meta.identity().items() if existing.identity()[k] != v]
+            raise DataError(
+                f"{str(self.root)!r} already holds a different cache ({', '.join(differing)} differ: "
+                f"it has dataset {existing.dataset!r}, pipeline {existing.pipeline!r}); "
+                f"choose another --out or delete that directory"
+            )
+
+    def pending(self) -> list[int]:
+        return [int(i) for i in np.flatnonzero(~self.done)]
+
+    def write(self, row: int, sample: dict[str, np.ndarray]) -> None:
+        """Store one sample's arrays; raises DataError if they do not fit the declared specs."""
+        for m, spec in self.specs.items():
+            if m not in sample:
+                raise DataError(f"sample {self.meta.ids[row]!r}: modality {m!r} was not produced")
+            arr = np.asarray(sample[m])
+            if spec.frames:
+                t = min(len(arr), spec.shape[0])
+                if arr.shape[1:] != spec.shape[1:] or t == 0:
+                    raise DataError(f"sample {self.meta.ids[row]!r}: {m} frames of shape {arr.shape}, "
+                                    f"expected (T<= {spec.shape[0]}, {spec.shape[1:]})")
+                self.arrays[m][row, :t] = arr[:t]
+                self.arrays[m][row, t:] = 0
+                self.counts[m][row] = t
+            else:
+                if arr.shape != spec.shape:
+                    raise DataError(f"sample {self.meta.ids[row]!r}: {m} has shape {arr.shape}, expected {spec.shape}")
+                self.arrays[m][row] = arr
+        self.done[row] = True
+        self._since_flush += 1
+        if self._since_flush >= FLUSH_EVERY:
+            self.flush()
+
+    def flush(self) -> None:
+        """Make everything written so far durable; `done` is saved last so it never runs ahead."""
+        for arr in self.arrays.values():
+            arr.flush()
+        for m, counts in self.counts.items():
+            _save_atomic(self.root / f"{m}.count.npy", counts)
+        _save_atomic(self.root / "done.npy", self.done)
+        write_json_atomic(self.root / "meta.json", self.meta.model_dump())
+        self._since_flush = 0
+
+    def finish(self, skipped: dict[str, str], split_info: dict[str, Any]) -> CacheMeta:
+        """Drop skipped rows from the splits and mark the cache complete."""
+        keep = self.done
+        self.meta.splits = {s: [i for i in rows if keep[i]] for s, rows in self.meta.splits.items()}
+        self.meta.skipped = skipped
+        self.meta.split_info = split_info
+        self.meta.complete = True
+        self.flush()
+        return self.meta
+
+
+def _save_atomic(path: Path, arr: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.tmp.npy")
+    np.save(tmp, arr)
+    os.replace(tmp, path)
+
+
+class Cache:
+    """A complete cache opened for reading; arrays are memory-mapped on first use in each process."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.meta = read_meta(self.root)
+        if not self.meta.complete:
+            raise DataError(
+                f"cache {str(self.root)!r} is unfinished (its prepare was interrupted or stopped on an error); "
+                f"run the same `mmbalance prepare` again to finish it"
+            )
+        self.specs = self.meta.array_specs()
+        self.counts = {m: np.load(self.root / f"{m}.count.npy") for m, s in self.specs.items() if s.frames}
+        self._arrays: dict[str, np.ndarray] | None = None
+
+    @property
+    def arrays(self) -> dict[str, np.ndarray]:
+        if self._arrays is None:
+            self._arrays = {m: np.load(self.root / f"{m}.npy", mmap_mode="r") for m in self.specs}
+        return self._arrays
+
+    def __getstate__(self) -> dict[str, Any]:
+        # DataLoader workers re-open the memory maps instead of receiving copies of the data
+        return {**self.__dict__, "_arrays": None}

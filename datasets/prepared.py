@@ -1,0 +1,181 @@
+"""Datasets read from a prepared cache (the real datasets of the papers, and the `manifest` one).
+
+A subclass supplies the two halves of its life:
+
+* prepare (once, `mmbalance prepare NAME --raw DIR`): `PIPELINES` (named preprocessing
+  variants), `plan()` (read the raw download's split files into samples and splits),
+  `array_specs()` (what each cached row holds) and `load_sample()` (decode and preprocess one
+  sample; runs in worker processes, so it must be a pure function of its arguments);
+* training: `views()` (cached row -> encoder input, per split), from its `Params`.
+
+`bench.train` only sees `split(name)`, a torch Dataset of `(inputs, label)` pairs.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from bench.config import Strict
+from bench.errors import DataError
+from datasets.base import Dataset, Modality, ModalityKind
+from datasets.cache import ArraySpec, Cache
+
+View = Callable[[np.ndarray, "int | None"], torch.Tensor]
+
+
+class Pipeline(BaseModel):
+    """One named preprocessing variant; subclasses add their fields (sample rate, STFT sizes...)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    description: str
+    flavour: str  # the split flavour in the dataset's manifest
+
+
+@dataclass(frozen=True)
+class SampleSource:
+    """One sample as found in the raw download: what to read, and its label."""
+
+    id: str
+    label: int
+    files: dict[str, Path]  # role -> path; every one must exist (missing ones are reported by path)
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. an event's start and end seconds
+
+
+@dataclass
+class Plan:
+    """What a prepare will produce: classes, every sample, and the split lists (val carved)."""
+
+    classes: list[str]
+    samples: list[SampleSource]
+    splits: dict[str, list[str]]
+    flavour: str = ""
+    notes: list[str] = field(default_factory=list)  # what the plan had to decide (dropped duplicates...)
+    # datasets whose rows depend on the raw data (the `manifest` CSV) give them here instead of
+    # through array_specs() and KINDS
+    arrays: dict[str, ArraySpec] | None = None
+    kinds: dict[str, ModalityKind] | None = None
+
+
+class CachedParams(Strict):
+    """What every cached dataset takes: where its cache is and which pipeline it must hold."""
+
+    root: str | None = None  # default: data/<dataset>/<pipeline>, relative to the working directory
+    pipeline: str | None = None  # default: the dataset's DEFAULT_PIPELINE
+
+
+class CachedSplit(torch.utils.data.Dataset):
+    """Rows of a cache through per-modality views."""
+
+    def __init__(self, cache: Cache, rows: list[int], views: dict[str, View]) -> None:
+        self.cache = cache
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.views = views
+        self.labels = torch.tensor([cache.meta.labels[r] for r in rows], dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[dict[str, torch.Tensor], int]:
+        row = int(self.rows[i])
+        arrays = self.cache.arrays
+        inputs = {}
+        for m, view in self.views.items():
+            count = self.cache.counts[m][row] if m in self.cache.counts else None
+            inputs[m] = view(arrays[m][row], count)
+        return inputs, int(self.labels[i])
+
+
+class PreparedDataset(Dataset):
+    """Base class of datasets that train from a cache made by `mmbalance prepare`."""
+
+    Params: ClassVar[type[BaseModel]] = CachedParams
+    PIPELINES: ClassVar[dict[str, Pipeline]] = {}
+    DEFAULT_PIPELINE: ClassVar[str] = ""
+    KINDS: ClassVar[dict[str, ModalityKind]] = {}  # modality -> kind
+
+    # ---- prepare side -------------------------------------------------------------------------
+
+    @classmethod
+    def pipeline(cls, name: str | None) -> Pipeline:
+        name = name or cls.DEFAULT_PIPELINE
+        if name not in cls.PIPELINES:
+            raise DataError(
+                f"dataset {cls.registry_name!r} has no pipeline {name!r}; allowed: {', '.join(sorted(cls.PIPELINES))}"
+            )
+        return cls.PIPELINES[name]
+
+    @classmethod
+    def pipeline_name(cls, pipeline: Pipeline) -> str:
+        return next(k for k, v in cls.PIPELINES.items() if v is pipeline)
+
+    @classmethod
+    def default_root(cls, pipeline: str | None) -> Path:
+        return Path("data") / cls.registry_name / (pipeline or cls.DEFAULT_PIPELINE)
+
+    @classmethod
+    @abstractmethod
+    def plan(cls, raw: Path, pipeline: Pipeline) -> Plan:
+        """Read the raw download's split files and layout into a Plan (no decoding here)."""
+
+    @classmethod
+    @abstractmethod
+    def array_specs(cls, pipeline: Pipeline) -> dict[str, ArraySpec]:
+        """Per modality, the array each cached row holds."""
+
+    @classmethod
+    @abstractmethod
+    def load_sample(cls, source: SampleSource, pipeline: Pipeline) -> dict[str, np.ndarray]:
+        """Decode and preprocess one sample into arrays matching `array_specs`."""
+
+    # ---- training side ------------------------------------------------------------------------
+
+    @abstractmethod
+    def views(self, train: bool) -> dict[str, View]:
+        """Per modality, the view that turns a cached row into the encoder's input."""
+
+    @cached_property
+    def cache(self) -> Cache:
+        p = self.params
+        root = Path(p.root).expanduser() if p.root else self.default_root(p.pipeline)
+        if not root.is_dir():
+            raise DataError(
+                f"dataset {self.registry_name!r}: cache directory {str(root)!r} (dataset.root) does not exist; "
+                f"make it with `mmbalance prepare {self.registry_name} --raw DIR --out {root}`"
+            )
+        cache = Cache(root)
+        wanted = p.pipeline or self.DEFAULT_PIPELINE
+        if cache.meta.dataset != self.registry_name or cache.meta.pipeline != wanted:
+            raise DataError(
+                f"cache {str(root)!r} holds {cache.meta.dataset!r} pipeline {cache.meta.pipeline!r}, "
+                f"but the config asks for {self.registry_name!r} pipeline {wanted!r} (dataset.pipeline)"
+            )
+        return cache
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return tuple(self.cache.meta.classes)
+
+    @property
+    def modalities(self) -> tuple[Modality, ...]:
+        views = self.views(train=False)
+        specs = self.cache.specs
+        kinds = self.cache.meta.kinds or self.KINDS
+        names = self.modality_names(self.params)
+        return tuple(Modality(m, kinds.get(m, "video"), views[m].shape(specs[m].shape)) for m in names)
+
+    def split(self, name: str) -> CachedSplit:
+        rows = self.cache.meta.splits.get(name, [])
+        return CachedSplit(self.cache, rows, self.views(train=name == "train"))
+
+    def describe(self) -> str:
+        return f"{self.registry_name} cache {str(self.cache.root)!r}"

@@ -1,0 +1,116 @@
+"""Load-time views of cached arrays: frame sampling, crops, flips, noise and normalisation.
+
+Each view turns one cached per-sample array (float16 spectrogram or uint8 frame stack) into the
+float32 tensor the encoder sees, and knows that tensor's shape. Randomness comes from torch's
+RNG, which the harness seeds per run (and per DataLoader worker).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.transforms import v2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def segment_indices(count: int, k: int, train: bool) -> list[int]:
+    """k frame indices out of `count`: the clip cut into k equal segments, a random frame of each
+    in training and each segment's centre at test (how the papers describe their sampling)."""
+    edges = np.linspace(0, count, k + 1)
+    if train:
+        picks = [lo + float(torch.rand(())) * (hi - lo) for lo, hi in zip(edges[:-1], edges[1:])]
+    else:
+        picks = [(lo + hi) / 2 for lo, hi in zip(edges[:-1], edges[1:])]
+    return [min(int(p), count - 1) for p in picks]
+
+
+def window_indices(count: int, k: int, train: bool) -> list[int]:
+    """k consecutive frame indices: a random offset in training, the centred window at test;
+    clips shorter than k repeat their last frame."""
+    offset_max = max(count - k, 0)
+    offset = int(torch.randint(0, offset_max + 1, ())) if train else offset_max // 2
+    return [min(offset + i, count - 1) for i in range(k)]
+
+
+@dataclass(frozen=True)
+class SpectrogramView:
+    """(F, T) float16 -> (1, F, T') float32; optionally a `crop` of T' time frames (random in
+    training, centred at test)."""
+
+    train: bool
+    crop: int | None = None
+
+    def shape(self, stored: Sequence[int]) -> tuple[int, ...]:
+        return (1, stored[0], self.crop or stored[1])
+
+    def __call__(self, arr: np.ndarray, count: int | None = None) -> torch.Tensor:
+        x = torch.from_numpy(np.asarray(arr, dtype=np.float32))
+        if self.crop is not None and x.shape[1] > self.crop:
+            slack = x.shape[1] - self.crop
+            start = int(torch.randint(0, slack + 1, ())) if self.train else slack // 2
+            x = x[:, start : start + self.crop]
+        return x.unsqueeze(0)
+
+
+@dataclass(frozen=True)
+class FrameClip:
+    """(T_slots, H, W, C) uint8 frames with `count` real ones -> (C, k, size, size) float32.
+
+    Training: `crop` = random_resized (RandomResizedCrop, the reference repos' choice) or random
+    (a plain random crop, DI-MML's UCF), one draw for the whole clip so frames stay aligned, then
+    a horizontal flip with p = 0.5. Test: resize (or centre-crop) to `size`. Then optional Gaussian
+    pixel noise of std `noise_std` on the [0, 1] scale (DI-MML's `var`) and normalisation.
+    """
+
+    train: bool
+    frames: int
+    size: int
+    sampling: Literal["segments", "window"] = "segments"
+    crop: Literal["random_resized", "random"] = "random_resized"
+    test_crop: Literal["resize", "center"] = "resize"
+    flip: bool = True
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    noise_std: float = 0.0
+    noise_at_test: bool = False
+
+    def shape(self, stored: Sequence[int]) -> tuple[int, ...]:
+        return (stored[3], self.frames, self.size, self.size)
+
+    def indices(self, count: int) -> list[int]:
+        pick = segment_indices if self.sampling == "segments" else window_indices
+        return pick(count, self.frames, self.train)
+
+    def __call__(self, arr: np.ndarray, count: int | None = None) -> torch.Tensor:
+        n = int(count) if count is not None else len(arr)
+        x = torch.from_numpy(np.ascontiguousarray(arr[self.indices(n)])).permute(0, 3, 1, 2)  # T, C, H, W
+        x = x.float().div_(255.0)
+        x = self._augment(x) if self.train else self._fit(x)
+        if self.noise_std > 0 and (self.train or self.noise_at_test):
+            x = x + torch.randn_like(x) * self.noise_std
+        mean = torch.tensor(self.mean).view(1, -1, 1, 1)
+        std = torch.tensor(self.std).view(1, -1, 1, 1)
+        return ((x - mean) / std).permute(1, 0, 2, 3).contiguous()  # C, T, H, W
+
+    def _augment(self, x: torch.Tensor) -> torch.Tensor:
+        if self.crop == "random_resized":
+            x = v2.RandomResizedCrop(self.size, antialias=True)(x)
+        else:
+            x = v2.RandomCrop(self.size, pad_if_needed=True)(x)
+        if self.flip and float(torch.rand(())) < 0.5:
+            x = x.flip(-1)
+        return x
+
+    def _fit(self, x: torch.Tensor) -> torch.Tensor:
+        if self.test_crop == "center":
+            return v2.CenterCrop(self.size)(x)
+        if x.shape[-2:] == (self.size, self.size):
+            return x
+        return F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)

@@ -1,0 +1,154 @@
+"""CREMA-D: prepare from a fixture download, the cache's contents, loading, and one epoch of training."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from bench.cli import main as cli
+from bench.errors import DataError
+from datasets.cache import Cache
+from datasets.cremad import CremaD, CremadParams
+from datasets.prepare.runner import prepare
+from tests.fixtures.cremad import EMOTIONS, TONE_HZ, write_cremad
+from tests.fixtures.media import read_mark
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cremad_raw")
+    return root, write_cremad(root)
+
+
+@pytest.fixture(scope="module")
+def ogmge_cache(raw, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cache") / "ogmge"
+    report = prepare("cremad", raw[0], out, "ogmge", workers=2, progress=False)
+    return out, report
+
+
+def test_prepare_counts_and_report(raw, ogmge_cache):
+    out, report = ogmge_cache
+    # 18 listed train clips: 2 carved for validation (744/6698 per class, largest remainders)
+    assert report.counts["train"] == {"listed": 16, "prepared": 16, "missing": 0, "corrupt": 0}
+    assert report.counts["val"]["prepared"] == 2
+    assert report.counts["test"] == {"listed": 6, "prepared": 6, "missing": 0, "corrupt": 0}
+    assert report.split_info["is_published_split"] is False  # a fixture is not the 5,954/744/744 split
+    assert report.split_info["splits"]["test"]["published_count"] == 744
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["counts"] == report.counts
+
+
+def test_cached_arrays(raw, ogmge_cache):
+    out, _ = ogmge_cache
+    cache = Cache(out)
+    meta = cache.meta
+    assert meta.classes == list(EMOTIONS)
+    audio, visual = cache.arrays["audio"], cache.arrays["visual"]
+    assert audio.shape == (24, 257, 188) and audio.dtype == np.float16
+    assert visual.shape == (24, 6, 224, 224, 3) and visual.dtype == np.uint8
+    # 2.2 s at 30 fps -> frames 0 and 30 and 60 kept (1 fps)
+    assert set(cache.counts["visual"].tolist()) == {3}
+    row = meta.ids.index(raw[1]["test"][2])  # a SAD clip
+    emotion = meta.ids[row].split("_")[2]
+    assert meta.labels[row] == EMOTIONS.index(emotion)
+    # the tone's STFT bin (22,050 Hz resampled, n_fft 512) is the loudest row of the spectrogram
+    expected_bin = round(TONE_HZ[emotion] * 512 / 22050)
+    assert abs(int(np.argmax(audio[row].astype(np.float32).mean(axis=1))) - expected_bin) <= 1
+    # the 3 frames kept at 1 fps are the first of each second: frames 0, 30 and 60
+    assert [read_mark(visual[row, t]) for t in range(3)] == [0, 30, 60]
+
+
+def test_split_loading_shapes(ogmge_cache):
+    out, _ = ogmge_cache
+    ds = CremaD(CremadParams(root=str(out)))
+    assert [m.shape for m in ds.modalities] == [(1, 257, 188), (3, 1, 224, 224)]
+    train, test = ds.split("train"), ds.split("test")
+    assert len(train) == 16 and len(test) == 6
+    x, y = test[0]
+    assert x["audio"].dtype == torch.float32 and x["audio"].shape == (1, 257, 188)
+    assert x["visual"].shape == (3, 1, 224, 224)
+    assert 0 <= y < 6
+    # test-time views are deterministic; training views draw crops
+    assert torch.equal(test[0][0]["visual"], test[0][0]["visual"])
+
+
+def test_dimml_and_mla_pipelines(raw, tmp_path):
+    dimml = prepare("cremad", raw[0], tmp_path / "dimml", "dimml", progress=False)
+    cache = Cache(tmp_path / "dimml")
+    spec = cache.arrays["audio"][0].astype(np.float32)
+    assert spec.shape == (257, 1004)
+    assert abs(spec.mean()) < 1e-2 and abs(spec.std() - 1) < 1e-2  # z-scored per clip
+    ds = CremaD(CremadParams(root=str(tmp_path / "dimml"), pipeline="dimml"))
+    assert ds.modalities[1].shape == (3, 3, 224, 224)
+    assert dimml.counts["test"]["prepared"] == 6
+
+    # MLA's split files are absent from the fixture: its vendored 744-clip test list is used, so
+    # none of the fixture's clips is a test clip and the report says so
+    mla = prepare("cremad", raw[0], tmp_path / "mla", "mla", progress=False)
+    assert mla.counts["test"]["listed"] == 744 and mla.counts["test"]["missing"] == 744
+    assert Cache(tmp_path / "mla").arrays["audio"].shape[1:] == (1024, 128)
+
+
+def test_missing_frame_folder_skip_and_fail(tmp_path):
+    raw = tmp_path / "raw"
+    names = write_cremad(raw, train_per_class=2, test_per_class=1, frame_folders=True)
+    gone = raw / "Image-01-FPS" / names["test"][0]
+    for f in gone.iterdir():
+        f.unlink()
+    gone.rmdir()
+    with pytest.raises(DataError, match="missing .*Image-01-FPS"):
+        prepare("cremad", raw, tmp_path / "failed", on_error="fail", progress=False)
+    with pytest.raises(DataError, match="unfinished"):
+        Cache(tmp_path / "failed")
+    report = prepare("cremad", raw, tmp_path / "skipped", on_error="skip", progress=False)
+    assert report.counts["test"]["missing"] == 1 and report.counts["test"]["prepared"] == 5
+    assert str(gone) in report.missing[names["test"][0]]
+    meta = Cache(tmp_path / "skipped").meta
+    assert names["test"][0] in meta.skipped and len(meta.splits["test"]) == 5
+
+
+def test_corrupt_wav_is_reported_and_resume_finishes(tmp_path):
+    raw = tmp_path / "raw"
+    names = write_cremad(raw, train_per_class=2, test_per_class=1)
+    bad = raw / "AudioWAV" / f"{names['train'][0]}.wav"
+    good = bad.read_bytes()
+    bad.write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk")
+    with pytest.raises(DataError, match="corrupt"):
+        prepare("cremad", raw, tmp_path / "c", on_error="fail", progress=False)
+    report = json.loads((tmp_path / "c" / "report.json").read_text())
+    assert str(bad) in report["corrupt"][names["train"][0]]
+    # fixing the file and re-running decodes only what is missing
+    bad.write_bytes(good)
+    again = prepare("cremad", raw, tmp_path / "c", on_error="fail", progress=False)
+    assert again.processed == 1
+    assert sum(c["prepared"] for c in again.counts.values()) == 18
+
+
+def test_other_pipeline_into_same_dir_is_refused(raw, ogmge_cache):
+    out, _ = ogmge_cache
+    with pytest.raises(DataError, match="already holds a different cache"):
+        prepare("cremad", raw[0], out, "dimml", progress=False)
+
+
+def test_cache_pipeline_mismatch_names_key(ogmge_cache):
+    out, _ = ogmge_cache
+    with pytest.raises(DataError, match="dataset.pipeline"):
+        CremaD(CremadParams(root=str(out), pipeline="mla")).split("train")
+
+
+def test_one_epoch_through_cli(ogmge_cache, tmp_path, capsys):
+    out, _ = ogmge_cache
+    config = tmp_path / "run.yaml"
+    config.write_text(f"dataset: {{name: cremad, root: {out}}}\n")
+    code = cli([
+        "--results", str(tmp_path / "results"), "run", str(config),
+        "dataset.frame_size=32", "model.encoders.audio.name=small_cnn", "model.encoders.visual.name=small_cnn",
+        "method.name=joint", "train.epochs=1", "train.batch_size=8", "train.progress=false",
+        "eval.probe_c_grid=[1.0]",
+    ])
+    assert code == 0, capsys.readouterr().err
+    assert "finished" in capsys.readouterr().out
