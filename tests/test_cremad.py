@@ -13,6 +13,7 @@ from bench.errors import DataError
 from datasets.cache import Cache
 from datasets.cremad import CremaD, CremadParams
 from datasets.prepare.runner import prepare
+from datasets.splits import load_manifest, read_pinned_list
 from tests.fixtures.cremad import EMOTIONS, TONE_HZ, write_cremad
 from tests.fixtures.media import read_mark
 
@@ -86,10 +87,14 @@ def test_dimml_and_mla_pipelines(raw, tmp_path):
     assert ds.modalities[1].shape == (3, 3, 224, 224)
     assert dimml.counts["test"]["prepared"] == 6
 
-    # MLA's split files are absent from the fixture: its vendored 744-clip test list is used, so
-    # none of the fixture's clips is a test clip and the report says so
+    # MLA's split files are absent from the fixture: its vendored 744-clip test list is the test
+    # split, the fixture clips it names are prepared and the rest are reported missing
     mla = prepare("cremad", raw[0], tmp_path / "mla", "mla", progress=False)
-    assert mla.counts["test"]["listed"] == 744 and mla.counts["test"]["missing"] == 744
+    fixture = set(raw[1]["train"] + raw[1]["test"])
+    in_list = [c for c in mla_test_list() if c in fixture]
+    assert mla.counts["test"] == {"listed": 744, "prepared": len(in_list), "missing": 744 - len(in_list), "corrupt": 0}
+    assert mla.counts["train"]["listed"] + mla.counts["val"]["listed"] == 24 - len(in_list)
+    assert mla.split_info["splits"]["test"]["matches_pinned_list"] is True
     assert Cache(tmp_path / "mla").arrays["audio"].shape[1:] == (1024, 128)
 
 
@@ -152,3 +157,7 @@ def test_one_epoch_through_cli(ogmge_cache, tmp_path, capsys):
     ])
     assert code == 0, capsys.readouterr().err
     assert "finished" in capsys.readouterr().out
+
+
+def mla_test_list() -> list[str]:
+    return read_pinned_list(load_manifest("cremad").flavour("mla"), "test")
