@@ -26,16 +26,19 @@ def first_line(cls: type) -> str:
 def describe_registries() -> str:
     lines = ["methods:"]
     for name, cls in METHODS.items():
-        lines += [f"  {name:<12} {first_line(cls)}", f"  {'':<12} params: {params_line(cls.Params)}"]
+        lines += [f"  {name:<16} {first_line(cls)}", f"  {'':<16} params: {params_line(cls.Params)}"]
     lines.append("datasets:")
     for name, cls in DATASETS.items():
-        lines += [f"  {name:<12} modalities: {', '.join(cls.MODALITIES)}",
-                  f"  {'':<12} params: {params_line(cls.Params)}"]
+        modalities = ", ".join(cls.MODALITIES) or "(read from the prepared data)"
+        lines += [f"  {name:<16} modalities: {modalities}", f"  {'':<16} params: {params_line(cls.Params)}"]
         presets = getattr(cls, "PRESETS", None)
         if presets:
-            lines.append(f"  {'':<12} presets: {', '.join(presets)}")
+            lines.append(f"  {'':<16} presets: {', '.join(presets)}")
+        for pipe_name, pipe in getattr(cls, "PIPELINES", {}).items():
+            default = " (default)" if pipe_name == getattr(cls, "DEFAULT_PIPELINE", "") else ""
+            lines.append(f"  {'':<16} pipeline {pipe_name}{default}: {pipe.description}")
     lines.append("encoders:")
     for name, cls in ENCODERS.items():
-        lines.append(f"  {name:<12} params: {params_line(cls.Params)}")
+        lines.append(f"  {name:<16} params: {params_line(cls.Params)}")
     lines.append("fusions (model.fusion): concat, sum, film, gated, late")
     return "\n".join(lines)

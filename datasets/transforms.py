@@ -13,7 +13,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torchvision.transforms import v2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -63,8 +62,8 @@ class SpectrogramView:
 class FrameClip:
     """(T_slots, H, W, C) uint8 frames with `count` real ones -> (C, k, size, size) float32.
 
-    Training: `crop` = random_resized (RandomResizedCrop, the reference repos' choice) or random
-    (a plain random crop, DI-MML's UCF), one draw for the whole clip so frames stay aligned, then
+    Training: `crop` = random_resized (RandomResizedCrop, the reference repos' choice), random
+    (a plain random crop, DI-MML's UCF) or none (resize only, BalanceBenchmark), one draw for the whole clip so frames stay aligned, then
     a horizontal flip with p = 0.5. Test: resize (or centre-crop) to `size`. Then optional Gaussian
     pixel noise of std `noise_std` on the [0, 1] scale (DI-MML's `var`) and normalisation.
     """
@@ -73,7 +72,7 @@ class FrameClip:
     frames: int
     size: int
     sampling: Literal["segments", "window"] = "segments"
-    crop: Literal["random_resized", "random"] = "random_resized"
+    crop: Literal["random_resized", "random", "none"] = "random_resized"
     test_crop: Literal["resize", "center"] = "resize"
     flip: bool = True
     mean: tuple[float, ...] = IMAGENET_MEAN
@@ -91,8 +90,9 @@ class FrameClip:
     def __call__(self, arr: np.ndarray, count: int | None = None) -> torch.Tensor:
         n = int(count) if count is not None else len(arr)
         x = torch.from_numpy(np.ascontiguousarray(arr[self.indices(n)])).permute(0, 3, 1, 2)  # T, C, H, W
-        x = x.float().div_(255.0)
+        # crop and resize while still uint8: the float conversion then touches only the output pixels
         x = self._augment(x) if self.train else self._fit(x)
+        x = x.float().div_(255.0)
         if self.noise_std > 0 and (self.train or self.noise_at_test):
             x = x + torch.randn_like(x) * self.noise_std
         mean = torch.tensor(self.mean).view(1, -1, 1, 1)
@@ -102,8 +102,10 @@ class FrameClip:
     def _augment(self, x: torch.Tensor) -> torch.Tensor:
         if self.crop == "random_resized":
             x = v2.RandomResizedCrop(self.size, antialias=True)(x)
-        else:
+        elif self.crop == "random":
             x = v2.RandomCrop(self.size, pad_if_needed=True)(x)
+        else:
+            x = self._fit(x)
         if self.flip and float(torch.rand(())) < 0.5:
             x = x.flip(-1)
         return x
@@ -113,4 +115,4 @@ class FrameClip:
             return v2.CenterCrop(self.size)(x)
         if x.shape[-2:] == (self.size, self.size):
             return x
-        return F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
+        return v2.functional.resize(x, [self.size, self.size], antialias=True)
