@@ -248,7 +248,7 @@ def validate(data: Mapping[str, Any], sources: Sources | None = None) -> RunConf
             )
     for modality in modalities:
         where = f"model.encoders.{modality}"
-        section = {**dataset_cls.default_encoder(modality), **encoders.get(modality, {})}
+        section = {**dataset_cls.default_encoder(modality, dataset_params), **encoders.get(modality, {})}
         encoder_cls = ENCODERS.get(require_name(section, where, sources), sources.of(where + ".name"))
         encoders[modality] = resolve_named(section, encoder_cls.Params, where, sources)
     cfg.model.encoders = encoders

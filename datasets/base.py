@@ -69,7 +69,9 @@ class Dataset(ABC):
         return cls.MODALITIES
 
     @classmethod
-    def default_encoder(cls, modality: str) -> dict[str, Any]:
+    def default_encoder(cls, modality: str, params: BaseModel | None = None) -> dict[str, Any]:
+        """The encoder section used when the config names none for `modality` (`params`: the
+        validated dataset params, for datasets whose modalities come from their data)."""
         return dict(cls.DEFAULT_ENCODERS.get(modality, {"name": "mlp"}))
 
     @property
