@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from bench.errors import DataError
@@ -172,7 +173,7 @@ def _decode(
         for source in todo:
             yield source.id, *_load_one(cls, source, pipe)
         return
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with ProcessPoolExecutor(max_workers=workers, initializer=_single_threaded_worker) as pool:
         queue = iter(todo)
         running: dict[Future, str] = {}
         # a bounded number in flight keeps memory flat on large datasets
@@ -188,6 +189,13 @@ def _decode(
                 nxt = next(queue, None)
                 if nxt is not None:
                     running[pool.submit(_load_one, cls, nxt, pipe)] = nxt.id
+
+
+def _single_threaded_worker() -> None:
+    # Workers are forked. A parent that already ran a multi-threaded torch op leaves OpenMP in a
+    # state where the child's first parallel region hangs forever. One thread per worker avoids
+    # those regions (and the workers' threads competing for the same cores).
+    torch.set_num_threads(1)
 
 
 def _load_one(
