@@ -139,5 +139,6 @@ def compare_with_published(
             entry["matches_pinned_list"] = sorted(set(pinned)) == sorted(ids)
             published &= entry["matches_pinned_list"]
         info["splits"][name] = entry
-    info["is_published_split"] = published
+    # None: nothing was published to compare with (VGGSound, your own CSV)
+    info["is_published_split"] = published if (flavour.counts or flavour.lists) else None
     return info

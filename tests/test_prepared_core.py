@@ -42,6 +42,9 @@ def test_list_sha_is_order_free_and_compare_reports_counts():
     assert info["splits"]["train"] == {"listed": 2, "sha256": list_sha256(["a", "b"]), "published_count": 2}
     info = compare_with_published({"train": ["a"], "test": ["c"]}, flavour)
     assert info["is_published_split"] is False
+    # with nothing published there is nothing to match
+    nothing = compare_with_published({"train": ["a"]}, Flavour(source="your CSV"))
+    assert nothing["is_published_split"] is None
 
 
 def test_segment_indices_train_within_segments_and_test_centres():

@@ -62,7 +62,8 @@ class PrepareReport:
             exp = f" (published: {expected})" if expected is not None else ""
             lines.append(f"  {split:5s} listed {c['listed']}{exp}, prepared {c['prepared']}, "
                          f"missing {c['missing']}, corrupt {c['corrupt']}")
-        verdict = "yes" if self.split_info.get("is_published_split") else "no"
+        verdict = {True: "yes", False: "no", None: "nothing published to compare with"}[
+            self.split_info.get("is_published_split")]
         lines.append(f"  split is the published one ({self.split_info.get('source', '?')}): {verdict}")
         for note in self.notes:
             lines.append(f"  note: {note}")
