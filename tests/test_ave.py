@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from bench.cli import main as cli
 from bench.errors import DataError
 from datasets.ave import Ave, AveParams, PIPELINES
 from datasets.cache import Cache
@@ -18,6 +17,7 @@ from datasets.prepare.runner import prepare
 from datasets.splits import compare_with_published, load_manifest
 from tests.fixtures.ave import CLASSES, DUPLICATE, EMPTY, FPS, SHARED, TONE_HZ, write_ave
 from tests.fixtures.media import read_mark
+from tests.fixtures.train import train_one_epoch
 
 PSD_BIN_HZ = 16000 / 512
 
@@ -174,13 +174,6 @@ def test_missing_and_corrupt_videos_fail_then_skip(raw, tmp_path):
 
 
 def test_one_epoch_through_cli(ogmge_cache, tmp_path, capsys):
-    config = tmp_path / "run.yaml"  # ogmge: its 1024x128 fbank is half the dimml spectrogram's size
-    config.write_text(f"dataset: {{name: ave, pipeline: ogmge, root: {ogmge_cache[0]}}}\n")
-    code = cli([
-        "--results", str(tmp_path / "results"), "run", str(config),
-        "dataset.frame_size=32", "model.encoders.audio.name=small_cnn", "model.encoders.visual.name=small_cnn",
-        "method.name=joint", "train.epochs=1", "train.batch_size=8", "train.progress=false",
-        "eval.probe_c_grid=[1.0]",
-    ])
+    code = train_one_epoch(tmp_path, "ave", ogmge_cache[0], ("audio", "visual"), pipeline="ogmge")
     assert code == 0, capsys.readouterr().err
     assert "finished" in capsys.readouterr().out

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from bench.cli import main as cli
 from bench.errors import DataError
 from datasets.cache import Cache
 from datasets.cremad import CremaD, CremadParams
@@ -16,6 +15,7 @@ from datasets.prepare.runner import prepare
 from datasets.splits import load_manifest, read_pinned_list
 from tests.fixtures.cremad import EMOTIONS, TONE_HZ, write_cremad
 from tests.fixtures.media import read_mark
+from tests.fixtures.train import train_one_epoch
 
 
 @pytest.fixture(scope="module")
@@ -147,14 +147,7 @@ def test_cache_pipeline_mismatch_names_key(ogmge_cache):
 
 def test_one_epoch_through_cli(ogmge_cache, tmp_path, capsys):
     out, _ = ogmge_cache
-    config = tmp_path / "run.yaml"
-    config.write_text(f"dataset: {{name: cremad, root: {out}}}\n")
-    code = cli([
-        "--results", str(tmp_path / "results"), "run", str(config),
-        "dataset.frame_size=32", "model.encoders.audio.name=small_cnn", "model.encoders.visual.name=small_cnn",
-        "method.name=joint", "train.epochs=1", "train.batch_size=8", "train.progress=false",
-        "eval.probe_c_grid=[1.0]",
-    ])
+    code = train_one_epoch(tmp_path, "cremad", out, ("audio", "visual"))
     assert code == 0, capsys.readouterr().err
     assert "finished" in capsys.readouterr().out
 

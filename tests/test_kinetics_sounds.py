@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from bench.cli import main as cli
 from bench.errors import DataError
 from datasets import audio as fe
 from datasets.cache import Cache
@@ -19,6 +18,7 @@ from datasets.media import decode_video_audio
 from datasets.prepare.runner import prepare
 from tests.fixtures.kinetics_sounds import CLASS_INDEX, TONE_HZ, write_kinetics_sounds
 from tests.fixtures.media import read_mark
+from tests.fixtures.train import train_one_epoch
 
 PAD_OGMGE = -fe.KS_FBANK_MEAN / (2 * fe.KS_FBANK_STD)  # a zero-padded fbank frame after normalisation
 
@@ -174,13 +174,6 @@ def test_missing_and_corrupt_files(tmp_path):
 
 def test_one_epoch_through_cli(ogmge_cache, tmp_path, capsys):
     out, _ = ogmge_cache
-    config = tmp_path / "run.yaml"
-    config.write_text(f"dataset: {{name: kinetics_sounds, root: {out}}}\n")
-    code = cli([
-        "--results", str(tmp_path / "results"), "run", str(config),
-        "dataset.frame_size=32", "model.encoders.audio.name=small_cnn", "model.encoders.visual.name=small_cnn",
-        "method.name=joint", "train.epochs=1", "train.batch_size=8", "train.progress=false",
-        "eval.probe_c_grid=[1.0]",
-    ])
+    code = train_one_epoch(tmp_path, "kinetics_sounds", out, ("audio", "visual"))
     assert code == 0, capsys.readouterr().err
     assert "finished" in capsys.readouterr().out

@@ -17,6 +17,7 @@ from datasets.manifest import PIPELINES, Manifest, ManifestParams, read_table
 from datasets.prepare.runner import prepare
 from tests.fixtures.manifest import COLOUR, TONE_HZ, vector_of, write_audio_image, write_csv, write_video_npy
 from tests.fixtures.media import read_mark
+from tests.fixtures.train import train_one_epoch
 
 
 @pytest.fixture(scope="module")
@@ -269,13 +270,6 @@ def test_prepare_and_one_epoch_through_cli(tmp_path, capsys):
     out = tmp_path / "cache"
     assert cli(["prepare", "manifest", "--raw", str(csv_path), "--out", str(out), "--pipeline", "small"]) == 0
     assert "train listed 6, prepared 6" in capsys.readouterr().out
-    config = tmp_path / "run.yaml"
-    config.write_text(f"dataset: {{name: manifest, root: {out}, pipeline: small}}\n")
-    code = cli([
-        "--results", str(tmp_path / "results"), "run", str(config),
-        "dataset.frame_size=32", "model.encoders.audio.name=small_cnn", "model.encoders.image.name=small_cnn",
-        "method.name=joint", "train.epochs=1", "train.batch_size=4", "train.progress=false",
-        "eval.probe_c_grid=[1.0]",
-    ])
+    code = train_one_epoch(tmp_path, "manifest", out, ("audio", "image"), pipeline="small", batch_size=4)
     assert code == 0, capsys.readouterr().err
     assert "finished" in capsys.readouterr().out

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from bench.cli import main as cli
 from bench.errors import DataError
 from datasets.cache import Cache
 from datasets.modelnet40 import ModelNet40, Modelnet40Params
 from datasets.prepare.runner import prepare
 from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD
 from tests.fixtures.modelnet40 import CLASSES, view_colour, view_path, write_modelnet40
+from tests.fixtures.train import train_one_epoch
 
 
 @pytest.fixture(scope="module")
@@ -96,13 +96,6 @@ def test_missing_and_corrupt_views(tmp_path):
 
 def test_one_epoch_through_cli(cache_dir, tmp_path, capsys):
     out, _ = cache_dir
-    config = tmp_path / "run.yaml"
-    config.write_text(f"dataset: {{name: modelnet40, root: {out}}}\n")
-    code = cli([
-        "--results", str(tmp_path / "results"), "run", str(config),
-        "dataset.frame_size=32", "model.encoders.front.name=small_cnn", "model.encoders.rear.name=small_cnn",
-        "method.name=joint", "train.epochs=1", "train.batch_size=4", "train.progress=false",
-        "eval.probe_c_grid=[1.0]",
-    ])
+    code = train_one_epoch(tmp_path, "modelnet40", out, ("front", "rear"), batch_size=4)
     assert code == 0, capsys.readouterr().err
     assert "finished" in capsys.readouterr().out

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from bench.cli import main as cli
 from bench.errors import ConfigError, DataError
 from datasets.cache import Cache
 from datasets.prepare.runner import prepare
@@ -18,6 +17,7 @@ from datasets.ucf101 import DIMML_TEST_MEAN, DIMML_TEST_STD, DIMML_TRAIN_MEAN, D
 from datasets.ucf101 import Ucf101, Ucf101Params, read_split_list, segment_centres, window_starts
 from tests.fixtures.media import read_mark
 from tests.fixtures.ucf101 import CLASSES, flow_value, write_ucf101
+from tests.fixtures.train import train_one_epoch
 
 
 @pytest.fixture(scope="module")
@@ -211,13 +211,6 @@ def test_missing_and_corrupt_frames(tmp_path):
 
 def test_one_epoch_through_cli(dimml, tmp_path, capsys):
     out, _ = dimml
-    config = tmp_path / "run.yaml"
-    config.write_text(f"dataset: {{name: ucf101, root: {out}}}\n")
-    code = cli([
-        "--results", str(tmp_path / "results"), "run", str(config),
-        "dataset.frame_size=32", "model.encoders.rgb.name=small_cnn", "model.encoders.flow.name=small_cnn",
-        "method.name=joint", "train.epochs=1", "train.batch_size=4", "train.progress=false",
-        "eval.probe_c_grid=[1.0]",
-    ])
+    code = train_one_epoch(tmp_path, "ucf101", out, ("rgb", "flow"), batch_size=4)
     assert code == 0, capsys.readouterr().err
     assert "finished" in capsys.readouterr().out

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from bench.cli import main as cli
 from bench.errors import DataError
 from datasets.cache import Cache
 from datasets.prepare.runner import prepare
 from datasets.vggsound import PIPELINES, VggSound, VggSoundParams
 from tests.fixtures.media import read_mark
 from tests.fixtures.vggsound import LABELS, TONE_HZ, write_vggsound
+from tests.fixtures.train import train_one_epoch
 
 
 @pytest.fixture(scope="module")
@@ -116,13 +116,6 @@ def test_csv_errors(tmp_path):
 
 def test_one_epoch_through_cli(cache_dir, tmp_path, capsys):
     out, _ = cache_dir
-    config = tmp_path / "run.yaml"
-    config.write_text(f"dataset: {{name: vggsound, root: {out}}}\n")
-    code = cli([
-        "--results", str(tmp_path / "results"), "run", str(config),
-        "dataset.frame_size=32", "model.encoders.audio.name=small_cnn", "model.encoders.visual.name=small_cnn",
-        "method.name=joint", "train.epochs=1", "train.batch_size=8", "train.progress=false",
-        "eval.probe_c_grid=[1.0]",
-    ])
+    code = train_one_epoch(tmp_path, "vggsound", out, ("audio", "visual"))
     assert code == 0, capsys.readouterr().err
     assert "finished" in capsys.readouterr().out
