@@ -154,3 +154,30 @@ def test_one_epoch_through_cli(ogmge_cache, tmp_path, capsys):
 
 def mla_test_list() -> list[str]:
     return read_pinned_list(load_manifest("cremad").flavour("mla"), "test")
+
+
+def test_interrupted_prepare_resumes_where_it_stopped(tmp_path, monkeypatch):
+    raw = tmp_path / "raw"
+    write_cremad(raw, train_per_class=2, test_per_class=1)
+    original = CremaD.load_sample.__func__
+    calls = {"n": 0}
+
+    def stop_at_sixth(cls, source, pipeline):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return original(cls, source, pipeline)
+
+    monkeypatch.setattr(CremaD, "load_sample", classmethod(stop_at_sixth))
+    with pytest.raises(KeyboardInterrupt):
+        prepare("cremad", raw, tmp_path / "c", progress=False)
+    with pytest.raises(DataError, match="unfinished"):
+        Cache(tmp_path / "c")
+    monkeypatch.setattr(CremaD, "load_sample", classmethod(original))
+    again = prepare("cremad", raw, tmp_path / "c", progress=False)
+    assert again.processed == 18 - 5  # the five finished before the interrupt are kept
+    fresh = prepare("cremad", raw, tmp_path / "fresh", progress=False)
+    a, b = Cache(tmp_path / "c"), Cache(tmp_path / "fresh")
+    assert a.meta.splits == b.meta.splits
+    assert np.array_equal(a.arrays["audio"], b.arrays["audio"])
+    assert np.array_equal(a.arrays["visual"], b.arrays["visual"])
