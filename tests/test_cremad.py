@@ -176,7 +176,7 @@ def test_interrupted_prepare_resumes_where_it_stopped(tmp_path, monkeypatch):
     monkeypatch.setattr(CremaD, "load_sample", classmethod(original))
     again = prepare("cremad", raw, tmp_path / "c", progress=False)
     assert again.processed == 18 - 5  # the five finished before the interrupt are kept
-    fresh = prepare("cremad", raw, tmp_path / "fresh", progress=False)
+    prepare("cremad", raw, tmp_path / "fresh", progress=False)
     a, b = Cache(tmp_path / "c"), Cache(tmp_path / "fresh")
     assert a.meta.splits == b.meta.splits
     assert np.array_equal(a.arrays["audio"], b.arrays["audio"])

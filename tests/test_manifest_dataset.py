@@ -13,7 +13,8 @@ from bench.cli import main as cli
 from bench.config import load_config
 from bench.errors import ConfigError, DataError
 from datasets.cache import Cache
-from datasets.manifest import PIPELINES, Manifest, ManifestParams, read_table
+from datasets.manifest import PIPELINES, Manifest, ManifestParams
+from datasets.manifest_csv import read_table
 from datasets.prepare.runner import prepare
 from tests.fixtures.manifest import COLOUR, TONE_HZ, vector_of, write_audio_image, write_csv, write_video_npy
 from tests.fixtures.media import read_mark
