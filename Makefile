@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PINS := torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: venv quickstart test test-slow clean
+.PHONY: venv quickstart test test-slow test-slurm clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# needs a running SLURM and SLURM_CONF: `eval "$$(bash scripts/slurm-local.sh start)"` (see .ci/run)
+test-slurm: $(STAMP)
+	$(PY) -m pytest -q -m slurm
 
 clean:
 	rm -rf $(VENV) results/*/ reports/*/
