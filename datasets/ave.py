@@ -61,7 +61,7 @@ from bench.errors import DataError
 from bench.registry import DATASETS
 from datasets import audio as fe
 from datasets.cache import ArraySpec
-from datasets.media import decode_video_audio, decode_video_frames, resize_image
+from datasets.media import clip_frames, decode_video_audio
 from datasets.prepared import CachedParams, Pipeline, Plan, PreparedDataset, SampleSource, View
 from datasets.splits import MANIFEST_DIR, load_manifest
 from datasets.transforms import FrameClip, SpectrogramView
@@ -263,5 +263,4 @@ def audio_features(video: Path, start: int, end: int, pipeline: AvePipeline) -> 
 
 def event_frames(video: Path, start: int, end: int) -> np.ndarray:
     """The video's 1-fps frames at seconds start <= t < end, FRAME_SIZE square, (T, H, W, 3) uint8."""
-    frames = decode_video_frames(video, fps=1.0, start_s=start, end_s=end)[:FRAME_SLOTS]
-    return np.stack([resize_image(f, (FRAME_SIZE, FRAME_SIZE)) for f in frames])
+    return clip_frames(video, FRAME_SLOTS, FRAME_SIZE, start_s=start, end_s=end)

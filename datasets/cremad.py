@@ -39,7 +39,7 @@ from bench.errors import DataError
 from bench.registry import DATASETS
 from datasets import audio as fe
 from datasets.cache import ArraySpec
-from datasets.media import decode_video_frames, read_audio, read_image, resize_image
+from datasets.media import clip_frames, read_audio
 from datasets.prepared import CachedParams, Pipeline, Plan, PreparedDataset, SampleSource, View
 from datasets.splits import carve_val, load_manifest, read_pinned_list
 from datasets.transforms import FrameClip, SpectrogramView
@@ -123,7 +123,7 @@ class CremaD(PreparedDataset):
 
     @classmethod
     def load_sample(cls, source: SampleSource, pipeline: CremadPipeline) -> dict[str, np.ndarray]:
-        return {"audio": audio_features(source.files["audio"], pipeline), "visual": clip_frames(source.files["visual"])}
+        return {"audio": audio_features(source.files["audio"], pipeline), "visual": clip_frames(source.files["visual"], FRAME_SLOTS, FRAME_SIZE, "spaced")}
 
     # ---- training -----------------------------------------------------------------------------
 
@@ -184,18 +184,3 @@ def audio_features(path: Path, pipeline: CremadPipeline) -> np.ndarray:
         spec = fe.scipy_spectrogram_log(x, pipeline.sample_rate, pipeline.n_fft, pipeline.noverlap,
                                         zscore=pipeline.zscore)
     return spec.numpy().astype(np.float16)
-
-
-def clip_frames(source: Path) -> np.ndarray:
-    """The clip's 1-fps frames at FRAME_SIZE x FRAME_SIZE, (T, H, W, 3) uint8, from a frame folder
-    (in name order) or decoded from the video."""
-    if source.is_dir():
-        paths = sorted(p for p in source.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-        if not paths:
-            raise DataError(f"frame folder {str(source)!r} holds no jpg/png frames")
-        frames = [read_image(p) for p in paths]
-    else:
-        frames = decode_video_frames(source, fps=1.0)
-    if len(frames) > FRAME_SLOTS:  # longer clips keep FRAME_SLOTS evenly spaced frames
-        frames = [frames[i] for i in np.linspace(0, len(frames) - 1, FRAME_SLOTS).round().astype(int)]
-    return np.stack([resize_image(f, (FRAME_SIZE, FRAME_SIZE)) for f in frames])

@@ -58,7 +58,7 @@ from bench.errors import DataError
 from bench.registry import DATASETS
 from datasets import audio as fe
 from datasets.cache import ArraySpec
-from datasets.media import decode_video_audio, decode_video_frames, read_audio, read_image, resize_image
+from datasets.media import clip_frames, decode_video_audio, read_audio
 from datasets.prepared import CachedParams, Pipeline, Plan, PreparedDataset, SampleSource, View
 from datasets.splits import carve_val, load_manifest
 from datasets.transforms import FrameClip, SpectrogramView
@@ -75,7 +75,6 @@ SPLIT_FILES = {"train": "my_train.txt", "test": "my_test.txt"}
 # a YouTube id is 11 characters of [A-Za-z0-9_-]; train rows add _start_end, test rows _start
 CLIP_ID = re.compile(r"^(?P<yt>[\w-]{11})_(?P<start>\d+)(?:_(?P<end>\d+))?$")
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 SAMPLE_RATE = 16000
 FRAME_SLOTS = 10  # 1 fps of a 10-s clip
 FRAME_SIZE = 224
@@ -163,7 +162,7 @@ class KineticsSounds(PreparedDataset):
     def load_sample(cls, source: SampleSource, pipeline: KineticsSoundsPipeline) -> dict[str, np.ndarray]:
         audio = source.files.get("audio", source.files.get("video"))
         visual = source.files.get("visual", source.files.get("video"))
-        return {"audio": fbank_features(audio, pipeline), "visual": clip_frames(visual)}
+        return {"audio": fbank_features(audio, pipeline), "visual": clip_frames(visual, FRAME_SLOTS, FRAME_SIZE)}
 
     # ---- training -----------------------------------------------------------------------------
 
@@ -267,21 +266,3 @@ def fbank_features(path: Path, pipeline: KineticsSoundsPipeline) -> np.ndarray:
     norm = (fe.KS_FBANK_MEAN, fe.KS_FBANK_STD) if pipeline.normalise else None
     fbank = fe.kaldi_fbank(x, SAMPLE_RATE, pipeline.num_mel_bins, pipeline.target_frames, norm)
     return fbank.numpy().astype(np.float16)
-
-
-def clip_frames(source: Path, slots: int = FRAME_SLOTS, size: int = FRAME_SIZE) -> np.ndarray:
-    """The clip's first `slots` 1-fps frames at size x size, (T, H, W, 3) uint8, from a frame
-    folder (in natural name order, so frame_2 precedes frame_10) or decoded from the video."""
-    if source.is_dir():
-        paths = sorted((p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=_natural_key)
-        if not paths:
-            raise DataError(f"frame folder {str(source)!r} holds no jpg/png frames")
-        frames = [read_image(p) for p in paths[:slots]]
-    else:
-        frames = decode_video_frames(source, fps=1.0)[:slots]
-    return np.stack([resize_image(f, (size, size)) for f in frames])
-
-
-def _natural_key(path: Path) -> list[str | int]:
-    # re.split with a group alternates text and digit runs, so equal positions compare equal types
-    return [int(t) if i % 2 else t for i, t in enumerate(re.split(r"(\d+)", path.name))]

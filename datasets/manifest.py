@@ -55,7 +55,7 @@ from datasets import audio as fe
 from datasets.base import ModalityKind
 from datasets.cache import ArraySpec, CacheMeta, read_meta
 from datasets.manifest_csv import FLOAT16_MAX, SPLIT_VALUES, ManifestTable, read_table
-from datasets.media import decode_video_frames, read_audio, read_image, resize_image
+from datasets.media import clip_frames, read_audio, read_image, resize_image
 from datasets.prepared import CachedParams, Pipeline, Plan, PreparedDataset, SampleSource, View
 from datasets.splits import ValCarving, carve_val, load_manifest
 from datasets.transforms import FrameClip, SpectrogramView
@@ -149,10 +149,7 @@ def decode(path: Path, kind: ModalityKind, pipeline: ManifestPipeline) -> np.nda
     if kind == "image":
         return resize_image(read_image(path), side)[None]
     if kind == "video":
-        frames = decode_video_frames(path, fps=1.0)
-        if len(frames) > pipeline.frame_slots:  # longer clips keep frame_slots evenly spaced frames
-            frames = [frames[i] for i in np.linspace(0, len(frames) - 1, pipeline.frame_slots).round().astype(int)]
-        return np.stack([resize_image(f, side) for f in frames])
+        return clip_frames(path, pipeline.frame_slots, pipeline.frame_size, "spaced")
     return read_vector(path)
 
 

@@ -6,9 +6,11 @@ prepare step can report the bad file and carry on with the rest.
 
 from __future__ import annotations
 
+import re
 import struct
 from fractions import Fraction
 from pathlib import Path
+from typing import Literal
 
 import av
 import numpy as np
@@ -166,3 +168,39 @@ def resize_image(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """
     h, w = size
     return np.asarray(Image.fromarray(img).resize((w, h), Image.BILINEAR), dtype=np.uint8)
+
+
+FRAME_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def natural_key(path: Path) -> list[str | int]:
+    """Sort key that puts frame_2 before frame_10 (digit runs compare as numbers)."""
+    # re.split with a group alternates text and digit runs, so equal positions compare equal types
+    return [int(t) if i % 2 else t for i, t in enumerate(re.split(r"(\d+)", path.name))]
+
+
+def clip_frames(source: str | Path, slots: int, size: int, overflow: Literal["first", "spaced"] = "first",
+                start_s: float | None = None, end_s: float | None = None) -> np.ndarray:
+    """A clip's 1-fps frames as a (T <= slots, size, size, 3) uint8 stack.
+
+    `source` is a folder of extracted frame images (read in natural name order, never in the file
+    system's listing order) or a video, decoded at 1 fps within [start_s, end_s). A clip with more
+    than `slots` frames keeps its first ones (`first`) or `slots` evenly spaced ones (`spaced`).
+    """
+    source = Path(source)
+    if source.is_dir():
+        paths = sorted((p for p in source.iterdir() if p.suffix.lower() in FRAME_IMAGE_SUFFIXES), key=natural_key)
+        if not paths:
+            raise DataError(f"frame folder {str(source)!r} holds no jpg/png frames")
+        frames = [read_image(p) for p in _keep(paths, slots, overflow)]
+    else:
+        frames = _keep(decode_video_frames(source, fps=1.0, start_s=start_s, end_s=end_s), slots, overflow)
+    return np.stack([resize_image(f, (size, size)) for f in frames])
+
+
+def _keep(items: list, slots: int, overflow: Literal["first", "spaced"]) -> list:
+    if len(items) <= slots:
+        return items
+    if overflow == "first":
+        return items[:slots]
+    return [items[i] for i in np.linspace(0, len(items) - 1, slots).round().astype(int)]

@@ -50,8 +50,8 @@ from bench.errors import DataError
 from bench.registry import DATASETS
 from datasets import audio as fe
 from datasets.cache import ArraySpec
-from datasets.kinetics_sounds import FRAME_SIZE, FRAME_SLOTS, clip_frames
-from datasets.media import decode_video_audio
+from datasets.kinetics_sounds import FRAME_SIZE, FRAME_SLOTS
+from datasets.media import clip_frames, decode_video_audio
 from datasets.prepared import CachedParams, Pipeline, Plan, PreparedDataset, SampleSource, View
 from datasets.splits import carve_val, load_manifest
 from datasets.transforms import FrameClip, SpectrogramView
@@ -128,7 +128,7 @@ class VggSound(PreparedDataset):
     @classmethod
     def load_sample(cls, source: SampleSource, pipeline: VggSoundPipeline) -> dict[str, np.ndarray]:
         video = source.files["video"]
-        frames = clip_frames(video)  # first: an ineligible clip costs no audio decoding
+        frames = clip_frames(video, FRAME_SLOTS, FRAME_SIZE)  # first: an ineligible clip costs no audio decoding
         if len(frames) < pipeline.min_frames:
             raise DataError(
                 f"{str(video)!r} has {len(frames)} frame(s) at 1 fps; OGM-GE keeps only clips with more "

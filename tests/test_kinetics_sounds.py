@@ -13,7 +13,8 @@ import torch
 from bench.errors import DataError
 from datasets import audio as fe
 from datasets.cache import Cache
-from datasets.kinetics_sounds import CLASSES, PIPELINES, KineticsSounds, KineticsSoundsParams, _natural_key
+from datasets.kinetics_sounds import CLASSES, PIPELINES, KineticsSounds, KineticsSoundsParams
+from datasets.media import natural_key
 from datasets.media import decode_video_audio
 from datasets.prepare.runner import prepare
 from tests.fixtures.kinetics_sounds import CLASS_INDEX, TONE_HZ, write_kinetics_sounds
@@ -113,7 +114,7 @@ def test_mla_from_extracted_files(tmp_path):
 
 def test_frame_names_sort_naturally():
     names = ["frame_10.jpg", "frame_2.jpg", "frame_1.jpg"]
-    assert sorted(names, key=lambda n: _natural_key(Path(n))) == ["frame_1.jpg", "frame_2.jpg", "frame_10.jpg"]
+    assert sorted(names, key=lambda n: natural_key(Path(n))) == ["frame_1.jpg", "frame_2.jpg", "frame_10.jpg"]
 
 
 def test_split_file_errors_and_repeats(tmp_path):
