@@ -32,6 +32,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="resolve and validate the config(s), print them with their run ids; load no data, train nothing")
 
+    p = sub.add_parser("sweep", help="launch every unfinished run of a sweep file (inline, local processes or SLURM)")
+    p.add_argument("file", help="sweep file (configs/sweeps/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
+    p.add_argument("--launcher", choices=("inline", "local", "slurm"), default=None,
+                   help="overrides the file's launcher.name (default: inline)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan (finished / will resume / new, one line per run); load no data, submit nothing")
+    p.add_argument("--wait", action="store_true", help="slurm: block until every job has ended, then summarise")
+    p.add_argument("--report", default=None, help="inline/local: write the sweep's table to this directory")
+    p.add_argument("--workers", type=int, help="local: worker processes (default: GPUs here, else 1)")
+    p.add_argument("--partition")
+    p.add_argument("--account")
+    p.add_argument("--qos")
+    p.add_argument("--time-min", type=int, help="slurm: time limit per run in minutes (time-outs requeue and resume)")
+    p.add_argument("--cpus-per-task", type=int)
+    p.add_argument("--gpus-per-task", type=int)
+    p.add_argument("--mem-gb", type=float)
+    p.add_argument("--array-parallelism", type=int, help="slurm: at most this many runs at once")
+    p.add_argument("--constraint")
+
+    p = sub.add_parser("cancel", help="scancel the SLURM jobs of every pending or running run under a directory")
+    p.add_argument("dir", help="a group directory (results/<group>), a run directory, or the store root")
+
+    p = sub.add_parser("run-one", help="(internal) train one prepared run directory; used by the launchers")
+    p.add_argument("run_dir")
+
     p = sub.add_parser("prepare", help="turn a dataset's raw download into the cache its runs read")
     p.add_argument("name", help="dataset name (see `mmbalance list`)")
     p.add_argument("--raw", required=True, help="the raw download, in the layout the dataset documents")
@@ -92,20 +118,73 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def run_sweep(path: Path, overrides: Sequence[str], store, report: str | None) -> int:
-    from bench.report.table import run_rows, summary_table, write_table
-    from bench.sweep import load_sweep, run_inline
+    from bench.sweep import labels_in_order, load_sweep, run_inline
 
     sweep, configs = load_sweep(path, overrides)
-    print(f"sweep {sweep.group!r}: {len(sweep.cells)} cells x {len(sweep.seeds)} seeds = {len(configs)} runs "
-          f"-> {store.root / sweep.group}")
+    print(f"sweep {sweep.group!r}: {len(labels_in_order(configs))} cells x {len(sweep.seeds)} seeds = "
+          f"{len(configs)} runs -> {store.root / sweep.group}")
     run_inline(configs, store)
+    print_table(sweep.group, configs, store, report)
+    return 0
+
+
+def print_table(group: str, configs, store, report: str | None) -> None:
+    from bench.report.table import run_rows, summary_table, write_table
+    from bench.sweep import labels_in_order
+
     ids = {c.run_id() for c in configs}
-    runs = run_rows(store, sweep.group)
+    runs = run_rows(store, group)
+    if runs.empty:
+        return
     runs = runs[runs["run_id"].isin(ids)]
-    table = summary_table(runs, order=list(sweep.cells))
+    table = summary_table(runs, order=labels_in_order(configs))
     print(table.to_markdown(index=False))
     if report:
-        print(f"table written to {write_table(table, runs, Path(report), f'sweep {sweep.group}')}")
+        print(f"table written to {write_table(table, runs, Path(report), f'sweep {group}')}")
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from bench.launch import launch
+    from bench.launch.options import FLAG_KEYS
+    from bench.launch.plan import format_plan, plan
+    from bench.store import Store
+    from bench.sweep import load_sweep
+
+    sweep, configs = load_sweep(Path(args.file), args.overrides)
+    flags = {k: getattr(args, k) for k in FLAG_KEYS if getattr(args, k) is not None}
+    if args.launcher:
+        flags["name"] = args.launcher
+    options = sweep.launcher.model_validate({**sweep.launcher.model_dump(), **flags})
+    store = Store(args.results)
+    print(f"sweep {sweep.group!r} ({options.name} launcher) -> {store.root / sweep.group}")
+    if args.dry_run:
+        print(format_plan(plan(configs, store)))
+        return 0
+    code = launch(configs, store, options, wait=args.wait)
+    if options.name != "slurm" or args.wait:
+        print_table(sweep.group, configs, store, args.report)
+    return code
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from bench.status import cancel
+
+    print(cancel(Path(args.dir)))
+    return 0
+
+
+def cmd_run_one(args: argparse.Namespace) -> int:
+    from bench.errors import RunFailed
+    from bench.launch.worker import run_one
+    from bench.store import RunDir
+
+    try:
+        state = run_one(args.run_dir)
+    except RunFailed as e:  # recorded in status.json; the traceback goes to this process's log too
+        print(RunDir(Path(args.run_dir)).status().get("traceback", ""), file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"{state}: {args.run_dir}")
     return 0
 
 
@@ -164,6 +243,9 @@ COMMANDS = {
     "prepare": cmd_prepare,
     "quickstart": cmd_quickstart,
     "status": cmd_status,
+    "sweep": cmd_sweep,
+    "cancel": cmd_cancel,
+    "run-one": cmd_run_one,
     "show-config": cmd_show_config,
 }
 

@@ -1,4 +1,5 @@
-"""`mmbalance status DIR`: one line per run under DIR, read from the store's status files."""
+"""`mmbalance status DIR` and `mmbalance cancel DIR`: the runs under DIR, read from the store's
+status files (and, for SLURM jobs, from squeue)."""
 
 from __future__ import annotations
 
@@ -21,10 +22,18 @@ def find_runs(path: Path) -> list[RunDir]:
     return []
 
 
-def shown_state(status: dict[str, Any]) -> str:
-    """The recorded state, with 'running' marked stale when its process on this host is gone
-    (a killed job cannot record its own end; running it again resumes it)."""
+def shown_state(status: dict[str, Any], queued: set[str] | None = None) -> str:
+    """The recorded state, with 'running'/'pending' marked stale when its SLURM job has left the
+    queue (`queued`: squeue's job ids, None when unknown) or, for a run without a job, when its
+    process on this host is gone (a killed job cannot record its own end; launching again resumes it)."""
     state = status["state"]
+    if state not in ("running", "pending"):
+        return state
+    job = status.get("job_id")
+    if job:
+        if queued is not None and str(job) not in queued:
+            return f"{state} (stale: job gone)"
+        return state
     if state == "running" and status.get("host") == socket.gethostname() and not pid_alive(status.get("pid")):
         return "running (stale: process gone)"
     return state
@@ -42,13 +51,21 @@ def pid_alive(pid: int | None) -> bool:
     return True
 
 
+COUNTED = ("finished", "running", "pending", "failed", "interrupted")
+
+
 def status_table(path: Path) -> str:
+    """One line per run, then the counts, then every failed or interrupted run with the first
+    line of its error, its log and its job id."""
     if not path.exists():
         return f"{path}: no such directory"
     runs = find_runs(path)
     if not runs:
         return f"{path}: no runs (no */config.yaml below it)"
-    rows = []
+    from bench.launch.jobs import queued_job_ids
+
+    queued = queued_job_ids()
+    rows, problems = [], []
     for rd in runs:
         st, cfg = rd.status(), rd.read_config()
         history = rd.read_metrics()
@@ -57,13 +74,56 @@ def status_table(path: Path) -> str:
             "run": f"{rd.path.parent.name}/{rd.run_id}",
             "label": cfg.get("label") or cfg["method"]["name"],
             "seed": cfg["train"]["seed"],
-            "state": shown_state(st),
+            "state": shown_state(st, queued),
             "epoch": f"{len(history)}/{cfg['train']['epochs']}",
             "best val acc": f"{best['val']['acc']:.3f}" if best else "–",
             "test acc @ best val": f"{best['test']['acc']:.3f}" if best else "–",
             "updated": st.get("updated", "–"),
-            "error": st.get("error", ""),
+            "job": st.get("job_id", ""),
         })
+        if st["state"] in ("failed", "interrupted") or "stale" in rows[-1]["state"]:
+            problems.append(problem_line(rd, rows[-1], st))
     table = pd.DataFrame(rows)
-    counts = table["state"].value_counts().to_dict()
-    return table.to_markdown(index=False) + "\n\n" + ", ".join(f"{n} {s}" for s, n in counts.items())
+    if not table["job"].astype(bool).any():
+        table = table.drop(columns="job")
+    return "\n\n".join([table.to_markdown(index=False), count_line(table["state"])] + (
+        ["failed or interrupted:\n" + "\n".join(problems)] if problems else []))
+
+
+def count_line(states: pd.Series) -> str:
+    """'N runs: a finished, b running, c pending, d failed, e interrupted' (stale ones named)."""
+    base = states.str.split(" ").str[0]
+    counts = {s: int((base == s).sum()) for s in COUNTED}
+    stale = int(states.str.contains("stale").sum())
+    other = {s: int(n) for s, n in base[~base.isin(COUNTED)].value_counts().items()}
+    parts = [f"{n} {s}" for s, n in {**counts, **other}.items()]
+    return f"{len(states)} runs: " + ", ".join(parts) + (f" ({stale} stale: launch again to resume)" if stale else "")
+
+
+def problem_line(rd: RunDir, row: dict[str, Any], status: dict[str, Any]) -> str:
+    job = f" job {status['job_id']}" if status.get("job_id") else ""
+    log = status.get("log") or str(rd.status_file)
+    error = (status.get("error") or row["state"]).splitlines()[0]
+    return f"  {row['run']} ({row['label']}, seed {row['seed']}{job}): {error}\n    log: {log}"
+
+
+def cancel(path: Path) -> str:
+    """scancel every SLURM job of a run under `path` that is still pending or running, and mark
+    those runs interrupted (launching again resumes them)."""
+    from bench.launch.jobs import cancel_jobs, queued_job_ids
+
+    queued = queued_job_ids()
+    targets = []
+    for rd in find_runs(path) if path.exists() else []:
+        st = rd.status()
+        job = st.get("job_id")
+        if st["state"] in ("pending", "running") and job and (queued is None or str(job) in queued):
+            targets.append((rd, str(job)))
+    if not targets:
+        return f"{path}: no pending or running SLURM jobs to cancel"
+    said = cancel_jobs(job for _, job in targets)
+    for rd, job in targets:
+        rd.set_status("interrupted", error=f"job {job} cancelled (mmbalance cancel)")
+    lines = [f"cancelled {len(targets)} job(s): " + " ".join(job for _, job in targets)]
+    lines += [f"  {rd.path.parent.name}/{rd.run_id}: job {job}" for rd, job in targets]
+    return "\n".join(lines + ([f"scancel: {said}"] if said else []))

@@ -19,7 +19,9 @@ from typing import Any
 import torch
 import yaml
 
-STATES = ("running", "finished", "failed", "interrupted")
+STATES = ("pending", "running", "finished", "failed", "interrupted")
+# where a run is executed (set by a launcher): kept across the run's own status updates
+PLACEMENT_KEYS = ("job_id", "log", "stdout")
 
 
 def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "w") -> None:
@@ -75,15 +77,19 @@ class RunDir:
         return json.loads(self.status_file.read_text())
 
     def set_status(self, state: str, **info: Any) -> None:
+        """Replace the status record. A launcher's placement (job id, log paths) is carried
+        over from the previous record unless `info` sets it; a None in `info` drops a key."""
         assert state in STATES, state
+        previous = self.status()
         record = {
             "state": state,
             "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "host": socket.gethostname(),
             "pid": os.getpid(),
+            **{k: previous[k] for k in PLACEMENT_KEYS if k in previous},
             **info,
         }
-        atomic_write_json(self.status_file, record)
+        atomic_write_json(self.status_file, {k: v for k, v in record.items() if v is not None})
 
     # ---- per-epoch metrics
     def read_metrics(self) -> list[dict[str, Any]]:

@@ -1,27 +1,40 @@
-"""Sweeps: a base config, named cells (each a set of dotted overrides) and seeds -> run configs.
+"""Sweeps: a base config (or a paper recipe), named cells, a grid, include/exclude rows and
+seeds -> run configs.
 
 A sweep file looks like::
 
-    group: quickstart
-    base: {dataset: {name: avdigits}, train: {epochs: 40}}
+    group: ogmge
+    recipe: ../recipes/ogmge_cremad.yaml     # the base; `base:` is merged over it (optional)
     seeds: [0, 1, 2]
-    cells:
-      joint-concat: {method.name: joint, model.fusion: concat}
-      unimodal-audio: {method.name: unimodal, method.modality: audio}
+    cells:                                   # named dotted overrides (optional)
+      ogm-ge: {}
+      joint: {method: {name: joint}}
+    grid:                                    # dotted key -> values; crossed with the cells
+      model.fusion: [concat, sum, film, gated]
+    exclude:                                 # drop the points matching every key of a row
+      - {cell: joint, model.fusion: gated}
+    include:                                 # extra points (optionally starting from a cell)
+      - {cell: ogm-ge, method.alpha: 0.3, label: ogm-ge-alpha0.3}
+    launcher: {name: local, workers: 2}      # see bench.launch.options.LauncherConfig
 
-Every (cell, seed) becomes one validated RunConfig labelled with the cell's name. The inline
-launcher runs them one after another in this process, sharing datasets between runs that use
-the same dataset config; finished runs are skipped and unfinished ones resume (bench.store).
+Every (point, seed) becomes one validated RunConfig labelled after its cell and grid values
+(`ogm-ge/fusion=sum`). `recipe` may also be a list: each recipe is then a base of its own and
+labels start with its file name. In `exclude` rows a list matches any of its values (unless
+the config value is itself a list) and `cell` matches the cell name. Run ids are hashes of the
+resolved configs (bench.config.run_id), so the same point always has the same id.
 """
 
 from __future__ import annotations
 
+import copy
+import itertools
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 from tqdm.auto import tqdm
 
 from bench.config import (
@@ -37,24 +50,53 @@ from bench.config import (
     validate,
 )
 from bench.errors import RunFailed
+from bench.launch.options import LauncherConfig
 from bench.store import Store
 from bench.train import RunResult, build_dataset, build_method, run
 from datasets.base import Dataset
 
+SWEEP_KEYS = frozenset({"recipe", "base", "seeds", "cells", "grid", "include", "exclude", "launcher"})
+
 
 class SweepConfig(Strict):
     group: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    recipe: str | list[str] | None = None
     base: dict[str, Any] = Field(default_factory=dict)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
-    cells: dict[str, dict[str, Any]] = Field(min_length=1)
+    cells: dict[str, dict[str, Any]] | None = Field(None, min_length=1)
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    include: list[dict[str, Any]] = Field(default_factory=list)
+    exclude: list[dict[str, Any]] = Field(default_factory=list)
+    launcher: LauncherConfig = Field(default_factory=LauncherConfig)
+
+    @model_validator(mode="after")
+    def _has_runs(self) -> SweepConfig:
+        empty = [key for key, values in self.grid.items() if not values]
+        if empty:
+            raise ValueError(f"grid key(s) {empty} have no values; give each a non-empty list")
+        if self.cells is None and not self.grid and not self.include and self.recipe is None and not self.base:
+            raise ValueError("a sweep needs a base or recipe and at least one of cells, grid or include")
+        return self
+
+
+@dataclass
+class Point:
+    """One point of a sweep before seeds: its label, its merged (unvalidated) data and where
+    each key came from."""
+
+    label: str | None
+    data: dict[str, Any]
+    sources: Sources
+    cell: str | None = None
+    values: dict[str, Any] = field(default_factory=dict)  # the cell/grid/include overrides
 
 
 def is_sweep_file(path: str | Path) -> bool:
-    return "cells" in read_yaml(Path(path))
+    return bool(SWEEP_KEYS & read_yaml(Path(path)).keys())
 
 
 def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> tuple[SweepConfig, list[RunConfig]]:
-    """Read a sweep file; `overrides` apply to every run (over the cells)."""
+    """Read a sweep file; `overrides` apply to every run (over cells, grid and include rows)."""
     origin = f"file {str(path)!r}"
     data = read_yaml(Path(path))
     sources = Sources()
@@ -63,22 +105,163 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> tuple[SweepCo
         sweep = SweepConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(format_errors(e, SweepConfig, sources)) from None
-    return sweep, expand(sweep, overrides, origin)
+    return sweep, expand(sweep, overrides, origin, Path(path).parent)
 
 
-def expand(sweep: SweepConfig, overrides: Sequence[str] = (), origin: str = "the sweep") -> list[RunConfig]:
-    configs = []
-    for label, cell in sweep.cells.items():
+def expand(sweep: SweepConfig, overrides: Sequence[str] = (), origin: str = "the sweep",
+           where: Path = Path(".")) -> list[RunConfig]:
+    """Every point x every seed, validated, in file order; two points resolving to the same
+    config are an error (they would share a run directory)."""
+    configs: list[RunConfig] = []
+    seen: dict[str, str | None] = {}
+    for point in points(sweep, origin, where):
         for seed in sweep.seeds:
-            data: dict[str, Any] = json.loads(json.dumps(sweep.base))
-            sources = Sources()
-            sources.record(data, f"{origin}, base")
-            for dotted, value in cell.items():
-                assign(data, sources, dotted, value, f"{origin}, cell {label!r}")
+            data = json.loads(json.dumps(point.data))
+            sources = point.sources
             apply_overrides(data, sources, overrides)
-            deep_merge(data, {"group": sweep.group, "label": label, "train": {"seed": seed}})
-            configs.append(validate(data, sources))
+            deep_merge(data, {"group": sweep.group, "label": point.label, "train": {"seed": seed}})
+            try:
+                cfg = validate(data, sources)
+            except ConfigError as e:
+                raise ConfigError(f"run {point.label or '(base)'!r} seed {seed}: {e}") from None
+            rid = cfg.run_id()
+            if rid in seen:
+                raise ConfigError(
+                    f"{origin}: runs {seen[rid]!r} and {point.label!r} (seed {seed}) resolve to the same "
+                    f"config (run id {rid}); drop one of them with an `exclude` row")
+            seen[rid] = point.label
+            configs.append(cfg)
     return configs
+
+
+def points(sweep: SweepConfig, origin: str, where: Path) -> list[Point]:
+    """Bases x cells x grid, minus `exclude`, plus `include`."""
+    found: list[Point] = []
+    bases = load_bases(sweep, origin, where)
+    cells = sweep.cells or {None: {}}
+    grid = [dict(zip(sweep.grid, combo)) for combo in itertools.product(*sweep.grid.values())]
+    leaves = grid_leaf_names(list(sweep.grid))
+    for prefix, base, base_sources in bases:
+        for name, cell in cells.items():
+            for values in grid:
+                label = make_label([prefix, name, ",".join(f"{leaves[k]}={short(v)}" for k, v in values.items())])
+                point = make_point(base, base_sources, label, name, [
+                    (cell, f"{origin}, cell {name!r}"), (values, f"{origin}, grid")])
+                found.append(point)
+        for i, row in enumerate(sweep.include):
+            found.append(include_point(sweep, i, row, prefix, base, base_sources, origin))
+    kept = [p for p in found if not any(matches(row, p) for row in sweep.exclude)]
+    for i, row in enumerate(sweep.exclude):
+        if not any(matches(row, p) for p in found):
+            raise ConfigError(f"{origin}: exclude[{i}] {row} matches no run; check its keys and values")
+    return kept
+
+
+def load_bases(sweep: SweepConfig, origin: str, where: Path) -> list[tuple[str | None, dict, Sources]]:
+    """(label prefix, data, sources) per base: each recipe with `base` merged over it, or `base`."""
+    recipes = [sweep.recipe] if isinstance(sweep.recipe, str) else list(sweep.recipe or [None])
+    bases = []
+    for recipe in recipes:
+        data: dict[str, Any] = {}
+        sources = Sources()
+        if recipe is not None:
+            path = find_recipe(recipe, where, origin)
+            data = read_yaml(path)
+            sources.record(data, f"recipe {str(path)!r}")
+        base = json.loads(json.dumps(sweep.base))
+        sources.record(base, f"{origin}, base")
+        deep_merge(data, base)
+        prefix = Path(recipe).stem if recipe is not None and len(recipes) > 1 else None
+        bases.append((prefix, data, sources))
+    return bases
+
+
+def find_recipe(recipe: str, where: Path, origin: str) -> Path:
+    """A recipe path is relative to the sweep file's folder, else to the working directory."""
+    tried = [where / recipe, Path(recipe)]
+    for path in tried:
+        if path.is_file():
+            return path
+    raise ConfigError(f"recipe {recipe!r} (from {origin}) does not exist; tried "
+                      + ", ".join(repr(str(p)) for p in tried))
+
+
+def include_point(sweep: SweepConfig, i: int, row: dict[str, Any], prefix: str | None,
+                  base: dict, base_sources: Sources, origin: str) -> Point:
+    row = dict(row)
+    cell_name = row.pop("cell", None)
+    cells = sweep.cells or {}
+    if cell_name is not None and cell_name not in cells:
+        raise ConfigError(f"{origin}: include[{i}] names cell {cell_name!r}, which the sweep does not have; "
+                          f"cells: {', '.join(cells) or '(none)'}")
+    label = row.pop("label", None) or make_label(
+        [prefix, cell_name, ",".join(f"{k.split('.')[-1]}={short(v)}" for k, v in row.items())])
+    if label and prefix and not label.startswith(prefix):
+        label = f"{prefix}/{label}"
+    layers = [(cells.get(cell_name, {}), f"{origin}, cell {cell_name!r}"), (row, f"{origin}, include[{i}]")]
+    return make_point(base, base_sources, label, cell_name, layers)
+
+
+def make_point(base: dict, base_sources: Sources, label: str | None, cell: str | None,
+               layers: list[tuple[dict[str, Any], str]]) -> Point:
+    data = json.loads(json.dumps(base))
+    sources = copy.deepcopy(base_sources)  # each point records its own overrides
+    values: dict[str, Any] = {}
+    for overrides, where in layers:
+        for dotted, value in overrides.items():
+            assign(data, sources, dotted, json.loads(json.dumps(value)), where)
+            values[dotted] = value
+    return Point(label, data, sources, cell, values)
+
+
+def matches(row: dict[str, Any], point: Point) -> bool:
+    """Whether every key of an exclude row matches the point (`cell`: its cell name)."""
+    for key, wanted in row.items():
+        actual = point.cell if key == "cell" else lookup(point.data, key)
+        if actual is MISSING:
+            return False
+        if isinstance(wanted, list) and not isinstance(actual, list):
+            if actual not in wanted:
+                return False
+        elif actual != wanted:
+            return False
+    return True
+
+
+MISSING = object()
+
+
+def lookup(data: dict[str, Any], dotted: str) -> Any:
+    node: Any = data
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return MISSING
+        node = node[part]
+    return node
+
+
+def grid_leaf_names(keys: list[str]) -> dict[str, str]:
+    """Each grid key's short name in labels: its last part, or the whole key where two share it."""
+    leaves = [k.split(".")[-1] for k in keys]
+    return {k: (leaf if leaves.count(leaf) == 1 else k) for k, leaf in zip(keys, leaves)}
+
+
+def short(value: Any) -> str:
+    if isinstance(value, dict) and "name" in value:
+        return str(value["name"])
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
+
+
+def make_label(parts: list[str | None]) -> str | None:
+    label = "/".join(p for p in parts if p)
+    return label or None
+
+
+def labels_in_order(configs: Sequence[RunConfig]) -> list[str]:
+    """The distinct labels of a sweep's runs, in expansion order (the rows of its table)."""
+    return list(dict.fromkeys(c.label or c.method["name"] for c in configs))
 
 
 class DatasetCache:

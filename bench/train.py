@@ -11,6 +11,7 @@ import math
 import random
 import resource
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -327,10 +328,13 @@ def record_start(run_dir: RunDir, cfg: RunConfig) -> None:
     run_dir.set_status("running", epoch=0, epochs=cfg.train.epochs)
 
 
-def record_failure(run_dir: RunDir, error: Exception) -> RunFailed:
-    """Mark the run failed with its cause (epoch and batch for a non-finite loss)."""
+def record_failure(run_dir: RunDir, error: BaseException) -> RunFailed:
+    """Mark the run failed with its cause: the first line of the error, its traceback (and the
+    epoch and batch for a non-finite loss)."""
+    trace = "".join(traceback.format_exception(error))
     if isinstance(error, NonFiniteLoss):
-        run_dir.set_status("failed", error=str(error), epoch=error.epoch, batch=error.batch)
+        run_dir.set_status("failed", error=str(error), epoch=error.epoch, batch=error.batch, traceback=trace)
         return RunFailed(f"run {run_dir.run_id} failed: {error} ({run_dir.path})")
-    run_dir.set_status("failed", error=f"{type(error).__name__}: {error}")
-    return RunFailed(f"run {run_dir.run_id} failed: {type(error).__name__}: {error} ({run_dir.path})")
+    first_line = (f"{type(error).__name__}: {error}".splitlines() or [""])[0]
+    run_dir.set_status("failed", error=first_line, traceback=trace)
+    return RunFailed(f"run {run_dir.run_id} failed: {first_line} ({run_dir.path})")

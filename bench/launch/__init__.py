@@ -1,0 +1,88 @@
+"""Launchers: where a sweep's runs execute. `launch` plans (bench.launch.plan), hands the runs
+still to do to the chosen launcher (inline, local or slurm) and, once they are done, prints
+what happened. Re-launching a sweep does only what is missing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from bench.config import RunConfig
+from bench.launch.options import LauncherConfig
+from bench.launch.plan import PlannedRun, format_plan, label, plan, to_run
+from bench.store import Store
+
+
+def launch(configs: Sequence[RunConfig], store: Store, options: LauncherConfig, *, wait: bool = False,
+           cluster: str | None = None, poll_s: float = 5.0) -> int:
+    """Run (or submit) every unfinished run of `configs`. Returns the exit code: 0 when every
+    run is finished, or, for slurm without `wait`, when the submission went through."""
+    planned = plan(configs, store)
+    todo = to_run(planned)
+    print(format_plan(planned).splitlines()[0], flush=True)
+    if not todo:
+        return outcome(planned)
+    if options.name == "inline":
+        from bench.errors import RunFailed
+        from bench.sweep import run_inline
+
+        try:
+            run_inline([p.cfg for p in todo], store)
+        except RunFailed:
+            pass  # recorded in each run's status; summarised below
+    elif options.name == "local":
+        from bench.launch.local import launch_local
+
+        launch_local(todo, options)
+    else:
+        return launch_slurm(todo, planned, store, options, wait, cluster, poll_s)
+    return outcome(planned)
+
+
+def launch_slurm(todo: list[PlannedRun], planned: list[PlannedRun], store: Store, options: LauncherConfig,
+                 wait: bool, cluster: str | None, poll_s: float) -> int:
+    from bench.launch import slurm
+
+    group = todo[0].cfg.group
+    folder = store.root / group / ".submitit"
+    jobs = slurm.submit(todo, slurm.make_executor(folder, options, f"mmb-{group}", cluster))
+    array = str(jobs[0].job_id).split("_")[0]
+    print(f"submitted {len(jobs)} run(s) as job array {array} ({jobs[0].job_id} .. {jobs[-1].job_id}); "
+          f"logs in {folder}", flush=True)
+    if not wait:
+        print(f"follow with: mmbalance --results {store.root} status {store.root / group}")
+        return 0
+    slurm.wait(jobs, poll_s)
+    return outcome(planned)
+
+
+def outcome(planned: Sequence[PlannedRun]) -> int:
+    """Print how the runs ended (failed ones with their error and log) and return 0 iff every
+    run is finished. A run its job left as pending/running (cancelled, killed) is marked
+    interrupted: launching again resumes it."""
+    from bench.launch.jobs import queued_job_ids
+
+    queued = queued_job_ids() or set()
+    states: dict[str, int] = {}
+    failed = []
+    for p in planned:
+        status = p.run_dir.status()
+        state = status["state"]
+        if state in ("pending", "running") and status.get("job_id") and status["job_id"] not in queued:
+            p.run_dir.set_status("interrupted", error=f"job {status['job_id']} ended without recording an end "
+                                 "(cancelled, killed or out of memory?)")
+            state = "interrupted"
+        states[state] = states.get(state, 0) + 1
+        if state in ("failed", "interrupted"):
+            failed.append(f"  {label(p.cfg)} seed {p.cfg.train.seed} {p.run_dir.run_id}: "
+                          f"{p.run_dir.status().get('error', '?')}\n    log: {log_of(p.run_dir.status(), p.run_dir.path)}")
+    print(f"{len(planned)} runs: " + ", ".join(f"{n} {s}" for s, n in states.items()))
+    if failed:
+        print("not finished:\n" + "\n".join(failed))
+        print("launch the sweep again to retry them (finished runs are skipped, started ones resume)")
+    return 0 if states.get("finished", 0) == len(planned) else 1
+
+
+def log_of(status: dict, run_path: Path) -> str:
+    return status.get("log") or str(run_path / "status.json")

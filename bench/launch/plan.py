@@ -1,0 +1,76 @@
+"""Which runs of a sweep to do: the one decision every launcher and `--dry-run` share.
+
+finished: skipped. queued/running: held by a live SLURM job or a live process on this host,
+left alone. resume: started before (a checkpoint exists), continues from it. new: starts.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from bench.config import RunConfig
+from bench.launch.jobs import queued_job_ids
+from bench.status import pid_alive
+from bench.store import RunDir, Store
+
+TO_RUN = ("resume", "new")
+ORDER = ("finished", "queued", "running", "resume", "new")
+
+
+@dataclass
+class PlannedRun:
+    cfg: RunConfig
+    run_dir: RunDir
+    state: str  # one of ORDER
+    was: str  # the recorded state ("new" when nothing is recorded)
+
+
+def decide(run_dir: RunDir, queued: set[str] | None) -> str:
+    status = run_dir.status()
+    state = status["state"]
+    if state == "finished" and run_dir.summary.exists():
+        return "finished"
+    if state in ("pending", "running"):
+        job = status.get("job_id")
+        if job and queued is not None and str(job) in queued:
+            return "queued" if state == "pending" else "running"
+        same_host = status.get("host") == socket.gethostname()
+        if not job and same_host and status.get("pid") != os.getpid() and pid_alive(status.get("pid")):
+            return "running"
+    return "resume" if run_dir.checkpoint.exists() else "new"
+
+
+def plan(configs: Sequence[RunConfig], store: Store) -> list[PlannedRun]:
+    queued = queued_job_ids()
+    planned = []
+    for cfg in configs:
+        rd = store.run_dir(cfg.group, cfg.run_id())
+        planned.append(PlannedRun(cfg, rd, decide(rd, queued), rd.status()["state"]))
+    return planned
+
+
+def to_run(planned: Sequence[PlannedRun]) -> list[PlannedRun]:
+    return [p for p in planned if p.state in TO_RUN]
+
+
+def counts(planned: Sequence[PlannedRun]) -> dict[str, int]:
+    return {s: n for s in ORDER if (n := sum(p.state == s for p in planned))}
+
+
+def format_plan(planned: Sequence[PlannedRun]) -> str:
+    """A count line, then one line per run: label, seed, run id, state (and the recorded state
+    where it differs)."""
+    summary = ", ".join(f"{n} {'will resume' if s == 'resume' else s}" for s, n in counts(planned).items())
+    width = max((len(label(p.cfg)) for p in planned), default=5)
+    lines = [f"{len(planned)} runs: {summary or 'none'}"]
+    for p in planned:
+        note = f" (was {p.was})" if p.was not in (p.state, "new") and p.state != "finished" else ""
+        lines.append(f"  {label(p.cfg):<{width}}  seed {p.cfg.train.seed:<3} {p.cfg.run_id()}  {p.state}{note}")
+    return "\n".join(lines)
+
+
+def label(cfg: RunConfig) -> str:
+    return cfg.label or cfg.method["name"]

@@ -1,0 +1,55 @@
+"""One run in a process of its own: what a local worker (`python -m bench run-one RUN_DIR`) and a
+SLURM job execute. The launcher has written the run's config.yaml; this trains it into the store
+(bench.train.run skips it if finished, resumes it from checkpoint.pt if started) and records any
+failure, with its traceback, in the run's status.json.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from bench.config import RunConfig, validate
+from bench.errors import ConfigError, RunFailed
+from bench.store import RunDir, Store
+
+
+def load_run(run_dir: str | Path) -> tuple[RunConfig, Store]:
+    """The config of a prepared run directory (results/<group>/<id>) and its store."""
+    rd = RunDir(Path(run_dir))
+    if not rd.config.exists():
+        raise ConfigError(f"{rd.path} has no config.yaml; a launcher writes it before it starts a run")
+    cfg = validate(rd.read_config())
+    if cfg.run_id() != rd.run_id:
+        raise ConfigError(f"{rd.config} resolves to run id {cfg.run_id()}, not its directory's {rd.run_id}")
+    return cfg, Store(rd.path.parent.parent)
+
+
+def set_threads() -> None:
+    """Use the CPU share the launcher gave this process (OMP_NUM_THREADS), not every core."""
+    threads = os.environ.get("OMP_NUM_THREADS")
+    if threads and threads.isdigit() and int(threads) > 0:
+        import torch
+
+        torch.set_num_threads(int(threads))
+
+
+def run_one(run_dir: str | Path, **placement: str) -> str:
+    """Train the run; returns its final state. Raises RunFailed (after recording it) on failure.
+    `placement` (job_id, log) is written into its status first."""
+    from bench.train import record_failure, run
+
+    set_threads()
+    cfg, store = load_run(run_dir)
+    rd = store.run_dir(cfg.group, cfg.run_id())
+    if placement and rd.status()["state"] != "finished":
+        rd.set_status("pending" if rd.status()["state"] in ("new", "pending") else rd.status()["state"],
+                      **placement)
+    try:
+        return run(cfg, store).state
+    except RunFailed:
+        raise
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # a ConfigError while building the model, say: still the run's failure
+        raise record_failure(rd, e) from e
