@@ -62,7 +62,7 @@ from bench.registry import DATASETS
 from datasets import audio as fe
 from datasets.cache import ArraySpec
 from datasets.media import clip_frames, decode_video_audio
-from datasets.prepared import CachedParams, Pipeline, Plan, PreparedDataset, SampleSource, View
+from datasets.prepared import AudioVisualDataset, CachedParams, Pipeline, Plan, SampleSource, View
 from datasets.splits import MANIFEST_DIR, load_manifest
 from datasets.transforms import FrameClip, SpectrogramView
 
@@ -102,11 +102,8 @@ class AveParams(CachedParams):
 
 
 @DATASETS.register("ave")
-class Ave(PreparedDataset):
+class Ave(AudioVisualDataset):
     Params = AveParams
-    MODALITIES = ("audio", "visual")
-    KINDS: ClassVar = {"audio": "audio", "visual": "video"}
-    DEFAULT_ENCODERS: ClassVar = {"audio": {"name": "resnet18"}, "visual": {"name": "resnet18"}}
     PIPELINES: ClassVar = PIPELINES
     DEFAULT_PIPELINE: ClassVar = "dimml"
 

@@ -40,7 +40,7 @@ from bench.registry import DATASETS
 from datasets import audio as fe
 from datasets.cache import ArraySpec
 from datasets.media import clip_frames, read_audio
-from datasets.prepared import CachedParams, Pipeline, Plan, PreparedDataset, SampleSource, View
+from datasets.prepared import AudioVisualDataset, CachedParams, Pipeline, Plan, SampleSource, View
 from datasets.splits import carve_val, load_manifest, read_pinned_list
 from datasets.transforms import FrameClip, SpectrogramView
 
@@ -82,11 +82,8 @@ class CremadParams(CachedParams):
 
 
 @DATASETS.register("cremad")
-class CremaD(PreparedDataset):
+class CremaD(AudioVisualDataset):
     Params = CremadParams
-    MODALITIES = ("audio", "visual")
-    KINDS: ClassVar = {"audio": "audio", "visual": "video"}
-    DEFAULT_ENCODERS: ClassVar = {"audio": {"name": "resnet18"}, "visual": {"name": "resnet18"}}
     PIPELINES: ClassVar = PIPELINES
     DEFAULT_PIPELINE: ClassVar = "ogmge"
 

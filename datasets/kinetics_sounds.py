@@ -59,7 +59,7 @@ from bench.registry import DATASETS
 from datasets import audio as fe
 from datasets.cache import ArraySpec
 from datasets.media import clip_frames, decode_video_audio, read_audio
-from datasets.prepared import CachedParams, Pipeline, Plan, PreparedDataset, SampleSource, View
+from datasets.prepared import AudioVisualDataset, CachedParams, Pipeline, Plan, SampleSource, View
 from datasets.splits import carve_val, load_manifest
 from datasets.transforms import FrameClip, SpectrogramView
 
@@ -115,11 +115,8 @@ class ListedClip:
 
 
 @DATASETS.register("kinetics_sounds")
-class KineticsSounds(PreparedDataset):
+class KineticsSounds(AudioVisualDataset):
     Params = KineticsSoundsParams
-    MODALITIES = ("audio", "visual")
-    KINDS: ClassVar = {"audio": "audio", "visual": "video"}
-    DEFAULT_ENCODERS: ClassVar = {"audio": {"name": "resnet18"}, "visual": {"name": "resnet18"}}
     PIPELINES: ClassVar = PIPELINES
     DEFAULT_PIPELINE: ClassVar = "ogmge"
 

@@ -179,3 +179,12 @@ class PreparedDataset(Dataset):
 
     def describe(self) -> str:
         return f"{self.registry_name} cache {str(self.cache.root)!r}"
+
+
+class AudioVisualDataset(PreparedDataset):
+    """Base of the audio + video datasets (CREMA-D, Kinetics-Sounds, VGGSound, AVE): their modality
+    names and kinds, and the reference repos' ResNet18 encoders by default."""
+
+    MODALITIES: ClassVar[tuple[str, ...]] = ("audio", "visual")
+    KINDS: ClassVar[dict[str, ModalityKind]] = {"audio": "audio", "visual": "video"}
+    DEFAULT_ENCODERS: ClassVar[dict[str, dict[str, Any]]] = {"audio": {"name": "resnet18"}, "visual": {"name": "resnet18"}}

@@ -52,7 +52,7 @@ from datasets import audio as fe
 from datasets.cache import ArraySpec
 from datasets.kinetics_sounds import FRAME_SIZE, FRAME_SLOTS
 from datasets.media import clip_frames, decode_video_audio
-from datasets.prepared import CachedParams, Pipeline, Plan, PreparedDataset, SampleSource, View
+from datasets.prepared import AudioVisualDataset, CachedParams, Pipeline, Plan, SampleSource, View
 from datasets.splits import carve_val, load_manifest
 from datasets.transforms import FrameClip, SpectrogramView
 
@@ -86,11 +86,8 @@ class VggSoundParams(CachedParams):
 
 
 @DATASETS.register("vggsound")
-class VggSound(PreparedDataset):
+class VggSound(AudioVisualDataset):
     Params = VggSoundParams
-    MODALITIES = ("audio", "visual")
-    KINDS: ClassVar = {"audio": "audio", "visual": "video"}
-    DEFAULT_ENCODERS: ClassVar = {"audio": {"name": "resnet18"}, "visual": {"name": "resnet18"}}
     PIPELINES: ClassVar = PIPELINES
     DEFAULT_PIPELINE: ClassVar = "ogmge"
 
