@@ -1,0 +1,306 @@
+"""Sweeps on a real SLURM cluster (`-m slurm`; `make test-slurm`).
+
+They need a running cluster and `SLURM_CONF` in the environment: `bash scripts/slurm-local.sh start`
+brings up a single-node one on this machine and prints the export (.ci/run does both). Without
+one they are skipped, unless MMBALANCE_REQUIRE_SLURM=1 (CI), where they fail instead.
+
+Every run goes through the CLI (`mmbalance sweep FILE --launcher slurm`) in a subprocess, as a
+user would launch it; every wait has a deadline, so a broken cluster fails a test, never hangs it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from bench.store import RunDir
+from tests.conftest import TIMING_KEYS, without_timing
+
+pytestmark = pytest.mark.slurm
+
+# submitit counts a USR2 as a time-out (not a pre-emption) when the limit is 10 minutes or less
+TIME_MIN = 60
+RUN_DEADLINE_S = 300  # for any sweep here to end; they take well under a minute on 2 cores
+COST_TIMING_KEYS = ("seconds_per_epoch", "samples_per_s", "peak_rss_mb", "peak_gpu_mem_mb")
+
+
+# ------------------------------------------------------------------------------------ cluster
+
+
+def cluster_partition() -> str:
+    """The cluster's default partition (or skip/fail when there is no cluster to talk to)."""
+    required = os.environ.get("MMBALANCE_REQUIRE_SLURM") == "1"
+    give_up = pytest.fail if required else pytest.skip
+    if not os.environ.get("SLURM_CONF"):
+        give_up("SLURM_CONF is not set: start a cluster with `bash scripts/slurm-local.sh start` and export "
+                "the SLURM_CONF it prints")
+    if shutil.which("sinfo") is None:
+        give_up("sinfo is not installed (scripts/slurm-local.sh start installs SLURM)")
+    done = subprocess.run(["sinfo", "--noheader", "--format=%P %a"], capture_output=True, text=True, timeout=30)
+    if done.returncode != 0:
+        give_up(f"sinfo failed (SLURM_CONF={os.environ['SLURM_CONF']}): {done.stderr.strip()}")
+    partitions = [line.split() for line in done.stdout.splitlines() if line.strip()]
+    up = [name for name, avail in partitions if avail == "up"]
+    if not up:
+        give_up(f"no partition is up: {done.stdout.strip()!r}")
+    default = [name for name in up if name.endswith("*")]
+    return (default or up)[0].rstrip("*")
+
+
+@pytest.fixture(scope="module")
+def partition() -> str:
+    return cluster_partition()
+
+
+def wait_until(condition: Callable[[], Any], timeout_s: float, what: str, poll_s: float = 0.2) -> Any:
+    """Poll `condition` until it returns something truthy (returned); fail the test after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(poll_s)
+    pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+# ------------------------------------------------------------------------------------ sweeps
+
+
+def write_sweep(path: Path, group: str, partition: str, **sections: Any) -> Path:
+    """A sweep file on the Gaussian dataset (small MLPs) with the slurm launcher."""
+    base = {
+        "dataset": {"name": "gaussian"},
+        "train": {"epochs": 3, "batch_size": 32, "progress": False},
+        "optim": {"lr": 0.05},
+        "eval": {"probe_c_grid": [0.1, 1.0]},
+    }
+    for key, value in sections.pop("base", {}).items():
+        base[key] = {**base.get(key, {}), **value}
+    sweep = {
+        "group": group,
+        "base": base,
+        "seeds": [0],
+        "launcher": {"name": "slurm", "partition": partition, "time_min": TIME_MIN, "cpus_per_task": 1},
+        **sections,
+    }
+    path.write_text(yaml.safe_dump(sweep, sort_keys=False))
+    return path
+
+
+def mmbalance(root: Path, *args: str, timeout_s: float = RUN_DEADLINE_S) -> subprocess.CompletedProcess:
+    """`mmbalance --results ROOT ARGS` in a subprocess (the environment, SLURM_CONF included, is
+    passed on: submitit runs sbatch/sacct from it). Its output is echoed for the test log."""
+    cmd = [sys.executable, "-m", "bench", "--results", str(root), *args]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=root.parent)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"`mmbalance {' '.join(args)}` still running after {timeout_s:.0f} s; output so far:\n"
+                    f"{e.stdout}\n{e.stderr}")
+    print(f"$ mmbalance {' '.join(args)}  (exit {done.returncode})\n{done.stdout}{done.stderr}")
+    return done
+
+
+def runs_of(root: Path, group: str) -> list[RunDir]:
+    return [RunDir(p.parent) for p in sorted((root / group).glob("*/config.yaml"))]
+
+
+def job_ids(root: Path) -> set[str]:
+    """The SLURM job ids recorded in the status files under `root`."""
+    ids = set()
+    for status in root.glob("*/*/status.json"):
+        job = json.loads(status.read_text()).get("job_id")
+        if job:
+            ids.add(str(job))
+    return ids
+
+
+def cancel_leftovers(root: Path) -> None:
+    """scancel the jobs of runs under `root` (a failed test must not leave them on the cluster)."""
+    ids = job_ids(root)
+    if ids:
+        subprocess.run(["scancel", *sorted(ids)], capture_output=True, timeout=60)
+
+
+@pytest.fixture
+def results(tmp_path) -> Iterator[Path]:
+    root = tmp_path / "results"
+    root.mkdir()
+    yield root
+    cancel_leftovers(root)
+
+
+def sacct_job_count(since: str) -> int:
+    """How many jobs (each array task counted) the cluster has accepted since `since`."""
+    out = subprocess.run(["sacct", "--noheader", "--parsable2", "--allocations", f"--starttime={since}",
+                          "--format=JobID"], capture_output=True, text=True, timeout=60, check=True).stdout
+    return len([line for line in out.splitlines() if line.strip()])
+
+
+def comparable_summary(summary: dict[str, Any]) -> dict[str, Any]:
+    """summary.json minus wall-clock and memory figures, which differ between identical runs."""
+    cost = {k: v for k, v in summary["cost"].items() if k not in COST_TIMING_KEYS}
+    return {**summary, "cost": cost}
+
+
+# ------------------------------------------------------------------------------------ (a) + (d)
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(partition, tmp_path_factory) -> Iterator[dict[str, Any]]:
+    """A 2-method x 2-seed sweep launched with --wait; how long it took from the command to all-done."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    root = tmp / "results"
+    root.mkdir()
+    path = write_sweep(tmp / "methods.yaml", "slurm-methods", partition, seeds=[0, 1],
+                       grid={"method.name": ["joint", "mla"]})
+    since = time.strftime("%Y-%m-%dT%H:%M:%S")
+    start = time.perf_counter()
+    done = mmbalance(root, "sweep", str(path), "--launcher", "slurm", "--wait")
+    seconds = time.perf_counter() - start
+    print(f"\n4-run sweep on SLURM: {seconds:.1f} s from `mmbalance sweep --wait` to all done")
+    yield {"root": root, "path": path, "done": done, "seconds": seconds, "since": since}
+    cancel_leftovers(root)
+
+
+def test_sweep_runs_every_run_through_slurm(finished_sweep):
+    root, done = finished_sweep["root"], finished_sweep["done"]
+    assert done.returncode == 0, done.stderr
+    runs = runs_of(root, "slurm-methods")
+    assert len(runs) == 4
+    configs = [rd.read_config() for rd in runs]
+    assert sorted((c["method"]["name"], c["train"]["seed"]) for c in configs) == [
+        ("joint", 0), ("joint", 1), ("mla", 0), ("mla", 1)]
+    for rd in runs:
+        status = rd.status()
+        assert status["state"] == "finished", (rd.path, status)
+        assert status.get("job_id"), status  # it ran as a SLURM job, not in this process
+        assert [r["epoch"] for r in rd.read_metrics()] == [0, 1, 2]
+        summary = rd.read_summary()
+        assert summary is not None and 0.0 <= summary["best_val"]["val"]["acc"] <= 1.0
+    # one array job for the launch: every run's job id is <array>_<index> of the same array
+    arrays = {str(rd.status()["job_id"]).split("_")[0] for rd in runs}
+    assert len(arrays) == 1, arrays
+    assert finished_sweep["seconds"] < RUN_DEADLINE_S
+
+
+def test_relaunching_a_finished_sweep_submits_nothing(finished_sweep):
+    root, path = finished_sweep["root"], finished_sweep["path"]
+    before_jobs = sacct_job_count(finished_sweep["since"])
+    before_status = {rd.run_id: rd.status_file.read_text() for rd in runs_of(root, "slurm-methods")}
+    done = mmbalance(root, "sweep", str(path), "--launcher", "slurm", "--wait", timeout_s=120)
+    assert done.returncode == 0, done.stderr
+    assert "4 finished" in done.stdout
+    assert sacct_job_count(finished_sweep["since"]) == before_jobs
+    after_status = {rd.run_id: rd.status_file.read_text() for rd in runs_of(root, "slurm-methods")}
+    assert after_status == before_status  # nothing was even marked pending
+    dry = mmbalance(root, "sweep", str(path), "--dry-run", timeout_s=120)
+    assert dry.returncode == 0 and "4 finished" in dry.stdout
+
+
+# ------------------------------------------------------------------------------------ (b) pre-emption
+
+# 20,000 training samples: about 0.7 s per epoch on one core, so 16 epochs leave ample time to
+# signal the job after its second epoch and before its last
+PREEMPT_BASE = {"dataset": {"name": "gaussian", "n_train": 20000}, "train": {"epochs": 16}}
+
+
+def only_run(root: Path, group: str) -> RunDir | None:
+    runs = runs_of(root, group)
+    return runs[0] if len(runs) == 1 else None
+
+
+def test_preempted_run_requeues_resumes_and_matches_an_uninterrupted_run(partition, results, tmp_path):
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    path = write_sweep(tmp_path / "preempt.yaml", "slurm-preempt", partition, base=PREEMPT_BASE,
+                       cells={"joint": {"method.name": "joint"}})
+    try:
+        # the same run twice, in two stores: one is signalled, the other runs through
+        for root in (results, reference):
+            assert mmbalance(root, "sweep", str(path), "--launcher", "slurm", timeout_s=120).returncode == 0
+        rd = wait_until(lambda: only_run(results, "slurm-preempt"), 60, "the run directory")
+        wait_until(lambda: len(rd.read_metrics()) >= 2, 120, "two epochs of the run to be recorded")
+        before = rd.read_metrics()
+        status = rd.status()
+        assert status["state"] == "running", f"the run is not mid-run when signalled: {status}"
+        job = str(status["job_id"])
+
+        # what SLURM sends before pre-empting a job (submitit's handler checkpoints and requeues)
+        subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=60)
+        signalled = time.perf_counter()
+        seen: list[dict[str, Any]] = []
+
+        def finished() -> bool:
+            current = rd.status()
+            if not seen or current != seen[-1]:
+                seen.append(current)
+            return current["state"] in ("finished", "failed")
+
+        wait_until(finished, RUN_DEADLINE_S, "the requeued run to finish")
+        print(f"signalled after epoch {before[-1]['epoch']}; states since: {[s['state'] for s in seen]}; "
+              f"finished {time.perf_counter() - signalled:.1f} s after the signal")
+        ref = wait_until(lambda: only_run(reference, "slurm-preempt"), 60, "the reference run directory")
+        wait_until(lambda: ref.status()["state"] in ("finished", "failed"), RUN_DEADLINE_S, "the reference run")
+    finally:
+        cancel_leftovers(reference)
+
+    states = [s["state"] for s in seen]
+    assert states[-1] == "finished", seen[-1]
+    # the status recorded the requeue: pending again after it had been running, same job id
+    assert "pending" in states, states
+    assert "running" in states[states.index("pending"):], states
+    assert str(rd.status()["job_id"]) == job
+    requeued = subprocess.run(["sacct", "--noheader", "--parsable2", "--duplicates", "--allocations",
+                               f"--jobs={job}", "--format=State"], capture_output=True, text=True, timeout=60)
+    assert "REQUEUED" in requeued.stdout, requeued.stdout
+
+    after = rd.read_metrics()
+    epochs = [r["epoch"] for r in after]
+    assert epochs == list(range(16)), epochs  # every epoch once: nothing repeated, nothing lost
+    # resumed, not restarted: epochs checkpointed before the signal kept their records, timing included
+    assert after[0] == before[0]
+    assert without_timing(after) == without_timing(ref.read_metrics())
+    assert comparable_summary(rd.read_summary()) == comparable_summary(ref.read_summary())
+    assert set(TIMING_KEYS) <= set(after[-1]["train"])
+
+
+# ------------------------------------------------------------------------------------ (c) failure
+
+
+def test_a_failing_run_is_marked_failed_with_its_traceback_while_the_others_finish(partition, results, tmp_path):
+    # lr 1e30 makes the loss non-finite on the second batch: the job raises mid-training
+    path = write_sweep(tmp_path / "failing.yaml", "slurm-failing", partition, cells={
+        "joint": {"method.name": "joint"},
+        "mla": {"method.name": "mla"},
+        "diverges": {"method.name": "joint", "optim.lr": 1.0e30},
+    })
+    done = mmbalance(results, "sweep", str(path), "--launcher", "slurm", "--wait")
+    assert done.returncode == 1, "a sweep with a failed run must not exit 0"
+    runs = {rd.read_config()["label"]: rd for rd in runs_of(results, "slurm-failing")}
+    assert sorted(runs) == ["diverges", "joint", "mla"]
+    assert runs["joint"].status()["state"] == "finished"
+    assert runs["mla"].status()["state"] == "finished"
+    failed = runs["diverges"].status()
+    assert failed["state"] == "failed", failed
+    assert "nan" in failed["error"] or "inf" in failed["error"], failed["error"]
+    assert "\n" not in failed["error"]  # the first line; the whole story is the traceback
+    assert failed["traceback"].startswith("Traceback (most recent call last)")
+    assert "NonFiniteLoss" in failed["traceback"]
+    assert failed.get("job_id") and failed.get("log")
+    assert Path(failed["log"]).exists()
+    assert failed["error"] in done.stdout  # the --wait summary names the failure
+
+    status = mmbalance(results, "status", str(results / "slurm-failing"), timeout_s=120)
+    assert status.returncode == 0
+    assert failed["error"] in status.stdout and failed["log"] in status.stdout
+    assert str(failed["job_id"]) in status.stdout
