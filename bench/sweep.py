@@ -131,6 +131,7 @@ def expand(sweep: SweepConfig, overrides: Sequence[str] = (), origin: str = "the
                     f"config (run id {rid}); drop one of them with an `exclude` row")
             seen[rid] = point.label
             configs.append(cfg)
+    check_excludes(sweep, origin, where)
     return configs
 
 
@@ -150,11 +151,15 @@ def points(sweep: SweepConfig, origin: str, where: Path) -> list[Point]:
                 found.append(point)
         for i, row in enumerate(sweep.include):
             found.append(include_point(sweep, i, row, prefix, base, base_sources, origin))
-    kept = [p for p in found if not any(matches(row, p) for row in sweep.exclude)]
+    return [p for p in found if not any(matches(row, p) for row in sweep.exclude)]
+
+
+def check_excludes(sweep: SweepConfig, origin: str, where: Path) -> None:
+    """An exclude row that matches nothing is a typo (in a key, a value or a cell name)."""
+    found = points(SweepConfig.model_validate({**sweep.model_dump(), "exclude": []}), origin, where)
     for i, row in enumerate(sweep.exclude):
         if not any(matches(row, p) for p in found):
             raise ConfigError(f"{origin}: exclude[{i}] {row} matches no run; check its keys and values")
-    return kept
 
 
 def load_bases(sweep: SweepConfig, origin: str, where: Path) -> list[tuple[str | None, dict, Sources]]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from bench.errors import ConfigError
@@ -61,3 +63,151 @@ def test_a_cell_the_method_rejects_stops_the_sweep_before_any_run(tmp_path):
     with pytest.raises(ConfigError, match="cell 'mie-too-long'.*10.*2"):
         run_inline(configs, store)
     assert not store.root.exists()
+
+
+# ---------------------------------------------------------------- grid, include, exclude, recipe
+
+GRID = """
+group: grid
+base:
+  dataset: {name: gaussian}
+  train: {epochs: 2}
+seeds: [0, 1]
+cells:
+  joint: {method: {name: joint}}
+  audio-only: {method: {name: unimodal, modality: audio}}
+grid:
+  model.fusion: [concat, sum]
+  optim.lr: [0.01, 0.1]
+exclude:
+  - {cell: audio-only, model.fusion: sum}
+  - {model.fusion: sum, optim.lr: [0.1]}
+include:
+  - {cell: joint, model.fusion: gated, label: joint-gated}
+  - {method: {name: unimodal, modality: visual}}
+"""
+
+
+def test_grid_crosses_cells_minus_exclude_plus_include(tmp_path):
+    sweep, configs = load_sweep(write(tmp_path, GRID))
+    labels = list(dict.fromkeys(c.label for c in configs))
+    assert labels == [
+        "joint/fusion=concat,lr=0.01", "joint/fusion=concat,lr=0.1", "joint/fusion=sum,lr=0.01",
+        "audio-only/fusion=concat,lr=0.01", "audio-only/fusion=concat,lr=0.1",
+        "joint-gated", "method=unimodal"]
+    assert len(configs) == 7 * 2
+    by_label = {c.label: c for c in configs if c.train.seed == 1}
+    assert by_label["joint/fusion=sum,lr=0.01"].model.fusion == "sum"
+    assert by_label["joint/fusion=sum,lr=0.01"].optim.lr == 0.01
+    assert by_label["joint-gated"].model.fusion == "gated" and by_label["joint-gated"].method == {"name": "joint", "late_loss": by_label["joint-gated"].method["late_loss"]}
+    assert by_label["method=unimodal"].method == {"name": "unimodal", "modality": "visual"}
+    assert sweep.launcher.name == "inline"
+
+
+def test_run_ids_are_stable_and_equal_to_the_plain_configs(tmp_path):
+    from bench.config import load_config
+
+    _, first = load_sweep(write(tmp_path, GRID))
+    reordered = GRID.replace("  model.fusion: [concat, sum]\n  optim.lr: [0.01, 0.1]\n",
+                             "  optim.lr: [0.01, 0.1]\n  model.fusion: [concat, sum]\n")
+    _, second = load_sweep(write(tmp_path, reordered))
+    ids = {(c.label, c.train.seed): c.run_id() for c in first}
+    assert len(set(ids.values())) == 14
+    assert {c.run_id() for c in second} == set(ids.values())  # the grid's key order changes labels, not ids
+    plain = load_config(None, ["dataset.name=gaussian", "train.epochs=2", "method.name=joint",
+                               "model.fusion=sum", "optim.lr=0.01", "train.seed=1"])
+    assert ids[("joint/fusion=sum,lr=0.01", 1)] == plain.run_id()
+
+
+def test_a_recipe_is_the_base_and_base_merges_over_it(tmp_path):
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "r.yaml").write_text(
+        "dataset: {name: gaussian}\nmethod: {name: ogm_ge, alpha: 0.5}\ntrain: {epochs: 7, batch_size: 16}\n")
+    sweeps = tmp_path / "sweeps"
+    sweeps.mkdir()
+    path = sweeps / "s.yaml"
+    path.write_text("group: r\nrecipe: ../recipes/r.yaml\nbase: {train: {epochs: 3}}\n"
+                    "cells: {ogm-ge: {}, joint: {method: {name: joint}}}\n")
+    _, configs = load_sweep(path)
+    assert [(c.label, c.method["name"], c.train.epochs, c.train.batch_size) for c in configs] == [
+        ("ogm-ge", "ogm_ge", 3, 16), ("joint", "joint", 3, 16)]
+    assert configs[0].method["alpha"] == 0.5
+
+
+@pytest.mark.parametrize("text, words", [
+    (GRID.replace("model.fusion: [concat, sum]", "model.fusoin: [concat, sum]"),
+     ["model.fusoin", "grid", "fusion"]),
+    (GRID.replace("- {cell: audio-only, model.fusion: sum}", "- {cell: audio-only, model.fusion: sun}"),
+     ["exclude[0]", "matches no run"]),
+    (GRID.replace("group: grid", "group: grid\ngird: {}"), ["gird", "grid"]),
+    (GRID.replace("cell: joint, model.fusion: gated", "cell: jiont, model.fusion: gated"),
+     ["include[0]", "jiont"]),
+    ("group: g\nrecipe: nowhere.yaml\n", ["nowhere.yaml", "does not exist"]),
+    ("group: g\nbase: {dataset: {name: gaussian}}\ngrid: {optim.lr: []}\n", ["optim.lr", "no values"]),
+    ("group: g\nbase: {dataset: {name: gaussian}}\ngrid: {optim.lr: [0.1, 0.1]}\n", ["same config", "exclude"]),
+    ("group: g\nbase: {dataset: {name: gaussian}}\nlauncher: {name: slrum}\n", ["launcher.name", "slrum"]),
+])
+def test_sweep_file_mistakes_name_the_key_and_where(tmp_path, text, words):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_sweep(path)
+    msg = str(e.value)
+    for word in words:
+        assert word in msg, msg
+    assert str(path) in msg or "launcher" in msg or "optim.lr" in msg
+
+
+# ---------------------------------------------------------------- the plan (dry run)
+
+
+def test_plan_marks_finished_resume_and_new(tmp_path, capsys):
+    from bench.cli import main as cli
+    from bench.launch.plan import plan
+    from bench.store import Store
+
+    path = write(tmp_path, SWEEP)
+    _, configs = load_sweep(path)
+    store = Store(tmp_path / "results")
+    done, started, failed = (store.run_dir(c.group, c.run_id()) for c in configs[:3])
+    done.write_summary({"ok": 1})
+    done.set_status("finished")
+    started.set_status("interrupted")
+    started.save(started.checkpoint, {"epoch": 0})
+    failed.set_status("failed", error="boom")
+    states = [p.state for p in plan(configs, store)]
+    assert states == ["finished", "resume", "new", "new"]
+    assert cli(["--results", str(store.root), "sweep", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "4 runs: 1 finished, 1 will resume, 2 new" in out
+    assert f"concat       seed 1   {configs[1].run_id()}  resume (was interrupted)" in out
+    assert not (store.root / "demo" / configs[3].run_id()).exists()  # a dry run writes nothing
+
+
+PAPER_SWEEPS = sorted((Path(__file__).resolve().parents[1] / "configs" / "sweeps").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", PAPER_SWEEPS, ids=lambda p: p.stem)
+def test_paper_sweeps_plan_without_data(path, tmp_path, capsys):
+    from bench.cli import main as cli
+
+    assert cli(["--results", str(tmp_path), "sweep", str(path), "--dry-run"]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    sweep, configs = load_sweep(path)
+    assert sweep.seeds == [0, 1, 2] and path.read_text().startswith("#")
+    assert f"{len(configs)} runs: {len(configs)} new" in out
+    assert len({c.run_id() for c in configs}) == len(configs)
+    assert len(configs) % 3 == 0
+
+
+def test_there_is_a_sweep_per_paper():
+    assert {p.stem for p in PAPER_SWEEPS} >= {"ogmge", "mla", "mie", "dimml"}
+
+
+def test_ogmge_sweep_is_its_table():
+    _, configs = load_sweep(next(p for p in PAPER_SWEEPS if p.stem == "ogmge"))
+    cremad = {c.label.split("/", 1)[1] for c in configs if c.dataset["name"] == "cremad"}
+    assert cremad == {f"{m}/fusion={f}" for m in ("joint", "ogm-ge") for f in ("concat", "sum", "film", "gated")} | {
+        "ogm/fusion=concat", "unimodal-audio/fusion=concat", "unimodal-visual/fusion=concat"}
+    assert {c.dataset["name"] for c in configs} == {"cremad", "kinetics_sounds", "vggsound"}
+    alphas = {c.dataset["name"]: c.method["alpha"] for c in configs if c.method["name"] == "ogm_ge"}
+    assert alphas == {"cremad": 0.8, "kinetics_sounds": 0.8, "vggsound": 0.1}

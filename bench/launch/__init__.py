@@ -22,6 +22,11 @@ def launch(configs: Sequence[RunConfig], store: Store, options: LauncherConfig, 
     todo = to_run(planned)
     print(format_plan(planned).splitlines()[0], flush=True)
     if not todo:
+        active = [p for p in planned if p.state in ("queued", "running")]
+        if active:
+            print(f"nothing to launch: {len(active)} run(s) still queued or running; "
+                  f"see mmbalance status {active[0].run_dir.path.parent}")
+            return 0
         return outcome(planned)
     if options.name == "inline":
         from bench.errors import RunFailed

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from bench.config import RunConfig
-from bench.launch.jobs import queued_job_ids
+from bench.launch import jobs
 from bench.status import pid_alive
 from bench.store import RunDir, Store
 
@@ -44,7 +44,7 @@ def decide(run_dir: RunDir, queued: set[str] | None) -> str:
 
 
 def plan(configs: Sequence[RunConfig], store: Store) -> list[PlannedRun]:
-    queued = queued_job_ids()
+    queued = jobs.queued_job_ids()
     planned = []
     for cfg in configs:
         rd = store.run_dir(cfg.group, cfg.run_id())

@@ -27,14 +27,22 @@ class SweepJob(submitit.helpers.Checkpointable):
     """What an array task runs: one run directory, trained (or resumed) to the end."""
 
     def __call__(self, run_dir: str) -> str:
-        env = submitit.JobEnvironment()
-        return run_one(run_dir, job_id=str(env.job_id), log=str(env.paths.stderr), stdout=str(env.paths.stdout))
+        return run_one(run_dir, **placement())
 
     def checkpoint(self, run_dir: str) -> submitit.helpers.DelayedSubmission:
         rd = RunDir(Path(run_dir))
         if rd.status()["state"] != "finished":
             rd.set_status("pending", note="requeued after a time-out or pre-emption; resumes from its checkpoint")
         return super().checkpoint(run_dir)
+
+
+def placement() -> dict[str, str]:
+    """This task's job id and log files, as submitit's job environment knows them."""
+    env = submitit.JobEnvironment()
+    try:
+        return {"job_id": str(env.job_id), "log": str(env.paths.stderr), "stdout": str(env.paths.stdout)}
+    except KeyError:  # submitit's in-process debug executor has no job folder
+        return {"job_id": str(env.job_id)}
 
 
 def make_executor(folder: Path, options: LauncherConfig, name: str, cluster: str | None = None) -> submitit.Executor:
@@ -44,7 +52,7 @@ def make_executor(folder: Path, options: LauncherConfig, name: str, cluster: str
     executor = submitit.AutoExecutor(folder=folder, cluster=cluster,
                                      slurm_max_num_timeout=options.max_requeues)
     optional = {"slurm_partition": options.partition, "slurm_account": options.account,
-                "slurm_qos": options.qos, "slurm_gpus_per_task": options.gpus_per_task,
+                "slurm_qos": options.qos, "slurm_gpus_per_task": options.gpus_per_task or None,
                 "slurm_constraint": options.constraint, "mem_gb": options.mem_gb}
     executor.update_parameters(
         name=name,
