@@ -154,7 +154,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     flags = {k: getattr(args, k) for k in FLAG_KEYS if getattr(args, k) is not None}
     if args.launcher:
         flags["name"] = args.launcher
-    options = sweep.launcher.model_validate({**sweep.launcher.model_dump(), **flags})
+    options = launcher_options(sweep.launcher, flags)
     store = Store(args.results)
     print(f"sweep {sweep.group!r} ({options.name} launcher) -> {store.root / sweep.group}")
     if args.dry_run:
@@ -164,6 +164,20 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if options.name != "slurm" or args.wait:
         print_table(sweep.group, configs, store, args.report)
     return code
+
+
+def launcher_options(from_file, flags: dict):
+    """The file's launcher section with the command-line flags over it."""
+    from pydantic import ValidationError
+
+    from bench.config import ConfigError, Sources, format_errors
+
+    sources = Sources()
+    sources.record({f"launcher.{k}": v for k, v in flags.items()}, "the command line")
+    try:
+        return type(from_file).model_validate({**from_file.model_dump(), **flags})
+    except ValidationError as e:
+        raise ConfigError(format_errors(e, type(from_file), sources, prefix="launcher")) from None
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:

@@ -58,8 +58,20 @@ def launch_slurm(todo: list[PlannedRun], planned: list[PlannedRun], store: Store
     if not wait:
         print(f"follow with: mmbalance --results {store.root} status {store.root / group}")
         return 0
-    slurm.wait(jobs, poll_s)
+    slurm.wait(jobs, poll_s, on_poll=Progress(len(jobs)))
     return outcome(planned)
+
+
+class Progress:
+    """Prints how many jobs are left whenever that number changes (while --wait polls)."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.last = total, -1
+
+    def __call__(self, left: int) -> None:
+        if left != self.last:
+            print(f"waiting: {left} of {self.total} job(s) queued or running", flush=True)
+            self.last = left
 
 
 def outcome(planned: Sequence[PlannedRun]) -> int:
