@@ -247,3 +247,19 @@ def test_submitit_local_executor_runs_the_array_and_records_failures(tmp_path, c
             Path(s["log"]).parent == store.root / "two" / ".submitit"
     assert "NonFiniteLoss" in Path(st[bad]["log"]).read_text()
     assert json.loads((store.root / "two" / bad / "status.json").read_text())["error"].startswith("loss 'loss'")
+
+
+def test_wait_on_an_earlier_launch_then_jobs_gone_without_an_end_are_interrupted(slurm_world, monkeypatch, capsys):
+    from bench.launch import jobs
+
+    configs, store, executor, queue, _ = slurm_world
+    launch(configs, store, LauncherConfig(name="slurm"))
+    answers = iter([{"55_0", "77_0", "77_1"}] * 3)  # plan, then two polls; then the queue is empty
+    monkeypatch.setattr(jobs, "queued_job_ids", lambda: next(answers, set()))
+    code = launch(configs, store, LauncherConfig(name="slurm"), wait=True, poll_s=0)
+    out = capsys.readouterr().out
+    assert code == 1 and len(executor.submitted) == 1  # waited on the queued jobs, submitted nothing
+    assert "waiting: 3 of 3 job(s) queued or running" in out and "waiting: 0 of 3" in out
+    assert "4 runs: 1 finished, 3 interrupted" in out
+    st = statuses(store)[configs[2].run_id()]
+    assert st["state"] == "interrupted" and st["error"].startswith("job 77_0 ended without recording an end")

@@ -23,7 +23,11 @@ def launch(configs: Sequence[RunConfig], store: Store, options: LauncherConfig, 
     print(format_plan(planned).splitlines()[0], flush=True)
     if not todo:
         active = [p for p in planned if p.state in ("queued", "running")]
-        if active:
+        if active and wait and options.name == "slurm":  # a launch that returned early: wait for its jobs
+            from bench.launch.slurm import wait_for_ids
+
+            wait_for_ids([str(p.run_dir.status()["job_id"]) for p in active], poll_s, Progress(len(active)))
+        elif active:
             print(f"nothing to launch: {len(active)} run(s) still queued or running; "
                   f"see mmbalance status {active[0].run_dir.path.parent}")
             return 0

@@ -16,7 +16,7 @@ from typing import Any
 
 import submitit
 
-from bench.launch.jobs import queued_job_ids
+from bench.launch import jobs as slurm_queue
 from bench.launch.options import LauncherConfig
 from bench.launch.plan import PlannedRun
 from bench.launch.worker import run_one
@@ -102,7 +102,7 @@ def still_alive(jobs: Sequence[submitit.Job]) -> list[submitit.Job]:
     """The jobs still queued or running: by squeue for SLURM jobs (no sacct needed, so this also
     works without accounting; a requeued task counts as queued), else submitit's own check."""
     if jobs and isinstance(jobs[0], submitit.SlurmJob):
-        queued = queued_job_ids()
+        queued = slurm_queue.queued_job_ids()
         if queued is not None:
             return [job for job in jobs if str(job.job_id) in queued]
     return [job for job in jobs if not job.done()]
@@ -112,6 +112,18 @@ def wait(jobs: Sequence[submitit.Job], poll_s: float = 5.0, on_poll: Callable[[i
     """Block until none of `jobs` is queued or running."""
     while True:
         left = len(still_alive(jobs))
+        if on_poll:
+            on_poll(left)
+        if not left:
+            return
+        time.sleep(poll_s)
+
+
+def wait_for_ids(job_ids: Sequence[str], poll_s: float = 5.0, on_poll: Callable[[int], Any] | None = None) -> None:
+    """Block until none of the SLURM jobs `job_ids` is in squeue (jobs submitted by an earlier launch)."""
+    while True:
+        queued = slurm_queue.queued_job_ids() or set()
+        left = sum(job in queued for job in job_ids)
         if on_poll:
             on_poll(left)
         if not left:
