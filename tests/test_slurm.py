@@ -114,19 +114,19 @@ def runs_of(root: Path, group: str) -> list[RunDir]:
     return [RunDir(p.parent) for p in sorted((root / group).glob("*/config.yaml"))]
 
 
-def job_ids(root: Path) -> set[str]:
-    """The SLURM job ids recorded in the status files under `root`."""
+def unfinished_job_ids(root: Path) -> set[str]:
+    """The SLURM job ids recorded for runs under `root` that are still pending or running."""
     ids = set()
-    for status in root.glob("*/*/status.json"):
-        job = json.loads(status.read_text()).get("job_id")
-        if job:
-            ids.add(str(job))
+    for path in root.glob("*/*/status.json"):
+        status = json.loads(path.read_text())
+        if status.get("job_id") and status["state"] in ("pending", "running"):
+            ids.add(str(status["job_id"]))
     return ids
 
 
 def cancel_leftovers(root: Path) -> None:
-    """scancel the jobs of runs under `root` (a failed test must not leave them on the cluster)."""
-    ids = job_ids(root)
+    """scancel the jobs of unfinished runs under `root` (a failed test must not leave them on the cluster)."""
+    ids = unfinished_job_ids(root)
     if ids:
         subprocess.run(["scancel", *sorted(ids)], capture_output=True, timeout=60)
 
@@ -139,11 +139,17 @@ def results(tmp_path) -> Iterator[Path]:
     cancel_leftovers(root)
 
 
-def sacct_job_count(since: str) -> int:
-    """How many jobs (each array task counted) the cluster has accepted since `since`."""
-    out = subprocess.run(["sacct", "--noheader", "--parsable2", "--allocations", f"--starttime={since}",
-                          "--format=JobID"], capture_output=True, text=True, timeout=60, check=True).stdout
-    return len([line for line in out.splitlines() if line.strip()])
+def sacct(*args: str) -> list[str]:
+    out = subprocess.run(["sacct", "--noheader", "--parsable2", "--allocations", *args],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    return [line for line in out.splitlines() if line.strip()]
+
+
+def jobs_named_like(job: str, since: str) -> int:
+    """How many jobs (each array task counted) named as `job` the cluster has accepted since
+    `since` (other users of the cluster may submit meanwhile: their jobs do not count)."""
+    name = sacct(f"--jobs={job}", "--format=JobName")[0]
+    return len(sacct(f"--name={name}", f"--starttime={since}", "--format=JobID"))
 
 
 def comparable_summary(summary: dict[str, Any]) -> dict[str, Any]:
@@ -194,12 +200,16 @@ def test_sweep_runs_every_run_through_slurm(finished_sweep):
 
 def test_relaunching_a_finished_sweep_submits_nothing(finished_sweep):
     root, path = finished_sweep["root"], finished_sweep["path"]
-    before_jobs = sacct_job_count(finished_sweep["since"])
+    first_job = str(runs_of(root, "slurm-methods")[0].status()["job_id"])
+    before_jobs = jobs_named_like(first_job, finished_sweep["since"])
+    submissions = sorted(p.name for p in (root / "slurm-methods" / ".submitit").iterdir())
     before_status = {rd.run_id: rd.status_file.read_text() for rd in runs_of(root, "slurm-methods")}
     done = mmbalance(root, "sweep", str(path), "--launcher", "slurm", "--wait", timeout_s=120)
     assert done.returncode == 0, done.stderr
     assert "4 finished" in done.stdout
-    assert sacct_job_count(finished_sweep["since"]) == before_jobs
+    assert before_jobs == 4
+    assert jobs_named_like(first_job, finished_sweep["since"]) == before_jobs
+    assert sorted(p.name for p in (root / "slurm-methods" / ".submitit").iterdir()) == submissions
     after_status = {rd.run_id: rd.status_file.read_text() for rd in runs_of(root, "slurm-methods")}
     assert after_status == before_status  # nothing was even marked pending
     dry = mmbalance(root, "sweep", str(path), "--dry-run", timeout_s=120)
@@ -259,9 +269,8 @@ def test_preempted_run_requeues_resumes_and_matches_an_uninterrupted_run(partiti
     assert "pending" in states, states
     assert "running" in states[states.index("pending"):], states
     assert str(rd.status()["job_id"]) == job
-    requeued = subprocess.run(["sacct", "--noheader", "--parsable2", "--duplicates", "--allocations",
-                               f"--jobs={job}", "--format=State"], capture_output=True, text=True, timeout=60)
-    assert "REQUEUED" in requeued.stdout, requeued.stdout
+    states_in_sacct = sacct("--duplicates", f"--jobs={job}", "--format=State")
+    assert any(s.startswith("REQUEUED") for s in states_in_sacct), states_in_sacct
 
     after = rd.read_metrics()
     epochs = [r["epoch"] for r in after]
