@@ -72,7 +72,7 @@ declare -A PIDFILE=(
 
 install_missing_packages() {
   local -a missing=()
-  local program package
+  local pair program package
   for pair in slurmctld:slurmctld slurmd:slurmd sinfo:slurm-client munged:munge \
     slurmdbd:slurmdbd mariadbd:mariadb-server; do
     program=${pair%%:*} package=${pair#*:}
