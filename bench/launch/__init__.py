@@ -26,7 +26,7 @@ def launch(configs: Sequence[RunConfig], store: Store, options: LauncherConfig, 
         if active and wait and options.name == "slurm":  # a launch that returned early: wait for its jobs
             from bench.launch.slurm import wait_for_ids
 
-            wait_for_ids([str(p.run_dir.status()["job_id"]) for p in active], poll_s, Progress(len(active)))
+            wait_for_ids(active_job_ids(active), poll_s, Progress(len(active)))
         elif active:
             print(f"nothing to launch: {len(active)} run(s) still queued or running; "
                   f"see mmbalance status {active[0].run_dir.path.parent}")
@@ -60,10 +60,18 @@ def launch_slurm(todo: list[PlannedRun], planned: list[PlannedRun], store: Store
     print(f"submitted {len(jobs)} run(s) as job array {array} ({jobs[0].job_id} .. {jobs[-1].job_id}); "
           f"logs in {folder}", flush=True)
     if not wait:
-        print(f"follow with: mmbalance --results {store.root} status {store.root / group}")
+        print(f"follow with: mmbalance status {store.root / group}   (or: mmbalance sweep ... --wait)")
         return 0
     slurm.wait(jobs, poll_s, on_poll=Progress(len(jobs)))
+    earlier = active_job_ids([p for p in planned if p.state in ("queued", "running")])
+    if earlier:  # runs an earlier launch had queued: the summary waits for them too
+        slurm.wait_for_ids(earlier, poll_s, Progress(len(earlier)))
     return outcome(planned)
+
+
+def active_job_ids(planned: Sequence[PlannedRun]) -> list[str]:
+    ids = (p.run_dir.status().get("job_id") for p in planned)
+    return [str(job) for job in ids if job]
 
 
 class Progress:

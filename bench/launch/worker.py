@@ -42,9 +42,9 @@ def run_one(run_dir: str | Path, **placement: str) -> str:
     set_threads()
     cfg, store = load_run(run_dir)
     rd = store.run_dir(cfg.group, cfg.run_id())
-    if placement and rd.status()["state"] != "finished":
-        rd.set_status("pending" if rd.status()["state"] in ("new", "pending") else rd.status()["state"],
-                      **placement)
+    state = rd.status()["state"]
+    if placement and state != "finished":
+        rd.set_status("pending" if state == "new" else state, **placement)
     try:
         return run(cfg, store).state
     except RunFailed:
