@@ -21,7 +21,8 @@ import yaml
 
 STATES = ("pending", "running", "finished", "failed", "interrupted")
 # where a run is executed (set by a launcher): kept across the run's own status updates
-PLACEMENT_KEYS = ("job_id", "log", "stdout")
+# where and how a launcher placed the run: kept across the run's own status updates
+PLACEMENT_KEYS = ("job_id", "log", "stdout", "restarts")
 
 
 def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "w") -> None:

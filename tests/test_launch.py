@@ -227,6 +227,10 @@ def test_checkpoint_marks_the_run_pending_and_requeues_the_same_call(tmp_path):
     assert delayed.function is job and delayed.args == (str(rd.path),)
     st = rd.status()
     assert st["state"] == "pending" and st["job_id"] == "9_1" and "requeued" in st["note"]
+    assert st["restarts"] == 1
+    rd.set_status("running", epoch=2)  # the requeued job starts again: the count stays
+    job.checkpoint(str(rd.path))
+    assert rd.status()["restarts"] == 2
 
 
 @pytest.mark.slow  # ~20 s: two job processes that import torch; the `slurm` tests cover it on a real SLURM

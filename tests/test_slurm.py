@@ -269,6 +269,7 @@ def test_preempted_run_requeues_resumes_and_matches_an_uninterrupted_run(partiti
     assert "pending" in states, states
     assert "running" in states[states.index("pending"):], states
     assert str(rd.status()["job_id"]) == job
+    assert rd.status()["restarts"] == 1  # the finished run still says it was requeued once
     states_in_sacct = sacct("--duplicates", f"--jobs={job}", "--format=State")
     assert any(s.startswith("REQUEUED") for s in states_in_sacct), states_in_sacct
 

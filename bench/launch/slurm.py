@@ -31,8 +31,10 @@ class SweepJob(submitit.helpers.Checkpointable):
 
     def checkpoint(self, run_dir: str) -> submitit.helpers.DelayedSubmission:
         rd = RunDir(Path(run_dir))
-        if rd.status()["state"] != "finished":
-            rd.set_status("pending", note="requeued after a time-out or pre-emption; resumes from its checkpoint")
+        status = rd.status()
+        if status["state"] != "finished":
+            rd.set_status("pending", note="requeued after a time-out or pre-emption; resumes from its checkpoint",
+                          restarts=int(status.get("restarts", 0)) + 1)
         return super().checkpoint(run_dir)
 
 
