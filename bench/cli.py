@@ -71,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
     p.add_argument("--report", default="reports/quickstart", help="where the table goes")
 
+    p = sub.add_parser("report", help="tables, statistics, paper-vs-ours, figures and an HTML page for a results directory")
+    p.add_argument("dir", help="a group directory (results/<group>) or the store root")
+    p.add_argument("--out", default=None, help="report folder (default: reports/<name of DIR>)")
+    p.add_argument("--by", default="dataset,method", help="row keys, from dataset,method,fusion,group (default: dataset,method)")
+    p.add_argument("--select", choices=("val", "test", "last"), default="val",
+                   help="epoch reported: best validation (default), best test (the papers'), or last")
+
     p = sub.add_parser("status", help="state of every run under a directory of the store")
     p.add_argument("dir", help="a group directory (results/<group>), a run directory, or the store root")
 
@@ -228,7 +235,23 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from bench.store import Store
 
-    return run_sweep(QUICKSTART, args.overrides, Store(args.results), args.report)
+    from bench.report.build import build_report
+    from bench.sweep import load_sweep
+
+    store = Store(args.results)
+    code = run_sweep(QUICKSTART, args.overrides, store, args.report)
+    sweep, configs = load_sweep(QUICKSTART, args.overrides)
+    report = build_report(store.root / sweep.group, Path(args.report), only={c.run_id() for c in configs})
+    print(report.summary)
+    return code
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from bench.report.build import build_report
+
+    out = Path(args.out) if args.out else Path("reports") / Path(args.dir).resolve().name
+    print(build_report(Path(args.dir), out, by=args.by, select=args.select).summary)
+    return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -257,6 +280,7 @@ COMMANDS = {
     "prepare": cmd_prepare,
     "quickstart": cmd_quickstart,
     "status": cmd_status,
+    "report": cmd_report,
     "sweep": cmd_sweep,
     "cancel": cmd_cancel,
     "run-one": cmd_run_one,

@@ -1,0 +1,197 @@
+"""`mmbalance report`: read a results directory, write the report folder, return its summary.
+
+The folder holds table.{md,csv,tex} (dataset × method), stats.{md,csv} (paired tests against
+joint), paper_vs_ours.{md,csv}, runs.csv (every run, failed ones too), README.md (renders on
+GitHub) and report.html (self-contained: tables and figures inlined). Figures come from
+`bench.report.figures.make_figures` when that module is there.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from bench.errors import ConfigError
+from bench.report.cells import aggregate, display, to_latex
+from bench.report.collect import SELECTIONS, load_runs
+from bench.report.paper import paper_vs_ours
+from bench.report.stats import CI_NOTE, TEST_NOTE, paired_tests
+from bench.store import atomic_write_text
+
+PAPER_CSV = Path(__file__).resolve().parents[2] / "results" / "paper_tables.csv"
+BY_KEYS = ("dataset", "method", "fusion", "group")  # "method" is the cell label of a sweep
+
+
+@dataclass
+class Report:
+    """What `build_report` wrote, and the lines it prints."""
+
+    out: Path
+    files: list[Path] = field(default_factory=list)
+    summary: str = ""
+
+
+def parse_by(by: str | list[str]) -> list[str]:
+    keys = by.split(",") if isinstance(by, str) else list(by)
+    keys = [k.strip() for k in keys if k.strip()]
+    bad = [k for k in keys if k not in BY_KEYS]
+    if bad or "dataset" not in keys:
+        raise ConfigError(f"--by {','.join(keys)!r}: keys must include 'dataset' and come from "
+                          f"{', '.join(BY_KEYS)} ('method' is the sweep's cell label)")
+    return keys
+
+
+def relabel(runs: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """The row label of each run: the cell label, with any extra --by keys appended."""
+    runs = runs.copy()
+    extra = [k for k in keys if k not in ("dataset", "method")]
+    parts = ([runs["label"].astype(str)] if "method" in keys else []) + [runs[k].astype(str) for k in extra]
+    if parts:
+        label = parts[0]
+        for p in parts[1:]:
+            label = label + "/" + p
+        runs["label"] = label
+    else:
+        runs["label"] = "all"
+    return runs
+
+
+def build_report(results_dir: Path, out: Path, by: str | list[str] = "dataset,method",
+                 select: str = "val", paper_csv: Path = PAPER_CSV, only: set[str] | None = None) -> Report:
+    """Write the report of every run under `results_dir` (or of the run ids in `only`) into `out`."""
+    keys = parse_by(by)
+    runs, metrics = load_runs(results_dir, select, only)
+    if runs.empty:
+        raise ConfigError(f"no runs under {results_dir} (looked for */config.yaml and */*/config.yaml)")
+    runs = relabel(runs, keys)
+    out.mkdir(parents=True, exist_ok=True)
+    report = Report(out)
+    finished = runs[runs["state"] == "finished"]
+    agg = aggregate(runs)
+    table = display(agg)
+    tests = pd.concat([paired_tests(finished, m) for m in ("acc", "macro_f1") if m in finished],
+                      ignore_index=True) if not finished.empty else pd.DataFrame()
+    paper = paper_table(paper_csv, results_dir, runs, select, keys, only)
+    protocol = SELECTIONS[select][1]
+    write = lambda name, text: report.files.append(_write(out / name, text))  # noqa: E731
+    write("table.md", md_section("Results", table, f"{protocol}; mean ± std over seeds (sample std), n = seeds finished."))
+    write("table.csv", agg.to_csv(index=False))
+    write("table.tex", to_latex(agg, f"{protocol}; mean $\\pm$ std over seeds; best of a dataset bold, second underlined."))
+    write("stats.md", md_section("Paired tests against joint", tests, TEST_NOTE))
+    write("stats.csv", tests.to_csv(index=False))
+    write("paper_vs_ours.md", md_section("Paper vs ours", paper, PAPER_NOTE))
+    write("paper_vs_ours.csv", paper.to_csv(index=False))
+    write("runs.csv", runs.to_csv(index=False))
+    figures = make_figures(finished, metrics, out / "figures")
+    sections = [("Results", table, f"{protocol}. {CI_NOTE}. {LEGEND}"),
+                ("Confidence intervals (95%)", ci_table(agg), CI_NOTE),
+                ("Paired tests against joint", tests, TEST_NOTE),
+                ("Paper vs ours", paper, PAPER_NOTE)]
+    title = f"mmbalance report: {Path(results_dir).resolve().name}"
+    write("README.md", markdown_page(title, sections, figures, out))
+    write("report.html", html_page(title, sections, figures))
+    report.files += figures
+    report.summary = summary_text(runs, table, tests, paper, out)
+    return report
+
+
+def paper_table(paper_csv: Path, results_dir: Path, runs: pd.DataFrame, select: str, keys: list[str],
+                only: set[str] | None) -> pd.DataFrame:
+    """Paper vs ours needs our runs under both selections; reload under the one not loaded yet."""
+    if not Path(paper_csv).exists():
+        return pd.DataFrame()
+    other = "test" if select != "test" else "val"
+    by_select = {select: runs, other: relabel(load_runs(results_dir, other, only)[0], keys)}
+    return paper_vs_ours(Path(paper_csv), {"val": by_select["val"], "test": by_select["test"]})
+
+
+def ci_table(agg: pd.DataFrame) -> pd.DataFrame:
+    """Fused accuracy and macro-F1 with their 95% t intervals."""
+    out = agg[["dataset", "label", "n"]].copy()
+    for c in ("acc", "macro_f1"):
+        if f"{c}:mean" in agg:
+            out[f"{c} mean"] = agg[f"{c}:mean"].round(4)
+            out[f"{c} 95% CI"] = [("–" if pd.isna(lo) else f"[{lo:.4f}, {hi:.4f}]")
+                                  for lo, hi in zip(agg[f"{c}:ci_low"], agg[f"{c}:ci_high"])]
+    return out
+
+
+def make_figures(finished: pd.DataFrame, metrics: dict, out_dir: Path) -> list[Path]:
+    """The figures of bench.report.figures when that module exists; [] (and a note) otherwise."""
+    try:
+        from bench.report.figures import make_figures as figures
+    except ImportError:
+        return []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return [Path(p) for p in figures(finished, metrics, out_dir)]
+
+
+def _write(path: Path, text: str) -> Path:
+    atomic_write_text(path, text)
+    return path
+
+
+def md_table(df: pd.DataFrame) -> str:
+    return df.to_markdown(index=False) if not df.empty else "_(none)_"
+
+
+def md_section(title: str, df: pd.DataFrame, note: str) -> str:
+    return f"## {title}\n\n{md_table(df)}\n\n{note}\n"
+
+
+def markdown_page(title: str, sections, figures: list[Path], out: Path) -> str:
+    parts = [f"# {title}\n", "Files: table.{md,csv,tex}, stats.{md,csv}, paper_vs_ours.{md,csv}, runs.csv, report.html.\n"]
+    parts += [md_section(*s) for s in sections]
+    pngs = [f for f in figures if f.suffix == ".png"]
+    if pngs:
+        parts.append("## Figures\n\n" + "\n\n".join(f"![{f.stem}]({f.relative_to(out).as_posix()})" for f in pngs) + "\n")
+    return "\n".join(parts)
+
+
+def html_page(title: str, sections, figures: list[Path]) -> str:
+    body = [f"<h1>{html.escape(title)}</h1>"]
+    for name, df, note in sections:
+        table = df.to_html(index=False, na_rep="–", border=0) if not df.empty else "<p><em>(none)</em></p>"
+        body += [f"<h2>{html.escape(name)}</h2>", table, f"<p class='note'>{html.escape(note)}</p>"]
+    pngs = [f for f in figures if f.suffix == ".png"]
+    if pngs:
+        body.append("<h2>Figures</h2>")
+        for f in pngs:
+            data = base64.b64encode(f.read_bytes()).decode()
+            body.append(f"<figure><img alt='{html.escape(f.stem)}' src='data:image/png;base64,{data}'>"
+                        f"<figcaption>{html.escape(f.stem)}</figcaption></figure>")
+    return ("<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>" + html.escape(title) + "</title>"
+            f"<style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def summary_text(runs: pd.DataFrame, table: pd.DataFrame, tests: pd.DataFrame, paper: pd.DataFrame, out: Path) -> str:
+    states = runs["state"].value_counts().to_dict()
+    lines = [f"{len(runs)} runs ({', '.join(f'{n} {s}' for s, n in states.items())}); "
+             f"{len(table)} rows over {runs['dataset'].nunique()} dataset(s)",
+             table[["dataset", "label", "n", "fused acc"]].to_markdown(index=False) if "fused acc" in table else ""]
+    if not tests.empty:
+        acc = tests[tests["metric"] == "acc"]
+        lines.append("vs joint (acc, W/T/L over seeds; Holm p): " + "; ".join(
+            f"{r.label} {r.wins}/{r.ties}/{r.losses} p={r.p_holm:.3g}" for r in acc.itertuples()))
+    lines.append(f"paper vs ours: {len(paper)} published cells matched")
+    lines.append(f"report written to {out}/ (README.md, report.html, table.md/.csv/.tex)")
+    return "\n".join(lines)
+
+
+LEGEND = ("own = the method's own per-modality logits; probe = linear probe on the frozen best-val "
+          "encoder (C chosen on val); unimodal ref = the unimodal-only model of that modality; "
+          "probe deficit = unimodal ref − probe (positive: the encoder learned less inside the "
+          "multimodal model than alone); cost: s/epoch, CPU or GPU hours = s/epoch × epochs, peak "
+          "memory (GPU allocated on CUDA, process RSS on CPU), forward/backward passes per step. "
+          "'not finished' lists failed, interrupted or unfinished runs; 'missing seeds' lists seeds "
+          "other rows of the dataset have but this row has no run for.")
+PAPER_NOTE = ("Published values and ours in percent; Δ = ours under the paper's selection protocol − "
+              "published. Our default protocol is best-val; best-test is the papers' usual (optimistic) one. "
+              "Dataset/method names mapped by bench/report/paper.py (DATASETS, METHODS).")
+CSS = ("body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;font-size:12px}"
+       "th,td{padding:3px 8px;border-bottom:1px solid #ddd;text-align:right}th{background:#f3f3f3}"
+       ".note{color:#555;font-size:12px}img{max-width:100%}")
