@@ -111,6 +111,8 @@ def test_paired_tests_match_scipy_on_shared_seeds(store):
     assert tests.loc["mla", "n_pairs"] == 3
     assert (tests.loc["mla", "t"], tests.loc["mla", "p"]) == pytest.approx((ref.statistic, ref.pvalue))
     assert tests["p_holm"].tolist() == pytest.approx(holm(tests["p"].tolist()))
+    d = np.subtract(ACC["mla"], ACC["joint"][:3])
+    assert tests.loc["mla", "p_wilcoxon"] == pytest.approx(sps.wilcoxon(d).pvalue)
     # per-seed W/T/L: ogm-ge − joint = +0.06, +0.03, +0.08; unimodal-audio − joint = −0.02, −0.03, −0.01, −0.08
     assert tuple(tests.loc["ogm-ge", ["wins", "ties", "losses"]]) == (3, 0, 0)
     assert tuple(tests.loc["unimodal-audio", ["wins", "ties", "losses"]]) == (0, 0, 4)

@@ -78,7 +78,7 @@ def build_report(results_dir: Path, out: Path, by: str | list[str] = "dataset,me
     paper = paper_table(paper_csv, results_dir, runs, select, keys, only)
     protocol = SELECTIONS[select][1]
     write = lambda name, text: report.files.append(_write(out / name, text))  # noqa: E731
-    write("table.md", md_section("Results", table, f"{protocol}; mean ± std over seeds (sample std), n = seeds finished."))
+    write("table.md", "\n".join(md_section(*sec) for sec in split_sections(table, protocol)))
     write("table.csv", agg.to_csv(index=False))
     write("table.tex", to_latex(agg, f"{protocol}; mean $\\pm$ std over seeds; best of a dataset bold, second underlined."))
     write("stats.md", md_section("Paired tests against joint", tests, TEST_NOTE))
@@ -87,7 +87,7 @@ def build_report(results_dir: Path, out: Path, by: str | list[str] = "dataset,me
     write("paper_vs_ours.csv", paper.to_csv(index=False))
     write("runs.csv", runs.to_csv(index=False))
     figures = make_figures(finished, metrics, out / "figures")
-    sections = [("Results", table, f"{protocol}. {CI_NOTE}. {LEGEND}"),
+    sections = [*split_sections(table, protocol),
                 ("Confidence intervals (95%)", ci_table(agg), CI_NOTE),
                 ("Paired tests against joint", tests, TEST_NOTE),
                 ("Paper vs ours", paper, PAPER_NOTE)]
@@ -107,6 +107,20 @@ def paper_table(paper_csv: Path, results_dir: Path, runs: pd.DataFrame, select: 
     other = "test" if select != "test" else "val"
     by_select = {select: runs, other: relabel(load_runs(results_dir, other, only)[0], keys)}
     return paper_vs_ours(Path(paper_csv), {"val": by_select["val"], "test": by_select["test"]})
+
+
+def split_sections(table: pd.DataFrame, protocol: str) -> list[tuple[str, pd.DataFrame, str]]:
+    """The wide table as three readable ones: fused metrics (with n and the runs not counted),
+    per-modality accuracies, and cost."""
+    key = ["dataset", "label", "n"]
+    kinds = ("own ", "probe ", "unimodal ref ", "probe deficit ")
+    modal = [c for c in table if c.startswith(kinds)]
+    cost = [c for c in table if c in ("s/epoch", "CPU h", "GPU h", "peak MB", "fwd/step", "bwd/step")]
+    fused = [c for c in table if c not in key + modal + cost]
+    return [("Results", table[key + [c for c in fused if c not in ("dataset", "label")]],
+             f"{protocol}; mean ± std over seeds (sample std); n = seeds finished. {LEGEND}"),
+            ("Per modality", table[key + modal], LEGEND_MODAL),
+            ("Cost", table[key + cost], LEGEND_COST)]
 
 
 def ci_table(agg: pd.DataFrame) -> pd.DataFrame:
@@ -182,13 +196,15 @@ def summary_text(runs: pd.DataFrame, table: pd.DataFrame, tests: pd.DataFrame, p
     return "\n".join(lines)
 
 
-LEGEND = ("own = the method's own per-modality logits; probe = linear probe on the frozen best-val "
-          "encoder (C chosen on val); unimodal ref = the unimodal-only model of that modality; "
-          "probe deficit = unimodal ref − probe (positive: the encoder learned less inside the "
-          "multimodal model than alone); cost: s/epoch, CPU or GPU hours = s/epoch × epochs, peak "
-          "memory (GPU allocated on CUDA, process RSS on CPU), forward/backward passes per step. "
-          "'not finished' lists failed, interrupted or unfinished runs; 'missing seeds' lists seeds "
-          "other rows of the dataset have but this row has no run for.")
+LEGEND = ("'not finished' lists failed, interrupted or unfinished runs (not counted in n); 'missing "
+          "seeds' lists seeds that other rows of the dataset have but this row has no run for.")
+LEGEND_MODAL = ("own = the method's own per-modality logits (selected epoch); probe = linear probe on the "
+                "frozen best-val encoder (C chosen on val); unimodal ref = fused acc of the unimodal-only "
+                "model of that modality (its own seeds); probe deficit = unimodal ref mean − probe "
+                "(positive: the encoder learned less inside the multimodal model than alone).")
+LEGEND_COST = ("s/epoch; CPU or GPU hours = s/epoch × epochs on the run's device; peak memory in MB "
+               "(GPU allocated on CUDA, process RSS on CPU: runs sharing one process share it); "
+               "forward passes per step per encoder and backward passes per step.")
 PAPER_NOTE = ("Published values and ours in percent; Δ = ours under the paper's selection protocol − "
               "published. Our default protocol is best-val; best-test is the papers' usual (optimistic) one. "
               "Dataset/method names mapped by bench/report/paper.py (DATASETS, METHODS).")

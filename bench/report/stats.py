@@ -16,10 +16,12 @@ from scipy import stats as sps
 
 CONFIDENCE = 0.95
 TIE_THRESHOLD = 0.005  # half an accuracy point
-CI_NOTE = ("95% CI: Student-t interval mean ± t(0.975, n−1)·std/√n over seeds (n < 10 here, "
-           "so t rather than bootstrap); none for n < 2")
+CI_NOTE = ("95% CI: Student-t interval mean ± t(0.975, n−1)·std/√n over seeds, used for every n "
+           "(with fewer than 10 seeds a bootstrap over seeds is unreliable); none for n < 2")
 TEST_NOTE = (f"paired t-test (scipy.stats.ttest_rel) of each method against the joint baseline of "
-             f"its dataset on shared seeds; p Holm-corrected over the methods of a dataset (Holm–Bonferroni); "
+             f"its dataset on shared seeds; p_holm = p Holm-corrected (Holm–Bonferroni) over the methods of a "
+             f"dataset and metric; p_wilcoxon = Wilcoxon signed-rank (scipy.stats.wilcoxon, exact; "
+             f"uncorrected; cannot go below 0.25 with 3 seeds); "
              f"W/T/L = seeds where the method beats / ties (|Δ| < {TIE_THRESHOLD}) / loses to the baseline")
 
 
@@ -82,7 +84,7 @@ def paired_tests(finished: pd.DataFrame, metric: str = "acc") -> pd.DataFrame:
             row["p_holm"] = p
         rows += block
     return pd.DataFrame(rows, columns=["dataset", "label", "baseline", "metric", "n_pairs", "mean_diff",
-                                       "t", "p", "p_holm", "wins", "ties", "losses"]
+                                       "t", "p", "p_holm", "p_wilcoxon", "wins", "ties", "losses"]
                         ).assign(metric=metric)
 
 
@@ -90,11 +92,13 @@ def compare(dataset: str, label: str, base: str, x: pd.Series, ref: pd.Series) -
     """Paired comparison of per-seed values `x` against `ref` on their shared seeds."""
     shared = sorted(set(x.dropna().index) & set(ref.dropna().index))
     d = (x[shared] - ref[shared]).to_numpy(dtype=float)
-    t = p = np.nan
+    t = p = w = np.nan
     if len(shared) >= 2 and np.any(d != d[0]):  # a constant difference has no t statistic
         res = sps.ttest_rel(x[shared].to_numpy(float), ref[shared].to_numpy(float))
         t, p = float(res.statistic), float(res.pvalue)
+    if len(shared) >= 2 and np.any(d != 0):
+        w = float(sps.wilcoxon(d, zero_method="wilcox", method="exact" if np.all(d != 0) else "auto").pvalue)
     return {"dataset": dataset, "label": label, "baseline": base, "n_pairs": len(shared),
-            "mean_diff": float(d.mean()) if len(d) else np.nan, "t": t, "p": p,
+            "mean_diff": float(d.mean()) if len(d) else np.nan, "t": t, "p": p, "p_wilcoxon": w,
             "wins": int((d >= TIE_THRESHOLD).sum()), "ties": int((np.abs(d) < TIE_THRESHOLD).sum()),
             "losses": int((d <= -TIE_THRESHOLD).sum())}
