@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter  # noqa: E402
 from scipy import stats  # noqa: E402
 
 DPI = 150
@@ -209,6 +209,7 @@ def modality_trajectories(runs: pd.DataFrame, metrics: dict[str, list[dict]], co
             drawn.append(label)
         ax.set_title(f"val acc: {name}" if name == "fused" else f"val own acc: {name}")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("validation accuracy")
     if not drawn:
@@ -278,6 +279,7 @@ def method_diagnostics(runs: pd.DataFrame, metrics: dict[str, list[dict]], color
                     _band(ax, frame, colors[label], label=tail or None, style=i)
             ax.set_title(f"{label}: {head}", fontsize=9, color=colors[label])
             ax.set_xlabel("epoch", fontsize=8)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.tick_params(labelsize=8)
             ax.grid(alpha=0.3)
             if any(tail for *_, tail in lines):
