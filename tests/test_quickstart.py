@@ -57,6 +57,12 @@ def test_full_quickstart_shows_the_imbalance_and_the_methods_against_it(tmp_path
     imbalance method raises the visual probe above joint training's."""
     report = tmp_path / "report"
     assert main(["--results", str(tmp_path / "results"), "quickstart", "--report", str(report)]) == 0
+    # the report folder: tables, statistics, figures and the pages
+    for name in ("README.md", "report.html", "table.md", "table.csv", "table.tex", "stats.md"):
+        assert (report / name).stat().st_size > 0, name
+    for figure in ("fused_accuracy", "probe_vs_unimodal", "trajectories_modality", "diagnostics", "accuracy_vs_cost"):
+        for suffix in (".png", ".pdf"):
+            assert (report / "figures" / f"{figure}{suffix}").stat().st_size > 1000, figure + suffix
     runs = pd.read_csv(report / "runs.csv")
     mean = runs.groupby("label")[["acc", "probe.visual", "probe.audio"]].mean()
     visual_only, audio_only = mean.loc["unimodal-visual", "acc"], mean.loc["unimodal-audio", "acc"]
