@@ -20,7 +20,6 @@ import torch
 import yaml
 
 STATES = ("pending", "running", "finished", "failed", "interrupted")
-# where a run is executed (set by a launcher): kept across the run's own status updates
 # where and how a launcher placed the run: kept across the run's own status updates
 PLACEMENT_KEYS = ("job_id", "log", "stdout", "restarts")
 

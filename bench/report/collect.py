@@ -6,6 +6,7 @@ unfinished runs so the report can show them, and picks the epoch by a named sele
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,7 @@ def run_row(rd: RunDir, block: str) -> dict[str, Any]:
         "group": rd.path.parent.name,
         "run_id": rd.run_id,
         "dataset": cfg["dataset"]["name"],
+        "dataset_config": json.dumps(cfg["dataset"], sort_keys=True),  # tells presets of one dataset apart
         "label": cfg.get("label") or method,
         "method": method,
         "fusion": (cfg.get("model") or {}).get("fusion"),
@@ -67,7 +69,7 @@ def run_row(rd: RunDir, block: str) -> dict[str, Any]:
         return row
     test = summary[block]["test"]
     row.update({"acc": test["acc"], "macro_f1": test["macro_f1"], "map": test["map"],
-                "epoch": summary[block]["epoch"]})
+                "epoch": summary[block]["epoch"], "acc_best_test": summary["best_test"]["test"]["acc"]})
     for m, acc in test.get("modality_acc", {}).items():
         row[f"own.{m}"] = acc
     for m, probe in summary.get("probes", {}).items():

@@ -152,7 +152,7 @@ def probe_vs_unimodal(runs: pd.DataFrame, colors: dict[str, Any], out_dir: Path)
                 mean, half = t_interval(refs)
                 ax.axhspan(mean - half, mean + half, color="0.5", alpha=0.25, linewidth=0, zorder=0)
                 ref_handle = ax.axhline(mean, color="black", linestyle="--", linewidth=1.4, zorder=3,
-                                        label=f"unimodal-only model of the modality\n(test acc, mean, 95% CI)")
+                                        label="unimodal-only model of the modality\n(test acc, mean, 95% CI)")
             ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)
             ax.set_title(f"{names[ds]}: {m}")
             ax.set_ylabel(f"linear-probe test acc ({m})")

@@ -8,41 +8,19 @@ the group has one); the best-on-test accuracy (the papers' protocol, labelled); 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
+from bench.report.collect import run_row
 from bench.store import Store, atomic_write_text
 
 
 def run_rows(store: Store, group: str) -> pd.DataFrame:
-    """One row per finished run of `group`, flattened from its config and summary."""
-    rows = []
-    for rd in store.runs(group):
-        summary = rd.read_summary()
-        if rd.status()["state"] != "finished" or summary is None:
-            continue
-        cfg = rd.read_config()
-        row: dict[str, Any] = {
-            "run_id": rd.run_id,
-            "label": cfg.get("label") or cfg["method"]["name"],
-            "method": cfg["method"]["name"],
-            "dataset": json.dumps(cfg["dataset"], sort_keys=True),
-            "seed": cfg["train"]["seed"],
-            "unimodal_modality": cfg["method"].get("modality") if cfg["method"]["name"] == "unimodal" else None,
-            "acc": summary["best_val"]["test"]["acc"],
-            "macro_f1": summary["best_val"]["test"]["macro_f1"],
-            "map": summary["best_val"]["test"]["map"],
-            "acc_best_test": summary["best_test"]["test"]["acc"],
-            "s_per_epoch": summary["cost"]["seconds_per_epoch"],
-        }
-        for m, acc in summary["best_val"]["test"]["modality_acc"].items():
-            row[f"own.{m}"] = acc
-        for m, probe in summary["probes"].items():
-            row[f"probe.{m}"] = probe["test_acc"]
-        rows.append(row)
+    """One row per finished run of `group`: the report's row (bench.report.collect) at the
+    best-validation epoch, with `dataset` the full dataset config so that presets stay apart."""
+    rows = [run_row(rd, "best_val") for rd in store.runs(group)]
+    rows = [{**r, "dataset": r["dataset_config"]} for r in rows if "acc" in r]
     return pd.DataFrame(rows)
 
 
