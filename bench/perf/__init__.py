@@ -1,0 +1,1 @@
+"""Performance measurements of the training code (throughput, packing runs onto a device)."""
