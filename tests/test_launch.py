@@ -85,6 +85,81 @@ def test_local_workers_split_the_cores_and_gpus(monkeypatch):
         local.worker_env(slot=0, workers=1, gpus=0)["CUDA_VISIBLE_DEVICES"] == local.os.environ.get("CUDA_VISIBLE_DEVICES")
 
 
+@pytest.mark.parametrize("k, gpus_of_slots", [
+    (1, ["0", "1", "0", "1"]),  # K=1: one run per GPU, round robin past GPUs x 1
+    (2, ["0", "0", "1", "1"]),  # GPU-major: slots 0..K-1 on GPU 0
+    (4, ["0", "0", "0", "0"]),
+])
+def test_packed_workers_fill_each_gpu_k_at_a_time_and_split_the_cores(monkeypatch, k, gpus_of_slots):
+    from bench.launch import local
+
+    monkeypatch.setattr(local.os, "cpu_count", lambda: 8)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    envs = [local.worker_env(slot, workers=4, gpus=2, runs_per_gpu=k) for slot in range(4)]
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == gpus_of_slots
+    assert {e["OMP_NUM_THREADS"] for e in envs} == {"2"}  # 8 cores / 4 workers, whatever K
+    # the default worker count: GPUs x K, never more than there are runs
+    assert local.worker_count(LauncherConfig(name="local", runs_per_gpu=k), gpus=2, runs=100) == 2 * k
+    assert local.worker_count(LauncherConfig(name="local", runs_per_gpu=k), gpus=0, runs=100) == k
+    assert local.worker_count(LauncherConfig(name="local", runs_per_gpu=k), gpus=2, runs=3) == min(2 * k, 3)
+    assert local.worker_count(LauncherConfig(name="local", runs_per_gpu=k, workers=3), gpus=2, runs=100) == 3
+    # a CPU-only machine: K processes split the cores, no GPU is named
+    cpu = [local.worker_env(slot, workers=k, gpus=0, runs_per_gpu=k) for slot in range(k)]
+    assert {e["OMP_NUM_THREADS"] for e in cpu} == {str(8 // k)}
+    assert all("CUDA_VISIBLE_DEVICES" not in e for e in cpu)
+
+
+def test_packed_gpus_respect_an_inherited_cuda_visible_devices(monkeypatch):
+    from bench.launch import local
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert [local.worker_env(s, 4, 2, 2)["CUDA_VISIBLE_DEVICES"] for s in range(4)] == ["2", "2", "3", "3"]
+
+
+def test_the_launch_line_names_the_placement(monkeypatch):
+    from bench.launch.local import placement_line
+
+    monkeypatch.setattr("bench.launch.local.os.cpu_count", lambda: 16)
+    assert placement_line(4, workers=2, gpus=1, runs_per_gpu=2) == "local: 4 runs on 1 GPU x 2 runs per GPU, 8 thread(s) each"
+    assert placement_line(8, workers=4, gpus=2, runs_per_gpu=2) == "local: 8 runs on 2 GPU x 2 runs per GPU, 4 thread(s) each"
+    assert placement_line(3, workers=2, gpus=0, runs_per_gpu=2) == "local: 3 runs on 2 worker process(es) (no GPU), 8 thread(s) each"
+    # an explicit worker count that is not GPUs x K: said, and the runs per GPU shown
+    assert placement_line(9, workers=3, gpus=2, runs_per_gpu=2).endswith(
+        "(workers=3 is not GPUs x 2: runs at once per GPU [2, 1])")
+    assert placement_line(9, workers=6, gpus=2, runs_per_gpu=2).endswith(
+        "(workers=6 is not GPUs x 2: runs at once per GPU [4, 2])")
+
+
+def test_runs_per_gpu_defaults_per_launcher_and_is_validated():
+    from pydantic import ValidationError
+
+    from bench.launch.options import DEFAULT_RUNS_PER_GPU
+
+    assert LauncherConfig(name="slurm").packing() == 1  # one run per array task unless asked
+    assert LauncherConfig(name="local").packing() == DEFAULT_RUNS_PER_GPU["local"]
+    assert LauncherConfig(name="local", runs_per_gpu=3).packing() == 3
+    with pytest.raises(ValidationError, match="runs_per_gpu"):
+        LauncherConfig(name="local", runs_per_gpu=0)
+
+
+def test_a_packed_local_sweep_runs_two_runs_side_by_side_on_one_gpu(tmp_path, monkeypatch, capsys):
+    """K=2 on one (faked) GPU: two worker processes for the one GPU; CUDA_VISIBLE_DEVICES=0 names
+    a GPU this machine may not have, where device auto trains on the CPU."""
+    from bench.launch import local
+
+    monkeypatch.setattr(local, "gpu_count", lambda: 1)
+    store = Store(tmp_path / "results")
+    path = write(tmp_path, SWEEP.replace("seeds: [0, 1]", "seeds: [0]").replace("workers: 2", "runs_per_gpu: 2"))
+    assert cli(["--results", str(store.root), "sweep", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "local: 2 runs on 1 GPU x 2 runs per GPU" in out
+    st = statuses(store)
+    assert sorted(s["state"] for s in st.values()) == ["finished", "finished"]
+    for rid, s in st.items():  # each ran in a worker process of its own, logging to its run.log
+        assert not s.get("job_id") and Path(s["log"]) == store.root / "two" / rid / "run.log"
+        assert (store.root / "two" / rid / "summary.json").exists()
+
+
 # ---------------------------------------------------------------- slurm (no cluster needed)
 
 
@@ -267,3 +342,86 @@ def test_wait_on_an_earlier_launch_then_jobs_gone_without_an_end_are_interrupted
     assert "4 runs: 1 finished, 3 interrupted" in out
     st = statuses(store)[configs[2].run_id()]
     assert st["state"] == "interrupted" and st["error"].startswith("job 77_0 ended without recording an end")
+
+
+# ---------------------------------------------------------------- slurm, K runs per array task
+
+
+def test_packed_slurm_submits_chunks_of_k_runs_one_array_task_each(slurm_world, capsys):
+    configs, store, executor, queue, _ = slurm_world
+    assert launch(configs, store, LauncherConfig(name="slurm", runs_per_gpu=2, cpus_per_task=4)) == 0
+    todo = [store.run_dir(c.group, c.run_id()) for c in configs[2:]]
+    assert executor.submitted == [[[str(rd.path.resolve()) for rd in todo]]]  # one task, both runs
+    for rd in todo:
+        st = rd.status()
+        assert (st["state"], st["job_id"], st["log"]) == ("pending", "77_0", str(rd.path / "run.log"))
+        assert st["stdout"] == "/logs/77_0.out"
+    assert "submitted 2 run(s), 2 per task at once (1 array task(s)) as job array 77 (77_0 .. 77_0)" in \
+        capsys.readouterr().out
+    queue.add("77_0")  # both runs are held by the one queued task: status and a relaunch see that
+    assert launch(configs, store, LauncherConfig(name="slurm", runs_per_gpu=2)) == 0
+    assert len(executor.submitted) == 1 and "4 runs: 1 finished, 3 queued" in capsys.readouterr().out
+
+
+def test_chunks_are_k_runs_in_order_the_last_one_shorter():
+    from bench.launch.slurm import chunks
+
+    assert chunks(list(range(5)), 2) == [[0, 1], [2, 3], [4]]
+    assert chunks(list(range(4)), 4) == [[0, 1, 2, 3]] and chunks([7], 3) == [[7]]
+
+
+def test_packed_checkpoint_stops_the_runs_marks_them_pending_and_requeues_the_chunk(tmp_path):
+    import pickle
+    import subprocess
+    import sys
+
+    from bench.launch.slurm import PackedSweepJob
+
+    store = Store(tmp_path)
+    running, done = store.run_dir("g", "joint-a"), store.run_dir("g", "joint-b")
+    running.set_status("running", job_id="9_1", log="/x/run.log", epoch=1)
+    done.set_status("finished", job_id="9_1")
+    job = PackedSweepJob(cpus_per_task=4)
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    job.procs[str(running.path)] = proc
+    chunk = [str(running.path), str(done.path)]
+    delayed = job.checkpoint(chunk)
+    assert proc.poll() is not None  # stopped before the task goes: the requeued task resumes it
+    assert delayed.function is job and delayed.args == (chunk,)
+    st = running.status()
+    assert (st["state"], st["job_id"], st["restarts"]) == ("pending", "9_1", 1) and "requeued" in st["note"]
+    assert done.status()["state"] == "finished"
+    again = pickle.loads(pickle.dumps(job))  # what submitit dumps for the requeued task: no processes
+    assert again.cpus_per_task == 4 and again.procs == {}
+
+
+def test_a_run_process_killed_by_a_signal_in_a_packed_task_is_interrupted_not_failed(tmp_path):
+    from bench.launch.worker import record_exit
+
+    store = Store(tmp_path)
+    rd = store.run_dir("g", "joint-a")
+    rd.set_status("running", job_id="9_1")
+    assert record_exit(rd, -15, killed="interrupted") == "interrupted"
+    assert "signal 15" in rd.status()["error"] and rd.status()["job_id"] == "9_1"
+    other = store.run_dir("g", "joint-b")
+    other.set_status("running")
+    assert record_exit(other, 3, killed="interrupted") == "failed"
+    assert record_exit(rd, 0) == "interrupted"  # what the run recorded itself stands
+
+
+def test_packed_slurm_array_runs_each_chunk_together_through_submitit(tmp_path, capsys):
+    """submitit's debug executor runs each array task in this process: 2 runs, 2 per task, make
+    one task, which trains both at once in run-one processes of their own."""
+    store = Store(tmp_path / "results")
+    _, configs = load_sweep(write(tmp_path, SWEEP.replace("seeds: [0, 1]", "seeds: [0]")))
+    options = LauncherConfig(name="slurm", runs_per_gpu=2, cpus_per_task=2)
+    code = launch(configs, store, options, wait=True, cluster="debug", poll_s=0)
+    out = capsys.readouterr().out
+    assert code == 0 and "2 runs: 2 finished" in out, out
+    assert "submitted 2 run(s), 2 per task at once (1 array task(s))" in out
+    rds = [store.run_dir(c.group, c.run_id()) for c in configs]
+    assert rds[0].status()["job_id"] == rds[1].status()["job_id"]  # they shared the task
+    for rd in rds:
+        st = rd.status()
+        assert st["state"] == "finished" and Path(st["log"]) == rd.path / "run.log"
+        assert f"finished: {rd.path}" in (rd.path / "run.log").read_text()  # its own process's output

@@ -55,9 +55,11 @@ def launch_slurm(todo: list[PlannedRun], planned: list[PlannedRun], store: Store
 
     group = todo[0].cfg.group
     folder = store.root / group / ".submitit"
-    jobs = slurm.submit(todo, slurm.make_executor(folder, options, f"mmb-{group}", cluster))
+    k = options.packing()
+    jobs = slurm.submit(todo, slurm.make_executor(folder, options, f"mmb-{group}", cluster), k, options.cpus_per_task)
     array = str(jobs[0].job_id).split("_")[0]
-    print(f"submitted {len(jobs)} run(s) as job array {array} ({jobs[0].job_id} .. {jobs[-1].job_id}); "
+    packed = f", {k} per task at once ({len(jobs)} array task(s))" if k > 1 else ""
+    print(f"submitted {len(todo)} run(s){packed} as job array {array} ({jobs[0].job_id} .. {jobs[-1].job_id}); "
           f"logs in {folder}", flush=True)
     if not wait:
         print(f"follow with: mmbalance status {store.root / group}   (or: mmbalance sweep ... --wait)")
@@ -70,8 +72,9 @@ def launch_slurm(todo: list[PlannedRun], planned: list[PlannedRun], store: Store
 
 
 def active_job_ids(planned: Sequence[PlannedRun]) -> list[str]:
+    """The job ids of `planned`, each once (packed runs share their array task's id)."""
     ids = (p.run_dir.status().get("job_id") for p in planned)
-    return [str(job) for job in ids if job]
+    return list(dict.fromkeys(str(job) for job in ids if job))
 
 
 class Progress:

@@ -8,29 +8,42 @@ from pydantic import Field
 
 from bench.config import Strict
 
+# What `runs_per_gpu` means when the sweep leaves it out. local: 2 runs per GPU (K processes
+# sharing the cores where there is none); measured with bench/perf/packing.py (numbers below).
+# slurm: 1, one run per array task as before packing existed: a task's CPUs and GPUs are what
+# the sweep asks for per task, so packing there is the sweep's choice.
+DEFAULT_RUNS_PER_GPU = {"inline": 1, "local": 2, "slurm": 1}
+
 
 class LauncherConfig(Strict):
     """Where and how a sweep's runs are executed.
 
     inline: one after another in this process; local: `workers` processes on this machine;
     slurm: one submitit job array, with the sbatch options below.
+    runs_per_gpu (K): local and slurm run K runs at once on one GPU (K processes sharing it; on a
+    machine without GPUs, K processes sharing the cores); left out, DEFAULT_RUNS_PER_GPU decides.
     """
 
     name: Literal["inline", "local", "slurm"] = "inline"
-    workers: int | None = Field(None, ge=1)  # local: processes (default: GPUs here, else 1)
+    workers: int | None = Field(None, ge=1)  # local: processes (default: GPUs here x runs_per_gpu, else runs_per_gpu)
+    runs_per_gpu: int | None = Field(None, ge=1)  # K runs share one GPU; slurm: K runs per array task
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
-    time_min: int = Field(240, ge=1)  # per run; a run that times out requeues itself and resumes
+    time_min: int = Field(240, ge=1)  # per array task; a task that times out requeues itself and resumes
     gpus_per_task: int | None = Field(None, ge=0)
-    cpus_per_task: int = Field(1, ge=1)
+    cpus_per_task: int = Field(1, ge=1)  # slurm: split between the runs_per_gpu runs of a task
     mem_gb: float | None = Field(None, gt=0)
     array_parallelism: int = Field(64, ge=1)
     constraint: str | None = None
     max_requeues: int = Field(10, ge=0)  # time-outs/pre-emptions after which a run is left failed
     sbatch_extra: dict[str, Any] = Field(default_factory=dict)  # any other sbatch option: {key: value}
 
+    def packing(self) -> int:
+        """K, the runs that share one GPU (or, for slurm, one array task)."""
+        return self.runs_per_gpu or DEFAULT_RUNS_PER_GPU[self.name]
+
 
 # `mmbalance sweep` flags (dest name) that override the file's launcher section
-FLAG_KEYS = ("workers", "partition", "account", "qos", "time_min", "gpus_per_task", "cpus_per_task",
-             "mem_gb", "array_parallelism", "constraint")
+FLAG_KEYS = ("workers", "runs_per_gpu", "partition", "account", "qos", "time_min", "gpus_per_task",
+             "cpus_per_task", "mem_gb", "array_parallelism", "constraint")

@@ -1,14 +1,21 @@
-"""The SLURM launcher: one submitit job array per launch, one array task per run.
+"""The SLURM launcher: one submitit job array per launch, one array task per run, or, with
+runs_per_gpu K > 1, per chunk of K runs that share the task's GPU and CPUs.
 
-Each task runs `SweepJob`, a submitit Checkpointable: on a time-out or pre-emption submitit calls
-its `checkpoint()`, which marks the run pending and requeues the same call; the requeued task
-resumes from the run's checkpoint.pt (bench.train.run resumes unfinished runs). Runs that are
-finished or still queued are never submitted (bench.launch.plan decides).
+Each task runs `SweepJob` (one run, in the task's process) or `PackedSweepJob` (K runs, each in a
+`python -m bench run-one` process of its own), submitit Checkpointables: on a time-out or
+pre-emption submitit calls their `checkpoint()`, which marks the unfinished runs pending and
+requeues the same call; the requeued task skips finished runs and resumes started ones from
+their checkpoint.pt (bench.train.run resumes unfinished runs). Runs that are finished or still
+queued are never submitted (bench.launch.plan decides).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,10 +23,11 @@ from typing import Any
 
 import submitit
 
+from bench.errors import RunFailed
 from bench.launch import jobs as slurm_queue
 from bench.launch.options import LauncherConfig
 from bench.launch.plan import PlannedRun
-from bench.launch.worker import run_one
+from bench.launch.worker import record_exit, record_placement, run_one
 from bench.store import RunDir
 
 
@@ -30,12 +38,79 @@ class SweepJob(submitit.helpers.Checkpointable):
         return run_one(run_dir, **placement())
 
     def checkpoint(self, run_dir: str) -> submitit.helpers.DelayedSubmission:
-        rd = RunDir(Path(run_dir))
-        status = rd.status()
-        if status["state"] != "finished":
-            rd.set_status("pending", note="requeued after a time-out or pre-emption; resumes from its checkpoint",
-                          restarts=int(status.get("restarts", 0)) + 1)
+        mark_requeued(RunDir(Path(run_dir)))
         return super().checkpoint(run_dir)
+
+
+class PackedSweepJob(submitit.helpers.Checkpointable):
+    """What an array task runs with K > 1: its chunk of run directories, all at once, each in a
+    `python -m bench run-one` process with cpus_per_task // K threads, sharing the task's GPU.
+    Each run's status gets the task's job id (so that status, cancel and the summary find it),
+    `log` its own run.log (where its process writes) and `stdout` the task's output."""
+
+    def __init__(self, cpus_per_task: int = 1) -> None:
+        self.cpus_per_task = cpus_per_task
+        self.procs: dict[str, subprocess.Popen] = {}  # live run-one processes; never pickled
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"cpus_per_task": self.cpus_per_task}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state)
+
+    def __call__(self, run_dirs: list[str]) -> dict[str, str]:
+        where = placement()
+        todo = [RunDir(Path(d)) for d in run_dirs]
+        todo = [rd for rd in todo if not (rd.status()["state"] == "finished" and rd.summary.exists())]
+        threads = str(max(1, self.cpus_per_task // max(len(run_dirs), 1)))
+        env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        print(f"task {where['job_id']}: {len(todo)} of {len(run_dirs)} run(s) to do at once, "
+              f"{threads} thread(s) each", flush=True)
+        for rd in todo:
+            record_placement(rd, job_id=where["job_id"], log=str(rd.path / "run.log"),
+                             **({"stdout": where["stdout"]} if "stdout" in where else {}))
+            with open(rd.path / "run.log", "ab") as log:
+                self.procs[str(rd.path)] = subprocess.Popen(
+                    [sys.executable, "-m", "bench", "run-one", str(rd.path)], stdout=log,
+                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, preexec_fn=ignore_preemption)
+        states = {}
+        for rd in todo:
+            code = self.procs[str(rd.path)].wait()
+            states[str(rd.path)] = record_exit(rd, code, killed="interrupted")
+            print(f"task {where['job_id']}: {states[str(rd.path)]} {rd.path}", flush=True)
+        failed = [f"{Path(d).name} ({state})" for d, state in states.items() if state != "finished"]
+        if failed:  # the task fails as a one-run task would; each run's status says why
+            raise RunFailed(f"{len(failed)} of {len(todo)} run(s) of this task did not finish: {', '.join(failed)}")
+        return states
+
+    def checkpoint(self, run_dirs: list[str]) -> submitit.helpers.DelayedSubmission:
+        """Stop the chunk's processes (the requeued task resumes them from their last
+        checkpoint.pt), mark its unfinished runs pending, requeue the same chunk."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for run_dir in run_dirs:
+            mark_requeued(RunDir(Path(run_dir)))
+        return super().checkpoint(run_dirs)
+
+
+def ignore_preemption() -> None:
+    """In a packed task's run-one processes: SLURM signals every process of the task before a
+    time-out or pre-emption; only the task's own handler (checkpoint above) acts on it."""
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
+def mark_requeued(rd: RunDir) -> None:
+    status = rd.status()
+    if status["state"] != "finished":
+        rd.set_status("pending", note="requeued after a time-out or pre-emption; resumes from its checkpoint",
+                      restarts=int(status.get("restarts", 0)) + 1)
 
 
 def placement() -> dict[str, str]:
@@ -68,26 +143,40 @@ def make_executor(folder: Path, options: LauncherConfig, name: str, cluster: str
     return executor
 
 
-def submit(todo: Sequence[PlannedRun], executor: submitit.Executor) -> list[submitit.Job]:
-    """Submit one array task per run; each run's status becomes pending with its job id and log.
-    If the submission fails, the runs' previous status files are put back."""
+def chunks(todo: Sequence[PlannedRun], k: int) -> list[list[PlannedRun]]:
+    """The runs in array-task order, K at a time (the last chunk may be shorter)."""
+    return [list(todo[i:i + k]) for i in range(0, len(todo), k)]
+
+
+def submit(todo: Sequence[PlannedRun], executor: submitit.Executor, runs_per_task: int = 1,
+           cpus_per_task: int = 1) -> list[submitit.Job]:
+    """Submit one array task per run (runs_per_task 1: SweepJob, whose log is the task's stderr)
+    or per chunk of runs_per_task runs (PackedSweepJob, each run logging to its run.log); each
+    run's status becomes pending with its task's job id and logs. Returns the tasks' jobs. If
+    the submission fails, the runs' previous status files are put back."""
     if not todo:
         return []
+    groups = chunks(todo, runs_per_task)
     previous = {p.run_dir.path: p.run_dir.status_file.read_text() if p.run_dir.status_file.exists() else None
                 for p in todo}
     for p in todo:
         p.run_dir.write_config(p.cfg.to_dict())
         p.run_dir.set_status("pending", job_id=None, log=None, stdout=None)
+    paths = [[str(p.run_dir.path.resolve()) for p in group] for group in groups]
     try:
-        jobs = executor.map_array(SweepJob(), [str(p.run_dir.path.resolve()) for p in todo])
+        if runs_per_task == 1:
+            jobs = executor.map_array(SweepJob(), [chunk[0] for chunk in paths])
+        else:
+            jobs = executor.map_array(PackedSweepJob(cpus_per_task), paths)
     except BaseException:
         for p in todo:
             restore_status(p.run_dir, previous[p.run_dir.path])
         raise
-    for p, job in zip(todo, jobs):
-        if p.run_dir.status()["state"] == "pending":  # the task may already have started
-            p.run_dir.set_status("pending", job_id=str(job.job_id), log=str(job.paths.stderr),
-                                 stdout=str(job.paths.stdout))
+    for group, job in zip(groups, jobs):
+        for p in group:
+            log = job.paths.stderr if runs_per_task == 1 else p.run_dir.path / "run.log"
+            if p.run_dir.status()["state"] == "pending":  # the task may already have started
+                p.run_dir.set_status("pending", job_id=str(job.job_id), log=str(log), stdout=str(job.paths.stdout))
     return jobs
 
 

@@ -42,9 +42,7 @@ def run_one(run_dir: str | Path, **placement: str) -> str:
     set_threads()
     cfg, store = load_run(run_dir)
     rd = store.run_dir(cfg.group, cfg.run_id())
-    state = rd.status()["state"]
-    if placement and state != "finished":
-        rd.set_status("pending" if state == "new" else state, **placement)
+    record_placement(rd, **placement)
     try:
         return run(cfg, store).state
     except RunFailed:
@@ -53,3 +51,25 @@ def run_one(run_dir: str | Path, **placement: str) -> str:
         raise
     except BaseException as e:  # a ConfigError while building the model, say: still the run's failure
         raise record_failure(rd, e) from e
+
+
+def record_placement(rd: RunDir, **placement: str) -> None:
+    """Write where the run executes (job_id, log, stdout) into its status, unless it is finished."""
+    state = rd.status()["state"]
+    if placement and state != "finished":
+        rd.set_status("pending" if state == "new" else state, **placement)
+
+
+def record_exit(rd: RunDir, code: int, killed: str = "failed") -> str:
+    """The run's state once its `run-one` process has exited with `code`. A process that died
+    before it could record anything (out of memory, a signal) leaves its run as it was: it is
+    marked failed (or `killed`, for one a signal ended) with the exit code."""
+    state = rd.status()["state"]
+    if code != 0 and state not in ("failed", "interrupted"):
+        if code < 0 and killed != "failed":
+            rd.set_status(killed, error=f"run-one process killed by signal {-code}; launch again to resume")
+        else:
+            rd.set_status("failed", error=f"worker process exited with code {code}",
+                          traceback=f"see {rd.path / 'run.log'}")
+        state = rd.status()["state"]
+    return state
