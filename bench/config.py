@@ -69,7 +69,14 @@ class TrainConfig(Strict):
     seed: int = 0
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     amp: bool = True  # bf16 autocast, used only on CUDA
-    workers: int = Field(0, ge=0)
+    workers: int = Field(0, ge=0)  # loader processes; they persist across epochs
+    prefetch: int = Field(4, ge=1)  # batches each loader worker reads ahead
+    # where per-pixel augmentation (crops, flips, noise, normalisation) runs: per sample in the
+    # loader, or per batch on the training device; auto = device on CUDA, loader elsewhere
+    augment: Literal["auto", "loader", "device"] = "auto"
+    channels_last: bool = True  # CUDA only: NHWC model and image batches
+    cudnn_benchmark: bool = True  # CUDA only: autotune convolutions (shapes are fixed per run)
+    compile: bool = False  # torch.compile the encoders (first epoch pays the compilation)
     progress: bool = True
 
 
@@ -100,8 +107,10 @@ class RunConfig(Strict):
 
 DEFAULT_NAMES = {"dataset": "avdigits", "method": "joint"}
 
-# Keys that do not change what a run computes, so they stay out of the run id.
-HASH_EXCLUDED = ("group", "label", "train.workers", "train.progress")
+# Keys that say how a run executes, not what it computes, so they stay out of the run id:
+# changing them keeps a run's directory and results.
+HASH_EXCLUDED = ("group", "label", "train.workers", "train.progress", "train.prefetch", "train.channels_last",
+                 "train.cudnn_benchmark", "train.compile")
 
 
 def run_id(cfg: RunConfig) -> str:

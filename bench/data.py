@@ -1,16 +1,25 @@
-"""Seeding and batching: the same batches in the same order for a seed, resumed or not."""
+"""Seeding and batching: the same batches in the same order for a seed, resumed or not, with
+any number of loader workers.
+
+`SplitLoader` is the training data path: batches of one split, read by persistent workers into
+pinned memory, copied without blocking, finished on the device (the batch halves of the views:
+GPU augmentation) and laid out channels_last where asked.
+"""
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from datasets.base import TensorSplit
+from bench.config import TrainConfig
+from datasets.base import Dataset, TensorSplit
 from methods.base import Batch
+
+BatchView = Callable[[torch.Tensor], torch.Tensor]
 
 
 def seed_everything(seed: int) -> None:
@@ -39,34 +48,6 @@ def collate(items: Sequence[tuple[dict[str, torch.Tensor], int]]) -> Batch:
     return Batch(inputs, torch.tensor([y for _, y in items], dtype=torch.long))
 
 
-def batches(
-    split: torch.utils.data.Dataset,
-    batch_size: int,
-    *,
-    shuffle: bool,
-    generator: torch.Generator | None = None,
-    drop_last: bool = False,
-    workers: int = 0,
-    pin_memory: bool = False,
-) -> Iterator[Batch]:
-    """Batches of `split`. In-memory splits are sliced directly (no per-item collation)."""
-    if isinstance(split, TensorSplit):
-        yield from _tensor_batches(split, batch_size, shuffle, generator, drop_last)
-        return
-    loader = DataLoader(
-        split,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        generator=generator,
-        drop_last=drop_last,
-        num_workers=workers,
-        worker_init_fn=seed_worker if workers else None,
-        collate_fn=collate,
-        pin_memory=pin_memory,
-    )
-    yield from loader
-
-
 def _tensor_batches(
     split: TensorSplit,
     batch_size: int,
@@ -78,9 +59,130 @@ def _tensor_batches(
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     stop = n - n % batch_size if drop_last else n
     for start in range(0, stop, batch_size):
-        idx = order[start : start + batch_size]
+        idx = order[start : start + batch_size].to(split.labels.device)
         yield Batch({m: t[idx] for m, t in split.inputs.items()}, split.labels[idx])
 
 
 def num_batches(n: int, batch_size: int, drop_last: bool) -> int:
     return n // batch_size if drop_last else -(-n // batch_size)
+
+
+class SeededItems(torch.utils.data.Dataset):
+    """`split` addressed by (seed, index): the item is computed under torch's RNG seeded with
+    `seed`, so a sample's random augmentation depends on (run seed, epoch, index) alone, not on
+    which worker made it, whether workers persist across epochs, or where a run resumed."""
+
+    def __init__(self, split: torch.utils.data.Dataset) -> None:
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[dict[str, torch.Tensor], int]:
+        seed, index = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.split[index]
+
+
+class PassSampler(torch.utils.data.Sampler):
+    """Batches of (seed, index) keys for one pass over a split; the loader's owner sets the pass
+    (order and item seeds from a generator, or in order with fixed seeds) before iterating. It
+    runs in the main process, so persistent workers see each new pass."""
+
+    def __init__(self, n: int, batch_size: int, drop_last: bool) -> None:
+        self.n, self.batch_size, self.drop_last = n, batch_size, drop_last
+        self.order = torch.arange(n)
+        self.base = 0
+
+    def set_pass(self, generator: torch.Generator | None, batch_size: int) -> None:
+        self.batch_size = batch_size
+        if generator is None:
+            self.order, self.base = torch.arange(self.n), 0
+        else:
+            self.order = torch.randperm(self.n, generator=generator)
+            self.base = int(torch.randint(0, 2**62, (1,), generator=generator))
+
+    def __len__(self) -> int:
+        return num_batches(self.n, self.batch_size, self.drop_last)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        order = self.order.tolist()
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            yield [(self.base + i, i) for i in order[start : start + self.batch_size]]
+
+
+class SplitLoader:
+    """Batches of one split on the training device.
+
+    In-memory splits are sliced directly. Others go through one DataLoader, built once: with
+    workers they persist across passes and prefetch `prefetch` batches each, into pinned memory
+    on CUDA; every batch is copied non-blocking, then finished by the split's batch views (the
+    device half of the augmentation) and, with `channels_last`, images laid out NHWC.
+    """
+
+    def __init__(self, split: torch.utils.data.Dataset, batch_size: int, device: torch.device, *,
+                 finish: dict[str, BatchView] | None = None, drop_last: bool = False, workers: int = 0,
+                 prefetch: int = 2, channels_last: bool = False) -> None:
+        self.split, self.batch_size, self.drop_last = split, batch_size, drop_last
+        self.device, self.finish, self.channels_last = device, finish or {}, channels_last
+        self.sampler: PassSampler | None = None
+        self.loader: DataLoader | None = None
+        if isinstance(split, TensorSplit) and device.type == "cuda":  # small enough: keep it on the GPU
+            self.split = TensorSplit({m: t.to(device) for m, t in split.inputs.items()}, split.labels.to(device))
+        if not isinstance(split, TensorSplit):
+            self.sampler = PassSampler(len(split), batch_size, drop_last)  # type: ignore[arg-type]
+            self.loader = DataLoader(
+                SeededItems(split), batch_sampler=self.sampler, num_workers=workers, collate_fn=collate,
+                pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                prefetch_factor=prefetch if workers > 0 else None,
+                worker_init_fn=seed_worker if workers else None,
+            )
+
+    def __len__(self) -> int:
+        return num_batches(len(self.split), self.batch_size, self.drop_last)  # type: ignore[arg-type]
+
+    def __call__(self, generator: torch.Generator | None = None, batch_size: int | None = None) -> Iterator[Batch]:
+        """One pass: shuffled by `generator`, or in order without one; `batch_size` overrides the
+        loader's for this pass (e.g. an evaluation-sized pass over the training split)."""
+        size = batch_size or self.batch_size
+        if self.loader is None:
+            raw: Iterator[Batch] = _tensor_batches(self.split, size, generator is not None,  # type: ignore[arg-type]
+                                                   generator, self.drop_last)
+        else:
+            assert self.sampler is not None
+            self.sampler.set_pass(generator, size)
+            raw = iter(self.loader)
+        for batch in raw:
+            yield self.finished(batch.to(self.device))
+
+    def finished(self, batch: Batch) -> Batch:
+        inputs = {m: self.finish[m](x) if m in self.finish else x for m, x in batch.inputs.items()}
+        if self.channels_last:
+            inputs = {m: x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+                      for m, x in inputs.items()}
+        return Batch(inputs, batch.labels)
+
+
+def augment_on_device(cfg: TrainConfig, device: torch.device) -> bool:
+    return cfg.augment == "device" or (cfg.augment == "auto" and device.type == "cuda")
+
+
+def build_loaders(dataset: Dataset, cfg: TrainConfig, device: torch.device) -> dict[str, SplitLoader]:
+    """The run's loaders: `train` (augmented, training batch size; the harness also makes
+    unshuffled evaluation-sized passes with it), `train_plain` (the train split with test-time
+    views, for probes), `val` and `test`."""
+    on_device = augment_on_device(cfg, device)
+    options = {"workers": cfg.workers, "prefetch": cfg.prefetch,
+               "channels_last": cfg.channels_last and device.type == "cuda"}
+
+    def loader(split: str, augment: bool, batch_size: int, drop_last: bool = False) -> SplitLoader:
+        data, finish = dataset.loader_split(split, augment=augment, on_device=on_device)
+        return SplitLoader(data, batch_size, device, finish=finish, drop_last=drop_last, **options)
+
+    return {
+        "train": loader("train", True, cfg.batch_size, cfg.drop_last),
+        "train_plain": loader("train", False, cfg.eval_batch_size),
+        "val": loader("val", False, cfg.eval_batch_size),
+        "test": loader("test", False, cfg.eval_batch_size),
+    }

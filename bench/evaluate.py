@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.data import batches
-from methods.base import Method
+from methods.base import Batch, Method
 
 
 def average_precision(hits: np.ndarray, scores: np.ndarray) -> float:
@@ -55,19 +56,13 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[s
 
 
 @torch.no_grad()
-def evaluate(
-    method: Method,
-    split: torch.utils.data.Dataset,
-    batch_size: int,
-    device: torch.device,
-    autocast,
-) -> dict:
-    """Fused metrics plus `modality_acc` from the method's own per-modality logits."""
+def evaluate(method: Method, batches: Iterable[Batch], autocast) -> dict:
+    """Fused metrics plus `modality_acc` from the method's own per-modality logits, over
+    `batches` (on the method's device)."""
     was_training = method.training
     method.eval()
     fused, per_modality, labels = [], {}, []
-    for batch in batches(split, batch_size, shuffle=False):
-        batch = batch.to(device)
+    for batch in batches:
         with autocast():
             pred = method.predict(batch)
         fused.append(pred.fused.float().cpu())

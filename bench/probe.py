@@ -7,7 +7,7 @@ that C is the reported number.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -15,19 +15,15 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from bench.data import batches
-from methods.base import Method
+from methods.base import Batch, Method
 
 
 @torch.no_grad()
-def collect_features(
-    method: Method, split: torch.utils.data.Dataset, batch_size: int, device: torch.device, autocast
-) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def collect_features(method: Method, batches: Iterable[Batch], autocast) -> tuple[dict[str, np.ndarray], np.ndarray]:
     method.eval()
     feats: dict[str, list[np.ndarray]] = {}
     labels = []
-    for batch in batches(split, batch_size, shuffle=False):
-        batch = batch.to(device)
+    for batch in batches:
         with autocast():
             out = method.features(batch)
         for m, f in out.items():
@@ -63,15 +59,14 @@ def fit_probe(
 
 def probe_all(
     method: Method,
-    splits: dict[str, torch.utils.data.Dataset],
-    batch_size: int,
-    device: torch.device,
+    batches: dict[str, Iterable[Batch]],
     autocast,
     c_grid: Sequence[float],
     max_iter: int,
 ) -> dict[str, dict[str, float]]:
-    """modality -> probe result, for every modality `method.features` returns."""
-    data = {name: collect_features(method, split, batch_size, device, autocast) for name, split in splits.items()}
+    """modality -> probe result, for every modality `method.features` returns; `batches` holds
+    an un-augmented pass over each of train, val and test."""
+    data = {name: collect_features(method, passes, autocast) for name, passes in batches.items()}
     return {
         m: fit_probe(*((data[s][0][m], data[s][1]) for s in ("train", "val", "test")), c_grid, max_iter)
         for m in data["train"][0]

@@ -22,14 +22,15 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from bench.config import RunConfig
-from bench.data import batches, epoch_generator, num_batches, seed_everything
+from bench.data import build_loaders, epoch_generator, seed_everything
+from bench.device import prepare_model, resolve_device
 from bench.errors import ConfigError, MMBalanceError, RunFailed
 from bench.evaluate import evaluate
 from bench.models import build_encoder
 from bench.probe import probe_all
 from bench.registry import DATASETS, METHODS
 from bench.store import RunDir, Store
-from datasets.base import SPLITS, Dataset
+from datasets.base import Dataset
 from methods.base import Batch, Method, MethodSetup, StepHelpers
 
 
@@ -49,14 +50,6 @@ class RunResult:
     path: str
     state: str  # finished | skipped
     summary: dict[str, Any]
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RunFailed(f"train.device={name!r} but CUDA is not available here; use auto or cpu")
-    return torch.device(name)
 
 
 def build_dataset(cfg: RunConfig) -> Dataset:
@@ -106,6 +99,51 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+PROGRESS_EVERY = 25  # steps between progress-bar loss updates (each one waits for the device)
+
+
+class LossTally:
+    """Sums a step's losses over an epoch without waiting for the device. With `lazy` (an
+    accelerator), tensors are summed where they are, with the first non-finite value of each key
+    and its batch index, and `means()` syncs once at the end; numbers (and, on CPU, where reading
+    is free, tensors) are summed here. `check()` raises NonFiniteLoss for the first bad batch."""
+
+    def __init__(self, lazy: bool) -> None:
+        self.lazy = lazy  # keep tensors where they are (on an accelerator, reading one waits for it)
+        self.sums: dict[str, torch.Tensor | float] = {}
+        self.first_bad: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # key -> (batch index, value)
+        self.samples = 0
+        self.bad_host: tuple[str, float, int] | None = None
+
+    def add(self, losses: dict[str, Any], n: int, index: int) -> None:
+        self.samples += n
+        for key, value in losses.items():
+            if isinstance(value, torch.Tensor) and self.lazy:
+                value = value.detach().float()
+                self.sums[key] = self.sums.get(key, 0.0) + value * n
+                where, what = self.first_bad.get(key) or (torch.full((), -1, device=value.device),
+                                                          torch.zeros((), device=value.device))
+                newly = (where < 0) & ~torch.isfinite(value)
+                self.first_bad[key] = (torch.where(newly, index, where), torch.where(newly, value, what))
+            else:
+                value = float(value)
+                self.sums[key] = self.sums.get(key, 0.0) + value * n
+                if not math.isfinite(value) and self.bad_host is None:
+                    self.bad_host = (key, value, index)
+
+    def means(self) -> dict[str, float]:
+        return {k: float(v) / max(self.samples, 1) for k, v in self.sums.items()}
+
+    def check(self, epoch: int) -> None:
+        bad = [(int(where), key, float(what)) for key, (where, what) in self.first_bad.items() if int(where) >= 0]
+        if self.bad_host is not None:
+            key, value, index = self.bad_host
+            bad.append((index, key, value))
+        if bad:
+            index, key, value = min(bad)
+            raise NonFiniteLoss(key, value, epoch, index)
+
+
 class PassCounter:
     """Counts encoder forward calls in training mode, to report forward passes per step."""
 
@@ -129,8 +167,9 @@ class Trainer:
         self.device = resolve_device(cfg.train.device)
         seed_everything(cfg.train.seed)
         self.dataset = datasets(cfg)
-        self.splits = {name: self.dataset.checked_split(name) for name in SPLITS}
-        self.method = build_method(cfg, self.dataset).to(self.device)
+        self.loaders = build_loaders(self.dataset, cfg.train, self.device)
+        self.method = build_method(cfg, self.dataset)
+        prepare_model(self.method, self.method.encoders, cfg.train, self.device)
         optimizer, scheduler = self.build_optimizer()
         self.helpers = StepHelpers(optimizer, self.device, cfg.train.amp, scheduler,
                                    rebuild=self.build_optimizer, train_batches=self.unshuffled_train)
@@ -143,8 +182,7 @@ class Trainer:
         return optimizer, build_scheduler(self.cfg, optimizer)
 
     def unshuffled_train(self) -> Iterator[Batch]:
-        for batch in batches(self.splits["train"], self.cfg.train.eval_batch_size, shuffle=False):
-            yield batch.to(self.device)
+        return self.loaders["train"](batch_size=self.cfg.train.eval_batch_size)
 
     # ---- checkpoints
     def save_checkpoint(self, epoch: int) -> None:
@@ -181,42 +219,32 @@ class Trainer:
     # ---- one epoch
     def train_epoch(self, epoch: int) -> dict[str, float]:
         cfg = self.cfg.train
-        split = self.splits["train"]
-        total = num_batches(len(split), cfg.batch_size, cfg.drop_last)
-        self.helpers.epoch, self.helpers.num_batches, self.helpers.batch_index = epoch, total, 0
+        loader = self.loaders["train"]
+        self.helpers.epoch, self.helpers.num_batches, self.helpers.batch_index = epoch, len(loader), 0
         self.method.train()
         self.method.on_epoch_start(epoch)
         lr = self.helpers.optimizer.param_groups[0]["lr"]  # after the hook, which may reset it
-        loader = batches(split, cfg.batch_size, shuffle=True, generator=epoch_generator(cfg.seed, epoch),
-                         drop_last=cfg.drop_last, workers=cfg.workers, pin_memory=self.device.type == "cuda")
-        sums: dict[str, float] = {}
-        samples = 0
+        losses = LossTally(lazy=self.device.type != "cpu")
         start = time.perf_counter()
-        bar = tqdm(loader, total=total, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                   disable=True if not cfg.progress else None, dynamic_ncols=True)  # None: off when not a TTY
+        bar = tqdm(loader(epoch_generator(cfg.seed, epoch)), total=len(loader), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   leave=False, disable=True if not cfg.progress else None, dynamic_ncols=True)  # None: off when not a TTY
         for index, batch in enumerate(bar):
-            batch = batch.to(self.device)
             self.helpers.batch_index = index
-            losses = self.method.training_step(batch)
-            for key, value in losses.items():
-                value = float(value)
-                if not math.isfinite(value):
-                    raise NonFiniteLoss(key, value, epoch, index)
-                sums[key] = sums.get(key, 0.0) + value * len(batch)
-            samples += len(batch)
+            step = self.method.training_step(batch)
+            losses.add(step, len(batch), index)
             self.steps += 1
-            bar.set_postfix(loss=f"{float(losses['loss']):.3f}", refresh=False)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            if not bar.disable and index % PROGRESS_EVERY == 0:  # a host sync: rarely, and only when shown
+                bar.set_postfix(loss=f"{float(step['loss']):.3f}", refresh=False)
+        means = losses.means()  # the epoch's one host sync
         seconds = time.perf_counter() - start
+        losses.check(epoch)
         self.helpers.scheduler.step()
         self.method.on_epoch_end(epoch)
-        return {**{k: v / max(samples, 1) for k, v in sums.items()}, "lr": lr,
-                "seconds": seconds, "samples_per_s": samples / seconds if seconds else 0.0}
+        return {**means, "lr": lr, "seconds": seconds,
+                "samples_per_s": losses.samples / seconds if seconds else 0.0}
 
     def evaluate(self, split: str) -> dict[str, Any]:
-        return evaluate(self.method, self.splits[split], self.cfg.train.eval_batch_size, self.device,
-                        self.helpers.autocast)
+        return evaluate(self.method, self.loaders[split](), self.helpers.autocast)
 
     # ---- the whole run
     def fit(self) -> dict[str, Any]:
@@ -253,8 +281,8 @@ class Trainer:
         probes = {}
         if cfg.eval.probe:
             self.method.load_state_dict(self.dir.load(self.dir.best)["model"])
-            probes = probe_all(self.method, self.splits, cfg.train.eval_batch_size, self.device,
-                               self.helpers.autocast, cfg.eval.probe_c_grid, cfg.eval.probe_max_iter)
+            passes = {"train": self.loaders["train_plain"](), "val": self.loaders["val"](), "test": self.loaders["test"]()}
+            probes = probe_all(self.method, passes, self.helpers.autocast, cfg.eval.probe_c_grid, cfg.eval.probe_max_iter)
         return {
             "run_id": self.dir.run_id,
             "dataset": cfg.dataset["name"],

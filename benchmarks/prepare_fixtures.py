@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.data import batches  # noqa: E402
+from bench.data import SplitLoader  # noqa: E402
 from bench.registry import DATASETS  # noqa: E402
 from datasets.prepare.runner import prepare  # noqa: E402
 from tests.fixtures.ave import write_ave  # noqa: E402
@@ -60,11 +60,11 @@ def cache_bytes_per_row(root: Path) -> float:
 def load_rate(name: str, root: Path, pipeline: str) -> float:
     cls = DATASETS.get(name)
     ds = cls(cls.Params.model_validate({"root": str(root), "pipeline": pipeline}))
-    split = ds.split("train")
-    for _ in batches(split, 8, shuffle=True):  # warm-up: page cache, lazy imports
+    loader = SplitLoader(ds.split("train"), 8, torch.device("cpu"))
+    for _ in loader(torch.Generator().manual_seed(0)):  # warm-up: page cache, lazy imports
         pass
     start = time.perf_counter()
-    n = sum(len(b.labels) for b in batches(split, 8, shuffle=True))
+    n = sum(len(b.labels) for b in loader(torch.Generator().manual_seed(1)))
     return n / (time.perf_counter() - start)
 
 

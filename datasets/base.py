@@ -100,6 +100,17 @@ class Dataset(ABC):
             raise DataError(f"dataset {self.registry_name!r}: split {name!r} is empty ({self.describe()})")
         return data
 
+    def loader_split(self, name: str, *, augment: bool, on_device: bool) -> tuple[torch.utils.data.Dataset, dict[str, Any]]:
+        """What the harness batches for split `name`, and per modality the batch half of its view,
+        which the harness runs on the training device (datasets.batch_views).
+
+        `augment`: the training views (random crops...) rather than the test-time ones; the
+        harness asks for the train split without them for probes. `on_device`: split each view
+        that has a batch half. Datasets held in memory have no views: their splits come as they
+        are, and the dict is empty.
+        """
+        return self.checked_split(name), {}
+
     def describe(self) -> str:
         return f"{self.registry_name} {self.params.model_dump()}"
 

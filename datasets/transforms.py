@@ -8,12 +8,14 @@ RNG, which the harness seeds per run (and per DataLoader worker).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torchvision.transforms import v2
+
+from datasets.batch_views import BatchView, FrameBatch, normalise, to_float32
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -45,12 +47,17 @@ class SpectrogramView:
 
     train: bool
     crop: int | None = None
+    half: bool = False  # keep float16 (the deferred view; the batch half casts on the device)
 
     def shape(self, stored: Sequence[int]) -> tuple[int, ...]:
         return (1, stored[0], self.crop or stored[1])
 
+    def deferred(self) -> tuple[SpectrogramView, BatchView]:
+        """The per-sample half (crop, float16) and the batch half (to float32) of this view."""
+        return replace(self, half=True), to_float32
+
     def __call__(self, arr: np.ndarray, count: int | None = None) -> torch.Tensor:
-        x = torch.from_numpy(np.asarray(arr, dtype=np.float32))
+        x = torch.from_numpy(np.array(arr, dtype=np.float16 if self.half else np.float32))  # a copy: rows are read-only maps
         if self.crop is not None and x.shape[1] > self.crop:
             slack = x.shape[1] - self.crop
             start = int(torch.randint(0, slack + 1, ())) if self.train else slack // 2
@@ -87,17 +94,20 @@ class FrameClip:
         pick = segment_indices if self.sampling == "segments" else window_indices
         return pick(count, self.frames, self.train)
 
+    def deferred(self) -> tuple[FrameSelect, BatchView]:
+        """The per-sample half (frame selection, uint8) and the batch half (crop, flip, noise,
+        normalisation; datasets.batch_views) of this view."""
+        batch_fields = {k: getattr(self, k) for k in FrameBatch.__dataclass_fields__}
+        return FrameSelect(self), FrameBatch(**batch_fields)
+
     def __call__(self, arr: np.ndarray, count: int | None = None) -> torch.Tensor:
-        n = int(count) if count is not None else len(arr)
-        x = torch.from_numpy(np.ascontiguousarray(arr[self.indices(n)])).permute(0, 3, 1, 2)  # T, C, H, W
+        x = select_frames(arr, count, self.indices)  # T, C, H, W uint8
         # crop and resize while still uint8: the float conversion then touches only the output pixels
         x = self._augment(x) if self.train else self._fit(x)
         x = x.float().div_(255.0)
         if self.noise_std > 0 and (self.train or self.noise_at_test):
             x = x + torch.randn_like(x) * self.noise_std
-        mean = torch.tensor(self.mean).view(1, -1, 1, 1)
-        std = torch.tensor(self.std).view(1, -1, 1, 1)
-        return ((x - mean) / std).permute(1, 0, 2, 3).contiguous()  # C, T, H, W
+        return normalise(x, self.mean, self.std).permute(1, 0, 2, 3).contiguous()  # C, T, H, W
 
     def _augment(self, x: torch.Tensor) -> torch.Tensor:
         if self.crop == "random_resized":
@@ -116,3 +126,22 @@ class FrameClip:
         if x.shape[-2:] == (self.size, self.size):
             return x
         return v2.functional.resize(x, [self.size, self.size], antialias=True)
+
+
+def select_frames(arr: np.ndarray, count: int | None, indices: Any) -> torch.Tensor:
+    """(T_slots, H, W, C) uint8 with `count` real frames -> the chosen (k, C, H, W) uint8 frames."""
+    n = int(count) if count is not None else len(arr)
+    return torch.from_numpy(np.ascontiguousarray(arr[indices(n)])).permute(0, 3, 1, 2)
+
+
+@dataclass(frozen=True)
+class FrameSelect:
+    """The per-sample half of a deferred FrameClip: its frames chosen, as stored -> (C, k, H, W) uint8."""
+
+    clip: FrameClip
+
+    def shape(self, stored: Sequence[int]) -> tuple[int, ...]:
+        return (stored[3], self.clip.frames, stored[1], stored[2])
+
+    def __call__(self, arr: np.ndarray, count: int | None = None) -> torch.Tensor:
+        return select_frames(arr, count, self.clip.indices).permute(1, 0, 2, 3).contiguous()

@@ -152,6 +152,34 @@ def test_one_epoch_through_cli(ogmge_cache, tmp_path, capsys):
     assert "finished" in capsys.readouterr().out
 
 
+def test_deferred_views_finish_on_the_device_as_the_per_sample_path_does(ogmge_cache):
+    out, _ = ogmge_cache
+    ds = CremaD(CremadParams(root=str(out), pipeline="ogmge"))
+    loader_side, finish = ds.loader_split("test", augment=False, on_device=True)
+    assert set(finish) == {"audio", "visual"}
+    x, _ = loader_side[0]
+    assert x["audio"].dtype == torch.float16 and x["visual"].dtype == torch.uint8
+    assert x["visual"].shape == (3, 1, 224, 224)  # frames chosen, still as stored
+    per_sample, no_finish = ds.loader_split("test", augment=False, on_device=False)
+    assert no_finish == {}
+    reference = torch.stack([per_sample[i][0]["visual"] for i in range(3)])
+    batch = torch.stack([loader_side[i][0]["visual"] for i in range(3)])
+    assert torch.allclose(finish["visual"](batch), reference, atol=1e-6)
+    audio = torch.stack([loader_side[i][0]["audio"] for i in range(3)])
+    assert torch.equal(finish["audio"](audio), torch.stack([per_sample[i][0]["audio"] for i in range(3)]))
+    # training: shapes and value ranges agree (the draws differ: one per batch instead of per sample)
+    train_side, train_finish = ds.loader_split("train", augment=True, on_device=True)
+    clips = train_finish["visual"](torch.stack([train_side[i][0]["visual"] for i in range(4)]))
+    assert clips.shape == (4, 3, 1, 224, 224) and clips.dtype == torch.float32 and torch.isfinite(clips).all()
+
+
+def test_one_epoch_with_augmentation_on_the_device(ogmge_cache, tmp_path, capsys):
+    out, _ = ogmge_cache
+    code = train_one_epoch(tmp_path, "cremad", out, ("audio", "visual"), extra=("train.augment=device", "train.workers=1"))
+    assert code == 0, capsys.readouterr().err
+    assert "finished" in capsys.readouterr().out
+
+
 def mla_test_list() -> list[str]:
     return read_pinned_list(load_manifest("cremad").flavour("mla"), "test")
 

@@ -1,17 +1,19 @@
-"""Batching: the same batches for the same (seed, epoch), in memory or through DataLoader workers."""
+"""The data path: the same batches for the same (seed, epoch), in memory or read by workers (any
+number, persistent), and the batch halves of the views applied after the copy to the device."""
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from bench.data import batches, epoch_generator, num_batches
+from bench.data import SplitLoader, epoch_generator, num_batches
 from datasets.base import TensorSplit
+
+CPU = torch.device("cpu")
 
 
 class FileLikeSplit(torch.utils.data.Dataset):
-    """A split read item by item (as real datasets are), whose items use numpy randomness the
-    way augmentations do, to check that workers are seeded."""
+    """A split read item by item (as real datasets are), whose items draw from torch's RNG the way
+    the views' augmentations do."""
 
     def __init__(self, n: int) -> None:
         self.n = n
@@ -20,38 +22,50 @@ class FileLikeSplit(torch.utils.data.Dataset):
         return self.n
 
     def __getitem__(self, i: int):
-        jitter = np.random.random()  # seeded per worker by the loader
-        return {"audio": torch.full((2,), float(i)), "visual": torch.tensor([jitter])}, i % 3
+        jitter = torch.rand(())
+        return {"audio": torch.full((2,), float(i)), "visual": jitter[None]}, i % 3
 
 
-def collect(split, **kwargs):
+def collect(loader: SplitLoader, generator=None, batch_size=None):
     return [(b.inputs["audio"][:, 0].tolist(), b.inputs["visual"][:, 0].tolist(), b.labels.tolist())
-            for b in batches(split, 4, **kwargs)]
+            for b in loader(generator, batch_size)]
 
 
 def test_tensor_split_batches_follow_the_epoch_generator():
-    split = TensorSplit({"audio": torch.arange(10.0)[:, None]}, torch.arange(10) % 2)
-    a = [b.inputs["audio"][:, 0].tolist() for b in batches(split, 4, shuffle=True, generator=epoch_generator(0, 3))]
-    b = [b.inputs["audio"][:, 0].tolist() for b in batches(split, 4, shuffle=True, generator=epoch_generator(0, 3))]
-    c = [b.inputs["audio"][:, 0].tolist() for b in batches(split, 4, shuffle=True, generator=epoch_generator(0, 4))]
+    loader = SplitLoader(TensorSplit({"audio": torch.arange(10.0)[:, None]}, torch.arange(10) % 2), 4, CPU)
+    a = [b.inputs["audio"][:, 0].tolist() for b in loader(epoch_generator(0, 3))]
+    b = [b.inputs["audio"][:, 0].tolist() for b in loader(epoch_generator(0, 3))]
+    c = [b.inputs["audio"][:, 0].tolist() for b in loader(epoch_generator(0, 4))]
     assert a == b and a != c
     assert sorted(sum(a, [])) == list(map(float, range(10)))
-    assert [len(x) for x in a] == [4, 4, 2]
-    dropped = list(batches(split, 4, shuffle=True, generator=epoch_generator(0, 3), drop_last=True))
-    assert [len(x) for x in dropped] == [4, 4] == [4] * num_batches(10, 4, True)
-    ordered = [b.inputs["audio"][:, 0].tolist() for b in batches(split, 4, shuffle=False)]
-    assert ordered == [[0.0, 1.0, 2.0, 3.0], [4.0, 5.0, 6.0, 7.0], [8.0, 9.0]]
+    assert [len(x) for x in a] == [4, 4, 2] and len(loader) == 3
+    dropping = SplitLoader(loader.split, 4, CPU, drop_last=True)
+    assert [len(x) for x in dropping(epoch_generator(0, 3))] == [4, 4] == [4] * num_batches(10, 4, True)
+    assert [b.inputs["audio"][:, 0].tolist() for b in loader()] == [[0.0, 1.0, 2.0, 3.0], [4.0, 5.0, 6.0, 7.0], [8.0, 9.0]]
 
 
-def test_dataloader_path_is_deterministic_with_seeded_workers():
+def test_items_are_the_same_with_any_number_of_persistent_workers():
     split = FileLikeSplit(12)
-    runs = [collect(split, shuffle=True, generator=epoch_generator(1, 0), workers=2) for _ in range(2)]
-    assert runs[0] == runs[1]
-    other_epoch = collect(split, shuffle=True, generator=epoch_generator(1, 1), workers=2)
-    assert [x[0] for x in other_epoch] != [x[0] for x in runs[0]]
-    # items see distinct numpy streams across workers (no two workers repeat the same jitter)
-    jitters = [j for _, js, _ in runs[0] for j in js]
-    assert len(set(jitters)) == len(jitters)
-    labels = [y for _, _, ys in runs[0] for y in ys]
-    values = [int(v) for vs, _, _ in runs[0] for v in vs]
-    assert labels == [v % 3 for v in values]
+    inline = SplitLoader(split, 4, CPU)
+    pooled = SplitLoader(split, 4, CPU, workers=2, prefetch=2)
+    first = collect(inline, epoch_generator(1, 0))
+    assert collect(pooled, epoch_generator(1, 0)) == first  # the persistent pool, first pass
+    assert collect(pooled, epoch_generator(1, 1)) == collect(inline, epoch_generator(1, 1))  # and the next
+    assert collect(inline, epoch_generator(1, 0)) == first  # a resumed run sees the same epoch again
+    assert [x[0] for x in collect(inline, epoch_generator(1, 1))] != [x[0] for x in first]
+    jitters = [j for _, js, _ in first for j in js]
+    assert len(set(jitters)) == len(jitters)  # every item its own random stream
+    labels = [y for _, _, ys in first for y in ys]
+    assert labels == [int(v) % 3 for vs, _, _ in first for v in vs]
+    # an unshuffled pass at another batch size through the same pool
+    assert [len(x[2]) for x in collect(pooled, None, 5)] == [5, 5, 2]
+
+
+def test_batch_views_and_channels_last_run_after_the_copy():
+    split = FileLikeSplit(6)
+    loader = SplitLoader(split, 3, CPU, finish={"audio": lambda x: x * 10}, channels_last=True)
+    batch = next(loader())
+    assert batch.inputs["audio"][:, 0].tolist() == [0.0, 10.0, 20.0]
+    images = TensorSplit({"visual": torch.rand(4, 3, 5, 6)}, torch.zeros(4))
+    nhwc = next(SplitLoader(images, 4, CPU, channels_last=True)())
+    assert nhwc.inputs["visual"].is_contiguous(memory_format=torch.channels_last)
