@@ -121,19 +121,30 @@ def discrepancy_ratios(scores: dict[str, torch.Tensor], order: Sequence[str]) ->
     return {m: scores[m] / sum(scores[o] for o in scores if o != m) for m in scores}
 
 
-def modulation_coefficients(
-    ratios: dict[str, torch.Tensor], order: Sequence[str], alpha: float
-) -> tuple[dict[str, torch.Tensor], str]:
-    """k_m for every modality, and the one modality that is modulated (k = 1 - tanh(alpha rho)).
+def modulation_masks(ratios: dict[str, torch.Tensor], order: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Which modality is modulated, as 0-d bool tensors: the first of order[:-1] with rho > 1, or
+    order[-1] if none of them has it (whatever its rho). Tensors, not a Python choice, so that
+    the step never waits for the GPU."""
+    masks = {}
+    none_yet = torch.ones_like(ratios[order[0]], dtype=torch.bool)
+    for m in order[:-1]:
+        masks[m] = none_yet & (ratios[m] > 1)
+        none_yet = none_yet & ~masks[m]
+    masks[order[-1]] = none_yet
+    return masks
 
-    The first modality of `order` with rho > 1 is modulated; if none of order[:-1] has rho > 1,
-    order[-1] is (whatever its rho). The reference code's ReLU around rho is left out: rho > 0.
-    """
-    chosen = next((m for m in order[:-1] if ratios[m] > 1), order[-1])
-    one = torch.ones_like(ratios[chosen])
-    coefs = {m: one for m in order}
-    coefs[chosen] = 1 - torch.tanh(alpha * ratios[chosen])
-    return coefs, chosen
+
+def modulation_coefficients(ratios: dict[str, torch.Tensor], order: Sequence[str], alpha: float) -> dict[str, torch.Tensor]:
+    """k_m for every modality: 1 - tanh(alpha rho_m) for the modulated one, 1 for the others.
+    The reference code's ReLU around rho is left out: rho > 0."""
+    masks = modulation_masks(ratios, order)
+    return {m: torch.where(masks[m], 1 - torch.tanh(alpha * ratios[m]), torch.ones_like(ratios[m])) for m in order}
+
+
+def modulated_modality(ratios: dict[str, torch.Tensor], order: Sequence[str]) -> str:
+    """The name of the modulated modality (reads the values: for logs and tests, not the step)."""
+    masks = modulation_masks(ratios, order)
+    return next(m for m in order if bool(masks[m]))
 
 
 # ------------------------------------------------------------------------------------ the method
@@ -191,15 +202,17 @@ class OGMGE(Method):
         ge = self.params.modulation == "ogm_ge"
         for m, tensors in self.modulated_parameters().items():
             k = coefs[m]
-            noisy = ge and (self.params.noise_on == "both" or bool(k < 1))
+            # modulated_only: the noise is masked, not skipped, so the step never reads k on the host
+            gate = None if self.params.noise_on == "both" else (k < 1).to(k.dtype)
             for p in tensors:
                 g = p.grad
                 if g is None:
                     continue
-                if noisy:
+                if ge:
                     # std of a 1-element tensor is undefined; give it no noise rather than NaN
                     sigma = (g.std() if g.numel() > 1 else torch.zeros((), device=g.device)) + NOISE_EPS
-                    p.grad = g * k + torch.randn_like(g) * sigma
+                    noise = torch.randn_like(g) * sigma
+                    p.grad = g * k + (noise if gate is None else noise * gate)
                 else:
                     p.grad = g * k
 
@@ -221,7 +234,7 @@ class OGMGE(Method):
         with torch.no_grad():
             scores = {m: ground_truth_scores(estimates[m], labels) for m in self.modality_names}
             ratios = discrepancy_ratios(scores, self.order)
-            coefs, _ = modulation_coefficients(ratios, self.order, self.params.alpha)
+            coefs = modulation_coefficients(ratios, self.order, self.params.alpha)
         active = self.in_window(self._h().epoch)
         if active:
             self.modulate_(coefs)

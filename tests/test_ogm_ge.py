@@ -25,6 +25,7 @@ from methods.ogm_ge import (
     check_order,
     discrepancy_ratios,
     ground_truth_scores,
+    modulated_modality,
     modulation_coefficients,
 )
 from tests.conftest import run_interrupted, without_timing
@@ -46,7 +47,7 @@ def coefficients_of(logits: dict[str, list[list[float]]], labels: list[int], alp
     scores = {m: ground_truth_scores(torch.tensor(o), torch.tensor(labels)) for m, o in logits.items()}
     order = check_order(tuple(logits))
     ratios = discrepancy_ratios(scores, order)
-    coefs, chosen = modulation_coefficients(ratios, order, alpha)
+    coefs, chosen = modulation_coefficients(ratios, order, alpha), modulated_modality(ratios, order)
     return scores, ratios, coefs, chosen
 
 
@@ -123,7 +124,7 @@ def test_general_rule_reduces_exactly_to_the_pairwise_rule_for_two_modalities():
             order = check_order(("audio", "visual"))
             assert order == ("visual", "audio")
             ratios = discrepancy_ratios({"audio": s_a, "visual": s_v}, order)
-            coefs, chosen = modulation_coefficients(ratios, order, alpha)
+            coefs, chosen = modulation_coefficients(ratios, order, alpha), modulated_modality(ratios, order)
             ratio_a, ratio_v, coeff_a, coeff_v = pairwise_reference(s_a, s_v, alpha)
             assert torch.equal(ratios["visual"], ratio_v) and torch.equal(ratios["audio"], ratio_a)
             assert torch.equal(coefs["audio"], coeff_a) and torch.equal(coefs["visual"], coeff_v)
@@ -138,7 +139,7 @@ def test_three_modalities_follow_the_check_order():
 
     def rule(s: dict[str, float]):
         ratios = discrepancy_ratios({m: torch.tensor(v) for m, v in s.items()}, order)
-        return ratios, *modulation_coefficients(ratios, order, alpha)
+        return ratios, modulation_coefficients(ratios, order, alpha), modulated_modality(ratios, order)
 
     def by_hand(s, m):
         return s[m] / sum(v for o, v in s.items() if o != m)
