@@ -239,3 +239,20 @@ def test_a_config_the_method_rejects_writes_nothing(fast_config, store):
     with pytest.raises(ConfigError, match="audoi"):
         run(cfg, store)
     assert not store.root.exists()
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_loss_tally_means_and_first_non_finite_batch(lazy):
+    """The epoch's loss means, and the first bad batch of any key, whether the tally reads each
+    step's values at once (CPU) or keeps them on the device until the epoch ends (accelerators)."""
+    from bench.train import LossTally, NonFiniteLoss
+
+    tally = LossTally(lazy=lazy)
+    tally.add({"loss": torch.tensor(1.0), "lam": 0.5}, n=2, index=0)
+    tally.add({"loss": torch.tensor(4.0), "lam": 1.0}, n=1, index=1)
+    assert tally.means() == {"loss": 2.0, "lam": 2 / 3}  # (1*2 + 4*1) / 3 and (0.5*2 + 1) / 3
+    tally.check(epoch=0)  # all finite: nothing raised
+    tally.add({"loss": torch.tensor(float("inf")), "lam": 1.0}, n=1, index=2)
+    tally.add({"loss": torch.tensor(2.0), "lam": float("nan")}, n=1, index=3)
+    with pytest.raises(NonFiniteLoss, match=r"loss 'loss' became inf at epoch 4, batch 2"):
+        tally.check(epoch=4)
