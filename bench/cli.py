@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="state of every run under a directory of the store")
     p.add_argument("dir", help="a group directory (results/<group>), a run directory, or the store root")
 
+    p = sub.add_parser("bench", help="step cost of every method vs joint, loader speed, data path, packing")
+    from bench.perf.bench import add_arguments
+
+    add_arguments(p)
     p = sub.add_parser("show-config", help="print the fully resolved config (defaults filled in) and its run id")
     p.add_argument("config", nargs="?", default=None)
     p.add_argument("overrides", nargs="*")
@@ -271,6 +275,12 @@ def cmd_show_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from bench.perf.bench import run
+
+    return run(args)
+
+
 def fmt(values: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in values.items()) or "n/a"
 
@@ -286,6 +296,7 @@ COMMANDS = {
     "cancel": cmd_cancel,
     "run-one": cmd_run_one,
     "show-config": cmd_show_config,
+    "bench": cmd_bench,
 }
 
 if __name__ == "__main__":

@@ -1,0 +1,134 @@
+"""`mmbalance bench`: step cost per method, loader speed, the data path and packing, in one run.
+
+Everything is measured in this process (packing: in K child processes) and printed as tables of
+ratios, with the targets they are held to; `--json` keeps the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tabulate import tabulate
+
+# torch and the measuring modules are imported when the command runs: `mmbalance --help` stays fast
+SHAPE_NAMES = ("cremad", "cpu", "quick")  # bench.perf.steps.SHAPES
+LOADER_TARGET = 10.0  # cache vs per-sample decode, per core
+DATA_PATH_TARGET = 1.10  # step with real loading vs on-device data, on a GPU
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="tiny sizes and few repetitions (the test suite's run)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: auto)")
+    p.add_argument("--shapes", choices=SHAPE_NAMES, default=None,
+                   help="input sizes: cremad (full CREMA-D; default on a GPU), cpu (half size, batch 16; "
+                        "default on CPU), quick")
+    p.add_argument("--methods", default=None, help="comma-separated methods to time besides joint (default: all)")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (median taken)")
+    p.add_argument("--steps", type=int, default=None, help="steps per method per round")
+    p.add_argument("--clips", type=int, default=None, help="synthetic clips for the loader measurement")
+    p.add_argument("--data-path", choices=("auto", "on", "off"), default="auto",
+                   help="the step-with-loading check (auto: on a GPU only)")
+    p.add_argument("--workers", type=int, default=None, help="loader workers of the data-path check (default: min(8, cores))")
+    p.add_argument("--packing", default=None, help="also measure K runs sharing the device, e.g. 1,2,4")
+    p.add_argument("--json", default=None, help="write every number to this file")
+
+
+def run(args: argparse.Namespace) -> int:
+    from bench.device import resolve_device
+    from bench.perf.steps import SHAPES, measure_steps, variants_named
+
+    device = resolve_device(args.device)
+    shapes = SHAPES[args.shapes or ("quick" if args.quick else "cremad" if device.type == "cuda" else "cpu")]
+    rounds = args.rounds or (1 if args.quick else 5)
+    steps = args.steps or (1 if args.quick else 3)
+    clips = args.clips or (8 if args.quick else 128)
+    print(f"mmbalance bench on {describe(device)}; {shapes.name}")
+    results: dict[str, Any] = {"device": describe(device), "shapes": shapes.name}
+
+    rows = measure_steps(shapes, device, variants=variants_named(split_list(args.methods)), rounds=rounds,
+                         steps=steps, warmup=1 if args.quick else 2,
+                         progress=lambda msg: print(f"  timing steps: {msg}", flush=True))
+    results["steps"] = rows
+    print("\n## Training step, same encoders and batch (median of interleaved rounds)\n")
+    print(format_steps(rows))
+
+    with tempfile.TemporaryDirectory(prefix="mmb-bench-") as tmp:
+        from bench.perf.loader import measure_data_path, measure_loaders, setup_loader_data
+
+        data = setup_loader_data(Path(tmp), clips)
+        loaders = measure_loaders(data, min(16, clips), device)
+        results["loaders"] = loaders
+        print(f"\n## Loader, {clips} synthetic CREMA-D clips (ogmge: audio 1x257x188, 1 frame 224x224), one core\n")
+        print(format_loaders(loaders))
+        if args.data_path == "on" or (args.data_path == "auto" and device.type == "cuda"):
+            workers = args.workers if args.workers is not None else min(8, os.cpu_count() or 1)
+            batch = min(shapes.batch, clips)
+            check = measure_data_path(data, batch, device, steps=max(steps * rounds, 3), workers=workers,
+                                      encoder=shapes.encoder)
+            results["data_path"] = check
+            print("\n## Data path: joint step fed by the loader vs on data already on the device\n")
+            print(format_data_path(check, device))
+
+    if args.packing:
+        from bench.perf.packing import format_packing, measure_packing
+
+        ks = [int(k) for k in split_list(args.packing) or []]
+        print(f"\n## Packing: K runs of the quickstart's joint-concat cell sharing this {device.type}\n", flush=True)
+        packing = measure_packing(ks)
+        results["packing"] = packing
+        print(format_packing(packing))
+
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+        print(f"\nnumbers written to {args.json}")
+    return 0
+
+
+def split_list(text: str | None) -> list[str] | None:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
+def describe(device: Any) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
+    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads (torch {torch.__version__})"
+
+
+def verdict(value: float, target: float | None) -> str:
+    if target is None or not math.isfinite(value):
+        return ""
+    return f"<= {target:.2f} {'yes' if value <= target else 'NO'}"
+
+
+def format_steps(rows: Sequence[dict[str, Any]]) -> str:
+    table = [[r["method"], f"{r['step_s'] * 1000:.1f}", f"{r['ratio_to_joint']:.3f}", verdict(r["ratio_to_joint"], r["target"]),
+              f"{r['samples_per_s']:.1f}", f"{r['peak_mb']:.0f}", f"{r['forward_passes_per_step']:.2f}",
+              f"{r['backward_passes_per_step']:.2f}", f"{r['spread']:.0%}"] for r in rows]
+    return tabulate(table, headers=["method", "step ms", "vs joint", "target", "samples/s", "peak MB",
+                                    "fwd/step", "bwd/step", "round spread"], tablefmt="github")
+
+
+def format_loaders(rows: Sequence[dict[str, Any]]) -> str:
+    table = [[r["path"], f"{r['samples_per_s_per_core']:.1f}", f"{r['vs_decode']:.1f}x"] for r in rows]
+    note = f"\ntarget: the cache's loader >= {LOADER_TARGET:.0f}x the decode path per core"
+    return tabulate(table, headers=["path", "samples/s/core", "vs decode"], tablefmt="github") + note
+
+
+def format_data_path(check: dict[str, Any], device: Any) -> str:
+    line = (f"batch {check['batch']}, {check['workers']} workers: {check['loaded_step_s'] * 1000:.1f} ms/step loaded vs "
+            f"{check['resident_step_s'] * 1000:.1f} ms on-device = {check['loaded_vs_resident']:.3f}")
+    if device.type == "cuda":
+        line += f" ({verdict(check['loaded_vs_resident'], DATA_PATH_TARGET)})"
+    else:
+        line += " (the target is for a GPU; here the loader shares the cores with the model)"
+    return line
