@@ -208,13 +208,15 @@ class OGMGE(Method):
                 g = p.grad
                 if g is None:
                     continue
+                # in place, and the same operations in the same order as g * k + noise * sigma:
+                # no gradient-sized temporaries beyond the noise
                 if ge:
                     # std of a 1-element tensor is undefined; give it no noise rather than NaN
                     sigma = (g.std() if g.numel() > 1 else torch.zeros((), device=g.device)) + NOISE_EPS
-                    noise = torch.randn_like(g) * sigma
-                    p.grad = g * k + (noise if gate is None else noise * gate)
+                    noise = torch.randn_like(g).mul_(sigma)
+                    g.mul_(k).add_(noise if gate is None else noise.mul_(gate))
                 else:
-                    p.grad = g * k
+                    g.mul_(k)
 
     # ---- the step
     def training_step(self, batch: Batch) -> dict[str, torch.Tensor]:
