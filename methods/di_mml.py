@@ -161,14 +161,26 @@ class DIMML(Method):
         self.register_buffer("top", torch.zeros(len(dims), width if params.duc else 0, dtype=torch.bool))
         self.register_buffer("selected", torch.tensor(False))
         self.register_buffer("stage2", torch.tensor(False))
+        self._host_key: tuple | None = None
+        self._host: tuple[bool, bool, list[tuple[str, str, torch.Tensor]]] = (False, False, [])
         self._weight_sums: torch.Tensor | None = None  # certainty weights summed over a pass
         self._weight_count = 0
         self.val_weights: dict[str, float] = {}
 
     # ---- stages and hooks
+    def host_state(self) -> tuple[bool, bool, list[tuple[str, str, torch.Tensor]]]:
+        """(stage 2?, DUC dimensions chosen?, the DUC pairs), read from the buffers only when one
+        of them changed (their version counters say so without touching the device): reading a
+        GPU tensor at every step would make the host wait for it."""
+        key = tuple((id(b), b._version) for b in (self.stage2, self.selected, self.top))
+        if key != self._host_key:
+            self._host = (bool(self.stage2), bool(self.selected), self._pairs())
+            self._host_key = key
+        return self._host
+
     def train(self, mode: bool = True) -> DIMML:
         super().train(mode)
-        if self.stage2:
+        if self.host_state()[0]:
             self.encoders.eval()  # stage 2: frozen encoders, BN statistics included
         return self
 
@@ -205,6 +217,9 @@ class DIMML(Method):
 
     def duc_pairs(self) -> list[tuple[str, str, torch.Tensor]]:
         """(teacher, student, dimensions T_t \\ T_s) for every ordered pair of modalities."""
+        return self.host_state()[2]
+
+    def _pairs(self) -> list[tuple[str, str, torch.Tensor]]:
         names = self.modality_names
         return [(names[t], names[s], (self.top[t] & ~self.top[s]).nonzero().squeeze(1))
                 for t, s in itertools.permutations(range(len(names)), 2)]
@@ -215,7 +230,8 @@ class DIMML(Method):
 
     # ---- training
     def training_step(self, batch: Batch) -> dict[str, torch.Tensor]:
-        if self.stage2:
+        stage2, selected, _ = self.host_state()
+        if stage2:
             return self.fusion_step(batch)
         self.zero_grad_()
         y = batch.labels
@@ -225,7 +241,7 @@ class DIMML(Method):
             private = sum(self.cross_entropy(self.private[m](f), y) for m, f in feats.items())
             shared = (sum(self.cross_entropy(self.shared(f), y) for f in feats.values())
                       if self.shared is not None else zero)
-            duc = self.duc_loss(feats) if self.selected else zero
+            duc = self.duc_loss(feats) if selected else zero
             loss = private + self.params.shared_weight * shared + duc
         self.backward(loss)
         self.optimizer_step()
@@ -250,7 +266,7 @@ class DIMML(Method):
     def predict(self, batch: Batch) -> Prediction:
         feats = self.encode(batch.inputs)
         per_modality = {m: self.private[m](f) for m, f in feats.items()}
-        sources = list(per_modality.values()) + ([self.fuse(feats)] if self.stage2 else [])
+        sources = list(per_modality.values()) + ([self.fuse(feats)] if self.host_state()[0] else [])
         weights = certainty_weights(sources, self.params.certainty_temperature)
         self._record_weights(weights)
         fused = sum(weights[:, k, None] * z.float() for k, z in enumerate(sources))
