@@ -238,8 +238,10 @@ class MIE(Method):
         m = self.modality_of(self._h().epoch)
         x, y = batch.inputs[m], batch.labels
         lam, perm = self.mixup(len(y))
-        if perm is not None:
-            perm = perm.to(y.device)
+        if perm is not None and y.device.type == "cuda":
+            # drawn on the CPU (the same permutation on any device); a pinned, non-blocking copy
+            # keeps the host from waiting for the GPU's queue
+            perm = perm.pin_memory().to(y.device, non_blocking=True)
             x = lam * x + (1 - lam) * x[perm]
         params = [p for p in (*self.encoders[m].parameters(), *self.heads[m].parameters()) if p.requires_grad]
         self.zero_grad_()
