@@ -28,8 +28,8 @@ def gpu_count() -> int:
 def worker_count(options: LauncherConfig, gpus: int, runs: int) -> int:
     """GPUs x K workers (K on a machine without GPUs, splitting its cores), or the explicit
     `workers`, and never more than there are runs. An explicit count that is not GPUs x K is
-    honoured: slots fill the GPUs K at a time (see gpu_of), so the last GPU gets fewer runs, or,
-    past GPUs x K, the GPUs take turns with one more each; placement_line says so."""
+    honoured, not refused: slots fill the GPUs K at a time (see gpu_of), so the last GPU gets
+    fewer runs, or, past GPUs x K, the next K slots start again at GPU 0; placement_line says so."""
     k = options.packing()
     return min(options.workers or max(gpus, 1) * k, max(runs, 1))
 
