@@ -80,9 +80,15 @@ class SeededItems(torch.utils.data.Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[dict[str, torch.Tensor], int]:
         seed, index = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        # the CPU generator only (torch.manual_seed also queues seeds for every accelerator
+        # backend, recording a stack trace each time: most of a cached sample's cost)
+        generator = torch.default_generator
+        state = generator.get_state()
+        generator.manual_seed(seed)
+        try:
             return self.split[index]
+        finally:
+            generator.set_state(state)
 
 
 class PassSampler(torch.utils.data.Sampler):

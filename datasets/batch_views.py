@@ -76,12 +76,12 @@ def crop_resize(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor
     return roi_align(x, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
 
 
-def normalise(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """(..., C, H, W) float in [0, 1] -> (x - mean) / std per channel."""
+def normalise_(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(..., C, H, W) float in [0, 1] -> (x - mean) / std per channel, in place."""
     shape = (-1, 1, 1)
     m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(shape)
     s = torch.tensor(std, dtype=x.dtype, device=x.device).view(shape)
-    return (x - m) / s
+    return x.sub_(m).div_(s)
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ class FrameBatch:
         x = self._augment(x, b, t) if self.train else self._fit(x)
         if self.noise_std > 0 and (self.train or self.noise_at_test):
             x = x + torch.randn(x.shape).to(x.device) * self.noise_std  # CPU draws: device-independent
-        x = normalise(x, self.mean, self.std)
+        x = normalise_(x, self.mean, self.std)
         return x.reshape(b, t, c, self.size, self.size).permute(0, 2, 1, 3, 4).contiguous()
 
     def _augment(self, x: torch.Tensor, b: int, t: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torchvision.transforms import v2
 
-from datasets.batch_views import BatchView, FrameBatch, normalise, to_float32
+from datasets.batch_views import BatchView, FrameBatch, normalise_, to_float32
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -107,7 +107,7 @@ class FrameClip:
         x = x.float().div_(255.0)
         if self.noise_std > 0 and (self.train or self.noise_at_test):
             x = x + torch.randn_like(x) * self.noise_std
-        return normalise(x, self.mean, self.std).permute(1, 0, 2, 3).contiguous()  # C, T, H, W
+        return normalise_(x, self.mean, self.std).permute(1, 0, 2, 3).contiguous()  # C, T, H, W
 
     def _augment(self, x: torch.Tensor) -> torch.Tensor:
         if self.crop == "random_resized":

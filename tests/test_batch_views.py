@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from datasets.batch_views import (FrameBatch, crop_resize, fallback_size, normalise, random_crop_boxes,
+from datasets.batch_views import (FrameBatch, crop_resize, fallback_size, normalise_, random_crop_boxes,
                                   random_resized_boxes)
 from datasets.transforms import FrameClip
 
@@ -97,7 +97,7 @@ def test_frame_batch_noise_and_normalisation():
     torch.manual_seed(0)
     spread = noisy(torch.zeros((64, 3, 1, 4, 4), dtype=torch.uint8))
     assert math.isclose(float(spread.std()), 0.1, rel_tol=0.1)
-    assert torch.allclose(normalise(torch.ones(3, 2, 2), (0.0, 0.5, 1.0), (1.0, 0.5, 0.5))[:, 0, 0],
+    assert torch.allclose(normalise_(torch.ones(3, 2, 2), (0.0, 0.5, 1.0), (1.0, 0.5, 0.5))[:, 0, 0],
                           torch.tensor([1.0, 1.0, 0.0]))
 
 
