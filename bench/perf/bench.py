@@ -37,6 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-path", choices=("auto", "on", "off"), default="auto",
                    help="the step-with-loading check (auto: on a GPU only)")
     p.add_argument("--workers", type=int, default=None, help="loader workers of the data-path check (default: min(8, cores))")
+    p.add_argument("--compile", action="store_true", help="torch.compile the encoders (train.compile) for the step timing")
     p.add_argument("--packing", default=None, help="also measure K runs sharing the device, e.g. 1,2,4")
     p.add_argument("--json", default=None, help="write every number to this file")
 
@@ -50,11 +51,13 @@ def run(args: argparse.Namespace) -> int:
     rounds = args.rounds or (1 if args.quick else 5)
     steps = args.steps or (1 if args.quick else 3)
     clips = args.clips or (8 if args.quick else 128)
-    print(f"mmbalance bench on {describe(device)}; {shapes.name}")
+    print(f"mmbalance bench on {describe(device)}; {shapes.name}{'; encoders compiled' if args.compile else ''}")
     results: dict[str, Any] = {"device": describe(device), "shapes": shapes.name}
 
+    from bench.config import TrainConfig
+
     rows = measure_steps(shapes, device, variants=variants_named(split_list(args.methods)), rounds=rounds,
-                         steps=steps, warmup=1 if args.quick else 2,
+                         steps=steps, warmup=1 if args.quick else 2, train=TrainConfig(compile=args.compile),
                          progress=lambda msg: print(f"  timing steps: {msg}", flush=True))
     results["steps"] = rows
     print("\n## Training step, same encoders and batch (median of interleaved rounds)\n")
