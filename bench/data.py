@@ -57,9 +57,10 @@ def _tensor_batches(
 ) -> Iterator[Batch]:
     n = len(split)
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    order = order.to(split.labels.device)  # once per pass, not a copy (and a GPU sync) per batch
     stop = n - n % batch_size if drop_last else n
     for start in range(0, stop, batch_size):
-        idx = order[start : start + batch_size].to(split.labels.device)
+        idx = order[start : start + batch_size]
         yield Batch({m: t[idx] for m, t in split.inputs.items()}, split.labels[idx])
 
 

@@ -4,8 +4,9 @@ With `train.augment: device` (the default on a GPU), a split's per-sample views 
 cheap on the loader's side: frame selection, the spectrogram crop and the uint8 / float16 arrays
 as tensors (half the bytes of float32 to pin and copy). What costs per pixel runs here on the
 whole batch, where the model is: random resized crop (or random crop), horizontal flip, Gaussian
-pixel noise, normalisation. Random draws come from torch's CPU generator, which the harness seeds
-per run, so a batch's crops are the same whichever device applies them.
+pixel noise, normalisation. Crops and flips are drawn from torch's CPU generator, which the
+harness seeds per run, so they are the same whichever device applies them; pixel noise is drawn
+on the device from a seed the CPU generator gives.
 
 The crops resample with `torchvision.ops.roi_align` (aligned, adaptive sampling): for a box the
 size of the output it returns the pixels exactly, and when it shrinks it averages
@@ -70,18 +71,33 @@ def random_crop_boxes(n: int, height: int, width: int, size: int) -> torch.Tenso
     return torch.stack([left, top, left + size, top + size], dim=1)
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small CPU tensor (boxes, flips, constants) on `device`; to a GPU through pinned memory
+    without blocking, because a copy from pageable memory waits for the GPU's queue to drain."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def crop_resize(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
     """(N, C, H, W) float, (N, 4) boxes -> (N, C, size, size): each image's box resampled."""
-    rois = torch.cat([torch.arange(len(x), dtype=boxes.dtype)[:, None], boxes], dim=1).to(x.device, x.dtype)
-    return roi_align(x, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    rois = to_device(torch.cat([torch.arange(len(x), dtype=boxes.dtype)[:, None], boxes], dim=1), x.device)
+    return roi_align(x, rois.to(x.dtype), output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
 
 
 def normalise_(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """(..., C, H, W) float in [0, 1] -> (x - mean) / std per channel, in place."""
-    shape = (-1, 1, 1)
-    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(shape)
-    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(shape)
-    return x.sub_(m).div_(s)
+    stats = to_device(torch.tensor([mean, std], dtype=x.dtype), x.device).view(2, -1, 1, 1)
+    return x.sub_(stats[0]).div_(stats[1])
+
+
+def gaussian_noise(shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """N(0, 1) noise drawn on `device` from a generator seeded by torch's CPU RNG: reproducible for
+    a run's seed, without drawing (and copying) millions of numbers on the host."""
+    if device.type == "cpu":
+        return torch.randn(shape)
+    seed = int(torch.randint(0, 2**62, (1,)))
+    return torch.randn(shape, device=device, generator=torch.Generator(device=device).manual_seed(seed))
 
 
 @dataclass(frozen=True)
@@ -104,7 +120,7 @@ class FrameBatch:
         x = clips.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w).float().div_(255.0)
         x = self._augment(x, b, t) if self.train else self._fit(x)
         if self.noise_std > 0 and (self.train or self.noise_at_test):
-            x = x + torch.randn(x.shape).to(x.device) * self.noise_std  # CPU draws: device-independent
+            x = x + gaussian_noise(x.shape, x.device) * self.noise_std
         x = normalise_(x, self.mean, self.std)
         return x.reshape(b, t, c, self.size, self.size).permute(0, 2, 1, 3, 4).contiguous()
 
@@ -118,7 +134,7 @@ class FrameBatch:
         else:
             x = self._fit(x)
         if self.flip:
-            flips = (torch.rand(b) < 0.5).repeat_interleave(t).to(x.device)
+            flips = to_device((torch.rand(b) < 0.5).repeat_interleave(t), x.device)
             x = torch.where(flips[:, None, None, None], x.flip(-1), x)
         return x
 
