@@ -395,6 +395,37 @@ def test_packed_checkpoint_stops_the_runs_marks_them_pending_and_requeues_the_ch
     assert again.cpus_per_task == 4 and again.procs == {}
 
 
+HANDLER_SCRIPT = """
+import os, signal, subprocess, sys, threading
+from bench.launch.slurm import PackedSweepJob
+from bench.store import RunDir
+
+rd = RunDir(sys.argv[1])
+rd.set_status("running", job_id="9_1")
+job = PackedSweepJob(cpus_per_task=2)
+proc = job.procs[str(rd.path)] = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+signal.signal(signal.SIGUSR2, lambda *_: job.checkpoint([str(rd.path)]))
+threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGUSR2)).start()
+proc.wait()  # as PackedSweepJob.__call__ waits: the handler runs inside this wait
+print("state", rd.status()["state"])
+"""
+
+
+def test_packed_checkpoint_stops_the_runs_from_the_handler_that_interrupted_the_wait_for_them(tmp_path):
+    """submitit calls checkpoint() in its signal handler, while __call__ waits on a run-one
+    process: stopping them must not wait on that same Popen (its lock is held), or the task hangs
+    (here: the script does not end)."""
+    import subprocess
+    import sys
+
+    rd = Store(tmp_path).run_dir("g", "joint-a")
+    rd.path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run([sys.executable, "-c", HANDLER_SCRIPT, str(rd.path)], capture_output=True, text=True,
+                          timeout=40)
+    assert done.returncode == 0, done.stderr
+    assert "state pending" in done.stdout and rd.status()["restarts"] == 1
+
+
 def test_a_run_process_killed_by_a_signal_in_a_packed_task_is_interrupted_not_failed(tmp_path):
     from bench.launch.worker import record_exit
 

@@ -313,3 +313,60 @@ def test_a_failing_run_is_marked_failed_with_its_traceback_while_the_others_fini
     assert status.returncode == 0
     assert failed["error"] in status.stdout and failed["log"] in status.stdout
     assert str(failed["job_id"]) in status.stdout
+
+
+# ------------------------------------------------------------------------------------ (e) packing
+
+
+def packed_launcher(partition: str, k: int = 2) -> dict[str, Any]:
+    """K runs per array task, sharing the task's 2 CPUs (one thread each)."""
+    return {"name": "slurm", "partition": partition, "time_min": TIME_MIN, "cpus_per_task": 2, "runs_per_gpu": k}
+
+
+def test_a_packed_sweep_runs_k_runs_per_array_task(partition, results, tmp_path):
+    path = write_sweep(tmp_path / "packed.yaml", "slurm-packed", partition, seeds=[0, 1, 2],
+                       cells={"joint": {"method.name": "joint"}}, launcher=packed_launcher(partition))
+    since = time.strftime("%Y-%m-%dT%H:%M:%S")
+    done = mmbalance(results, "sweep", str(path), "--wait")
+    assert done.returncode == 0, done.stderr
+    assert "submitted 3 run(s), 2 per task at once (2 array task(s))" in done.stdout
+    runs = runs_of(results, "slurm-packed")
+    assert len(runs) == 3
+    jobs: dict[str, list[RunDir]] = {}
+    for rd in runs:
+        status = rd.status()
+        assert status["state"] == "finished", (rd.path, status)
+        assert [r["epoch"] for r in rd.read_metrics()] == [0, 1, 2]
+        assert Path(status["log"]) == rd.path / "run.log" and "finished:" in Path(status["log"]).read_text()
+        assert Path(status["stdout"]).exists()  # the task's own output
+        jobs.setdefault(str(status["job_id"]), []).append(rd)
+    assert sorted(len(v) for v in jobs.values()) == [1, 2]  # 3 runs, 2 per task: 2 tasks
+    assert len({job.split("_")[0] for job in jobs}) == 1  # of one array
+    assert jobs_named_like(next(iter(jobs)), since) == 2  # SLURM ran 2 tasks, not 3
+    status = mmbalance(results, "status", str(results / "slurm-packed"), timeout_s=120)
+    assert status.returncode == 0 and "3 runs: 3 finished" in status.stdout
+
+
+def test_a_preempted_packed_task_requeues_and_resumes_both_of_its_runs(partition, results, tmp_path):
+    path = write_sweep(tmp_path / "packed-preempt.yaml", "slurm-packed-preempt", partition, base=PREEMPT_BASE,
+                       seeds=[0, 1], cells={"joint": {"method.name": "joint"}}, launcher=packed_launcher(partition))
+    assert mmbalance(results, "sweep", str(path), timeout_s=120).returncode == 0
+    runs = wait_until(lambda: (r := runs_of(results, "slurm-packed-preempt")) and len(r) == 2 and r, 60,
+                      "the two run directories")
+    wait_until(lambda: all(len(rd.read_metrics()) >= 2 for rd in runs), 180, "two epochs of both runs")
+    job = str(runs[0].status()["job_id"])
+    assert str(runs[1].status()["job_id"]) == job  # one task runs both
+    assert all(rd.status()["state"] == "running" for rd in runs), [rd.status() for rd in runs]
+    before = [rd.read_metrics() for rd in runs]
+
+    subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=60)
+    wait_until(lambda: all(rd.status().get("restarts") == 1 for rd in runs), 60, "both runs marked requeued")
+    wait_until(lambda: all(rd.status()["state"] in ("finished", "failed") for rd in runs), RUN_DEADLINE_S,
+               "both requeued runs to finish")
+    for rd, earlier in zip(runs, before):
+        status = rd.status()
+        assert status["state"] == "finished" and status["restarts"] == 1 and str(status["job_id"]) == job, status
+        after = rd.read_metrics()
+        assert [r["epoch"] for r in after] == list(range(16))  # every epoch once: resumed, not restarted
+        assert after[0] == earlier[0]
+    assert any(s.startswith("REQUEUED") for s in sacct("--duplicates", f"--jobs={job}", "--format=State"))

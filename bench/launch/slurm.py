@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -86,18 +87,34 @@ class PackedSweepJob(submitit.helpers.Checkpointable):
     def checkpoint(self, run_dirs: list[str]) -> submitit.helpers.DelayedSubmission:
         """Stop the chunk's processes (the requeued task resumes them from their last
         checkpoint.pt), mark its unfinished runs pending, requeue the same chunk."""
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop(list(self.procs.values()))
         for run_dir in run_dirs:
             mark_requeued(RunDir(Path(run_dir)))
         return super().checkpoint(run_dirs)
+
+
+def stop(procs: Sequence[subprocess.Popen], grace_s: float = 30.0) -> None:
+    """SIGTERM the processes, SIGKILL those alive after `grace_s`, reap them all. By pid, not
+    Popen.wait: this runs in the signal handler that interrupted __call__'s Popen.wait, which
+    holds that Popen's lock (waiting on it here would deadlock)."""
+    for proc in procs:
+        with suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for proc in procs:
+        while True:
+            try:
+                if os.waitpid(proc.pid, os.WNOHANG)[0]:
+                    break
+            except ChildProcessError:  # reaped already
+                break
+            if time.monotonic() > deadline:
+                with suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGKILL)
+                with suppress(ChildProcessError):
+                    os.waitpid(proc.pid, 0)
+                break
+            time.sleep(0.05)
 
 
 def ignore_preemption() -> None:
