@@ -8,10 +8,14 @@ from pydantic import Field
 
 from bench.config import Strict
 
-# What `runs_per_gpu` means when the sweep leaves it out. local: 2 runs per GPU (K processes
-# sharing the cores where there is none); measured with bench/perf/packing.py (numbers below).
-# slurm: 1, one run per array task as before packing existed: a task's CPUs and GPUs are what
-# the sweep asks for per task, so packing there is the sweep's choice.
+# What `runs_per_gpu` means when the sweep leaves it out. local: 2, the best K measured by
+# `python -m bench.perf.packing --ks 1,2,4 --epochs 100 --repeats 3` (the quickstart's joint-concat
+# run, AV-Digits with MLP encoders, probes off) on a 2-core machine WITHOUT a GPU (CPU only; not
+# measured on a GPU): whole-run aggregate 7,879 samples/s for K=1 (2 threads), 13,413 for K=2
+# (1.70x; 1 thread each), 13,107 for K=4 (1.66x; 4 processes on 2 cores, each run twice as
+# slow). Small runs leave the device idle during start-up and evaluation, and two threads train
+# an MLP only 1.2x faster than one. slurm: 1, one run per array task as before packing existed:
+# a task's CPUs and GPUs are what the sweep asks for per task, so packing there is its choice.
 DEFAULT_RUNS_PER_GPU = {"inline": 1, "local": 2, "slurm": 1}
 
 
