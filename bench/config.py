@@ -69,7 +69,9 @@ class TrainConfig(Strict):
     seed: int = 0
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     amp: bool = True  # bf16 autocast, used only on CUDA
-    workers: int = Field(0, ge=0)  # loader processes; they persist across epochs
+    # loader processes, persistent across epochs; None: the CPU share of this process on CUDA (at
+    # most 8), none on CPU, where the model needs the cores and cached reads are cheap
+    workers: int | None = Field(None, ge=0)
     prefetch: int = Field(4, ge=1)  # batches each loader worker reads ahead
     # where per-pixel augmentation (crops, flips, noise, normalisation) runs: per sample in the
     # loader, or per batch on the training device; auto = device on CUDA, loader elsewhere

@@ -8,6 +8,7 @@ GPU augmentation) and laid out channels_last where asked.
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Callable, Iterator, Sequence
 
@@ -171,6 +172,21 @@ class SplitLoader:
         return Batch(inputs, batch.labels)
 
 
+def loader_workers(cfg: TrainConfig, device: torch.device) -> int:
+    """`train.workers`, or by default: none on CPU; on CUDA the cores this process may use (the
+    launchers' OMP_NUM_THREADS share, so that packed runs do not oversubscribe), at most 8."""
+    if cfg.workers is not None:
+        return cfg.workers
+    if device.type != "cuda":
+        return 0
+    share = os.environ.get("OMP_NUM_THREADS", "")
+    if share.isdigit() and int(share) > 0:
+        cores = int(share)
+    else:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(8, cores)
+
+
 def augment_on_device(cfg: TrainConfig, device: torch.device) -> bool:
     return cfg.augment == "device" or (cfg.augment == "auto" and device.type == "cuda")
 
@@ -180,7 +196,7 @@ def build_loaders(dataset: Dataset, cfg: TrainConfig, device: torch.device) -> d
     unshuffled evaluation-sized passes with it), `train_plain` (the train split with test-time
     views, for probes), `val` and `test`."""
     on_device = augment_on_device(cfg, device)
-    options = {"workers": cfg.workers, "prefetch": cfg.prefetch,
+    options = {"workers": loader_workers(cfg, device), "prefetch": cfg.prefetch,
                "channels_last": cfg.channels_last and device.type == "cuda"}
 
     def loader(split: str, augment: bool, batch_size: int, drop_last: bool = False) -> SplitLoader:

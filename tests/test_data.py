@@ -69,3 +69,17 @@ def test_batch_views_and_channels_last_run_after_the_copy():
     images = TensorSplit({"visual": torch.rand(4, 3, 5, 6)}, torch.zeros(4))
     nhwc = next(SplitLoader(images, 4, CPU, channels_last=True)())
     assert nhwc.inputs["visual"].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_loader_workers_default_to_the_process_cpu_share_on_cuda_only(monkeypatch):
+    from bench.config import TrainConfig
+    from bench.data import loader_workers
+
+    cuda = torch.device("cuda")  # a device object only: nothing runs on it
+    assert loader_workers(TrainConfig(workers=3), cuda) == 3
+    assert loader_workers(TrainConfig(workers=0), cuda) == 0
+    assert loader_workers(TrainConfig(), CPU) == 0
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # a launcher's share of the cores
+    assert loader_workers(TrainConfig(), cuda) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "32")
+    assert loader_workers(TrainConfig(), cuda) == 8
