@@ -52,3 +52,17 @@ def test_unknown_method_is_refused_with_the_allowed_ones(capsys):
     assert cli(["bench", "--quick", "--methods", "ogm_ge,nope"]) == 2
     err = capsys.readouterr().err
     assert "nope" in err and "ogm_ge" in err
+
+
+def test_methods_select_built_in_variants_and_any_registered_method():
+    from bench.perf.steps import variants_named
+
+    chosen = variants_named(["mie", "unimodal"])
+    assert [v.label for v in chosen] == ["joint", "mie (paper SAM, stage 2)", "mie (code SAM, stage 2)", "unimodal"]
+    assert chosen[-1].method == {"name": "unimodal"} and chosen[-1].target is None
+
+
+def test_a_method_without_default_parameters_is_refused_by_name(capsys):
+    assert cli(["bench", "--quick", "--methods", "unimodal"]) == 2
+    err = capsys.readouterr().err
+    assert "'unimodal'" in err and "modality" in err and "default parameters" in err

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from pydantic import ValidationError
 
 from bench.config import RunConfig, TrainConfig
 from bench.device import prepare_model
@@ -107,7 +108,15 @@ def build_subject(variant: Variant, shapes: Shapes, batch: Batch, train: TrainCo
     encoders = nn.ModuleDict({m.name: build_encoder({"name": shapes.encoder}, m) for m in modalities})
     setup = MethodSetup(encoders, shapes.classes, modalities, "concat", None, epochs=2)
     cls = METHODS.get(variant.method["name"], "method.name")
-    method = cls(cls.Params.model_validate({k: v for k, v in variant.method.items() if k != "name"}), setup)
+    try:
+        params = cls.Params.model_validate({k: v for k, v in variant.method.items() if k != "name"})
+    except ValidationError as e:
+        from bench.errors import ConfigError
+
+        raise ConfigError(f"bench: method {variant.method['name']!r} cannot be built with its default parameters "
+                          f"({e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}); bench times methods whose "
+                          "parameters all have defaults") from None
+    method = cls(params, setup)
     prepare_model(method, method.encoders, train, device)
     cfg = RunConfig(train=train)
 
@@ -248,13 +257,16 @@ def row(s: Subject, joint_s: float, batch: int) -> dict[str, Any]:
 
 
 def variants_named(names: Sequence[str] | None) -> tuple[Variant, ...]:
-    """Joint (always, first: the ratios' reference) and the variants whose method is in `names`."""
+    """Joint (always first: the ratios' reference), then the built-in variants of the methods in
+    `names`, and any other registered method (a user's own) with its default parameters."""
     if not names:
         return VARIANTS
     from bench.errors import ConfigError
 
-    known = {v.method["name"] for v in VARIANTS}
-    unknown = sorted(set(names) - known)
+    registered = METHODS.names()
+    unknown = sorted(set(names) - set(registered))
     if unknown:
-        raise ConfigError(f"bench --methods: unknown {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
-    return tuple(v for v in VARIANTS if v.method["name"] == "joint" or v.method["name"] in names)
+        raise ConfigError(f"bench --methods: unknown {', '.join(unknown)}; registered methods: {', '.join(registered)}")
+    built_in = tuple(v for v in VARIANTS if v.method["name"] == "joint" or v.method["name"] in names)
+    covered = {v.method["name"] for v in built_in}
+    return built_in + tuple(Variant(n, {"name": n}) for n in dict.fromkeys(names) if n not in covered)
