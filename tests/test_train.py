@@ -256,3 +256,17 @@ def test_loss_tally_means_and_first_non_finite_batch(lazy):
     tally.add({"loss": torch.tensor(2.0), "lam": float("nan")}, n=1, index=3)
     with pytest.raises(NonFiniteLoss, match=r"loss 'loss' became inf at epoch 4, batch 2"):
         tally.check(epoch=4)
+
+
+@pytest.mark.slow
+def test_compiled_encoders_train_like_eager_ones(fast_config, tmp_path):
+    """train.compile keeps the run id and, up to float reassociation, the numbers (slow: Inductor
+    compiles C++ on a CPU)."""
+    from bench.store import Store
+
+    eager, compiled = fast_config(), fast_config("train.compile=true")
+    assert eager.run_id() == compiled.run_id()
+    a = run(eager, Store(tmp_path / "eager"))
+    b = run(compiled, Store(tmp_path / "compiled"))
+    for key in ("acc", "loss"):
+        assert b.summary["last"]["val"][key] == pytest.approx(a.summary["last"]["val"][key], abs=0.02)
