@@ -49,15 +49,10 @@ def collate(items: Sequence[tuple[dict[str, torch.Tensor], int]]) -> Batch:
     return Batch(inputs, torch.tensor([y for _, y in items], dtype=torch.long))
 
 
-def _tensor_batches(
-    split: TensorSplit,
-    batch_size: int,
-    shuffle: bool,
-    generator: torch.Generator | None,
-    drop_last: bool,
-) -> Iterator[Batch]:
+def _tensor_batches(split: TensorSplit, batch_size: int, generator: torch.Generator | None,
+                    drop_last: bool) -> Iterator[Batch]:
     n = len(split)
-    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
     order = order.to(split.labels.device)  # once per pass, not a copy (and a GPU sync) per batch
     stop = n - n % batch_size if drop_last else n
     for start in range(0, stop, batch_size):
@@ -103,8 +98,8 @@ class PassSampler(torch.utils.data.Sampler):
         self.order = torch.arange(n)
         self.base = 0
 
-    def set_pass(self, generator: torch.Generator | None, batch_size: int) -> None:
-        self.batch_size = batch_size
+    def set_pass(self, generator: torch.Generator | None, batch_size: int, drop_last: bool) -> None:
+        self.batch_size, self.drop_last = batch_size, drop_last
         if generator is None:
             self.order, self.base = torch.arange(self.n), 0
         else:
@@ -123,6 +118,7 @@ class PassSampler(torch.utils.data.Sampler):
 class SplitLoader:
     """Batches of one split on the training device.
 
+    `drop_last` applies to shuffled (training) passes; an in-order pass covers every item.
     In-memory splits are sliced directly. Others go through one DataLoader, built once: with
     workers they persist across passes and prefetch `prefetch` batches each, into pinned memory
     on CUDA; every batch is copied non-blocking, then finished by the split's batch views (the
@@ -154,12 +150,12 @@ class SplitLoader:
         """One pass: shuffled by `generator`, or in order without one; `batch_size` overrides the
         loader's for this pass (e.g. an evaluation-sized pass over the training split)."""
         size = batch_size or self.batch_size
+        drop = self.drop_last and generator is not None
         if self.loader is None:
-            raw: Iterator[Batch] = _tensor_batches(self.split, size, generator is not None,  # type: ignore[arg-type]
-                                                   generator, self.drop_last)
+            raw: Iterator[Batch] = _tensor_batches(self.split, size, generator, drop)  # type: ignore[arg-type]
         else:
             assert self.sampler is not None
-            self.sampler.set_pass(generator, size)
+            self.sampler.set_pass(generator, size, drop)
             raw = iter(self.loader)
         for batch in raw:
             yield self.finished(batch.to(self.device))
