@@ -30,6 +30,8 @@ BatchView = Callable[[torch.Tensor], torch.Tensor]
 
 SCALE = (0.08, 1.0)  # torchvision RandomResizedCrop's defaults, as the reference repos use them
 RATIO = (3 / 4, 4 / 3)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def random_resized_boxes(n: int, height: int, width: int, scale: tuple[float, float] = SCALE,
@@ -110,8 +112,8 @@ class FrameBatch:
     crop: Literal["random_resized", "random", "none"] = "random_resized"
     test_crop: Literal["resize", "center"] = "resize"
     flip: bool = True
-    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
-    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
     noise_std: float = 0.0
     noise_at_test: bool = False
 

@@ -178,11 +178,11 @@ class PreparedDataset(Dataset):
         return CachedSplit(self.cache, rows, self.views(train=name == "train"))
 
     def loader_split(self, name: str, *, augment: bool, on_device: bool) -> tuple[CachedSplit, dict[str, Any]]:
-        rows = self.checked_split(name).rows.tolist()
-        views = self.views(train=augment)
-        halves = {m: v.deferred() for m, v in views.items() if on_device and hasattr(v, "deferred")}
-        views.update({m: sample for m, (sample, _) in halves.items()})
-        return CachedSplit(self.cache, rows, views), {m: batch for m, (_, batch) in halves.items()}
+        split = self.checked_split(name)  # a fresh split (refused if empty): its views are ours to set
+        split.views = self.views(train=augment)
+        halves = {m: v.deferred() for m, v in split.views.items() if on_device and hasattr(v, "deferred")}
+        split.views.update({m: sample for m, (sample, _) in halves.items()})
+        return split, {m: batch for m, (_, batch) in halves.items()}
 
     def describe(self) -> str:
         return f"{self.registry_name} cache {str(self.cache.root)!r}"

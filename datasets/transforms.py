@@ -15,10 +15,7 @@ import numpy as np
 import torch
 from torchvision.transforms import v2
 
-from datasets.batch_views import BatchView, FrameBatch, normalise_, to_float32
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from datasets.batch_views import IMAGENET_MEAN, IMAGENET_STD, BatchView, FrameBatch, normalise_, to_float32
 
 
 def segment_indices(count: int, k: int, train: bool) -> list[int]:
