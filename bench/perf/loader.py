@@ -27,8 +27,8 @@ import torch
 from PIL import Image
 
 from bench.config import TrainConfig
-from bench.data import SplitLoader
-from bench.device import prepare_model
+from bench.data import SplitLoader, build_loaders
+from bench.perf.steps import Shapes, Variant, build_subject, sync, timed
 from datasets.cache import CacheMeta, CacheWriter
 from datasets.cremad import EMOTIONS, PIPELINES, CremaD, CremadParams, audio_features
 from datasets.media import natural_key, read_image
@@ -117,64 +117,50 @@ def setup_loader_data(workdir: Path, n: int) -> LoaderSetup:
     return LoaderSetup(sources, build_cache(sources, workdir / "cache"))
 
 
-def rate(batches: Iterator[Any], finish: Any = None) -> tuple[float, float]:
-    """(samples per second, seconds) of one pass; `finish` runs on each batch when given."""
+def rate(loader: SplitLoader, device: torch.device) -> float:
+    """Samples per second of one shuffled pass, after a first pass that warms the page cache and
+    lazy imports (the device's queued work counted)."""
+    for _ in loader(torch.Generator().manual_seed(0)):
+        pass
     start, n = time.perf_counter(), 0
-    for batch in batches:
-        if finish is not None:
-            finish(batch)
+    for batch in loader(torch.Generator().manual_seed(1)):
         n += len(batch)
-    seconds = time.perf_counter() - start
-    return n / seconds, seconds
+    sync(device)
+    return n / (time.perf_counter() - start)
 
 
 def measure_loaders(data: LoaderSetup, batch_size: int, device: torch.device) -> list[dict[str, Any]]:
     """Samples/s per CPU core of each path, and the cache's speed-up over the decode path."""
     cpu = torch.device("cpu")
+    dataset = data.dataset()
+    per_sample, _ = dataset.loader_split("train", augment=True, on_device=False)
+    deferred, finish = dataset.loader_split("train", augment=True, on_device=True)
+    paths = {
+        "decode per sample (wav -> STFT, jpg -> crop)": SplitLoader(DecodeSplit(data.sources), batch_size, cpu),
+        "cache, views per sample (augment: loader)": SplitLoader(per_sample, batch_size, cpu),
+        "cache, loader half (augment: device)": SplitLoader(deferred, batch_size, cpu),
+    }
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        dataset = data.dataset()
-        per_sample, _ = dataset.loader_split("train", augment=True, on_device=False)
-        deferred, finish = dataset.loader_split("train", augment=True, on_device=True)
-        paths = {
-            "decode per sample (wav -> STFT, jpg -> crop)": SplitLoader(DecodeSplit(data.sources), batch_size, cpu),
-            "cache, views per sample (augment: loader)": SplitLoader(per_sample, batch_size, cpu),
-            "cache, loader half (augment: device)": SplitLoader(deferred, batch_size, cpu),
-        }
-        rows = []
-        for label, loader in paths.items():
-            rate(loader(torch.Generator().manual_seed(0)))  # warm: page cache, lazy imports
-            samples_per_s, _ = rate(loader(torch.Generator().manual_seed(1)))
-            rows.append({"path": label, "samples_per_s_per_core": samples_per_s})
+        rows = [{"path": label, "samples_per_s_per_core": rate(loader, cpu)} for label, loader in paths.items()]
     finally:
         torch.set_num_threads(threads)
     device_half = SplitLoader(deferred, batch_size, device, finish=finish)
-    rate(device_half(torch.Generator().manual_seed(0)))
-    finished, _ = rate(device_half(torch.Generator().manual_seed(1)), finish=lambda b: sync_on(b, device))
     rows.append({"path": f"  its device half on {device.type} (crop, flip, normalise per batch)",
-                 "samples_per_s_per_core": finished})
+                 "samples_per_s_per_core": rate(device_half, device)})
     decode = rows[0]["samples_per_s_per_core"]
     for r in rows:
         r["vs_decode"] = r["samples_per_s_per_core"] / decode
     return rows
 
 
-def sync_on(batch: Any, device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure_data_path(data: LoaderSetup, batch_size: int, device: torch.device, steps: int, workers: int,
                       encoder: str = "resnet18") -> dict[str, Any]:
     """Joint training's step time fed by the real loader vs on a batch already on the device."""
-    from bench.perf.steps import Shapes, Variant, build_subject, timed
-
-    train = TrainConfig(batch_size=batch_size, workers=workers, augment="device")
+    train = TrainConfig(batch_size=batch_size, workers=workers, augment="device", drop_last=True)
     dataset = data.dataset()
-    split, finish = dataset.loader_split("train", augment=True, on_device=True)
-    loader = SplitLoader(split, batch_size, device, finish=finish, workers=workers, prefetch=train.prefetch,
-                         drop_last=True, channels_last=train.channels_last and device.type == "cuda")
+    loader = build_loaders(dataset, train, device)["train"]  # the training loader exactly as a run builds it
     if len(loader) == 0:
         raise ValueError(f"the data-path check needs at least {batch_size} cached clips")
     audio, visual = (m.shape for m in dataset.modalities)
@@ -192,11 +178,11 @@ def measure_data_path(data: LoaderSetup, batch_size: int, device: torch.device, 
 
     stream = fed()
     next(stream)  # the workers start
-    sync_on(None, device)
+    sync(device)
     start = time.perf_counter()
     for _ in range(steps):
         subject.step(next(stream))
-    sync_on(None, device)
+    sync(device)
     loaded = (time.perf_counter() - start) / steps
     return {"batch": batch_size, "workers": workers, "steps": steps, "resident_step_s": resident,
             "loaded_step_s": loaded, "loaded_vs_resident": loaded / resident}
