@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -94,11 +95,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return COMMANDS[args.command](args)
-    except MMBalanceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():
+        warnings.showwarning = one_line_warnings(warnings.showwarning)
+        try:
+            return COMMANDS[args.command](args)
+        except MMBalanceError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+
+
+def one_line_warnings(default):
+    """The suite's own warnings (a broken plugin, a suspicious manifest) as 'warning: ...' lines;
+    any other warning as Python shows it."""
+    from bench.errors import MMBalanceWarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, MMBalanceWarning):
+            print(f"warning: {message}", file=file or sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    return show
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -116,14 +133,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run:
         return dry_run(Path(args.config), args.overrides)
     if is_sweep_file(args.config):
-        return run_sweep(Path(args.config), args.overrides, Store(args.results), args.report)
+        return run_sweep(Path(args.config), args.overrides, Store(args.results).ensure_writable(), args.report)
     from bench.train import run
 
     cfg = load_config(args.config, args.overrides)
-    result = run(cfg, Store(args.results))
+    result = run(cfg, Store(args.results).ensure_writable())
     best = result.summary["best_val"]
     print(f"{result.state}: {result.path}")
-    print(f"test acc {best['test']['acc']:.4f} at best-val epoch {best['epoch'] + 1}; "
+    print(f"test acc {best['test']['acc']:.4f} at best-val epoch {best['epoch']} (epochs count from 0); "
           f"own per-modality {fmt(best['test']['modality_acc'])}; "
           f"probes {fmt({m: p['test_acc'] for m, p in result.summary['probes'].items()})}")
     return 0
@@ -172,7 +189,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(format_plan(plan(configs, store)))
         return 0
-    code = launch(configs, store, options, wait=args.wait)
+    code = launch(configs, store.ensure_writable(), options, wait=args.wait)
     if options.name != "slurm" or args.wait:
         print_table(sweep.group, configs, store, args.report)
     return code
@@ -243,7 +260,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     from bench.report.build import build_report
     from bench.sweep import load_sweep
 
-    store = Store(args.results)
+    store = Store(args.results).ensure_writable()
     code = run_sweep(QUICKSTART, args.overrides, store, args.report)
     sweep, configs = load_sweep(QUICKSTART, args.overrides)
     report = build_report(store.root / sweep.group, Path(args.report), only={c.run_id() for c in configs})

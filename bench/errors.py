@@ -18,8 +18,24 @@ class DataError(MMBalanceError):
     """A dataset directory, file or split is missing or unusable."""
 
 
+class StoreError(MMBalanceError):
+    """A results directory cannot be read or written (missing, not a directory, not writable)."""
+
+
 class RunFailed(MMBalanceError):
     """A run stopped; its status file records the cause."""
+
+
+class MMBalanceWarning(UserWarning):
+    """Base class: a warning meant for the user; the CLI prints it as one 'warning: ...' line."""
+
+
+class PluginWarning(MMBalanceWarning):
+    """A third-party plugin could not be loaded; the rest of the suite works without it."""
+
+
+class DataWarning(MMBalanceWarning):
+    """Data that can be used but looks like a mistake (a class without training rows, a typo'd label)."""
 
 
 def closest(value: str, allowed: Iterable[str]) -> str:

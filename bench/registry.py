@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import warnings
 from collections.abc import Callable, Iterator
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from typing import Generic, TypeVar
 
-from bench.errors import ConfigError, allowed_list, closest
+from bench.errors import ConfigError, PluginWarning, allowed_list, closest
 
 T = TypeVar("T")
 
@@ -85,4 +86,15 @@ def load_all() -> None:
             if not info.name.startswith("_") and info.name not in ("base", "prepare"):
                 importlib.import_module(f"{package_name}.{info.name}")
     for ep in entry_points(group="mmbalance.plugins"):
-        importlib.import_module(ep.value)
+        load_plugin(ep)
+
+
+def load_plugin(ep: EntryPoint) -> None:
+    """Import one plugin entry point, written `package.module` or `package.module:Class` (loading
+    the object imports its module, which registers its classes). A plugin that fails to import
+    is a warning naming it, so that one broken package does not break every command."""
+    try:
+        ep.load()
+    except Exception as e:  # any error in a third party's module code, not only ImportError
+        warnings.warn(f"plugin {ep.name!r} ({ep.value}) of the mmbalance.plugins entry points failed to "
+                      f"load and is skipped: {type(e).__name__}: {e}", PluginWarning, stacklevel=2)

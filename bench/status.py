@@ -10,11 +10,17 @@ from typing import Any
 
 import pandas as pd
 
+from bench.errors import StoreError
+from bench.selection import best_epoch, select_metric
 from bench.store import RunDir
 
 
 def find_runs(path: Path) -> list[RunDir]:
     """Run directories at `path` itself, one level down (a group) or two (the store root)."""
+    if not path.is_dir():
+        what = "no such directory" if not path.exists() else "not a directory"
+        raise StoreError(f"{path}: {what}; give a run directory, a group directory (results/<group>) "
+                         "or the store root (results)")
     for depth in ("", "*/", "*/*/"):
         found = sorted(path.glob(f"{depth}config.yaml"))
         if found:
@@ -57,8 +63,6 @@ COUNTED = ("finished", "running", "pending", "failed", "interrupted")
 def status_table(path: Path) -> str:
     """One line per run, then the counts, then every failed or interrupted run with the first
     line of its error, its log and its job id."""
-    if not path.exists():
-        return f"{path}: no such directory"
     runs = find_runs(path)
     if not runs:
         return f"{path}: no runs (no */config.yaml below it)"
@@ -69,14 +73,16 @@ def status_table(path: Path) -> str:
     for rd in runs:
         st, cfg = rd.status(), rd.read_config()
         history = rd.read_metrics()
-        best = max(history, key=lambda r: r["val"]["acc"]) if history else None
+        metric = select_metric(cfg)
+        best = best_epoch(history, metric)
         rows.append({
             "run": f"{rd.path.parent.name}/{rd.run_id}",
             "label": cfg.get("label") or cfg["method"]["name"],
             "seed": cfg["train"]["seed"],
             "state": shown_state(st, queued),
-            "epoch": f"{len(history)}/{cfg['train']['epochs']}",
-            "best val acc": f"{best['val']['acc']:.3f}" if best else "–",
+            "epochs done": f"{len(history)}/{cfg['train']['epochs']}",
+            "best-val epoch": best["epoch"] if best else "–",
+            "best val": f"{metric} {best['val'][metric]:.3f}" if best else "–",
             "test acc @ best val": f"{best['test']['acc']:.3f}" if best else "–",
             "updated": st.get("updated", "–"),
             "job": st.get("job_id", ""),
@@ -114,7 +120,7 @@ def cancel(path: Path) -> str:
 
     queued = queued_job_ids()
     targets = []
-    for rd in find_runs(path) if path.exists() else []:
+    for rd in find_runs(path):
         st = rd.status()
         job = st.get("job_id")
         if st["state"] in ("pending", "running") and job and (queued is None or str(job) in queued):

@@ -8,6 +8,7 @@ only this store.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import tempfile
@@ -18,6 +19,8 @@ from typing import Any
 
 import torch
 import yaml
+
+from bench.errors import StoreError
 
 STATES = ("pending", "running", "finished", "failed", "interrupted")
 # where and how a launcher placed the run: kept across the run's own status updates
@@ -52,7 +55,23 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+    atomic_write_text(path, strict_json(data, indent=2) + "\n")
+
+
+def strict_json(data: Any, **options: Any) -> str:
+    """JSON that every strict reader parses: a non-finite float (a NaN loss, an undefined metric)
+    is written as null, never as the bare NaN/Infinity tokens Python's json emits by default."""
+    return json.dumps(finite_or_none(data), allow_nan=False, **options)
+
+
+def finite_or_none(data: Any) -> Any:
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: finite_or_none(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [finite_or_none(v) for v in data]
+    return data
 
 
 class RunDir:
@@ -106,7 +125,7 @@ class RunDir:
         return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
 
     def write_metrics(self, records: list[dict[str, Any]]) -> None:
-        atomic_write_text(self.metrics, "".join(json.dumps(r) + "\n" for r in records))
+        atomic_write_text(self.metrics, "".join(strict_json(r) + "\n" for r in records))
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         # rewriting the (small) file keeps the append atomic
@@ -131,6 +150,24 @@ class Store:
 
     def __init__(self, root: str | Path = "results") -> None:
         self.root = Path(root)
+
+    def ensure_writable(self) -> Store:
+        """Create the root if needed and check that files can be made in it, so that a bad
+        `--results` stops with one line naming the path and the OS's reason, before any run starts."""
+        def refuse(cause: str) -> StoreError:
+            return StoreError(f"results store {str(self.root)!r} cannot be written: {cause}; "
+                              "choose another with --results DIR")
+
+        if self.root.exists() and not self.root.is_dir():
+            raise refuse("it is a file, not a directory")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.root):
+                pass
+        except OSError as e:
+            where = f" ({e.filename})" if e.filename and str(e.filename) != str(self.root) else ""
+            raise refuse(f"{e.strerror or e}{where}") from None
+        return self
 
     def run_dir(self, group: str, run_id: str) -> RunDir:
         return RunDir(self.root / group / run_id)

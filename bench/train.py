@@ -29,6 +29,7 @@ from bench.evaluate import evaluate
 from bench.models import build_encoder
 from bench.probe import probe_all
 from bench.registry import DATASETS, METHODS
+from bench.selection import best_epoch
 from bench.store import RunDir, Store
 from datasets.base import Dataset
 from methods.base import Batch, Method, MethodSetup, StepHelpers
@@ -226,7 +227,7 @@ class Trainer:
         lr = self.helpers.optimizer.param_groups[0]["lr"]  # after the hook, which may reset it
         losses = LossTally(lazy=self.device.type != "cpu")
         start = time.perf_counter()
-        bar = tqdm(loader(epoch_generator(cfg.seed, epoch)), total=len(loader), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+        bar = tqdm(loader(epoch_generator(cfg.seed, epoch)), total=len(loader), desc=f"epoch {epoch}/{cfg.epochs - 1}",
                    leave=False, disable=True if not cfg.progress else None, dynamic_ncols=True)  # None: off when not a TTY
         for index, batch in enumerate(bar):
             self.helpers.batch_index = index
@@ -252,7 +253,6 @@ class Trainer:
         select = cfg.eval.select_metric
         first = self.resume()
         history = self.dir.read_metrics()
-        best = max((r["val"][select] for r in history if r["selectable"]), default=-math.inf)
         for epoch in range(first, cfg.train.epochs):
             train = self.train_epoch(epoch)
             record = {"epoch": epoch, "lr": train.pop("lr"), "train": train}
@@ -262,22 +262,20 @@ class Trainer:
             record["method"] = self.method.epoch_log()
             record["selectable"] = self.method.selectable(epoch)
             self.dir.append_metrics(record)
-            if record["selectable"] and record["val"][select] > best:
-                best = record["val"][select]
+            history.append(record)
+            if best_epoch(history, select) is record:
                 self.dir.save(self.dir.best, {"epoch": epoch, "model": self.method.state_dict()})
             self.save_checkpoint(epoch)
-            self.dir.set_status("running", epoch=epoch + 1, epochs=cfg.train.epochs)
+            self.dir.set_status("running", epochs_done=epoch + 1, epochs=cfg.train.epochs)
         return self.summarise()
 
     def summarise(self) -> dict[str, Any]:
         cfg = self.cfg
         history = self.dir.read_metrics()
         select = cfg.eval.select_metric
-        candidates = [r for r in history if r["selectable"]]
-        if not candidates:
+        best_val, best_test = best_epoch(history, select), best_epoch(history, select, split="test")
+        if best_val is None:
             raise RunFailed(f"method {cfg.method['name']!r} marked no epoch as selectable")
-        best_val = max(candidates, key=lambda r: r["val"][select])  # first maximum: earliest epoch wins
-        best_test = max(candidates, key=lambda r: r["test"][select])
         probes = {}
         if cfg.eval.probe:
             self.method.load_state_dict(self.dir.load(self.dir.best)["model"])
@@ -353,7 +351,7 @@ def run(cfg: RunConfig, store: Store, datasets: DatasetSource = build_dataset) -
 def record_start(run_dir: RunDir, cfg: RunConfig) -> None:
     if not run_dir.config.exists():
         run_dir.write_config(cfg.to_dict())
-    run_dir.set_status("running", epoch=0, epochs=cfg.train.epochs)
+    run_dir.set_status("running", epochs_done=0, epochs=cfg.train.epochs)
 
 
 def record_failure(run_dir: RunDir, error: BaseException) -> RunFailed:

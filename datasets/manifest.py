@@ -40,6 +40,7 @@ splits, cached arrays and training views.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,12 +50,12 @@ import numpy as np
 import torch
 from pydantic import BaseModel, Field
 
-from bench.errors import ConfigError, DataError
+from bench.errors import ConfigError, DataError, DataWarning
 from bench.registry import DATASETS
 from datasets import audio as fe
 from datasets.base import ModalityKind
 from datasets.cache import ArraySpec, CacheMeta, read_meta
-from datasets.manifest_csv import FLOAT16_MAX, SPLIT_VALUES, ManifestTable, read_table
+from datasets.manifest_csv import FLOAT16_MAX, SPLIT_VALUES, ManifestTable, lines_of, odd_labels, read_table
 from datasets.media import clip_frames, read_audio, read_image, resize_image
 from datasets.prepared import CachedParams, Pipeline, Plan, PreparedDataset, SampleSource, View
 from datasets.splits import ValCarving, carve_val, load_manifest
@@ -111,6 +112,19 @@ def split_lists(table: ManifestTable, val: ValCarving) -> tuple[dict[str, list[s
     note = (f"split column has no val rows: carved {len(carved)} of {len(splits['train'])} train rows "
             f"({val.fraction:.0%}) per class with seed {val.seed} as val")
     return {"train": train, "val": carved, "test": splits["test"]}, [note]
+
+
+def classes_without_training_rows(table: ManifestTable, splits: dict[str, list[str]]) -> list[str]:
+    """One warning per class that has rows but none in train: no model can learn it."""
+    split_of = {sid: name for name, ids in splits.items() for sid in ids}
+    found = []
+    for label in sorted({r.label for r in table.rows}, key=lambda lab: table.label_index[lab]):
+        rows = [r for r in table.rows if r.label == label]
+        where = sorted({split_of.get(r.id, "no split") for r in rows})
+        if "train" not in where:
+            found.append(f"class {label!r} has no training rows: its {len(rows)} row(s) are in "
+                         f"{' and '.join(where)} ({lines_of(rows)}); no model can learn it")
+    return found
 
 
 def _carve(ids: list[str], labels: dict[str, int], carving: ValCarving, table: ManifestTable,
@@ -245,6 +259,9 @@ class Manifest(PreparedDataset):
         table = read_table(raw)
         flavour = load_manifest("manifest").flavour(pipeline.flavour)
         splits, notes = split_lists(table, flavour.val or ValCarving(fraction=VAL_FRACTION, seed=CARVING_SEED))
+        for warning in [*odd_labels(table.rows), *classes_without_training_rows(table, splits)]:
+            warnings.warn(f"manifest CSV {str(table.path)!r}: {warning}", DataWarning, stacklevel=2)
+            notes.append(f"warning: {warning}")
         extra = {"kinds": dict(table.kinds)}
         samples = [SampleSource(r.id, table.label_index[r.label], dict(r.files), extra) for r in table.rows]
         arrays = {m: array_spec(k, pipeline, table.shapes.get(m, ())) for m, k in table.kinds.items()}

@@ -240,6 +240,27 @@ def _classes(rows: list[Row]) -> tuple[list[str], dict[str, int]]:
     return classes, {lab: classes.index(lab) for lab in labels}
 
 
+def odd_labels(rows: list[Row]) -> list[str]:
+    """Warnings for labels of the minority kind when integers and words are mixed ('seven' among
+    '0'..'9' is most likely a typo, and it would silently become a class of its own)."""
+    numeric = [r for r in rows if INTEGER.match(r.label)]
+    words = [r for r in rows if not INTEGER.match(r.label)]
+    if not numeric or not words:
+        return []
+    odd, kind, other = (words, "word", "integers") if len(words) <= len(numeric) else (numeric, "integer", "words")
+    labels = sorted({r.label for r in odd})
+    return [f"{len(odd)} row(s) have {kind} label(s) {', '.join(map(repr, labels))} while the other "
+            f"{len(rows) - len(odd)} rows' labels are {other}: a typo? each becomes a class of its own "
+            f"({lines_of(odd)})"]
+
+
+def lines_of(rows: list[Row], shown: int = 10) -> str:
+    """'lines 3, 8, 12' (the first `shown`, then how many more)."""
+    lines = [str(r.line) for r in rows]
+    more = f" and {len(lines) - shown} more" if len(lines) > shown else ""
+    return f"line{'s' if len(lines) > 1 else ''} {', '.join(lines[:shown])}{more}"
+
+
 def _check_split_presence(columns: list[str], records: list[tuple[int, list[str]]], mistakes: Mistakes) -> None:
     """A split column must hold train and test rows (counting rows with other mistakes too)."""
     at = columns.index(SPLIT_COLUMN)

@@ -62,9 +62,7 @@ class PrepareReport:
             exp = f" (published: {expected})" if expected is not None else ""
             lines.append(f"  {split:5s} listed {c['listed']}{exp}, prepared {c['prepared']}, "
                          f"missing {c['missing']}, corrupt {c['corrupt']}")
-        verdict = {True: "yes", False: "no", None: "nothing published to compare with"}[
-            self.split_info.get("is_published_split")]
-        lines.append(f"  split is the published one ({self.split_info.get('source', '?')}): {verdict}")
+        lines.append("  " + split_verdict(self.split_info))
         for note in self.notes:
             lines.append(f"  note: {note}")
         for sid, paths in list(self.missing.items())[:10]:
@@ -75,6 +73,16 @@ class PrepareReport:
             lines.append(f"  ... all {len(self.missing)} missing and {len(self.corrupt)} corrupt in {self.out / 'report.json'}")
         lines.append(f"  {self.processed} samples decoded in {self.seconds:.1f} s ({self.samples_per_s:.1f} samples/s)")
         return "\n".join(lines)
+
+
+def split_verdict(split_info: dict[str, Any]) -> str:
+    """Whether the split is the published one; for data with no published split (VGGSound's csv,
+    your own CSV) it says so instead of claiming a match."""
+    source = split_info.get("source", "?")
+    published = split_info.get("is_published_split")
+    if published is None:
+        return f"split: {source}, not a published split (nothing to compare with; see the notes for any carving)"
+    return f"split is the published one ({source}): {'yes' if published else 'no'}"
 
 
 def prepare(
