@@ -344,7 +344,7 @@ def run(cfg: RunConfig, store: Store, datasets: DatasetSource = build_dataset) -
     except Exception as e:
         raise record_failure(run_dir, e) from e
     run_dir.write_summary(summary)
-    run_dir.set_status("finished", epoch=cfg.train.epochs, epochs=cfg.train.epochs)
+    run_dir.set_status("finished", epochs_done=cfg.train.epochs, epochs=cfg.train.epochs)
     return RunResult(run_dir.run_id, str(run_dir.path), "finished", summary)
 
 

@@ -82,6 +82,7 @@ def test_cli_epoch_numbering_matches_the_store(tmp_path, capsys):
     epoch = rd.read_summary()["best_val"]["epoch"]
     assert f"at best-val epoch {epoch} (epochs count from 0)" in out
     assert [r["epoch"] for r in rd.read_metrics()] == [0, 1, 2, 3]  # the store counts from 0 too
+    assert rd.status()["epochs_done"] == 4 and "epoch" not in rd.status()  # a count, named as one
 
 
 # ---- the results store on the command line --------------------------------------------------------
