@@ -574,3 +574,42 @@ def test_a_run_process_interrupted_before_it_recorded_anything_is_interrupted(tm
     rd = Store(tmp_path).run_dir("g", "joint-a")
     rd.set_status("pending")
     assert record_exit(rd, EXIT_INTERRUPTED) == "interrupted" and "SIGINT" in rd.status()["error"]
+
+
+def test_ctrl_c_while_the_runs_are_being_marked_pending_puts_every_status_back(tmp_path, monkeypatch, capsys):
+    from bench.launch import local
+    from bench.launch.plan import plan
+
+    store = Store(tmp_path / "results")
+    _, configs = load_sweep(write(tmp_path, SWEEP))
+    earlier = store.run_dir(configs[0].group, configs[0].run_id())
+    earlier.set_status("interrupted", error="from an earlier launch")
+    before = earlier.status_file.read_text()
+
+    def interrupt(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(local, "placement_line", interrupt)  # after every run is marked pending
+    with pytest.raises(KeyboardInterrupt):
+        local.launch_local(plan(configs, store), LauncherConfig(name="local", workers=1))
+    assert earlier.status_file.read_text() == before
+    for c in configs[1:]:
+        rd = store.run_dir(c.group, c.run_id())
+        assert not rd.status_file.exists() and not (rd.path / "run.log").exists()
+    assert "interrupted: 4 run(s) not started, left as they were" in capsys.readouterr().out
+
+
+def test_a_run_that_ignores_the_interrupt_is_killed_after_the_grace_period():
+    import subprocess
+    import sys
+
+    from bench.launch.local import Workers, stop_running
+
+    running = Workers()
+    stubborn = subprocess.Popen([sys.executable, "-c", "import signal, sys, time; "
+                                 "signal.signal(signal.SIGINT, signal.SIG_IGN); print(flush=True); time.sleep(60)"],
+                                stdout=subprocess.PIPE)
+    stubborn.stdout.readline()  # its handler is in place
+    running.procs["joint-a"] = stubborn
+    stop_running(running, grace_s=0.5)
+    assert stubborn.wait(5) == -9 and running.stopped

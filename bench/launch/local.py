@@ -101,21 +101,22 @@ def launch_local(todo: Sequence[PlannedRun], options: LauncherConfig) -> dict[st
         except KeyboardInterrupt:
             with sigint_ignored():  # a second Ctrl-C must not cut the clean-up short; it has a deadline
                 pool.shutdown(wait=False, cancel_futures=True)
-                stop_launch(running, futures, states, before)
+                stop_launch(todo, running, futures, states, before)
             raise
     return states
 
 
-def stop_launch(running: Workers, futures: dict[Future, PlannedRun], states: dict[str, str],
-                before: dict[str, str | None]) -> None:
-    """After a Ctrl-C: nothing new starts, each running run gets one SIGINT and is recorded
-    interrupted (resumable; stop_running), the runs that had not started get back the status
-    they had before this launch and are listed."""
+def stop_launch(todo: Sequence[PlannedRun], running: Workers, futures: dict[Future, PlannedRun],
+                states: dict[str, str], before: dict[str, str | None]) -> None:
+    """After a Ctrl-C (which may come while the runs are still being marked pending or handed to
+    the pool): nothing new starts, each running run gets one SIGINT and is recorded interrupted
+    (resumable; stop_running), the runs that had not started get back the status they had before
+    this launch and are listed."""
     stop_running(running)
     for future in as_completed([f for f in futures if not f.cancelled()]):
         if futures[future].run_dir.run_id not in states:
-            report(futures[future], *future.result(), states, len(futures))
-    left = [p for p in futures.values() if not running.started(p)]
+            report(futures[future], *future.result(), states, len(todo))
+    left = [p for p in todo if not running.started(p)]
     for p in left:
         restore_status(p.run_dir, before[p.run_dir.run_id])
     print(f"interrupted: {len(left)} run(s) not started, left as they were; launch the sweep again to run "
