@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from bench.errors import MMBalanceError
+from bench.errors import EXIT_INTERRUPTED, MMBalanceError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO_ROOT / "configs" / "quickstart.yaml"
@@ -102,6 +102,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except MMBalanceError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:  # what was interrupted is recorded (runs' status) and said already
+            print("interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
 
 
 def one_line_warnings(default):
@@ -175,9 +178,9 @@ def print_table(group: str, configs, store, report: str | None) -> None:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from bench.launch import launch
     from bench.launch.options import FLAG_KEYS
-    from bench.launch.plan import format_plan, plan
+    from bench.launch.plan import format_plan, plan, to_run
     from bench.store import Store
-    from bench.sweep import load_sweep
+    from bench.sweep import check_runs, load_sweep
 
     sweep, configs = load_sweep(Path(args.file), args.overrides)
     flags = {k: getattr(args, k) for k in FLAG_KEYS if getattr(args, k) is not None}
@@ -187,7 +190,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     store = Store(args.results)
     print(f"sweep {sweep.group!r} ({options.name} launcher) -> {store.root / sweep.group}")
     if args.dry_run:
-        print(format_plan(plan(configs, store)))
+        planned = plan(configs, store)
+        notes = check_runs([p.cfg for p in to_run(planned)], need_data=False)
+        print("\n".join([format_plan(planned), *notes]))
         return 0
     code = launch(configs, store.ensure_writable(), options, wait=args.wait)
     if options.name != "slurm" or args.wait:
@@ -233,16 +238,17 @@ def cmd_run_one(args: argparse.Namespace) -> int:
 
 def dry_run(path: Path, overrides: Sequence[str]) -> int:
     from bench.config import load_config
-    from bench.sweep import is_sweep_file, load_sweep
+    from bench.sweep import check_runs, is_sweep_file, load_sweep
 
     if is_sweep_file(path):
         _, configs = load_sweep(path, overrides)
     else:
         configs = [load_config(path, overrides)]
+    notes = check_runs(configs, need_data=False)
     for cfg in configs:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         print(f"# run id: {cfg.run_id()}\n---")
-    print(f"{len(configs)} run config(s) valid")
+    print("\n".join([*notes, f"{len(configs)} run config(s) valid"]))
     return 0
 
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
+# exit status of a command stopped by Ctrl-C (the shells' 128 + SIGINT), without a traceback
+EXIT_INTERRUPTED = 130
+
 
 class MMBalanceError(Exception):
     """Base class: an error whose message is meant for the user, printed without a traceback."""

@@ -49,10 +49,11 @@ from bench.config import (
     read_yaml,
     validate,
 )
-from bench.errors import RunFailed
+from bench.errors import DataError, RunFailed
 from bench.launch.options import LauncherConfig
+from bench.launch.plan import label
 from bench.store import Store
-from bench.train import RunResult, build_dataset, build_method, run
+from bench.train import DatasetSource, RunResult, build_dataset, build_method, run
 from datasets.base import Dataset
 
 SWEEP_KEYS = frozenset({"recipe", "base", "seeds", "cells", "grid", "include", "exclude", "launcher"})
@@ -283,25 +284,45 @@ class DatasetCache:
         return self._built[key]
 
 
-def check_buildable(configs: Sequence[RunConfig], datasets: DatasetCache) -> None:
-    """Build each cell's model once (no training), so that a config the method rejects (stage
-    lengths that do not add up to train.epochs, say) stops the sweep before any run starts."""
-    checked = set()
+def check_runs(configs: Sequence[RunConfig], datasets: DatasetSource | None = None, *,
+               need_data: bool = True) -> list[str]:
+    """The check every launcher and `--dry-run` make before anything starts: build each distinct
+    model of `configs` once (encoders and method; no training), so that a config the method
+    rejects when it is built (MIE's epoch_list not adding up to train.epochs, DI-MML's stage
+    lengths, an encoder that does not fit its modality) stops everything. Raises ConfigError
+    naming the cell's first run (label and seed) and the method's message, which names the key.
+
+    A model needs its dataset's modalities and classes, not its samples: the dataset is opened
+    (through `datasets`, so that the inline launcher trains on the very objects checked), which
+    for a prepared cache reads its metadata only. Where the data is not here (DataError), that is
+    an error with `need_data` (the runs would fail); without it (a dry run, a SLURM submission
+    whose jobs may see other disks) those cells go unchecked and one note per cause is returned."""
+    datasets = datasets or DatasetCache()
+    unchecked: dict[str, list[str]] = {}
+    seen = set()
     for cfg in configs:
-        if cfg.label in checked:
+        key = json.dumps([cfg.dataset, cfg.model.model_dump(mode="json"), cfg.method, cfg.train.epochs], sort_keys=True)
+        if key in seen:  # only these reach the model: seeds, optimiser and the rest cannot change its verdict
             continue
-        checked.add(cfg.label)
+        seen.add(key)
+        run_name = f"run {label(cfg)!r} seed {cfg.train.seed}"
         try:
             build_method(cfg, datasets(cfg))
         except ConfigError as e:
-            raise ConfigError(f"cell {cfg.label!r}: {e}") from None
+            raise ConfigError(f"{run_name}: {e}") from None
+        except DataError as e:
+            if need_data:
+                raise DataError(f"{run_name}: {e}") from None
+            unchecked.setdefault(str(e), []).append(label(cfg))
+    return [f"not checked here (no data): {len(cells)} cell(s) ({', '.join(cells[:3])}{', ...' if len(cells) > 3 else ''}): "
+            f"{cause}" for cause, cells in unchecked.items()]
 
 
 def run_inline(configs: Sequence[RunConfig], store: Store, *, keep_going: bool = True) -> list[RunResult]:
     """Run every config here, one after another. A failed run is reported and, with
     `keep_going`, the others still run; its status file names the cause."""
     datasets = DatasetCache()
-    check_buildable(configs, datasets)
+    check_runs(configs, datasets)
     results, failures = [], []
     bar = tqdm(configs, desc="runs", unit="run", dynamic_ncols=True)
     for cfg in bar:

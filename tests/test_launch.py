@@ -4,6 +4,7 @@ submitit's local executor; the real-SLURM tests are marked `slurm`), status and 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -456,3 +457,159 @@ def test_packed_slurm_array_runs_each_chunk_together_through_submitit(tmp_path, 
         st = rd.status()
         assert st["state"] == "finished" and Path(st["log"]) == rd.path / "run.log"
         assert f"finished: {rd.path}" in (rd.path / "run.log").read_text()  # its own process's output
+
+
+# ---------------------------------------------------------------- the method's check, before anything starts
+
+# MIE's stage lengths add up to 10 epochs, the sweep trains 2: MIE refuses it when it is built
+BAD_MIE = SWEEP.replace("launcher:", "  mie-bad: {method: {name: mie, epoch_list: [5, 5]}}\nlauncher:")
+
+
+def assert_one_line_naming_the_bad_cell(err: str) -> None:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: run 'mie-bad' seed 0: method.epoch_list="), err
+    assert "train.epochs" in lines[0]
+
+
+@pytest.mark.parametrize("command", [
+    ["sweep", "--launcher", "inline"], ["sweep", "--launcher", "local"], ["sweep", "--dry-run"],
+    ["run", "--dry-run"], ["run"]], ids=" ".join)
+def test_a_cell_the_method_rejects_stops_every_launcher_and_dry_run_before_anything_starts(tmp_path, capsys, command):
+    root = tmp_path / "results"
+    path = write(tmp_path, BAD_MIE)  # 3 cells x 2 seeds; the good cells come first
+    assert cli(["--results", str(root), command[0], str(path), *command[1:]]) == 2
+    assert_one_line_naming_the_bad_cell(capsys.readouterr().err)
+    assert not root.exists()  # no run directory: nothing trained, nothing marked pending
+
+
+def test_a_cell_the_method_rejects_is_not_submitted_to_slurm(slurm_world, capsys):
+    configs, store, executor, _, _ = slurm_world
+    path = write(store.root.parent, BAD_MIE, "bad.yaml")
+    assert cli(["--results", str(store.root), "sweep", str(path), "--launcher", "slurm"]) == 2
+    assert_one_line_naming_the_bad_cell(capsys.readouterr().err)
+    assert executor.submitted == []
+    for c in configs[2:]:  # the runs slurm_world left to do are as they were: no status, no config
+        assert not store.run_dir(c.group, c.run_id()).path.exists()
+
+
+def test_data_missing_here_stops_a_local_launch_but_not_a_submission_or_a_dry_run(slurm_world, capsys):
+    """The check opens each dataset: where the runs would train here (inline, local) missing data
+    stops the launch; a SLURM job may read disks this machine does not see, and a dry run needs
+    no data, so they go on and say which cells were not checked."""
+    configs, store, executor, _, _ = slurm_world
+    nowhere = str(store.root.parent / "nowhere.npz")
+    path = write(store.root.parent, SWEEP.replace("dataset: {name: gaussian}", f"dataset: {{name: avdigits, cache: {nowhere}}}"),
+                 "avdigits.yaml")
+    _, runs = load_sweep(path)
+    for launcher in ("local", "inline"):
+        assert cli(["--results", str(store.root), "sweep", str(path), "--launcher", launcher]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: run 'joint' seed 0: dataset 'avdigits': cache file") and nowhere in err
+        assert "\n" not in err and not any(store.run_dir(c.group, c.run_id()).path.exists() for c in runs)
+    assert cli(["--results", str(store.root), "sweep", str(path), "--dry-run"]) == 0
+    note = f"not checked here (no data): 2 cell(s) (joint, audio-only): dataset 'avdigits': cache file {nowhere!r}"
+    assert note in capsys.readouterr().out
+    assert cli(["--results", str(store.root), "sweep", str(path), "--launcher", "slurm"]) == 0
+    assert note in capsys.readouterr().out and len(executor.submitted[0]) == 4
+
+
+# ---------------------------------------------------------------- Ctrl-C stops the local launcher
+
+INTERRUPTIBLE = """
+group: ctrlc
+base:
+  dataset: {name: gaussian}
+  train: {epochs: 15, batch_size: 32, progress: false}
+  optim: {lr: 0.05}
+  eval: {probe: false}
+seeds: [0, 1, 2]
+cells:
+  joint: {method: {name: joint}}
+launcher: {name: local, workers: 1}
+"""
+
+
+def test_ctrl_c_stops_the_local_launcher_nothing_new_starts_and_a_relaunch_finishes(tmp_path, capsys):
+    """A Ctrl-C at the terminal (SIGINT to the launcher's process group) while the first of three
+    runs trains (one worker): the launcher interrupts that run, starts nothing else, says which
+    runs did not start, leaves them as they were and exits 130 without a traceback."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = write(tmp_path, INTERRUPTIBLE)
+    store = Store(tmp_path / "results")
+    _, configs = load_sweep(path)
+    first, *queued = [store.run_dir(c.group, c.run_id()) for c in configs]
+    launcher = subprocess.Popen([sys.executable, "-m", "bench", "--results", str(store.root), "sweep", str(path)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while first.status()["state"] != "running":  # recorded once its model is built, before epoch 1
+        assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()
+        time.sleep(0.05)
+    os.killpg(launcher.pid, signal.SIGINT)
+    sent = time.monotonic()
+    out, err = launcher.communicate(timeout=60)
+    assert launcher.returncode == 130 and time.monotonic() - sent < 15
+    assert "Traceback" not in out + err and err.strip() == "interrupted", err
+    assert f"[1/3] interrupted joint seed 0 {first.run_id}" in out
+    assert "interrupted: 2 run(s) not started, left as they were" in out
+    assert all(f"joint seed {i} {rd.run_id}" in out for i, rd in enumerate(queued, 1))
+    assert first.status()["state"] == "interrupted"
+    for rd in queued:  # never started, and no longer pending: as they were before the launch
+        assert rd.status() == {"state": "new"} and not rd.metrics.exists() and not (rd.path / "run.log").exists()
+
+    assert cli(["status", str(store.root / "ctrlc")]) == 0
+    assert "0 running, 0 pending, 0 failed, 1 interrupted, 2 new" in capsys.readouterr().out
+    assert cli(["--results", str(store.root), "sweep", str(path), "--launcher", "inline"]) == 0
+    assert "3 runs: 3 finished" in capsys.readouterr().out
+    assert all(len(rd.read_metrics()) == 15 for rd in [first, *queued])
+
+
+def test_a_run_process_interrupted_before_it_recorded_anything_is_interrupted(tmp_path):
+    from bench.errors import EXIT_INTERRUPTED
+    from bench.launch.worker import record_exit
+
+    rd = Store(tmp_path).run_dir("g", "joint-a")
+    rd.set_status("pending")
+    assert record_exit(rd, EXIT_INTERRUPTED) == "interrupted" and "SIGINT" in rd.status()["error"]
+
+
+def test_ctrl_c_while_the_runs_are_being_marked_pending_puts_every_status_back(tmp_path, monkeypatch, capsys):
+    from bench.launch import local
+    from bench.launch.plan import plan
+
+    store = Store(tmp_path / "results")
+    _, configs = load_sweep(write(tmp_path, SWEEP))
+    earlier = store.run_dir(configs[0].group, configs[0].run_id())
+    earlier.set_status("interrupted", error="from an earlier launch")
+    before = earlier.status_file.read_text()
+
+    def interrupt(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(local, "placement_line", interrupt)  # after every run is marked pending
+    with pytest.raises(KeyboardInterrupt):
+        local.launch_local(plan(configs, store), LauncherConfig(name="local", workers=1))
+    assert earlier.status_file.read_text() == before
+    for c in configs[1:]:
+        rd = store.run_dir(c.group, c.run_id())
+        assert not rd.status_file.exists() and not (rd.path / "run.log").exists()
+    assert "interrupted: 4 run(s) not started, left as they were" in capsys.readouterr().out
+
+
+def test_a_run_that_ignores_the_interrupt_is_killed_after_the_grace_period():
+    import subprocess
+    import sys
+
+    from bench.launch.local import Workers, stop_running
+
+    running = Workers()
+    stubborn = subprocess.Popen([sys.executable, "-c", "import signal, sys, time; "
+                                 "signal.signal(signal.SIGINT, signal.SIG_IGN); print(flush=True); time.sleep(60)"],
+                                stdout=subprocess.PIPE)
+    stubborn.stdout.readline()  # its handler is in place
+    running.procs["joint-a"] = stubborn
+    stop_running(running, grace_s=0.5)
+    assert stubborn.wait(5) == -9 and running.stopped

@@ -60,7 +60,7 @@ def test_a_cell_the_method_rejects_stops_the_sweep_before_any_run(tmp_path):
     path = write(tmp_path, SWEEP + "  mie-too-long: {method.name: mie, method.epoch_list: [5, 5]}\n")
     _, configs = load_sweep(path)
     store = Store(tmp_path / "results")
-    with pytest.raises(ConfigError, match="cell 'mie-too-long'.*10.*2"):
+    with pytest.raises(ConfigError, match="run 'mie-too-long' seed 0: method.epoch_list.*10.*2"):
         run_inline(configs, store)
     assert not store.root.exists()
 

@@ -20,6 +20,12 @@ def launch(configs: Sequence[RunConfig], store: Store, options: LauncherConfig, 
     run is finished, or, for slurm without `wait`, when the submission went through."""
     planned = plan(configs, store)
     todo = to_run(planned)
+    if todo and options.name != "inline":  # run_inline makes the same check, on the datasets it trains on
+        from bench.sweep import check_runs
+
+        # slurm's jobs may read disks this machine does not see: missing data is a note there
+        for note in check_runs([p.cfg for p in todo], need_data=options.name == "local"):
+            print(note)
     print(format_plan(planned).splitlines()[0], flush=True)
     if not todo:
         active = [p for p in planned if p.state in ("queued", "running")]

@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import os
 import queue
+import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
 
 from bench.launch.options import LauncherConfig
 from bench.launch.plan import PlannedRun, label
-from bench.launch.worker import record_exit
+from bench.launch.worker import record_exit, restore_status, saved_status
 
 
 def gpu_count() -> int:
@@ -74,38 +77,141 @@ def placement_line(runs: int, workers: int, gpus: int, runs_per_gpu: int) -> str
 
 
 def launch_local(todo: Sequence[PlannedRun], options: LauncherConfig) -> dict[str, str]:
-    """Run every planned run; returns run id -> final state (finished | failed)."""
+    """Run every planned run; returns run id -> final state (finished | failed).
+
+    Ctrl-C (KeyboardInterrupt) stops the launch (see stop_launch), then goes on up."""
     gpus, k = gpu_count(), options.packing()
     workers = worker_count(options, gpus, len(todo))
     slots: queue.Queue[int] = queue.Queue()
     for slot in range(workers):
         slots.put(slot)
-    for p in todo:
-        p.run_dir.write_config(p.cfg.to_dict())
-        p.run_dir.set_status("pending", job_id=None, log=str(p.run_dir.path / "run.log"), stdout=None)
-    print(placement_line(len(todo), workers, gpus, k), flush=True)
+    before = {p.run_dir.run_id: saved_status(p.run_dir) for p in todo}
+    running = Workers()
     states: dict[str, str] = {}
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = {pool.submit(run_in_process, p, slots, workers, gpus, k): p for p in todo}
-        for done, future in enumerate(as_completed(futures), 1):
-            p = futures[future]
-            state, seconds = future.result()
-            states[p.run_dir.run_id] = state
-            tail = "" if state == "finished" else f": {p.run_dir.status().get('error', '?')} (log {p.run_dir.path / 'run.log'})"
-            print(f"[{done}/{len(todo)}] {state} {label(p.cfg)} seed {p.cfg.train.seed} "
-                  f"{p.run_dir.run_id} in {seconds:.1f} s{tail}", flush=True)
+        futures: dict[Future, PlannedRun] = {}
+        try:
+            for p in todo:  # pending under this process's pid: a second launch meanwhile leaves them alone
+                p.run_dir.write_config(p.cfg.to_dict())
+                p.run_dir.set_status("pending", job_id=None, log=str(p.run_dir.path / "run.log"), stdout=None)
+            print(placement_line(len(todo), workers, gpus, k), flush=True)
+            futures.update({pool.submit(run_in_process, p, slots, workers, gpus, k, running): p for p in todo})
+            for future in as_completed(futures):
+                report(futures[future], *future.result(), states, len(todo))
+        except KeyboardInterrupt:
+            with sigint_ignored():  # a second Ctrl-C must not cut the clean-up short; it has a deadline
+                pool.shutdown(wait=False, cancel_futures=True)
+                stop_launch(todo, running, futures, states, before)
+            raise
     return states
 
 
-def run_in_process(p: PlannedRun, slots: queue.Queue[int], workers: int, gpus: int,
-                   runs_per_gpu: int = 1) -> tuple[str, float]:
+def stop_launch(todo: Sequence[PlannedRun], running: Workers, futures: dict[Future, PlannedRun],
+                states: dict[str, str], before: dict[str, str | None]) -> None:
+    """After a Ctrl-C (which may come while the runs are still being marked pending or handed to
+    the pool): nothing new starts, each running run gets one SIGINT and is recorded interrupted
+    (resumable; stop_running), the runs that had not started get back the status they had before
+    this launch and are listed."""
+    stop_running(running)
+    for future in as_completed([f for f in futures if not f.cancelled()]):
+        if futures[future].run_dir.run_id not in states:
+            report(futures[future], *future.result(), states, len(todo))
+    left = [p for p in todo if not running.started(p)]
+    for p in left:
+        restore_status(p.run_dir, before[p.run_dir.run_id])
+    print(f"interrupted: {len(left)} run(s) not started, left as they were; launch the sweep again to run "
+          "them (interrupted runs resume)", flush=True)
+    for p in left:
+        print(f"  {label(p.cfg)} seed {p.cfg.train.seed} {p.run_dir.run_id}", flush=True)
+
+
+def report(p: PlannedRun, state: str | None, seconds: float, states: dict[str, str], total: int) -> None:
+    """Print how a run ended (state None: the launch stopped before it started: nothing to say)."""
+    if state is None:
+        return
+    states[p.run_dir.run_id] = state
+    tail = "" if state == "finished" else f": {p.run_dir.status().get('error', '?')} (log {p.run_dir.path / 'run.log'})"
+    print(f"[{len(states)}/{total}] {state} {label(p.cfg)} seed {p.cfg.train.seed} "
+          f"{p.run_dir.run_id} in {seconds:.1f} s{tail}", flush=True)
+
+
+class Workers:
+    """The launch's run-one processes. A run starts only while the launch is not stopped, under
+    the lock stop() takes, so that once stop() returns nothing new starts and every process ever
+    started is among those it returns."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.stopped = False
+        self.procs: dict[str, subprocess.Popen] = {}  # run id -> its process, kept once it has ended
+
+    def start(self, p: PlannedRun, env: dict[str, str]) -> subprocess.Popen | None:
+        """Start `p`'s run-one process, or None once the launch is stopped. Each process leads a
+        session of its own, so that a Ctrl-C at the terminal reaches the launcher only, which
+        gives each running run exactly one SIGINT (a second one could cut short the recording
+        of the first)."""
+        with self.lock:
+            if self.stopped:
+                return None
+            with open(p.run_dir.path / "run.log", "ab") as log:
+                self.procs[p.run_dir.run_id] = subprocess.Popen(
+                    [sys.executable, "-m", "bench", "run-one", str(p.run_dir.path)], stdout=log,
+                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+            return self.procs[p.run_dir.run_id]
+
+    def started(self, p: PlannedRun) -> bool:
+        return p.run_dir.run_id in self.procs
+
+    def stop(self) -> list[subprocess.Popen]:
+        with self.lock:
+            self.stopped = True
+            return list(self.procs.values())
+
+
+STOP_GRACE_S = 30.0  # how long an interrupted run may take to record its state before it is killed
+
+
+def stop_running(running: Workers, grace_s: float = STOP_GRACE_S) -> None:
+    """Stop the launch: SIGINT each running run-one process (it records its run interrupted and
+    exits), SIGKILL those still alive after `grace_s` (their runs are then recorded interrupted
+    by record_exit). The pool's threads reap them."""
+    live = [proc for proc in running.stop() if proc.poll() is None]
+    if live:
+        print(f"interrupted: stopping {len(live)} running run(s) (up to {grace_s:.0f} s)", flush=True)
+    for proc in live:
+        proc.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + grace_s
+    for proc in live:
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@contextmanager
+def sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored in this (the main) thread for the block; elsewhere there is nothing to do."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def run_in_process(p: PlannedRun, slots: queue.Queue[int], workers: int, gpus: int, runs_per_gpu: int,
+                   running: Workers) -> tuple[str | None, float]:
+    """Run `p` in a run-one process on a free slot: its final state and the seconds it took, or
+    (None, 0) when the launch was stopped before it started."""
     slot = slots.get()
     start = time.perf_counter()
     try:
-        cmd = [sys.executable, "-m", "bench", "run-one", str(p.run_dir.path)]
-        with open(p.run_dir.path / "run.log", "ab") as log:
-            code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                  env=worker_env(slot, workers, gpus, runs_per_gpu)).returncode
+        proc = running.start(p, worker_env(slot, workers, gpus, runs_per_gpu))
+        if proc is None:
+            return None, 0.0
+        code = proc.wait()
     finally:
         slots.put(slot)
-    return record_exit(p.run_dir, code), time.perf_counter() - start
+    return record_exit(p.run_dir, code, killed="interrupted" if running.stopped else "failed"), time.perf_counter() - start

@@ -11,7 +11,6 @@ queued are never submitted (bench.launch.plan decides).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -28,7 +27,7 @@ from bench.errors import RunFailed
 from bench.launch import jobs as slurm_queue
 from bench.launch.options import LauncherConfig
 from bench.launch.plan import PlannedRun
-from bench.launch.worker import record_exit, record_placement, run_one
+from bench.launch.worker import record_exit, record_placement, restore_status, run_one, saved_status
 from bench.store import RunDir
 
 
@@ -174,8 +173,7 @@ def submit(todo: Sequence[PlannedRun], executor: submitit.Executor, runs_per_tas
     if not todo:
         return []
     groups = chunks(todo, runs_per_task)
-    previous = {p.run_dir.path: p.run_dir.status_file.read_text() if p.run_dir.status_file.exists() else None
-                for p in todo}
+    previous = {p.run_dir.path: saved_status(p.run_dir) for p in todo}
     for p in todo:
         p.run_dir.write_config(p.cfg.to_dict())
         p.run_dir.set_status("pending", job_id=None, log=None, stdout=None)
@@ -195,15 +193,6 @@ def submit(todo: Sequence[PlannedRun], executor: submitit.Executor, runs_per_tas
             if p.run_dir.status()["state"] == "pending":  # the task may already have started
                 p.run_dir.set_status("pending", job_id=str(job.job_id), log=str(log), stdout=str(job.paths.stdout))
     return jobs
-
-
-def restore_status(rd: RunDir, text: str | None) -> None:
-    if text is None:
-        rd.status_file.unlink(missing_ok=True)
-    else:
-        from bench.store import atomic_write_json
-
-        atomic_write_json(rd.status_file, json.loads(text))
 
 
 def still_alive(jobs: Sequence[submitit.Job]) -> list[submitit.Job]:

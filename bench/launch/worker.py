@@ -6,12 +6,13 @@ failure, with its traceback, in the run's status.json.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 from bench.config import RunConfig, validate
-from bench.errors import ConfigError, RunFailed
-from bench.store import RunDir, Store
+from bench.errors import EXIT_INTERRUPTED, ConfigError, RunFailed
+from bench.store import RunDir, Store, atomic_write_json
 
 
 def load_run(run_dir: str | Path) -> tuple[RunConfig, Store]:
@@ -63,13 +64,30 @@ def record_placement(rd: RunDir, **placement: str) -> None:
 def record_exit(rd: RunDir, code: int, killed: str = "failed") -> str:
     """The run's state once its `run-one` process has exited with `code`. A process that died
     before it could record anything (out of memory, a signal) leaves its run as it was: it is
-    marked failed (or `killed`, for one a signal ended) with the exit code."""
+    marked failed (or `killed`, for one a signal ended) with the exit code; one a Ctrl-C
+    stopped before its training started (exit EXIT_INTERRUPTED) is interrupted."""
     state = rd.status()["state"]
     if code != 0 and state not in ("failed", "interrupted"):
-        if code < 0 and killed != "failed":
+        if code == EXIT_INTERRUPTED:
+            rd.set_status("interrupted", error="run-one process interrupted (SIGINT) before it recorded its state; "
+                          "launch again to resume")
+        elif code < 0 and killed != "failed":
             rd.set_status(killed, error=f"run-one process killed by signal {-code}; launch again to resume")
         else:
             rd.set_status("failed", error=f"worker process exited with code {code}",
                           traceback=f"see {rd.path / 'run.log'}")
         state = rd.status()["state"]
     return state
+
+
+def saved_status(rd: RunDir) -> str | None:
+    """The run's status file as it is (None: it has none), for restore_status to put back."""
+    return rd.status_file.read_text() if rd.status_file.exists() else None
+
+
+def restore_status(rd: RunDir, text: str | None) -> None:
+    """Put back what saved_status returned: a launch that did not start the run leaves it as it was."""
+    if text is None:
+        rd.status_file.unlink(missing_ok=True)
+    else:
+        atomic_write_json(rd.status_file, json.loads(text))
