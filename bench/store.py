@@ -152,21 +152,19 @@ class Store:
         self.root = Path(root)
 
     def ensure_writable(self) -> Store:
-        """Create the root if needed and check that files can be made in it, so that a bad
-        `--results` stops with one line naming the path and the OS's reason, before any run starts."""
+        """Check, without creating anything, that the root is (or can be made) a writable
+        directory, so that a bad `--results` stops with one line naming the path and the reason
+        before any run starts."""
         def refuse(cause: str) -> StoreError:
             return StoreError(f"results store {str(self.root)!r} cannot be written: {cause}; "
                               "choose another with --results DIR")
 
-        if self.root.exists() and not self.root.is_dir():
-            raise refuse("it is a file, not a directory")
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryFile(dir=self.root):
-                pass
-        except OSError as e:
-            where = f" ({e.filename})" if e.filename and str(e.filename) != str(self.root) else ""
-            raise refuse(f"{e.strerror or e}{where}") from None
+        existing = next(p for p in (self.root, *self.root.absolute().parents) if p.exists())
+        if not existing.is_dir():
+            where = "it is" if existing == self.root else f"{str(existing)!r} is"
+            raise refuse(f"{where} a file, not a directory")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise refuse(f"{'it' if existing == self.root else repr(str(existing))} is not writable by this user")
         return self
 
     def run_dir(self, group: str, run_id: str) -> RunDir:

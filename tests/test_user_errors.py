@@ -97,7 +97,8 @@ def test_results_that_is_not_a_directory_is_one_line(tmp_path, capsys, where):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert err.startswith(f"error: results store {str(tmp_path / where)!r} cannot be written: ")
-    assert ("it is a file, not a directory" if where == "a_file" else "Not a directory") in err
+    assert ("it is a file" if where == "a_file" else f"{str(tmp_path / 'a_file')!r} is a file") in err
+    assert not (tmp_path / "a_file" / "below").exists()
     assert (tmp_path / "a_file").read_text() == "keep me"
 
 
