@@ -208,7 +208,7 @@ def printed_tables(agg: pd.DataFrame, protocol: str) -> str:
     """The table as printed: one markdown block per dataset (the same strings as table.csv), then
     the legend with the deficit's sign."""
     table = printed(agg)
-    blocks = [f"{ds}\n{block.drop(columns='dataset').to_markdown(index=False)}"
+    blocks = [f"dataset: {ds}\n{block.drop(columns='dataset').to_markdown(index=False)}"
               for ds, block in table.groupby("dataset", sort=False)]
     return "\n\n".join(blocks) + f"\n{protocol}, mean ± std over seeds (n). {PRINTED_LEGEND}\n"
 

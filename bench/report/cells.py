@@ -115,13 +115,15 @@ def printed(agg: pd.DataFrame) -> pd.DataFrame:
 
 
 def ranks(agg: pd.DataFrame) -> dict[tuple[int, str], int]:
-    """{(row index, column): 1 or 2} for the best and second-best mean of a column within a dataset."""
+    """{(row index, column): 1 or 2} for the best and second-best mean of a column within a dataset
+    (for a deficit, among the multimodal rows: a unimodal-only model's is 0 by definition)."""
     marks = {}
     for c in columns_of(agg):
         lower = c in LOWER or c.startswith("deficit.")
         if not (lower or c in HIGHER or c.startswith(("own.", "probe."))):
             continue
-        for _, g in agg.groupby("dataset", sort=False):
+        ranked = agg[agg["method"] != "unimodal"] if c.startswith("deficit.") else agg
+        for _, g in ranked.groupby("dataset", sort=False):
             means = g[f"{c}:mean"].dropna()
             distinct = sorted(set(means), reverse=not lower)
             for i, v in means.items():
