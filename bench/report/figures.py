@@ -67,8 +67,8 @@ def small_n_note(agg: pd.DataFrame, cols: list[str]) -> str:
     past = any((s < 0).any() for s in lows) or any((s > 1).any() for s in highs)
     if n >= SMALL_N and not past:
         return ""
-    return (f"\nOnly n = {n} seed(s) in some rows: the 95% t-intervals are wide because n is small"
-            + (" and run past the accuracy axis, clipped to [0, 1]" if past else ""))
+    return (f"\nn = {n} seed(s) in some rows: the 95% t-intervals are wide because n is small"
+            + (", and run past the accuracy axis (clipped to [0, 1])" if past else ""))
 
 
 def _save(fig: Figure, out_dir: Path, stem: str) -> list[Path]:
@@ -99,10 +99,11 @@ def fused_accuracy(agg: pd.DataFrame, runs: pd.DataFrame, colors: dict[str, Any]
     fig, axes = plt.subplots(1, len(datasets), figsize=(5.2 * len(datasets), height), squeeze=False)
     for ax, ds in zip(axes[0], datasets):
         sub, order = runs[runs["dataset"] == ds], _rows(agg, ds)
-        common = dict(data=sub, x="acc", y="label", order=order, hue="label", hue_order=order,
-                      palette=colors, legend=False, ax=ax)
-        sns.stripplot(**common, size=3, alpha=0.5, jitter=False)
-        sns.pointplot(**common, errorbar=ci_bounds, linestyle="none", capsize=0.3, markersize=7)
+        sns.pointplot(data=sub, x="acc", y="label", order=order, hue="label", hue_order=order, palette=colors,
+                      legend=False, ax=ax, errorbar=ci_bounds, linestyle="none", capsize=0.3, markersize=7)
+        for y, label in enumerate(order):  # single seeds just below their mean's line
+            acc = sub.loc[sub["label"] == label, "acc"]
+            ax.scatter(acc, np.full(len(acc), y + 0.22), s=10, color=colors[label], alpha=0.5)
         clip_accuracy(ax, "x")
         ax.set(xlabel="fused test accuracy", ylabel="", title=ds)
         ax.grid(axis="x", alpha=0.3)
@@ -126,7 +127,7 @@ def probe_vs_unimodal(agg: pd.DataFrame, runs: pd.DataFrame, colors: dict[str, A
         sub, order = runs[runs["dataset"] == ds], _rows(agg, ds, multimodal=True)
         for ax, m in zip(row, modalities):
             sns.barplot(data=sub, x=f"probe.{m}", y="label", order=order, hue="label", hue_order=order,
-                        palette=colors, legend=False, errorbar=ci_bounds, capsize=0.3, ax=ax)
+                        palette=colors, saturation=1, legend=False, errorbar=ci_bounds, capsize=0.3, ax=ax)
             uni = describe(sub.loc[(sub["method"] == "unimodal") & (sub["unimodal_modality"] == m), f"probe.{m}"])
             if uni["n"]:
                 if uni["n"] > 1:
