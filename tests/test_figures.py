@@ -127,18 +127,17 @@ def assert_readable(fig) -> None:
                 assert not a.overlaps(b), (ax.get_title(), [t.get_text() for t in ticks])
 
 
-@pytest.fixture(scope="module")
-def drawn():
-    runs, metrics = synthetic()
-    agg = aggregate(runs)
-    yield agg, runs, metrics, draw_figures(agg, runs, metrics)
-    plt.close("all")
-
-
 @pytest.fixture(autouse=True)
 def close_figures():
     yield
     plt.close("all")
+
+
+@pytest.fixture
+def drawn():
+    runs, metrics = synthetic()
+    agg = aggregate(runs)
+    return agg, runs, metrics, draw_figures(agg, runs, metrics)
 
 
 def test_one_colour_per_label_in_one_order():
