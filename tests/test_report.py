@@ -15,8 +15,8 @@ import pytest
 from scipy import stats as sps
 
 from bench.cli import main
-from bench.report.build import build_report
-from bench.report.cells import aggregate, display, label_order, printed, to_latex
+from bench.report.build import build_report, table_text
+from bench.report.cells import aggregate, display, to_latex
 from bench.report.collect import add_deficits, dataset_labels, load_runs
 from bench.report.stats import TIE_THRESHOLD, ci_bounds, describe, holm, paired_tests
 from bench.store import Store
@@ -264,7 +264,9 @@ def parse_printed(text: str) -> pd.DataFrame:
 
 def test_printed_table_is_table_csv(two_presets, tmp_path, capsys):
     assert main(["report", str(two_presets.root), "--out", str(tmp_path)]) == 0
-    shown = parse_printed(capsys.readouterr().out)
+    out = capsys.readouterr().out
+    assert table_text(two_presets.root) in out  # what `run`/`sweep` print without --report
+    shown = parse_printed(out)
     csv = pd.read_csv(tmp_path / "table.csv", dtype=str, keep_default_na=False)
     assert len(shown) == 6 and set(shown.columns) < set(csv.columns)
     assert {"fused acc", "probe visual", "deficit visual (uni − probe)"} <= set(shown.columns)
