@@ -35,7 +35,6 @@ class Report:
     out: Path
     files: list[Path] = field(default_factory=list)
     summary: str = ""
-    table: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 def parse_by(by: str | list[str]) -> list[str]:
@@ -102,7 +101,6 @@ def build_report(results_dir: Path, out: Path, by: str | list[str] = "dataset,me
     write("README.md", markdown_page(title, sections, figures, out))
     write("report.html", html_page(title, sections, figures))
     report.files += figures
-    report.table = table
     report.summary = summary_text(runs, agg, tests, paper, out, protocol)
     return report
 
