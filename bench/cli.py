@@ -161,18 +161,18 @@ def run_sweep(path: Path, overrides: Sequence[str], store, report: str | None) -
 
 
 def print_table(group: str, configs, store, report: str | None) -> None:
-    from bench.report.table import run_rows, summary_table, write_table
+    """Print the sweep's table (bench.report.build.printed_tables); with `report`, write the whole
+    report there too, whose table.md/csv hold the very strings printed."""
+    from bench.report.build import build_report, table_text
     from bench.sweep import labels_in_order
 
-    ids = {c.run_id() for c in configs}
-    runs = run_rows(store, group)
-    if runs.empty:
+    if not (store.root / group).is_dir():
         return
-    runs = runs[runs["run_id"].isin(ids)]
-    table = summary_table(runs, order=labels_in_order(configs))
-    print(table.to_markdown(index=False))
+    ids, order = {c.run_id() for c in configs}, labels_in_order(configs)
     if report:
-        print(f"table written to {write_table(table, runs, Path(report), f'sweep {group}')}")
+        print(build_report(store.root / group, Path(report), only=ids, order=order).summary)
+    else:
+        print(table_text(store.root / group, only=ids, order=order))
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -263,15 +263,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from bench.store import Store
 
-    from bench.report.build import build_report
-    from bench.sweep import load_sweep
-
-    store = Store(args.results).ensure_writable()
-    code = run_sweep(QUICKSTART, args.overrides, store, args.report)
-    sweep, configs = load_sweep(QUICKSTART, args.overrides)
-    report = build_report(store.root / sweep.group, Path(args.report), only={c.run_id() for c in configs})
-    print(report.summary)
-    return code
+    return run_sweep(QUICKSTART, args.overrides, Store(args.results).ensure_writable(), args.report)
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -1,30 +1,31 @@
 """The report's figures: every file is written (PNG and PDF, non-empty, PNGs of a real size) from a
-synthetic runs table and from a real (tiny) results store; colours are one mapping per label."""
+synthetic runs table and from a real (tiny) results store; and what they show is checked, read
+back from the matplotlib Axes: one series per method with the aggregate's means and 95%
+t-intervals, one colour per method in every figure, accuracy axes inside [0, 1] (with a caption
+note when few seeds make the intervals wide), and labels that are there and do not overlap."""
 
 from __future__ import annotations
 
-import json
+import itertools
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.colors import to_rgb
+from matplotlib.container import BarContainer
 from PIL import Image
-from scipy import stats
 
-from bench.report.figures import (
-    diagnostic_keys,
-    label_colors,
-    label_order,
-    make_figures,
-    t_interval,
-)
-from bench.report.table import run_rows
+from bench.report.cells import aggregate, label_order
+from bench.report.collect import load_runs
+from bench.report.figures import diagnostic_keys, draw_figures, label_colors, make_figures
 from bench.train import run
 
 STEMS = ["fused_accuracy", "probe_vs_unimodal", "trajectories_modality", "diagnostics", "accuracy_vs_cost"]
-DATASET = json.dumps({"name": "gaussian", "n": 100}, sort_keys=True)
+DATASET = "gaussian"
 CELLS = [("joint-concat", "joint", None), ("ogm-ge", "ogm_ge", None), ("mla", "mla", None),
          ("unimodal-audio", "unimodal", "audio"), ("unimodal-visual", "unimodal", "visual")]
+MULTIMODAL = ["joint-concat", "mla", "ogm-ge"]
 
 
 def record(epoch: int, method: str, rng) -> dict:
@@ -43,25 +44,26 @@ def record(epoch: int, method: str, rng) -> dict:
             "selectable": True}
 
 
-def synthetic(n_seeds: int = 3, epochs: int = 4) -> tuple[pd.DataFrame, dict[str, list[dict]]]:
+def synthetic(n_seeds: int = 3, epochs: int = 4, spread: float = 0.25) -> tuple[pd.DataFrame, dict[str, list[dict]]]:
+    """Finished runs as collect.load_runs gives them (accuracies within ±`spread` of 0.65), and their records."""
     rng = np.random.default_rng(0)
     rows, metrics = [], {}
     for label, method, modality in CELLS:
         for seed in range(n_seeds):
             rid = f"{method}-{label}-{seed}"
             row = {"run_id": rid, "label": label, "method": method, "dataset": DATASET, "seed": seed,
-                   "unimodal_modality": modality, "acc": rng.uniform(0.4, 0.9), "macro_f1": 0.5, "map": 0.5,
-                   "acc_best_test": 0.9, "s_per_epoch": rng.uniform(0.05, 0.2)}
+                   "state": "finished", "unimodal_modality": modality, "acc": rng.uniform(0.65 - spread, 0.65 + spread),
+                   "macro_f1": 0.5, "map": 0.5, "acc_best_test": 0.9, "s_per_epoch": rng.uniform(0.05, 0.2)}
             for m in ("audio", "visual"):
                 if modality in (None, m):
-                    row[f"own.{m}"] = rng.uniform(0.1, 0.9)
-                    row[f"probe.{m}"] = rng.uniform(0.1, 0.9)
+                    row[f"own.{m}"] = rng.uniform(0.65 - spread, 0.65 + spread)
+                    row[f"probe.{m}"] = rng.uniform(0.65 - spread, 0.65 + spread)
             rows.append(row)
             metrics[rid] = [record(e, method, rng) for e in range(epochs)]
     return pd.DataFrame(rows), metrics
 
 
-def assert_figures(paths, out_dir, stems=STEMS):
+def assert_files(paths, out_dir, stems=STEMS):
     names = {p.name for p in paths}
     assert names == {f"{s}.{ext}" for s in stems for ext in ("png", "pdf")}
     for p in paths:
@@ -73,19 +75,76 @@ def assert_figures(paths, out_dir, stems=STEMS):
             assert width > 400 and height > 300, (p, width, height)
 
 
-def test_t_interval_matches_scipy():
-    values = np.array([0.61, 0.65, 0.58, 0.70])
-    mean, half = t_interval(values)
-    low, high = stats.t.interval(0.95, len(values) - 1, loc=values.mean(), scale=stats.sem(values))
-    assert mean == pytest.approx(values.mean())
-    assert mean - half == pytest.approx(low) and mean + half == pytest.approx(high)
-    assert t_interval([0.5]) == (0.5, 0.0)
+def rgb(artist_color) -> tuple:
+    return tuple(round(v, 4) for v in to_rgb(artist_color))
+
+
+def point_series(ax) -> dict[tuple, tuple[float, float, float]]:
+    """{colour: (mean, ci low, ci high)} of a horizontal point plot: each colour's one-point line is
+    its mean; its error line spans the interval."""
+    out: dict[tuple, list] = {}
+    for line in ax.lines:
+        x = np.asarray(line.get_xdata(), float)
+        finite = x[np.isfinite(x)]
+        if len(finite) == 1 and line.get_marker() not in (None, "None", ""):
+            out.setdefault(rgb(line.get_color()), [None, None, None])[0] = float(finite[0])
+    for line in ax.lines:
+        x = np.asarray(line.get_xdata(), float)
+        finite = x[np.isfinite(x)]
+        if len(finite) > 2 and rgb(line.get_color()) in out:
+            out[rgb(line.get_color())][1:] = [float(finite.min()), float(finite.max())]
+    return {c: tuple(v) for c, v in out.items()}
+
+
+def bar_series(ax) -> dict[tuple, tuple[float, float, float]]:
+    """{colour: (bar length, ci low, ci high)} of a horizontal bar plot: the interval is the error
+    line drawn through the bar's centre."""
+    out = {}
+    for bar in (b for c in ax.containers if isinstance(c, BarContainer) for b in c):
+        y = bar.get_y() + bar.get_height() / 2
+        err = [np.asarray(l.get_xdata(), float) for l in ax.lines
+               if np.nanmean(np.asarray(l.get_ydata(), float)) == pytest.approx(y) and len(l.get_xdata()) > 2]
+        low, high = (float(np.nanmin(err[0])), float(np.nanmax(err[0]))) if err else (np.nan, np.nan)
+        out[rgb(bar.get_facecolor())] = (bar.get_width(), low, high)
+    return out
+
+
+def assert_readable(fig) -> None:
+    """Every drawn panel has a title and axis labels (a y label shared along a facet row counts);
+    no two tick labels of an axis overlap."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        if not ax.axison:
+            continue
+        assert ax.get_title(), ax
+        assert ax.get_xlabel(), ax.get_title()
+        shared = [o for o in fig.axes if ax.get_shared_y_axes().joined(ax, o)]  # a facet row labels y once
+        assert any(o.get_ylabel() or any(t.get_text() for t in o.get_yticklabels()) for o in [ax, *shared]), ax.get_title()
+        for ticks in (ax.get_xticklabels(), ax.get_yticklabels()):
+            boxes = [t.get_window_extent(renderer) for t in ticks if t.get_visible() and t.get_text()]
+            for a, b in itertools.combinations(boxes, 2):
+                assert not a.overlaps(b), (ax.get_title(), [t.get_text() for t in ticks])
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    yield
+    plt.close("all")
+
+
+@pytest.fixture
+def drawn():
+    runs, metrics = synthetic()
+    agg = aggregate(runs)
+    return agg, runs, metrics, draw_figures(agg, runs, metrics)
 
 
 def test_one_colour_per_label_in_one_order():
     runs, _ = synthetic(n_seeds=1)
     order = label_order(runs.iloc[::-1])  # the order does not depend on the rows' order
     assert order == ["joint-concat", "mla", "ogm-ge", "unimodal-audio", "unimodal-visual"]
+    assert label_order(runs, ["ogm-ge", "absent"])[:2] == ["ogm-ge", "joint-concat"]  # a sweep's order first
     colors = label_colors(order)
     assert list(colors) == order and len({tuple(c) for c in colors.values()}) == len(order)
     many = label_colors([f"m{i}" for i in range(25)])
@@ -101,25 +160,105 @@ def test_diagnostics_are_the_method_specific_numbers():
     assert mla == {"fusion_weight.audio", "fusion_weight.visual", "p_fro"}  # None and bookkeeping dropped
 
 
+def test_fused_accuracy_shows_the_aggregate(drawn):
+    agg, _, _, figs = drawn
+    colors = label_colors(list(agg["label"]))
+    (ax,) = figs["fused_accuracy"].axes
+    series = point_series(ax)
+    assert set(series) == {rgb(colors[l]) for l in agg["label"]}  # one series per method, its colour
+    for r in agg.itertuples():
+        mean, low, high = series[rgb(colors[r.label])]
+        assert (mean, low, high) == pytest.approx(tuple(agg.loc[r.Index, ["acc:mean", "acc:ci_low", "acc:ci_high"]]))
+    assert [t.get_text() for t in ax.get_yticklabels()] == list(agg["label"])
+
+
+def test_probe_figure_shows_the_aggregate_against_the_unimodal_probe(drawn):
+    agg, _, _, figs = drawn
+    colors = label_colors(list(agg["label"]))
+    axes = figs["probe_vs_unimodal"].axes
+    assert [ax.get_title() for ax in axes] == [f"{DATASET}: audio", f"{DATASET}: visual"]
+    rows = agg.set_index("label")
+    for ax, m in zip(axes, ("audio", "visual")):
+        bars = bar_series(ax)
+        assert set(bars) == {rgb(colors[l]) for l in MULTIMODAL}  # the unimodal models are the reference line
+        for label in MULTIMODAL:
+            assert bars[rgb(colors[label])] == pytest.approx(tuple(rows.loc[label, [f"probe.{m}:{k}" for k in
+                                                                                      ("mean", "ci_low", "ci_high")]]))
+        ref = [l for l in ax.lines if l.get_linestyle() == "--"]
+        assert len(ref) == 1 and ref[0].get_xdata()[0] == pytest.approx(rows.loc[f"unimodal-{m}", f"probe.{m}:mean"])
+
+
+def test_trajectories_show_the_mean_over_seeds_per_epoch(drawn):
+    agg, runs, metrics, figs = drawn
+    colors = label_colors(list(agg["label"]))
+    axes = figs["trajectories_modality"].axes
+    assert [ax.get_title() for ax in axes] == ["val acc: fused", "val own acc: audio", "val own acc: visual"]
+    for label in agg["label"]:
+        ids = runs.loc[runs["label"] == label, "run_id"]
+        expected = np.mean([[r["val"]["acc"] for r in metrics[rid]] for rid in ids], axis=0)
+        lines = [l for l in axes[0].lines if rgb(l.get_color()) == rgb(colors[label])]
+        assert len(lines) == 1 and np.asarray(lines[0].get_ydata()) == pytest.approx(expected)
+
+
+def test_accuracy_vs_cost_shows_the_aggregate(drawn):
+    agg, _, _, figs = drawn
+    colors = label_colors(list(agg["label"]))
+    (ax,) = figs["accuracy_vs_cost"].axes[:1]
+    shown = {}
+    for bars in ax.containers:
+        line, _, (xerr, yerr) = bars.lines[0], bars.lines[1], bars.lines[2]
+        seg = yerr.get_segments()[0]
+        shown[rgb(line.get_color())] = (line.get_ydata()[0], seg[0][1], seg[1][1])
+    for r in agg.itertuples():
+        assert shown[rgb(colors[r.label])] == pytest.approx(tuple(agg.loc[r.Index, ["acc:mean", "acc:ci_low", "acc:ci_high"]]))
+
+
+def test_one_colour_per_method_across_figures_and_readable_labels(drawn):
+    agg, _, _, figs = drawn
+    colors = {rgb(c) for c in label_colors(list(agg["label"])).values()}
+    for stem, fig in figs.items():
+        used = {rgb(l.get_color()) for ax in fig.axes for l in ax.lines} | {
+            rgb(p.get_facecolor()) for ax in fig.axes for p in ax.patches}
+        assert used - colors <= {rgb("black"), rgb("0.5"), rgb(".26")}, stem  # the reference; seaborn's error bars
+        assert fig._suptitle.get_text(), stem
+        assert_readable(fig)
+
+
+def test_few_seeds_clip_accuracy_axes_and_say_why():
+    runs, metrics = synthetic(n_seeds=2)
+    agg = aggregate(runs)
+    assert (agg["acc:ci_low"] < 0).any() or (agg["acc:ci_high"] > 1).any()  # t(0.975, 1) = 12.7
+    figs = draw_figures(agg, runs, metrics)
+    for stem, axis in (("fused_accuracy", "x"), ("probe_vs_unimodal", "x"), ("accuracy_vs_cost", "y"),
+                       ("trajectories_modality", "y")):
+        for ax in figs[stem].axes:
+            if ax.axison and ax.get_xlabel() != "":
+                low, high = ax.get_xlim() if axis == "x" else ax.get_ylim()
+                assert 0 <= low < high <= 1, (stem, low, high)
+        assert "wide because n is small" in figs[stem]._suptitle.get_text(), stem
+    assert "clipped to [0, 1]" in figs["fused_accuracy"]._suptitle.get_text()
+    narrow = synthetic(n_seeds=3, spread=0.01)
+    assert "n is small" not in draw_figures(aggregate(narrow[0]), *narrow)["fused_accuracy"]._suptitle.get_text()
+
+
 def test_every_figure_from_a_synthetic_table(tmp_path):
     runs, metrics = synthetic()
-    paths = make_figures(runs, metrics, tmp_path / "figs")
-    assert_figures(paths, tmp_path / "figs")
+    assert_files(make_figures(aggregate(runs), runs, metrics, tmp_path / "figs"), tmp_path / "figs")
 
 
 def test_two_datasets_one_seed_and_missing_metrics(tmp_path):
     """A dataset per panel (trajectories per dataset, named by it); one seed has no CI; a run
     without metrics and a table without probes do not stop the other figures."""
     runs, metrics = synthetic(n_seeds=1)
-    other = runs.assign(dataset=json.dumps({"name": "other"}), run_id=runs["run_id"] + "-b")
+    other = runs.assign(dataset="other (preset=x)", run_id=runs["run_id"] + "-b")
     metrics.update({f"{k}-b": v for k, v in metrics.items()})
     del metrics[runs["run_id"].iloc[0]]
     both = pd.concat([runs, other], ignore_index=True).drop(columns=["probe.audio", "probe.visual"])
-    paths = make_figures(both, metrics, tmp_path)
+    paths = make_figures(aggregate(both), both, metrics, tmp_path)
     stems = ["fused_accuracy", "accuracy_vs_cost"] + [f"{s}_{d}" for s in ("trajectories_modality", "diagnostics")
-                                                       for d in ("gaussian", "other")]
-    assert_figures(paths, tmp_path, stems)
-    assert make_figures(runs.iloc[:0], {}, tmp_path / "empty") == []
+                                                       for d in ("gaussian", "other_preset_x")]
+    assert_files(paths, tmp_path, stems)
+    assert make_figures(aggregate(runs).iloc[:0], runs.iloc[:0], {}, tmp_path / "empty") == []
 
 
 def test_every_figure_from_a_real_store(tmp_path, fast_config, store):
@@ -129,8 +268,6 @@ def test_every_figure_from_a_real_store(tmp_path, fast_config, store):
         for seed in (0, 1):
             run(fast_config(f"method.name={method}", *extra, "train.epochs=2", f"train.seed={seed}",
                             f"label={label}", "group=g"), store)
-    runs = run_rows(store, "g")
+    runs, metrics = load_runs(store.root / "g")
     assert len(runs) == 2 * len(cells)
-    metrics = {rd.run_id: rd.read_metrics() for rd in store.runs("g")}
-    paths = make_figures(runs, metrics, tmp_path / "figs")
-    assert_figures(paths, tmp_path / "figs")
+    assert_files(make_figures(aggregate(runs), runs, metrics, tmp_path / "figs"), tmp_path / "figs")

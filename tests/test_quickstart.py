@@ -1,12 +1,15 @@
-"""End to end through the CLI: the quickstart sweep, its table, `status`, and the imbalance it shows."""
+"""End to end through the CLI: the quickstart sweep, its table (printed = table.csv), `status`, and
+the imbalance it shows."""
 
 from __future__ import annotations
 
 import pandas as pd
 import yaml
 
+import bench.cli
 from bench.cli import QUICKSTART, main
 from bench.store import Store
+from tests.test_report import parse_printed
 
 # the staged methods split the budget into stages, so a 2-epoch version needs 2-epoch stages
 MINI_STAGES = {
@@ -31,13 +34,13 @@ def test_mini_quickstart_end_to_end(tmp_path, capsys):
     n_runs = 3 * len(cells)
     assert f"{len(cells)} cells x 3 seeds = {n_runs} runs" in capsys.readouterr().out
     table = pd.read_csv(report / "table.csv")
-    assert list(table["cell"]) == cells
+    assert list(table["label"]) == cells
     assert {"joint-concat", "ogm-ge", "mla", "mie", "di-mml", "unimodal-audio", "unimodal-visual"} <= set(cells)
-    assert (table["seeds"] == 3).all()
-    assert {"fused acc", "probe audio", "probe visual", "probe visual Δ vs uni", "own audio"} <= set(table.columns)
+    assert (table["n"] == 3).all() and (table["dataset"] == "avdigits (preset=audio-dominant)").all()
+    assert {"fused acc", "probe audio", "probe visual", "deficit visual (uni − probe)", "own audio"} <= set(table.columns)
     runs = pd.read_csv(report / "runs.csv")
     assert len(runs) == n_runs and runs["acc"].between(0, 1).all()
-    assert (report / "table.md").read_text().startswith("# sweep quickstart")
+    assert (report / "table.md").read_text().startswith("## Results")
 
     # every run is finished and recorded in the store
     states = [rd.status()["state"] for rd in Store(results).runs("quickstart")]
@@ -49,6 +52,30 @@ def test_mini_quickstart_end_to_end(tmp_path, capsys):
     # a second invocation skips every finished run and prints the same table
     assert main(["--results", str(results), "run", str(sweep_file), "--report", str(report)]) == 0
     assert pd.read_csv(report / "table.csv").equals(table)
+
+
+def test_quickstart_prints_table_csv(tmp_path, monkeypatch, capsys):
+    """`mmbalance quickstart` (here on a tiny Gaussian sweep) prints the very strings it writes to
+    table.csv, once; the unimodal-only rows have a deficit of exactly 0."""
+    sweep = {"group": "quickstart", "seeds": [0, 1],
+             "base": {"dataset": {"name": "gaussian"}, "train": {"epochs": 2, "batch_size": 32, "progress": False},
+                      "eval": {"probe_c_grid": [0.1, 1.0]}},
+             "cells": {"joint": {"method.name": "joint"}, "ogm-ge": {"method.name": "ogm_ge"},
+                       "unimodal-audio": {"method.name": "unimodal", "method.modality": "audio"},
+                       "unimodal-visual": {"method.name": "unimodal", "method.modality": "visual"}}}
+    (tmp_path / "qs.yaml").write_text(yaml.safe_dump(sweep))
+    monkeypatch.setattr(bench.cli, "QUICKSTART", tmp_path / "qs.yaml")
+    report = tmp_path / "report"
+    assert main(["--results", str(tmp_path / "results"), "quickstart", "--report", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("| label") == 1 and "deficit <m> = probe accuracy on m of the unimodal-only model" in out
+    shown = parse_printed(out)
+    csv = pd.read_csv(report / "table.csv", dtype=str, keep_default_na=False)
+    assert list(shown["label"]) == list(sweep["cells"]) and set(shown.columns) < set(csv.columns)
+    pd.testing.assert_frame_equal(shown, csv[shown.columns])
+    rows = shown.set_index("label")
+    assert rows.loc["unimodal-visual", "deficit visual (uni − probe)"] == "0.000 ± 0.000"
+    assert rows.loc["unimodal-audio", "deficit audio (uni − probe)"] == "0.000 ± 0.000"
 
 
 def test_full_quickstart_shows_the_imbalance_and_the_methods_against_it(tmp_path):

@@ -1,8 +1,11 @@
 """The report on a synthetic results store with known values: aggregation, statistics (checked
-against scipy directly), missing/failed runs shown, LaTeX marks, paper vs ours, and the CLI."""
+against scipy directly), missing/failed runs shown, probe deficits paired by seed, dataset
+identity by full config, LaTeX marks and escaping, paper vs ours, and the CLI (its printed table
+is table.csv)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 
@@ -12,10 +15,10 @@ import pytest
 from scipy import stats as sps
 
 from bench.cli import main
-from bench.report.build import build_report
-from bench.report.cells import aggregate, to_latex
-from bench.report.collect import load_runs
-from bench.report.stats import TIE_THRESHOLD, describe, holm, paired_tests
+from bench.report.build import build_report, table_text
+from bench.report.cells import aggregate, display, to_latex
+from bench.report.collect import add_deficits, dataset_labels, load_runs
+from bench.report.stats import TIE_THRESHOLD, ci_bounds, describe, holm, paired_tests
 from bench.store import Store
 
 SEEDS = [0, 1, 2, 3]
@@ -32,8 +35,11 @@ METHOD = {"joint": "joint", "ogm-ge": "ogm_ge", "mla": "mla", "unimodal-audio": 
 
 
 def probe(label: str, seed: int) -> dict[str, float]:
-    """Probe accuracies: the visual probe of joint is well below the visual-only model (0.415)."""
-    visual = {"joint": 0.30, "ogm-ge": 0.36, "mla": 0.38}.get(label, 0.40)
+    """Probe accuracies: the visual probe of joint is well below the visual-only model's (0.45 +
+    0.02 seed), whose probe differs from its head accuracy (ACC) so that the two cannot be confused."""
+    if label.startswith("unimodal"):
+        return {label.split("-")[1]: 0.45 + 0.02 * seed}
+    visual = {"joint": 0.30, "ogm-ge": 0.36, "mla": 0.38}[label]
     return {"audio": 0.55 + 0.01 * seed, "visual": visual + 0.01 * seed}
 
 
@@ -46,13 +52,14 @@ def summary(label: str, seed: int, acc: float) -> dict:
                      "forward_passes_per_step": 1.0, "backward_passes_per_step": 1.0, "peak_rss_mb": 500.0}}
 
 
-def write_run(store: Store, label: str, seed: int, state: str, acc: float | None) -> None:
-    rd = store.run_dir("g", f"{label}-s{seed}")
+def write_run(store: Store, label: str, seed: int, state: str, acc: float | None, group: str = "g",
+              dataset: dict | None = None) -> None:
+    rd = store.run_dir(group, f"{label}-s{seed}")
     method = {"name": METHOD[label]}
     if label.startswith("unimodal"):
         method["modality"] = label.split("-")[1]
-    rd.write_config({"group": "g", "label": label, "dataset": {"name": "cremad"}, "model": {"fusion": "concat"},
-                     "method": method, "train": {"seed": seed}})
+    rd.write_config({"group": group, "label": label, "dataset": dataset or {"name": "cremad"},
+                     "model": {"fusion": "concat"}, "method": method, "train": {"seed": seed}})
     rd.set_status(state)
     if state == "finished":
         rd.write_summary(summary(label, seed, acc))
@@ -75,6 +82,8 @@ def test_describe_matches_scipy_t_interval():
     assert d["n"] == 4 and d["mean"] == pytest.approx(0.62) and d["std"] == pytest.approx(np.std(x, ddof=1))
     assert (d["ci_low"], d["ci_high"]) == pytest.approx((lo, hi))
     assert np.isnan(describe([0.5])["std"]) and describe([])["n"] == 0
+    assert ci_bounds(x) == pytest.approx((lo, hi))  # the figures' errorbar: the same interval
+    assert (describe([0.0, 0.0])["ci_low"], describe([0.0, 0.0])["ci_high"]) == (0.0, 0.0)  # no spread, no width
 
 
 def test_holm_adjusts_in_input_order():
@@ -93,9 +102,16 @@ def test_aggregate_means_stds_and_missing_runs(store):
     assert agg.loc["ogm-ge", "n"] == 3 and "ogm-ge-s3 (failed)" in agg.loc["ogm-ge", "not finished"]
     assert agg.loc["mla", "n"] == 3 and agg.loc["mla", "missing seeds"] == "3"
     assert agg.loc["joint", "missing seeds"] == "" and agg.loc["joint", "not finished"] == ""
-    # unimodal reference and probe deficit (reference − probe), here of the visual modality
-    assert agg.loc["joint", "uni.visual:mean"] == pytest.approx(0.415)
-    assert agg.loc["joint", "deficit.visual:mean"] == pytest.approx(0.415 - 0.315)
+    # probe deficit = the unimodal-only model's probe − this probe, seed by seed: joint's visual
+    # one is (0.45 + 0.02 s) − (0.30 + 0.01 s) = 0.15 + 0.01 s for s = 0..3
+    deficits = [0.15, 0.16, 0.17, 0.18]
+    assert agg.loc["joint", "deficit.visual:mean"] == pytest.approx(np.mean(deficits))
+    assert agg.loc["joint", "deficit.visual:std"] == pytest.approx(np.std(deficits, ddof=1))
+    assert agg.loc["mla", "deficit.audio:mean"] == pytest.approx(np.mean([0.45 + 0.02 * s - 0.55 - 0.01 * s for s in range(3)]))
+    # ... and exactly 0 for the unimodal-only model against itself (its head acc is not its probe)
+    assert (runs.loc[runs["label"] == "unimodal-visual", "deficit.visual"] == 0).all()
+    assert agg.loc["unimodal-visual", "deficit.visual:mean"] == 0 and agg.loc["unimodal-visual", "deficit.visual:std"] == 0
+    assert display(aggregate(runs)).set_index("label").loc["unimodal-visual", "deficit visual (uni − probe)"] == "0.000 ± 0.000"
     assert agg.loc["mla", "cpu_hours:mean"] == pytest.approx(7.2 * 10 / 3600)
     # selection rules read the matching summary block
     assert load_runs(store.root / "g", "test")[0].set_index("run_id").loc["joint-s0", "acc"] == pytest.approx(0.61)
@@ -131,7 +147,7 @@ def test_latex_marks_best_bold_and_second_underlined(store):
 
 @pytest.mark.skipif(shutil.which("pdflatex") is None, reason="no pdflatex installed")
 def test_latex_compiles(store, tmp_path):
-    tex = to_latex(aggregate(load_runs(store.root / "g")[0]), "caption")
+    tex = to_latex(special_agg(store), "caption")
     doc = tmp_path / "t.tex"
     doc.write_text("\\documentclass{article}\\usepackage{booktabs}\\usepackage[landscape]{geometry}"
                    f"\\begin{{document}}{tex}\\end{{document}}")
@@ -171,3 +187,103 @@ def test_cli_writes_the_report_folder(store, tmp_path, capsys):
     for png in (out / "figures").glob("*.png") if (out / "figures").exists() else []:
         assert "data:image/png;base64," in html and png.stem in page
     assert main(["report", str(store.root), "--out", str(out), "--by", "method"]) == 2
+
+
+def test_a_seed_without_unimodal_reference_has_no_deficit_and_says_so():
+    runs = pd.DataFrame({"dataset": "d", "label": ["joint"] * 3 + ["unimodal-visual"] * 2, "state": "finished",
+                         "method": ["joint"] * 3 + ["unimodal"] * 2, "seed": [0, 1, 2, 0, 1],
+                         "unimodal_modality": [None] * 3 + ["visual"] * 2, "run_id": list("abcde"),
+                         "probe.visual": [0.3, 0.4, 0.5, 0.6, 0.6]})
+    runs = add_deficits(runs)
+    assert runs["deficit.visual"].tolist()[:3] == pytest.approx([0.3, 0.2, np.nan], nan_ok=True)
+    table = display(aggregate(runs)).set_index("label")
+    assert table.loc["joint", "deficit visual (uni − probe)"] == f"0.250 ± {np.std([0.3, 0.2], ddof=1):.3f} (n=2)"
+    assert table.loc["unimodal-visual", "deficit visual (uni − probe)"] == "0.000 ± 0.000"
+
+
+def test_dataset_labels_are_readable_and_unique_per_config():
+    configs = [json.dumps(c, sort_keys=True) for c in (
+        {"name": "avdigits", "preset": "audio-dominant", "noise_seed": 0},
+        {"name": "avdigits", "preset": "balanced", "noise_seed": 0},
+        {"name": "gaussian", "dim": 8}, {"name": "gaussian", "dim": 16}, {"name": "cremad", "root": "/d/x"})]
+    assert list(dataset_labels(configs).values()) == [
+        "avdigits (preset=audio-dominant)", "avdigits (preset=balanced)", "gaussian (dim=8)", "gaussian (dim=16)",
+        "cremad (root=/d/x)"]
+
+
+@pytest.fixture(scope="module")
+def two_presets(tmp_path_factory) -> Store:
+    """One dataset, two presets: in preset b joint's accuracy is 0.2 lower, mla's 0.1 lower and the
+    visual-only probe 0.1 higher than in preset a, so pairing with the other preset's baseline
+    or reference would show."""
+    store = Store(tmp_path_factory.mktemp("presets"))
+    for preset, shift in (("a", {}), ("b", {"joint": -0.2, "mla": -0.1, "unimodal-visual": -0.2})):
+        for label in ("joint", "mla", "unimodal-visual"):
+            for seed, acc in zip(SEEDS[:3], ACC[label]):
+                write_run(store, label, seed, "finished", acc + shift.get(label, 0.0), group=f"g{preset}",
+                          dataset={"name": "avdigits", "preset": preset})
+                if preset == "b" and label == "unimodal-visual":
+                    rd = store.run_dir(f"g{preset}", f"{label}-s{seed}")
+                    s = rd.read_summary()
+                    s["probes"]["visual"]["test_acc"] += 0.1
+                    rd.write_summary(s)
+    return store
+
+
+def test_two_presets_of_one_dataset_are_two_blocks_with_their_own_baselines(two_presets):
+    runs, _ = load_runs(two_presets.root)
+    a, b = "avdigits (preset=a)", "avdigits (preset=b)"
+    agg = aggregate(runs).set_index(["dataset", "label"])
+    assert list(agg.index) == [(d, l) for d in (a, b) for l in ("joint", "mla", "unimodal-visual")]
+    assert agg.loc[(a, "mla"), "acc:mean"] == pytest.approx(np.mean(ACC["mla"]))
+    assert agg.loc[(b, "mla"), "acc:mean"] == pytest.approx(np.mean(ACC["mla"]) - 0.1)
+    # each preset's deficit against its own visual-only model: (0.45 + 0.02 s [+ 0.1]) − (0.38 + 0.01 s)
+    assert agg.loc[(a, "mla"), "deficit.visual:mean"] == pytest.approx(0.07 + 0.01)
+    assert agg.loc[(b, "mla"), "deficit.visual:mean"] == pytest.approx(0.17 + 0.01)
+    assert agg.loc[(b, "unimodal-visual"), "deficit.visual:mean"] == 0
+    # paired tests: each preset's mla against that preset's joint
+    tests = paired_tests(runs[runs["state"] == "finished"]).set_index(["dataset", "label"])
+    diff = np.mean(np.subtract(ACC["mla"], ACC["joint"][:3]))
+    for d, gain in ((a, 0.0), (b, 0.1)):
+        assert tests.loc[(d, "mla"), "baseline"] == "joint" and tests.loc[(d, "mla"), "n_pairs"] == 3
+        assert tests.loc[(d, "mla"), "mean_diff"] == pytest.approx(diff + gain)
+
+
+def parse_printed(text: str) -> pd.DataFrame:
+    """The per-dataset markdown blocks the CLI prints, back as one frame with a dataset column."""
+    frames, dataset, lines = [], None, text.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("| label"):
+            dataset = lines[i - 1].removeprefix("dataset: ")
+            block = [l for l in lines[i:] if l.startswith("|")]
+            block = block[:next((k for k, l in enumerate(block[2:], 2) if l.startswith("| label")), len(block))]
+            rows = [[c.strip() for c in l.strip("|").split("|")] for l in block if not l.startswith("|:")]
+            frames.append(pd.DataFrame(rows[1:], columns=rows[0]).assign(dataset=dataset))
+    return pd.concat(frames, ignore_index=True)
+
+
+def test_printed_table_is_table_csv(two_presets, tmp_path, capsys):
+    assert main(["report", str(two_presets.root), "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert table_text(two_presets.root) in out  # what `run`/`sweep` print without --report
+    shown = parse_printed(out)
+    csv = pd.read_csv(tmp_path / "table.csv", dtype=str, keep_default_na=False)
+    assert len(shown) == 6 and set(shown.columns) < set(csv.columns)
+    assert {"fused acc", "probe visual", "deficit visual (uni − probe)"} <= set(shown.columns)
+    pd.testing.assert_frame_equal(shown, csv[shown.columns])
+
+
+SPECIAL = "a&b%c$d#e_f{g}h~i^j\\k"
+SPECIAL_TEX = r"a\&b\%c\$d\#e\_f\{g\}h\textasciitilde i\textasciicircum j\textbackslash k"
+
+
+def special_agg(store: Store) -> pd.DataFrame:
+    runs = load_runs(store.root / "g")[0]
+    return aggregate(runs.assign(label=runs["label"].replace({"mla": SPECIAL})))
+
+
+def test_latex_escapes_every_special_character(store):
+    tex = to_latex(special_agg(store), "caption")
+    row = next(line for line in tex.splitlines() if line.startswith("cremad & a"))
+    assert row.split(" & ")[1] == SPECIAL_TEX
+    assert r"deficit visual (uni $-$ probe)" in tex and "±" not in tex and "–" not in tex

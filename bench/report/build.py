@@ -1,9 +1,10 @@
 """`mmbalance report`: read a results directory, write the report folder, return its summary.
 
-The folder holds table.{md,csv,tex} (dataset × method), stats.{md,csv} (paired tests against
-joint), paper_vs_ours.{md,csv}, runs.csv (every run, failed ones too), README.md (renders on
-GitHub) and report.html (self-contained: tables and figures inlined). Figures come from
-`bench.report.figures.make_figures` when that module is there.
+Every file is a view of one aggregation (`cells.aggregate` over `collect.load_runs`): the folder
+holds table.{md,csv,tex} (dataset × method, as printed), aggregate.csv (its numbers: mean, std,
+n and 95% CI per metric), stats.{md,csv} (paired tests against joint), paper_vs_ours.{md,csv},
+runs.csv (every run, failed ones too), figures/, README.md (renders on GitHub) and report.html
+(self-contained: tables and figures inlined).
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from pathlib import Path
 import pandas as pd
 
 from bench.errors import ConfigError
-from bench.report.cells import aggregate, display, to_latex
-from bench.report.collect import SELECTIONS, load_runs
+from bench.report.cells import aggregate, display, printed, to_latex
+from bench.report.collect import DEFICIT_NOTE, SELECTIONS, load_runs
+from bench.report.figures import make_figures
 from bench.report.paper import paper_vs_ours
 from bench.report.stats import CI_NOTE, TEST_NOTE, paired_tests
 from bench.store import atomic_write_text
@@ -61,8 +63,10 @@ def relabel(runs: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
 
 
 def build_report(results_dir: Path, out: Path, by: str | list[str] = "dataset,method",
-                 select: str = "val", paper_csv: Path = PAPER_CSV, only: set[str] | None = None) -> Report:
-    """Write the report of every run under `results_dir` (or of the run ids in `only`) into `out`."""
+                 select: str = "val", paper_csv: Path = PAPER_CSV, only: set[str] | None = None,
+                 order: list[str] | None = None) -> Report:
+    """Write the report of every run under `results_dir` (or of the run ids in `only`) into `out`;
+    rows follow `order` (a sweep's cells) where given (cells.label_order)."""
     keys = parse_by(by)
     runs, metrics = load_runs(results_dir, select, only)
     if runs.empty:
@@ -71,7 +75,7 @@ def build_report(results_dir: Path, out: Path, by: str | list[str] = "dataset,me
     out.mkdir(parents=True, exist_ok=True)
     report = Report(out)
     finished = runs[runs["state"] == "finished"]
-    agg = aggregate(runs)
+    agg = aggregate(runs, order)
     table = display(agg)
     tests = pd.concat([paired_tests(finished, m) for m in ("acc", "macro_f1") if m in finished],
                       ignore_index=True) if not finished.empty else pd.DataFrame()
@@ -79,14 +83,16 @@ def build_report(results_dir: Path, out: Path, by: str | list[str] = "dataset,me
     protocol = SELECTIONS[select][1]
     write = lambda name, text: report.files.append(_write(out / name, text))  # noqa: E731
     write("table.md", "\n".join(md_section(*sec) for sec in split_sections(table, protocol)))
-    write("table.csv", agg.to_csv(index=False))
-    write("table.tex", to_latex(agg, f"{protocol}; mean $\\pm$ std over seeds; best of a dataset bold, second underlined."))
+    write("table.csv", table.to_csv(index=False))
+    write("aggregate.csv", agg.to_csv(index=False))
+    write("table.tex", to_latex(agg, f"{protocol}; mean $\\pm$ std over seeds; best of a dataset bold, second "
+                                     f"underlined; deficit = the unimodal-only model's probe $-$ this probe, same seed."))
     write("stats.md", md_section("Paired tests against joint", tests, TEST_NOTE))
     write("stats.csv", tests.to_csv(index=False))
     write("paper_vs_ours.md", md_section("Paper vs ours", paper, PAPER_NOTE))
     write("paper_vs_ours.csv", paper.to_csv(index=False))
     write("runs.csv", runs.to_csv(index=False))
-    figures = make_figures(finished, metrics, out / "figures")
+    figures = make_figures(agg, finished, metrics, out / "figures")
     sections = [*split_sections(table, protocol),
                 ("Confidence intervals (95%)", ci_table(agg), CI_NOTE),
                 ("Paired tests against joint", tests, TEST_NOTE),
@@ -95,8 +101,17 @@ def build_report(results_dir: Path, out: Path, by: str | list[str] = "dataset,me
     write("README.md", markdown_page(title, sections, figures, out))
     write("report.html", html_page(title, sections, figures))
     report.files += figures
-    report.summary = summary_text(runs, table, tests, paper, out)
+    report.summary = summary_text(runs, agg, tests, paper, out, protocol)
     return report
+
+
+def table_text(results_dir: Path, only: set[str] | None = None, order: list[str] | None = None,
+               select: str = "val") -> str:
+    """The table `build_report` prints, without writing a report."""
+    runs, _ = load_runs(results_dir, select, only)
+    if runs.empty:
+        raise ConfigError(f"no runs under {results_dir} (looked for */config.yaml and */*/config.yaml)")
+    return printed_tables(aggregate(runs, order), SELECTIONS[select][1])
 
 
 def paper_table(paper_csv: Path, results_dir: Path, runs: pd.DataFrame, select: str, keys: list[str],
@@ -113,7 +128,7 @@ def split_sections(table: pd.DataFrame, protocol: str) -> list[tuple[str, pd.Dat
     """The wide table as three readable ones: fused metrics (with n and the runs not counted),
     per-modality accuracies, and cost."""
     key = ["dataset", "label", "n"]
-    kinds = ("own ", "probe ", "unimodal ref ", "probe deficit ")
+    kinds = ("own ", "probe ", "deficit ")
     modal = [c for c in table if c.startswith(kinds)]
     cost = [c for c in table if c in ("s/epoch", "CPU h", "GPU h", "peak MB", "fwd/step", "bwd/step")]
     fused = [c for c in table if c not in key + modal + cost]
@@ -134,16 +149,6 @@ def ci_table(agg: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def make_figures(finished: pd.DataFrame, metrics: dict, out_dir: Path) -> list[Path]:
-    """The figures of bench.report.figures when that module exists; [] (and a note) otherwise."""
-    try:
-        from bench.report.figures import make_figures as figures
-    except ImportError:
-        return []
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return [Path(p) for p in figures(finished, metrics, out_dir)]
-
-
 def _write(path: Path, text: str) -> Path:
     atomic_write_text(path, text)
     return path
@@ -158,7 +163,7 @@ def md_section(title: str, df: pd.DataFrame, note: str) -> str:
 
 
 def markdown_page(title: str, sections, figures: list[Path], out: Path) -> str:
-    parts = [f"# {title}\n", "Files: table.{md,csv,tex}, stats.{md,csv}, paper_vs_ours.{md,csv}, runs.csv, report.html.\n"]
+    parts = [f"# {title}\n", "Files: table.{md,csv,tex}, aggregate.csv, stats.{md,csv}, paper_vs_ours.{md,csv}, runs.csv, report.html.\n"]
     parts += [md_section(*s) for s in sections]
     pngs = [f for f in figures if f.suffix == ".png"]
     if pngs:
@@ -182,26 +187,36 @@ def html_page(title: str, sections, figures: list[Path]) -> str:
             f"<style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 
 
-def summary_text(runs: pd.DataFrame, table: pd.DataFrame, tests: pd.DataFrame, paper: pd.DataFrame, out: Path) -> str:
+def summary_text(runs: pd.DataFrame, agg: pd.DataFrame, tests: pd.DataFrame, paper: pd.DataFrame, out: Path,
+                 protocol: str) -> str:
+    """What the command line prints: the run counts, `printed_tables`, the paired tests, the files."""
     states = runs["state"].value_counts().to_dict()
     lines = [f"{len(runs)} runs ({', '.join(f'{n} {s}' for s, n in states.items())}); "
-             f"{len(table)} rows over {runs['dataset'].nunique()} dataset(s)",
-             table[["dataset", "label", "n", "fused acc"]].to_markdown(index=False) if "fused acc" in table else ""]
+             f"{len(agg)} rows over {runs['dataset'].nunique()} dataset(s)", printed_tables(agg, protocol)]
     if not tests.empty:
         acc = tests[tests["metric"] == "acc"]
         lines.append("vs joint (acc, W/T/L over seeds; Holm p): " + "; ".join(
-            f"{r.label} {r.wins}/{r.ties}/{r.losses} p={r.p_holm:.3g}" for r in acc.itertuples()))
+            f"{r.dataset}: {r.label} {r.wins}/{r.ties}/{r.losses} p={r.p_holm:.3g}" for r in acc.itertuples()))
     lines.append(f"paper vs ours: {len(paper)} published cells matched")
-    lines.append(f"report written to {out}/ (README.md, report.html, table.md/.csv/.tex)")
+    lines.append(f"report written to {out}/ (README.md, report.html, table.md/.csv/.tex, aggregate.csv)")
     return "\n".join(lines)
+
+
+def printed_tables(agg: pd.DataFrame, protocol: str) -> str:
+    """The table as printed: one markdown block per dataset (the same strings as table.csv), then
+    the legend with the deficit's sign."""
+    table = printed(agg)
+    blocks = [f"dataset: {ds}\n{block.drop(columns='dataset').to_markdown(index=False)}"
+              for ds, block in table.groupby("dataset", sort=False)]
+    return "\n\n".join(blocks) + f"\n{protocol}, mean ± std over seeds (n). {PRINTED_LEGEND}\n"
 
 
 LEGEND = ("'not finished' lists failed, interrupted or unfinished runs (not counted in n); 'missing "
           "seeds' lists seeds that other rows of the dataset have but this row has no run for.")
 LEGEND_MODAL = ("own = the method's own per-modality logits (selected epoch); probe = linear probe on the "
-                "frozen best-val encoder (C chosen on val); unimodal ref = fused acc of the unimodal-only "
-                "model of that modality (its own seeds); probe deficit = unimodal ref mean − probe "
-                "(positive: the encoder learned less inside the multimodal model than alone).")
+                f"frozen best-val encoder (C chosen on val); {DEFICIT_NOTE}.")
+PRINTED_LEGEND = ("own = the method's own per-modality logits, probe = linear probe on the frozen encoder; "
+                  f"{DEFICIT_NOTE}.")
 LEGEND_COST = ("s/epoch; CPU or GPU hours = s/epoch × epochs on the run's device; peak memory in MB "
                "(GPU allocated on CUDA, process RSS on CPU: runs sharing one process share it); "
                "forward passes per step per encoder and backward passes per step.")

@@ -1,9 +1,14 @@
-"""The report's main table: one row per dataset × label, numbers aggregated over seeds.
+"""The report's one aggregation: runs (bench.report.collect.load_runs) -> one row per dataset × label.
 
-`aggregate` gives the numbers (mean, std, n, CI per metric); `display` turns them into
-"mean ± std" strings; `to_latex` writes booktabs with the best value of a column (within a
-dataset) in bold and the second underlined. Failed, unfinished and missing seeds get columns of
-their own, so a cell with fewer seeds is visible as such.
+`aggregate` gives the numbers (mean, std, n and the t confidence interval of every metric, from
+`stats.describe`); every table is a view of it: `display` ("mean ± std" strings, the table.md /
+table.csv / HTML table), `printed` (the columns the command line prints, the same strings) and
+`to_latex` (booktabs, the best value of a column within a dataset in bold, the second
+underlined). The figures draw its means and intervals too. Failed, unfinished and missing seeds
+get columns of their own, so a cell with fewer seeds is visible as such.
+
+The probe deficit has one sign everywhere, stated in its header: uni − probe (see
+collect.DEFICIT_NOTE), positive when the encoder learned less than the unimodal-only model.
 """
 
 from __future__ import annotations
@@ -14,67 +19,62 @@ import pandas as pd
 from bench.report.stats import describe
 
 HIGHER = ("acc", "macro_f1", "map")  # plus own.* and probe.*: higher is better
-LOWER = ("s_per_epoch", "cpu_hours", "gpu_hours", "peak_mem_mb")  # plus deficit.*: lower is better
 COST = ("s_per_epoch", "cpu_hours", "gpu_hours", "peak_mem_mb", "fwd_per_step", "bwd_per_step")
+LOWER = ("s_per_epoch", "cpu_hours", "gpu_hours", "peak_mem_mb")  # plus deficit.*: lower is better
 NAMES = {"acc": "fused acc", "macro_f1": "macro-F1", "map": "mAP", "s_per_epoch": "s/epoch",
          "cpu_hours": "CPU h", "gpu_hours": "GPU h", "peak_mem_mb": "peak MB",
          "fwd_per_step": "fwd/step", "bwd_per_step": "bwd/step"}
-KIND = {"own": "own", "probe": "probe", "uni": "unimodal ref", "deficit": "probe deficit"}
+PER_MODALITY = ("own", "probe", "deficit")
+DIGITS = {"cpu_hours": 4, "gpu_hours": 4, "peak_mem_mb": 0}
+KEY = ["dataset", "label", "n"]
+LISTS = ["not finished", "missing seeds"]
+# the columns the command line prints (besides KEY, and LISTS when a row has something in them)
+PRINTED = ("acc", "own.", "probe.", "deficit.", "s_per_epoch")
+
+
+def label_order(runs: pd.DataFrame, order: list[str] | None = None) -> list[str]:
+    """The rows' (and the figures' colours') order: `order` first (a sweep's cells), then joint
+    baselines, imbalance methods and unimodal-only references, alphabetical within each group,
+    so that one set of labels gets one order whatever order the runs were read in."""
+    first = runs.drop_duplicates("label")
+    group = {"joint": 0, "unimodal": 2}
+    keyed = sorted((group.get(str(m).split("_")[0], 1), label) for label, m in zip(first["label"], first["method"]))
+    given = [label for label in order or [] if label in set(first["label"])]
+    return given + [label for _, label in keyed if label not in given]
 
 
 def metric_columns(runs: pd.DataFrame) -> list[str]:
-    """The metric columns present, in the table's order."""
-    modalities = sorted({c.split(".", 1)[1] for c in runs if c.startswith(("own.", "probe."))})
-    cols = [c for c in HIGHER if c in runs]
-    for kind in ("own", "probe", "uni", "deficit"):
-        cols += [f"{kind}.{m}" for m in modalities if kind in ("uni", "deficit") or f"{kind}.{m}" in runs]
-    return cols + [c for c in COST if c in runs]
+    """The metric columns with at least one value, in the table's order."""
+    present = [c for c in runs if runs[c].notna().any()]
+    modalities = sorted({c.split(".", 1)[1] for c in present if c.startswith(PER_MODALITY)})
+    cols = [c for c in HIGHER if c in present]
+    cols += [f"{kind}.{m}" for kind in PER_MODALITY for m in modalities if f"{kind}.{m}" in present]
+    return cols + [c for c in COST if c in present]
 
 
-def add_references(runs: pd.DataFrame) -> pd.DataFrame:
-    """uni.<m> = mean fused acc of the dataset's unimodal-only model of m; deficit.<m> = uni − probe."""
-    runs = runs.copy()
-    if "unimodal_modality" not in runs:
-        return runs
-    uni = runs[(runs["method"] == "unimodal") & runs["acc"].notna()] if "acc" in runs else runs.iloc[:0]
-    for (dataset, m), refs in uni.groupby(["dataset", "unimodal_modality"]):
-        same = runs["dataset"] == dataset
-        runs.loc[same, f"uni.{m}"] = refs["acc"].mean()
-        if f"probe.{m}" in runs:
-            runs.loc[same, f"deficit.{m}"] = refs["acc"].mean() - runs.loc[same, f"probe.{m}"]
-    return runs
-
-
-def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per (dataset, label): for each metric `<col>`, `<col>:mean/std/n/ci_low/ci_high`,
-    plus the seeds finished, failed/unfinished run ids and seeds missing against the dataset."""
-    runs = add_references(runs)
+def aggregate(runs: pd.DataFrame, order: list[str] | None = None) -> pd.DataFrame:
+    """One row per (dataset, label), datasets sorted and labels in `label_order`: for each metric
+    `<col>`, `<col>:mean/std/n/ci_low/ci_high` over the finished seeds, plus the seeds finished,
+    the failed/unfinished run ids and the seeds missing against the rest of the dataset."""
     finished = runs[runs["state"] == "finished"]
     cols = metric_columns(finished)
+    rank = {label: i for i, label in enumerate(label_order(runs, order))}
     rows = []
-    for (dataset, label), g in runs.groupby(["dataset", "label"], sort=False):
-        done = g[g["state"] == "finished"]
-        all_seeds = set(runs.loc[runs["dataset"] == dataset, "seed"])
-        row = {"dataset": dataset, "label": label, "method": g["method"].iloc[0],
-               "n": done["seed"].nunique(),
-               "seeds": ",".join(map(str, sorted(done["seed"].unique()))),
-               "not finished": "; ".join(f"{r.run_id} ({r.state})" for r in g.itertuples() if r.state != "finished"),
-               "missing seeds": ",".join(map(str, sorted(all_seeds - set(g["seed"]))))}
-        for c in cols:
-            for k, v in describe(values(finished, done, dataset, c)).items():
-                row[f"{c}:{k}"] = v
-        rows.append(row)
+    for dataset in sorted(runs["dataset"].unique()):
+        block = runs[runs["dataset"] == dataset]
+        for label in sorted(block["label"].unique(), key=rank.get):
+            g = block[block["label"] == label]
+            done = g[g["state"] == "finished"]
+            row = {"dataset": dataset, "label": label, "method": g["method"].iloc[0],
+                   "n": done["seed"].nunique(),
+                   "seeds": ",".join(map(str, sorted(done["seed"].unique()))),
+                   "not finished": "; ".join(f"{r.run_id} ({r.state})" for r in g.itertuples()
+                                             if r.state != "finished"),
+                   "missing seeds": ",".join(map(str, sorted(set(block["seed"]) - set(g["seed"]))))}
+            for c in cols:
+                row.update({f"{c}:{k}": v for k, v in describe(done[c].tolist()).items()})
+            rows.append(row)
     return pd.DataFrame(rows)
-
-
-def values(finished: pd.DataFrame, done: pd.DataFrame, dataset: str, col: str) -> list[float]:
-    """A cell's per-seed values of `col`; for uni.<m>, the unimodal-only runs of m themselves
-    (the reference's own spread over its seeds, the same for every row of the dataset)."""
-    if col.startswith("uni."):
-        ref = finished[(finished["dataset"] == dataset) & (finished["method"] == "unimodal")
-                       & (finished["unimodal_modality"] == col.split(".", 1)[1])]
-        return ref["acc"].tolist()
-    return done[col].tolist() if col in done else []
 
 
 def columns_of(agg: pd.DataFrame) -> list[str]:
@@ -83,37 +83,47 @@ def columns_of(agg: pd.DataFrame) -> list[str]:
 
 def header(col: str) -> str:
     kind, _, m = col.partition(".")
-    return f"{KIND[kind]} {m}" if m else NAMES.get(col, col)
+    if kind == "deficit":
+        return f"deficit {m} (uni − probe)"  # the sign convention, in the header itself
+    return f"{kind} {m}" if m else NAMES.get(col, col)
 
 
-def fmt(mean: float, std: float, digits: int = 3) -> str:
+def fmt(mean: float, std: float, n: int, of: int, digits: int = 3) -> str:
+    """'mean ± std', with '(n=k)' when only k of the row's `of` seeds have a value."""
     if np.isnan(mean):
         return "–"
-    return f"{mean:.{digits}f}" if np.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
-def digits_of(col: str) -> int:
-    return {"s_per_epoch": 3, "cpu_hours": 4, "gpu_hours": 4, "peak_mem_mb": 0}.get(col, 3)
+    text = f"{mean:.{digits}f}" if np.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+    return text if n >= of else f"{text} (n={n})"
 
 
 def display(agg: pd.DataFrame) -> pd.DataFrame:
     """The aggregate as strings: mean ± std per metric, n and the not-finished/missing lists."""
-    out = agg[["dataset", "label", "n", "seeds"]].copy()
+    out = agg[KEY].copy()
     for c in columns_of(agg):
-        out[header(c)] = [fmt(m, s, digits_of(c)) for m, s in zip(agg[f"{c}:mean"], agg[f"{c}:std"])]
-    out["not finished"] = agg["not finished"]
-    out["missing seeds"] = agg["missing seeds"]
+        out[header(c)] = [fmt(m, s, k, of, DIGITS.get(c, 3))
+                          for m, s, k, of in zip(agg[f"{c}:mean"], agg[f"{c}:std"], agg[f"{c}:n"], agg["n"])]
+    out[LISTS] = agg[LISTS]
     return out
 
 
+def printed(agg: pd.DataFrame) -> pd.DataFrame:
+    """The columns of `display` the command line prints: the same strings as table.csv."""
+    table = display(agg)
+    cols = [header(c) for c in columns_of(agg) if c.startswith(PRINTED)]
+    lists = [c for c in LISTS if (table[c] != "").any()]
+    return table[KEY + cols + lists]
+
+
 def ranks(agg: pd.DataFrame) -> dict[tuple[int, str], int]:
-    """{(row index, column): 1 or 2} for the best and second-best mean of a column within a dataset."""
+    """{(row index, column): 1 or 2} for the best and second-best mean of a column within a dataset
+    (for a deficit, among the multimodal rows: a unimodal-only model's is 0 by definition)."""
     marks = {}
     for c in columns_of(agg):
         lower = c in LOWER or c.startswith("deficit.")
         if not (lower or c in HIGHER or c.startswith(("own.", "probe."))):
             continue
-        for _, g in agg.groupby("dataset", sort=False):
+        ranked = agg[agg["method"] != "unimodal"] if c.startswith("deficit.") else agg
+        for _, g in ranked.groupby("dataset", sort=False):
             means = g[f"{c}:mean"].dropna()
             distinct = sorted(set(means), reverse=not lower)
             for i, v in means.items():
@@ -122,26 +132,25 @@ def ranks(agg: pd.DataFrame) -> dict[tuple[int, str], int]:
     return marks
 
 
-def latex_escape(text: str) -> str:
-    for a, b in (("\\", r"\textbackslash{}"), ("_", r"\_"), ("%", r"\%"), ("&", r"\&"), ("#", r"\#")):
-        text = text.replace(a, b)
-    return text
+# characters of our own text that pdflatex's default input encoding has no glyph for
+LATEX_UNICODE = {"±": r"$\pm$", "–": "--", "−": "$-$", "Δ": r"$\Delta$"}
 
 
 def to_latex(agg: pd.DataFrame, caption: str) -> str:
-    """A booktabs table (needs \\usepackage{booktabs}): best of a dataset bold, second underlined."""
-    cols = columns_of(agg)
+    """A booktabs table (needs \\usepackage{booktabs}): best of a dataset bold, second underlined.
+    Every cell and header is escaped by pandas (& % $ # _ { } ~ ^ \\); `caption` is LaTeX source."""
+    table = display(agg).drop(columns=LISTS).rename(columns={"label": "method"})
     marks = ranks(agg)
-    lines = [r"\begin{table}[t]", r"\centering", r"\scriptsize",
-             r"\begin{tabular}{ll r " + "l" * len(cols) + "}", r"\toprule",
-             " & ".join(["dataset", "method", "$n$"] + [latex_escape(header(c)) for c in cols]) + r" \\",
-             r"\midrule"]
-    for i, r in agg.iterrows():
-        cells = [latex_escape(str(r["dataset"])), latex_escape(str(r["label"])), str(r["n"])]
-        for c in cols:
-            text = fmt(r[f"{c}:mean"], r[f"{c}:std"], digits_of(c)).replace("±", r"$\pm$").replace("–", "--")
-            mark = marks.get((i, c))
-            cells.append(r"\textbf{" + text + "}" if mark == 1 else r"\underline{" + text + "}" if mark == 2 else text)
-        lines.append(" & ".join(cells) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}", r"\caption{" + latex_escape(caption) + "}", r"\end{table}"]
-    return "\n".join(lines) + "\n"
+    names = {header(c): c for c in columns_of(agg)}
+    style = (table.style.hide(axis="index").format(escape="latex")
+             .format_index(escape="latex", axis=1)
+             .apply(lambda col: [_mark(marks.get((i, names.get(col.name)))) for i in col.index], axis=0))
+    tex = style.to_latex(hrules=True, column_format="llr" + "l" * (table.shape[1] - 3), position="t",
+                         position_float="centering", caption=caption)
+    for a, b in LATEX_UNICODE.items():
+        tex = tex.replace(a, b)
+    return tex.replace(r"\begin{tabular}", "\\scriptsize\n\\begin{tabular}")
+
+
+def _mark(rank: int | None) -> str:
+    return {1: "textbf:--rwrap;", 2: "underline:--rwrap;"}.get(rank, "")

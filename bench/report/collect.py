@@ -1,7 +1,16 @@
-"""Every run under a results directory as one flat row, finished or not, for the report.
+"""Every run under a results directory as one flat row, finished or not: the report's only
+reader of the store. Everything the report writes is a view of these rows (and of
+`bench.report.cells.aggregate` over them).
 
-Unlike `table.run_rows` (finished runs of one group), this keeps failed, interrupted and
-unfinished runs so the report can show them, and picks the epoch by a named selection rule.
+A dataset's identity is its full config (name, preset, pipeline, root, every parameter), so two
+presets of one dataset are two datasets everywhere: in the table's blocks, the unimodal
+reference and the paired tests. `dataset` is a readable label unique per config
+(`avdigits (preset=audio-dominant)`), `dataset_name` the registry name, `dataset_config` the JSON.
+
+Each run's probe deficit is computed here, per seed: deficit.<m> = probe accuracy on m of the
+unimodal-only model of m (same dataset, same seed) − this run's probe accuracy on m. Probe vs
+probe, same protocol: a unimodal run's deficit against itself is exactly 0. A seed without a
+unimodal-only run of m has no deficit (NaN).
 """
 
 from __future__ import annotations
@@ -21,6 +30,12 @@ SELECTIONS = {
     "test": ("best_test", "test split at the best-test epoch (the papers' protocol; optimistic)"),
     "last": ("last", "test split at the last epoch"),
 }
+# dataset config keys that name a variant of the data: always part of the readable label
+VARIANT_KEYS = ("preset", "pipeline", "root")
+DEFICIT_NOTE = ("probe deficit <m> = probe accuracy on m of the unimodal-only model of m (same dataset, "
+                "same seed) − this run's probe accuracy on m; positive: the encoder of m learned less "
+                "inside this model than alone; 0 for the unimodal-only model itself; seeds without a "
+                "unimodal-only run of m are left out of it (its n is then given)")
 
 
 def run_dirs(results_dir: Path) -> list[RunDir]:
@@ -36,7 +51,7 @@ def run_dirs(results_dir: Path) -> list[RunDir]:
 def load_runs(results_dir: Path, select: str = "val",
               only: set[str] | None = None) -> tuple[pd.DataFrame, dict[str, list[dict]]]:
     """(one row per run, per-epoch metrics by run id) for every run under `results_dir`, or for
-    those of its runs whose id is in `only`."""
+    those of its runs whose id is in `only`; rows carry their dataset label and probe deficits."""
     if select not in SELECTIONS:
         raise ConfigError(f"--select {select!r} is not allowed; choose one of {', '.join(SELECTIONS)}")
     rows, metrics = [], {}
@@ -45,7 +60,11 @@ def load_runs(results_dir: Path, select: str = "val",
             continue
         rows.append(run_row(rd, SELECTIONS[select][0]))
         metrics[rd.run_id] = rd.read_metrics()
-    return pd.DataFrame(rows), metrics
+    runs = pd.DataFrame(rows)
+    if runs.empty:
+        return runs, metrics
+    runs["dataset"] = runs["dataset_config"].map(dataset_labels(runs["dataset_config"]))
+    return add_deficits(runs), metrics
 
 
 def run_row(rd: RunDir, block: str) -> dict[str, Any]:
@@ -55,8 +74,8 @@ def run_row(rd: RunDir, block: str) -> dict[str, Any]:
     row: dict[str, Any] = {
         "group": rd.path.parent.name,
         "run_id": rd.run_id,
-        "dataset": cfg["dataset"]["name"],
-        "dataset_config": json.dumps(cfg["dataset"], sort_keys=True),  # tells presets of one dataset apart
+        "dataset_name": cfg["dataset"]["name"],
+        "dataset_config": json.dumps(cfg["dataset"], sort_keys=True),
         "label": cfg.get("label") or method,
         "method": method,
         "fusion": (cfg.get("model") or {}).get("fusion"),
@@ -76,6 +95,40 @@ def run_row(rd: RunDir, block: str) -> dict[str, Any]:
         row[f"probe.{m}"] = probe["test_acc"]
     row.update(cost_columns(summary.get("cost", {}), summary.get("epochs")))
     return row
+
+
+def dataset_labels(configs: pd.Series | list[str]) -> dict[str, str]:
+    """A readable label per dataset config (JSON), unique per config: the name with its preset,
+    pipeline and root when set; configs that would still share a label add the keys they differ in."""
+    parsed = {c: json.loads(c) for c in dict.fromkeys(configs)}
+    labels = {c: _label(d, [k for k in VARIANT_KEYS if d.get(k) is not None]) for c, d in parsed.items()}
+    for label in set(labels.values()):
+        same = [c for c in labels if labels[c] == label]
+        if len(same) > 1:
+            keys = sorted({k for c in same for k in parsed[c]} - {"name", *VARIANT_KEYS})
+            differ = [k for k in keys if len({json.dumps(parsed[c].get(k)) for c in same}) > 1]
+            for c in same:
+                labels[c] = _label(parsed[c], [k for k in VARIANT_KEYS if parsed[c].get(k) is not None] + differ)
+    return labels
+
+
+def _label(cfg: dict[str, Any], keys: list[str]) -> str:
+    parts = ", ".join(f"{k}={cfg.get(k)}" for k in keys)
+    return f"{cfg['name']} ({parts})" if parts else str(cfg["name"])
+
+
+def add_deficits(runs: pd.DataFrame) -> pd.DataFrame:
+    """deficit.<m> per run: the probe on m of the unimodal-only model of m with the same dataset and
+    seed (the mean, should a store hold several) minus this run's probe on m; NaN without one."""
+    runs = runs.copy()
+    probes = [c for c in runs if c.startswith("probe.")]
+    uni = runs[(runs["method"] == "unimodal") & (runs["state"] == "finished")]
+    for col in probes:
+        m = col.split(".", 1)[1]
+        ref = uni[uni["unimodal_modality"] == m].groupby(["dataset", "seed"])[col].mean()
+        key = pd.MultiIndex.from_frame(runs[["dataset", "seed"]])
+        runs[f"deficit.{m}"] = ref.reindex(key).to_numpy() - runs[col].to_numpy()
+    return runs
 
 
 def cost_columns(cost: dict[str, Any], epochs: int | None) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 The CSV names datasets and methods as the papers do; DATASETS and METHODS map them to our
 registry names. A published row matches our runs of that dataset and method (and, for a
-unimodal row, that modality; for "baseline"/"concat", the dataset's joint baseline label).
+unimodal row, that modality; for "baseline"/"concat", the dataset's joint baseline label), once
+per dataset config we ran (two presets of one dataset are two rows, named by `ours dataset`).
 Ours is given under both our protocol (test at the best-validation epoch) and best-on-test; the
 difference is ours under the paper's own protocol minus the published value (percent points).
 """
@@ -27,12 +28,13 @@ METHODS = {"baseline": ("joint", None), "concat": ("joint", None), "joint": ("jo
            "unimodal-audio": ("unimodal", "audio"), "unimodal-visual": ("unimodal", "visual")}
 # paper_tables.csv selection -> our --select value
 PROTOCOLS = {"best-test-epoch": "test", "best-val-epoch": "val"}
-COLUMNS = ["paper", "table", "dataset", "method", "metric", "published", "paper protocol", "ours label",
+COLUMNS = ["paper", "table", "dataset", "method", "metric", "published", "paper protocol", "ours dataset", "ours label",
            "n", "ours (best-val)", "ours (best-test)", "ours (paper protocol)", "Δ (ours − published)"]
 
 
 def ours_rows(runs: pd.DataFrame, dataset: str, method: str, modality: str | None) -> pd.DataFrame:
-    """Our finished runs for a published (dataset, method) row."""
+    """Our finished runs of one dataset config (its label, collect.dataset_labels) for a
+    published method."""
     same = runs[(runs["dataset"] == dataset) & (runs["state"] == "finished")]
     if method == "joint":
         base = baseline_label(same)
@@ -55,19 +57,21 @@ def paper_vs_ours(paper_csv: Path, by_select: dict[str, pd.DataFrame]) -> pd.Dat
     """One row per published cell we have runs for. `by_select` maps 'val' and 'test' to the
     runs loaded under that selection (collect.load_runs)."""
     paper = pd.read_csv(paper_csv)
+    ours = by_select["val"]
     rows = []
     for p in paper.itertuples(index=False):
-        dataset, (method, modality) = DATASETS.get(p.dataset), METHODS.get(p.method, (None, None))
-        if dataset is None or method is None:
+        name, (method, modality) = DATASETS.get(p.dataset), METHODS.get(p.method, (None, None))
+        if name is None or method is None:
             continue
-        got = {s: ours_rows(r, dataset, method, modality) for s, r in by_select.items()}
-        if got["val"].empty or p.metric not in got["val"]:
-            continue
-        d = {s: pct(g[p.metric]) for s, g in got.items()}
-        theirs = PROTOCOLS.get(p.selection)
-        diff = d[theirs]["mean"] - p.value if theirs else np.nan
-        rows.append([p.paper, p.table, dataset, method + (f" ({modality})" if modality else ""), p.metric,
-                     p.value, p.selection, got["val"]["label"].iloc[0], d["val"]["n"], text(d["val"]),
-                     text(d["test"]), text(d[theirs]) if theirs else "– (protocol unknown)",
-                     diff if theirs else np.nan])
+        for dataset in sorted(ours.loc[ours["dataset_name"] == name, "dataset"].unique()):
+            got = {s: ours_rows(r, dataset, method, modality) for s, r in by_select.items()}
+            if got["val"].empty or p.metric not in got["val"]:
+                continue
+            d = {s: pct(g[p.metric]) for s, g in got.items()}
+            theirs = PROTOCOLS.get(p.selection)
+            diff = d[theirs]["mean"] - p.value if theirs else np.nan
+            rows.append([p.paper, p.table, name, method + (f" ({modality})" if modality else ""), p.metric,
+                         p.value, p.selection, dataset, got["val"]["label"].iloc[0], d["val"]["n"],
+                         text(d["val"]), text(d["test"]), text(d[theirs]) if theirs else "– (protocol unknown)",
+                         diff])
     return pd.DataFrame(rows, columns=COLUMNS)

@@ -26,7 +26,8 @@ TEST_NOTE = (f"paired t-test (scipy.stats.ttest_rel) of each method against the 
 
 
 def describe(values: Sequence[float]) -> dict[str, float]:
-    """mean, sample std (ddof=1), n and the two-sided t confidence interval of `values` (NaNs dropped)."""
+    """mean, sample std (ddof=1), n and the two-sided t confidence interval of `values` (NaNs
+    dropped): the one interval of the report, in its tables and its figures."""
     x = np.asarray([v for v in values if v is not None and not np.isnan(v)], dtype=float)
     n = len(x)
     out = {"n": n, "mean": np.nan, "std": np.nan, "ci_low": np.nan, "ci_high": np.nan}
@@ -36,9 +37,17 @@ def describe(values: Sequence[float]) -> dict[str, float]:
     if n < 2:
         return out
     std = float(x.std(ddof=1))
-    half = float(sps.t.ppf(0.5 + CONFIDENCE / 2, n - 1)) * std / np.sqrt(n)
-    out.update(std=std, ci_low=out["mean"] - half, ci_high=out["mean"] + half)
+    # scipy has no interval for scale 0: equal values (a deficit of 0 on every seed) have [mean, mean]
+    low, high = (sps.t.interval(CONFIDENCE, n - 1, loc=out["mean"], scale=std / np.sqrt(n)) if std > 0
+                 else (out["mean"], out["mean"]))
+    out.update(std=std, ci_low=float(low), ci_high=float(high))
     return out
+
+
+def ci_bounds(values: Sequence[float]) -> tuple[float, float]:
+    """(low, high) of `describe`'s interval: the `errorbar` callable the figures give seaborn."""
+    d = describe(list(values))
+    return d["ci_low"], d["ci_high"]
 
 
 def holm(pvalues: Sequence[float]) -> list[float]:
