@@ -590,13 +590,15 @@ def spy(monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize("dataset, stages, expected", [
-    ("gaussian", [2, 3, 1], ["audio", "audio", "visual", "visual", "visual", "audio"]),
-    ("gaussian3", [1, 1, 1], ["audio", "visual", "text"]),
+@pytest.mark.parametrize("dataset, stages, order, expected", [
+    ("gaussian", [2, 3, 1], None, ["audio", "audio", "visual", "visual", "visual", "audio"]),
+    ("gaussian", [1, 2], ["visual", "audio"], ["visual", "audio", "audio"]),
+    ("gaussian3", [1, 1, 1], None, ["audio", "visual", "text"]),
 ])
-def test_stages_train_only_the_active_modality(fast_config, store, spy, dataset, stages, expected):
+def test_stages_train_only_the_active_modality(fast_config, store, spy, dataset, stages, order, expected):
     cfg = fast_config(*CFG, f"dataset.name={dataset}", f"train.epochs={len(expected)}",
-                      f"method.epoch_list={stages}".replace(" ", ""))
+                      f"method.epoch_list={stages}".replace(" ", ""),
+                      *([f"method.modality_order=[{','.join(order)}]"] if order else []))
     history = RunDir(run(cfg, store).path).read_metrics()
     assert [r["method"]["modality"] for r in history] == expected
     for epoch, m in enumerate(expected):
@@ -610,26 +612,33 @@ def test_stages_train_only_the_active_modality(fast_config, store, spy, dataset,
         assert history[s]["lr"] == 0.05  # a fresh scheduler (StepLR(2) had decayed the old one)
 
 
-def test_restart_uses_best_validation_epoch_never_test(fast_config, store, spy, monkeypatch):
+@pytest.mark.parametrize("select_metric, restart, restored", [("macro_f1", True, 0), ("acc", True, 1),
+                                                              ("macro_f1", False, None)])
+def test_restart_uses_best_validation_epoch_never_test(fast_config, store, spy, monkeypatch, select_metric,
+                                                       restart, restored):
     original = Trainer.evaluate
-    rigged = {"val": [0.9, 0.1, 0.5, 0.5], "test": [0.1, 0.9, 0.5, 0.5]}  # test would pick epoch 1
+    rigged = {("val", "macro_f1"): [0.9, 0.1, 0.5, 0.5], ("test", "macro_f1"): [0.1, 0.9, 0.5, 0.5],
+              ("val", "acc"): [0.1, 0.9, 0.5, 0.5], ("test", "acc"): [0.9, 0.1, 0.5, 0.5]}  # test: the other
 
     def evaluate(self, split):
-        return {**original(self, split), "macro_f1": rigged[split][self.helpers.epoch]}
+        return {**original(self, split), **{k: rigged[split, k][self.helpers.epoch] for k in ("macro_f1", "acc")}}
 
     monkeypatch.setattr(Trainer, "evaluate", evaluate)
-    cfg = fast_config(*CFG, "method.epoch_list=[2,2]")
+    cfg = fast_config(*CFG, "method.epoch_list=[2,2]", f"method.select_metric={select_metric}",
+                      f"method.restart_from_best={str(restart).lower()}")
     history = RunDir(run(cfg, store).path).read_metrics()
-    assert history[2]["method"]["restored_from_epoch"] == 0
-    restored, end0, end1 = spy["start"][2], spy["end"][0], spy["end"][1]
-    assert all(torch.equal(restored[k], end0[k]) for k in restored)
-    assert not all(torch.equal(restored[k], end1[k]) for k in restored)
+    assert history[2]["method"]["restored_from_epoch"] == restored
+    start = spy["start"][2]
+    weights = spy["end"][1 if restored is None else restored]  # no restart: the last epoch's weights
+    other = spy["end"][1 - (1 if restored is None else restored)]
+    assert all(torch.equal(start[k], weights[k]) for k in start)
+    assert not all(torch.equal(start[k], other[k]) for k in start)
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """One uninterrupted two-stage run, shared by the resume tests."""
-    cfg = load_config(None, [*FAST, *CFG, "method.epoch_list=[2,2]"])
+@pytest.fixture(scope="module", params=["head", "shape_match"])
+def reference(request, tmp_path_factory):
+    """One uninterrupted two-stage run per projection rule, shared by the resume tests."""
+    cfg = load_config(None, [*FAST, *CFG, "method.epoch_list=[2,2]", f"method.project_layers={request.param}"])
     return cfg, run(cfg, Store(tmp_path_factory.mktemp("ref")))
 
 
@@ -646,6 +655,8 @@ def test_interrupted_run_resumes_to_identical_metrics(reference, store, monkeypa
         if name != "_extra_state":
             assert torch.equal(final[name], tensor), name
     ref_proj = ref_final["_extra_state"]["proj"]
-    assert sorted(ref_proj) == ["head.0", "head.2", "head.3"]
+    heads = ["head.0", "head.2", "head.3"]  # the MLP encoders: Flatten, then Linear layers 1 and 3
+    expected = heads if cfg.method["project_layers"] == "head" else ["encoder.net.1", "encoder.net.3", *heads]
+    assert sorted(ref_proj) == expected
     for name, Ps in ref_proj.items():
         assert all(torch.equal(P, Q) for P, Q in zip(final["_extra_state"]["proj"][name], Ps, strict=True)), name
