@@ -25,9 +25,10 @@ the previous modality used most are damped by up to e^-T, the least used kept. W
   before head, registration order): grad_W @ P_1 @ P_2 ... when several share the shape. Encoder
   Linear layers are then accumulated too.
 The default follows `sam`: head for "paper", shape_match for "code", so that `sam: code` alone is
-the released code's step. The two agree whenever the encoders have no Linear layer (the code's
-ResNet18s, the suite's CNNs) and the head's three weight shapes differ from each other; they differ
-for encoders with Linear layers of equal shapes (MLPs of equal hidden sizes, transformers).
+the released code's step. The two agree when no encoder Linear layer shares its weight shape
+with a layer of the other modality (the code's ResNet18s have no Linear layer) and the head's three
+weight shapes differ from each other; they differ for encoders with Linear layers of equal shapes
+(the suite's `mlp` or `small_cnn` encoders of equal widths, transformers).
 The fused prediction is the mean of the heads' softmaxes; `Prediction.fused` holds its log
 (argmax- and softmax-equivalent, so accuracy, macro-F1 and mAP are those of the mean softmax).
 
@@ -51,11 +52,12 @@ L = (1 - beta) [lam CE(o, y) + (1 - lam) CE(o, y_perm)] + beta CE(o, y)   (beta 
   runs through the graph its forward saved: its activations (f included) hold theta, and so does
   every weight saved as a view or copy of the parameter (a Linear's W^T; any weight cast under
   autocast), which the rebinding leaves on the old storage; a weight saved as the parameter
-  itself (a convolution's or BatchNorm's, in float32) reads theta + eps. For Linear layers and
-  ReLUs, the code's heads and MLP encoders, L_ori's part is thus exactly its gradient at theta.
-  An in-place move would instead let every saved weight read theta + eps (at rho = 1e-2 the
-  gradients differ by ~1e-3). rho defaults to 1e-10 (the A-V configs), which makes the
-  perturbation nil: the objective is then 0.7 mixup-CE + 0.3 CE.
+  itself (a convolution's or BatchNorm's, in float32) reads theta + eps. Through Linear layers
+  and ReLUs only (the code's heads; MLP encoders) L_ori's part is thus exactly its gradient at
+  theta; through the code's ResNet18s the conv and BatchNorm weights read theta + eps. A move in
+  place would let every saved weight read theta + eps (at rho = 1e-2 the gradients differ by
+  ~1e-3). rho defaults to 1e-10 (the A-V configs), which makes the perturbation nil: the
+  objective is then 0.7 mixup-CE + 0.3 CE.
 `mixup_alpha=0` turns mixup off (lam = 1, no permutation); lam and the permutation come from the
 global torch RNG, so a resumed run draws the same ones. Per step it reports "loss" (L: for "paper"
 at theta, for "code" with L_flat at the head's theta + eps), "loss_ori" (the mixup term),
