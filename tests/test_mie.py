@@ -27,8 +27,8 @@ MODS = (Modality("audio", "vector", (5,)), Modality("visual", "vector", (3,)))
 
 
 class Enc(nn.Module):
-    """Linear (-> BatchNorm, then without a bias) -> ReLU, `depth` - 1 more Linear(d_out, d_out) -> ReLU, or the identity
-    (hand-computable head inputs)."""
+    """Linear (-> BatchNorm, then without a bias) -> ReLU, `depth` - 1 more Linear(d_out, d_out) ->
+    ReLU, or the identity (hand-computable head inputs)."""
 
     def __init__(self, d_in: int, d_out: int, bn: bool = False, identity: bool = False, depth: int = 1) -> None:
         super().__init__()
