@@ -9,15 +9,31 @@ Linear(64, C) (no non-linearity between the last two; PyTorch default init, as t
 weight_init). Training runs in stages of `epoch_list` epochs; stage k trains only modality
 `order[k % M]` (its encoder and head are the only ones forwarded, so the others get no gradient).
 At the start of every stage after the first: (1) the weights go back to the best epoch so far
-(`restart_from_best`), (2) the previous modality's training inputs to each head Linear layer give
-a projection P = V diag(exp(-T (s - s_min)/(s_max - s_min))) V^T (SVD of the accumulated
-sum over batches of xbar^T xbar, xbar the batch mean of the layer input), (3) a fresh optimizer and
-scheduler. During the stage each head Linear weight's gradient becomes grad_W @ P:
-directions the previous modality used most are damped by up to e^-T, the least used kept.
+(`restart_from_best`), (2) the previous modality's training inputs to each of its Linear layers
+that `project_layers` considers give a projection P = V diag(exp(-T (s - s_min)/(s_max - s_min))) V^T
+(SVD of the accumulated sum over batches of xbar^T xbar, xbar the batch mean of the layer input),
+(3) a fresh optimizer and scheduler. During the stage, after the backward and before the
+optimizer step, a Linear weight's gradient of the active modality becomes grad_W @ P: directions
+the previous modality used most are damped by up to e^-T, the least used kept. Which layers:
+- `project_layers: head`: each head Linear layer with the P of the previous head's layer at the
+  same position, if the two weights have the same shape (the first layer's do not when the
+  encoders' feature sizes differ: it is left unprojected). This is the paper's description, a
+  modification of the classifier.
+- `project_layers: shape_match`, the released code's rule: every Linear layer of the active
+  encoder and head is multiplied by the P of EVERY Linear layer of the previous encoder and head
+  whose weight has the same shape, one after another in that modality's module order (encoder
+  before head, registration order): grad_W @ P_1 @ P_2 ... when several share the shape. Encoder
+  Linear layers are then accumulated too.
+The default follows `sam`: head for "paper", shape_match for "code", so that `sam: code` alone is
+the released code's step. The two agree when no encoder Linear layer shares its weight shape
+with a layer of the other modality (the code's ResNet18s have no Linear layer) and the head's three
+weight shapes differ from each other; they differ for encoders with Linear layers of equal shapes
+(the suite's `mlp` or `small_cnn` encoders of equal widths, transformers).
 The fused prediction is the mean of the heads' softmaxes; `Prediction.fused` holds its log
 (argmax- and softmax-equivalent, so accuracy, macro-F1 and mAP are those of the mean softmax).
 
-The per-step objective on the active modality, with mixup (lam ~ Beta(a, a), a permutation):
+The per-step objective on the active modality, with mixup (lam ~ Beta(a, a), a permutation; the
+encoder gets x_mix = lam x + (1 - lam) x[perm], on every device):
 L = (1 - beta) [lam CE(o, y) + (1 - lam) CE(o, y_perm)] + beta CE(o, y)   (beta = flat_ratio).
 `sam` picks how its gradient is taken:
 - "paper" (default): real SAM on L. eps = rho g/||g|| with g = grad L at theta and one global norm
@@ -26,26 +42,40 @@ L = (1 - beta) [lam CE(o, y) + (1 - lam) CE(o, y_perm)] + beta CE(o, y)   (beta 
   projection. rho defaults to 0.05, the usual SAM value: the paper's rho is not known. Choice: the
   perturbed objective is the code's mixup + flat combination above, so that the two variants share
   one objective and differ only in the SAM mechanics; with mixup off it is plain CE, i.e. plain SAM.
-- "code": L_ori = mixup CE at theta; each tensor moves by rho g/||g|| (per-tensor
-  norm) and is never moved back; the head alone is re-applied to the SAME features (the encoder
-  is not re-run), L = (1 - beta) L_ori + beta CE(o_flat, y) with un-mixed labels, and its gradient
-  is stepped. rho defaults to 1e-10 (the A-V configs), which makes the perturbation nil: the
+- "code", the released step: f = encoder(x_mix) and L_ori = mixup CE of head(f), both at theta;
+  each tensor p of the active encoder and head is then REBOUND (`p.data = p.data + eps_p`, as the
+  code, not moved in place) by eps_p = rho g_p/||g_p|| (g = grad L_ori, per-tensor norm) and never
+  moved back; the head alone is re-applied to the SAME features f (the encoder is not re-run),
+  L_flat = CE(head_{theta+eps}(f), y) with un-mixed labels, L = (1 - beta) L_ori + beta L_flat,
+  and one backward of L is stepped from theta + eps. What that backward computes: L_flat's part
+  is the gradient at the head's theta + eps, through the encoder's graph at theta. L_ori's part
+  runs through the graph its forward saved: its activations (f included) hold theta, and so does
+  every weight saved as a view or copy of the parameter (a Linear's W^T; any weight cast under
+  autocast), which the rebinding leaves on the old storage; a weight saved as the parameter
+  itself (a convolution's or BatchNorm's, in float32) reads theta + eps. Through Linear layers
+  and ReLUs only (the code's heads; MLP encoders) L_ori's part is thus exactly its gradient at
+  theta; through the code's ResNet18s the conv and BatchNorm weights read theta + eps. A move in
+  place would let every saved weight read theta + eps (at rho = 1e-2 the gradients differ by
+  ~1e-3). rho defaults to 1e-10 (the A-V configs), which makes the perturbation nil: the
   objective is then 0.7 mixup-CE + 0.3 CE.
 `mixup_alpha=0` turns mixup off (lam = 1, no permutation); lam and the permutation come from the
-global torch RNG, so a resumed run draws the same ones. Per step it reports "loss" (L at theta),
-"loss_ori" (the mixup term), "loss_flat" (the un-mixed CE term), "lam" and, for "paper",
-"loss_sam" (L at theta + eps); per epoch the stage, the active modality and the epoch restored.
+global torch RNG, so a resumed run draws the same ones. Per step it reports "loss" (L: for "paper"
+at theta, for "code" with L_flat at the head's theta + eps), "loss_ori" (the mixup term),
+"loss_flat" (the un-mixed CE term), "lam" and, for "paper", "loss_sam" (L at theta + eps); per
+epoch the stage, the active modality and the epoch restored.
 
 Differences from the released code, all deliberate:
 - The code restarts each stage from the best checkpoint on the TEST split (macro-F1). This
   restarts from the best epoch on VALIDATION (`select_metric`, macro-F1 as the
   code by default); the test split never influences training.
-- Only the head Linear layers get a P: the code also accumulates conv covariances it never uses
-  (and runs SVDs on them). Layers are matched by position; one whose input size differs between the two
-  modalities (the first, when the encoders' feature sizes differ) is left unprojected, as the
-  code matches layers by weight shape.
+- Only Linear layers get a P: the code also accumulates conv covariances it never uses
+  (and runs SVDs on them). A Linear input with positions, (B, ..., d), gives one xbar row per
+  position (the code's Linear hook accepts only (B, d); its conv hook does the same per position).
 - P comes from an unshuffled pass in chunks of `flat_batch_size` (default 12, the code's train
   batch; xbar is a batch mean, so the chunk size shapes P), without augmentation or mixup.
+- lam is drawn with torch's Beta (the code: numpy's), so a seed gives other draws of the same law.
+- One rho for encoder and head (the code has `noise_ratio` and `noise_ratio_cls`, equal in every
+  config); a gradient tensor of zero norm is not moved (the code divides by zero: NaN weights).
 - The scheduler is re-created with the optimizer at each stage and stepped after each epoch
   (the code steps it before each epoch, one step early).
 - Every epoch is selectable (as the code, which keeps the best over the whole run); epochs of the
@@ -71,6 +101,7 @@ from bench.registry import METHODS
 from methods.base import Batch, Method, MethodSetup, Prediction
 
 DEFAULT_RHO = {"paper": 0.05, "code": 1e-10}
+DEFAULT_PROJECT_LAYERS = {"paper": "head", "code": "shape_match"}
 Positive = Annotated[int, Field(ge=1)]
 
 
@@ -79,6 +110,7 @@ class MIEParams(Strict):
     modality_order: list[str] | None = None  # None: the dataset's modality order
     sam: Literal["paper", "code"] = "paper"
     rho: float | None = Field(None, ge=0)  # None: 0.05 (paper), 1e-10 (code)
+    project_layers: Literal["head", "shape_match"] | None = None  # None: head (paper), shape_match (code)
     mixup_alpha: float = Field(1.0, ge=0)  # 0: no mixup
     flat_ratio: float = Field(0.3, ge=0, le=1)
     temperature: float = Field(0.4, ge=0)
@@ -130,13 +162,15 @@ class MIE(Method):
             )
         self.starts = list(itertools.accumulate([0, *params.epoch_list[:-1]]))  # first epoch of each stage
         self.rho = DEFAULT_RHO[params.sam] if params.rho is None else params.rho
+        self.project_layers = params.project_layers or DEFAULT_PROJECT_LAYERS[params.sam]
         h1, h2 = params.head_hidden
         # PyTorch's default Linear init: the reference code applies no weight_init to these heads
         self.heads = nn.ModuleDict({
             m: nn.Sequential(nn.Linear(d, h1), nn.ReLU(), nn.Linear(h1, h2), nn.Linear(h2, setup.num_classes))
             for m, d in setup.feature_dims().items()
         })
-        self.proj: dict[int, torch.Tensor] = {}  # head layer index -> P of the previous modality
+        # layer name -> the previous modality's P's its weight gradient is multiplied by
+        self.proj: dict[str, list[torch.Tensor]] = {}
         self.best: dict[str, Any] | None = None  # weights of the best validation epoch so far
         self.best_score, self.best_epoch = -math.inf, -1
         self.restored_from: int | None = None
@@ -158,8 +192,7 @@ class MIE(Method):
             self.heads.load_state_dict(self.best["heads"])
             self.restored_from = self.best_epoch
         previous = self.order[(stage - 1) % len(self.order)]
-        self.proj = {i: flat_projection(acc, self.params.temperature)
-                     for i, acc in self.accumulate_inputs(previous).items()}
+        self.proj = self.projections(self.modality_of(epoch), previous)
         self._h().reset_optimizer()
 
     def on_validation_end(self, epoch: int, metrics: dict[str, Any]) -> None:
@@ -175,22 +208,33 @@ class MIE(Method):
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.best, self.best_score, self.best_epoch = state["best"], state["best_score"], state["best_epoch"]
-        self.proj = dict(state["proj"])
+        self.proj = {name: list(Ps) for name, Ps in state["proj"].items()}
 
     # ---- the flat projection
-    @torch.no_grad()
-    def accumulate_inputs(self, modality: str) -> dict[int, torch.Tensor]:
-        """Sum over training chunks of xbar^T xbar for the input of each Linear layer of the head."""
-        encoder, head = self.encoders[modality], self.heads[modality]
-        sums: dict[int, torch.Tensor] = {}
+    def linear_layers(self, modality: str) -> list[tuple[str, nn.Linear]]:
+        """The Linear layers the projection considers, named "head.<i>" / "encoder.<name>", in the
+        code's order (encoder before head, module registration order within each)."""
+        parts = {"head": self.heads[modality]}
+        if self.project_layers == "shape_match":
+            parts = {"encoder": self.encoders[modality], **parts}
+        return [(f"{part}.{name}", layer) for part, module in parts.items()
+                for name, layer in module.named_modules() if isinstance(layer, nn.Linear)]
 
-        def hook(index: int):
+    @torch.no_grad()
+    def accumulate_inputs(self, modality: str) -> dict[str, torch.Tensor]:
+        """Sum over training chunks of xbar^T xbar for the input of each considered Linear layer
+        (xbar: the chunk mean; an input with positions, (B, ..., d), gives one row per position)."""
+        encoder, head = self.encoders[modality], self.heads[modality]
+        sums: dict[str, torch.Tensor] = {}
+
+        def hook(name: str):
             def accumulate(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-                xbar = args[0].float().mean(dim=0, keepdim=True)
-                sums[index] = sums[index] + xbar.T @ xbar if index in sums else xbar.T @ xbar
+                x = args[0].float()
+                xbar = x.mean(dim=0).reshape(-1, x.shape[-1])
+                sums[name] = sums[name] + xbar.T @ xbar if name in sums else xbar.T @ xbar
             return accumulate
 
-        handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(head) if isinstance(layer, nn.Linear)]
+        handles = [layer.register_forward_hook(hook(name)) for name, layer in self.linear_layers(modality)]
         was_training = self.training
         self.eval()
         try:
@@ -204,14 +248,31 @@ class MIE(Method):
             self.train(was_training)
         return sums
 
-    def project_grads(self, head: nn.Sequential) -> None:
-        for i, P in self.proj.items():
-            grad = head[i].weight.grad
-            if grad is None or grad.shape[1] != P.shape[0]:
-                continue  # input sizes differ between the two modalities: no matching layer
-            if P.device != grad.device:
-                self.proj[i] = P = P.to(grad.device)
-            grad.copy_(grad @ P.to(grad.dtype))
+    def projections(self, active: str, previous: str) -> dict[str, list[torch.Tensor]]:
+        """For each Linear layer of `active`, the P's its weight gradient is multiplied by, in order."""
+        P = {name: flat_projection(acc, self.params.temperature)
+             for name, acc in self.accumulate_inputs(previous).items()}
+        before = [(name, layer.weight.shape) for name, layer in self.linear_layers(previous) if name in P]
+        out: dict[str, list[torch.Tensor]] = {}
+        for name, layer in self.linear_layers(active):
+            if self.project_layers == "head":  # its counterpart in the previous head, if shaped alike
+                matches = [n for n, shape in before if n == name and shape == layer.weight.shape]
+            else:  # as the code: every previous layer of the same weight shape, one after another
+                matches = [n for n, shape in before if shape == layer.weight.shape]
+            if matches:
+                out[name] = [P[n] for n in matches]
+        return out
+
+    def project_grads(self, modality: str) -> None:
+        layers = dict(self.linear_layers(modality))
+        for name, Ps in self.proj.items():
+            grad = layers[name].weight.grad
+            if grad is None:
+                continue
+            for i, P in enumerate(Ps):
+                if P.device != grad.device:
+                    Ps[i] = P = P.to(grad.device)
+                grad.copy_(grad @ P.to(grad.dtype))
 
     # ---- one step
     def mixup(self, n: int) -> tuple[float, torch.Tensor | None]:
@@ -238,15 +299,16 @@ class MIE(Method):
         m = self.modality_of(self._h().epoch)
         x, y = batch.inputs[m], batch.labels
         lam, perm = self.mixup(len(y))
-        if perm is not None and y.device.type == "cuda":
-            # drawn on the CPU (the same permutation on any device); a pinned, non-blocking copy
-            # keeps the host from waiting for the GPU's queue
-            perm = perm.pin_memory().to(y.device, non_blocking=True)
+        if perm is not None:
+            if y.device.type == "cuda":
+                # drawn on the CPU (the same permutation on any device); a pinned, non-blocking copy
+                # keeps the host from waiting for the GPU's queue
+                perm = perm.pin_memory().to(y.device, non_blocking=True)
             x = lam * x + (1 - lam) * x[perm]
         params = [p for p in (*self.encoders[m].parameters(), *self.heads[m].parameters()) if p.requires_grad]
         self.zero_grad_()
         out = (self.code_step if self.params.sam == "code" else self.paper_step)(m, x, y, lam, perm, params)
-        self.project_grads(self.heads[m])
+        self.project_grads(m)
         self.optimizer_step()
         return {**out, "lam": lam}
 
@@ -258,7 +320,9 @@ class MIE(Method):
         grads = self._h().grad(loss_ori, params, retain_graph=True, allow_unused=True)
         for p, g in zip(params, grads):  # as the code: per-tensor ascent, never undone
             if g is not None:
-                p.data.add_(g / g.norm().clamp_min(1e-12), alpha=self.rho)
+                # rebound, not added in place, as the code: what the forward saved through a view
+                # or a copy of p (Linear's W^T) keeps theta for the backward of loss_ori
+                p.data = p.data + self.rho * (g / g.norm().clamp_min(1e-12))
         with self.autocast():  # as the code: the head alone on the same features, un-mixed labels
             loss_flat = self.cross_entropy(self.heads[m](f), y)
             loss = (1 - beta) * loss_ori + beta * loss_flat

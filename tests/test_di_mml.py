@@ -216,6 +216,50 @@ def test_without_shared_head_and_duc_equals_two_unimodal_models():
     assert method.fusion.weight.grad is None  # h_av gets no gradient in stage 1
 
 
+def code_stage1_step(model1, model2, hs, optimizer, x1, x2, y, w, A, V, tau, duc_on):
+    """main_CFT.py's stage-1 step: two classifiers (encoder + private head), the shared head."""
+    f1, f2 = model1[0](x1), model2[0](x2)
+    z1, z2 = model1[1](f1), model2[1](f2)
+    ce = nn.CrossEntropyLoss()
+    loss = ce(z1, y) + ce(z2, y) + w * (ce(hs(f1), y) + ce(hs(f2), y))
+    if duc_on:
+        loss = loss + code_loop_duc(f1, f2, A, V, tau)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+@pytest.mark.parametrize("shared_weight", [1.0, 0.4])
+def test_stage1_step_with_shared_head_and_duc_equals_the_code(shared_weight):
+    method = make(mlp_encoders(), classes=4, shared_weight=shared_weight, tau=2.0)
+    attach(method, lr=0.2)
+    enc, priv = copy.deepcopy(method.encoders), copy.deepcopy(method.private)
+    model1, model2 = nn.Sequential(enc["audio"], priv["audio"]), nn.Sequential(enc["visual"], priv["visual"])
+    hs = copy.deepcopy(method.shared)
+    params = [*model1.parameters(), *model2.parameters(), *hs.parameters()]
+    optimizer = torch.optim.SGD(params, lr=0.2, momentum=0.9, weight_decay=1e-4)
+    A, V = [0, 3], [1, 5]  # T_audio \ T_visual and T_visual \ T_audio
+    gen = torch.Generator().manual_seed(4)
+    for step in range(4):  # DUC from the third step, as from duc_start_epoch
+        duc_on = step >= 2
+        if duc_on:
+            method.top.copy_(torch.tensor([[1, 0, 1, 1, 0, 0], [0, 1, 1, 0, 0, 1]], dtype=torch.bool))
+            method.selected.fill_(True)
+        batch = Batch({"audio": torch.randn(8, 5, generator=gen), "visual": torch.randn(8, 3, generator=gen)},
+                      torch.randint(0, 4, (8,), generator=gen))
+        out = method.training_step(batch)
+        loss = code_stage1_step(model1, model2, hs, optimizer, batch.inputs["audio"], batch.inputs["visual"],
+                                batch.labels, shared_weight, A, V, 2.0, duc_on)
+        assert out["loss"].item() == pytest.approx(loss, abs=1e-5), step
+        assert (out["loss.duc"].item() > 0) == duc_on
+    ours = [*method.encoders["audio"].parameters(), *method.private["audio"].parameters(),
+            *method.encoders["visual"].parameters(), *method.private["visual"].parameters(),
+            *method.shared.parameters()]
+    for p, q in zip(ours, params, strict=True):
+        assert torch.allclose(p, q, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------- stage 2
 
 
