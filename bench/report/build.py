@@ -195,8 +195,9 @@ def summary_text(runs: pd.DataFrame, agg: pd.DataFrame, tests: pd.DataFrame, pap
              f"{len(agg)} rows over {runs['dataset'].nunique()} dataset(s)", printed_tables(agg, protocol)]
     if not tests.empty:
         acc = tests[tests["metric"] == "acc"]
-        lines.append("vs joint (acc, W/T/L over seeds; Holm p): " + "; ".join(
-            f"{r.dataset}: {r.label} {r.wins}/{r.ties}/{r.losses} p={r.p_holm:.3g}" for r in acc.itertuples()))
+        for dataset, block in acc.groupby("dataset", sort=False):
+            lines.append(f"vs joint on {dataset} (acc, W/T/L over seeds; Holm p): " + "; ".join(
+                f"{r.label} {r.wins}/{r.ties}/{r.losses} p={r.p_holm:.3g}" for r in block.itertuples()))
     lines.append(f"paper vs ours: {len(paper)} published cells matched")
     lines.append(f"report written to {out}/ (README.md, report.html, table.md/.csv/.tex, aggregate.csv)")
     return "\n".join(lines)
