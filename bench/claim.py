@@ -61,12 +61,13 @@ def claim_path(run_dir: RunDir) -> Path:
     return run_dir.path / CLAIM_FILE
 
 
-def try_claim(run_dir: RunDir, patience_s: float = PATIENCE_S) -> Claim | None:
-    """Take the run's claim, or None when another process (or another open in this one) holds
-    it. Once taken: the holder is recorded and the run's leftover temp files are removed."""
+def try_claim(run_dir: RunDir, patience_s: float | None = None) -> Claim | None:
+    """Take the run's claim, or None when another process (or another open in this one) still
+    holds it after `patience_s` (default PATIENCE_S). Once taken: the holder is recorded and
+    the run's leftover temp files are removed."""
     run_dir.path.mkdir(parents=True, exist_ok=True)
     fd = os.open(claim_path(run_dir), os.O_RDWR | os.O_CREAT, 0o666)
-    deadline = time.monotonic() + patience_s
+    deadline = time.monotonic() + (PATIENCE_S if patience_s is None else patience_s)
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

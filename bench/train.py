@@ -334,6 +334,12 @@ def run(cfg: RunConfig, store: Store, datasets: DatasetSource = build_dataset,
     run_dir = store.run_dir(cfg.group, cfg.run_id())
     if run_dir.status()["state"] == "finished" and run_dir.summary.exists():
         return RunResult(run_dir.run_id, str(run_dir.path), "skipped", run_dir.read_summary())
+    try:
+        trainer: Trainer | Exception = Trainer(cfg, run_dir, datasets)  # builds data and model; writes nothing
+    except ConfigError:
+        raise
+    except Exception as e:
+        trainer = e  # the run's failure, recorded once its claim is taken
     claim = try_claim(run_dir)
     if claim is None:
         return RunResult(run_dir.run_id, str(run_dir.path), "elsewhere", {}, elsewhere_line(run_dir))
@@ -342,7 +348,10 @@ def run(cfg: RunConfig, store: Store, datasets: DatasetSource = build_dataset,
             return finished_meanwhile(run_dir, cfg)
         if on_claim:
             on_claim(run_dir)
-        return train_claimed(cfg, run_dir, datasets)
+        record_start(run_dir, cfg)
+        if isinstance(trainer, Exception):
+            raise record_failure(run_dir, trainer) from trainer
+        return train_claimed(cfg, run_dir, trainer)
 
 
 def finished_meanwhile(run_dir: RunDir, cfg: RunConfig) -> RunResult:
@@ -352,15 +361,7 @@ def finished_meanwhile(run_dir: RunDir, cfg: RunConfig) -> RunResult:
     return RunResult(run_dir.run_id, str(run_dir.path), "skipped", run_dir.read_summary())
 
 
-def train_claimed(cfg: RunConfig, run_dir: RunDir, datasets: DatasetSource) -> RunResult:
-    try:
-        trainer = Trainer(cfg, run_dir, datasets)  # builds data and model; writes nothing
-    except ConfigError:
-        raise
-    except Exception as e:
-        record_start(run_dir, cfg)
-        raise record_failure(run_dir, e) from e
-    record_start(run_dir, cfg)
+def train_claimed(cfg: RunConfig, run_dir: RunDir, trainer: Trainer) -> RunResult:
     try:
         summary = trainer.fit()
     except KeyboardInterrupt:
