@@ -20,7 +20,7 @@ from bench.cli import main as cli
 from bench.config import RunConfig
 from bench.launch import launch
 from bench.launch.options import LauncherConfig
-from bench.launch.plan import plan
+from bench.launch.plan import PlannedRun, plan
 from bench.status import status_table
 from bench.store import RunDir, Store
 from bench.train import Trainer, run
@@ -87,7 +87,7 @@ def test_a_claimed_run_is_left_alone_with_one_line_and_its_status_unchanged(fast
 
         assert plan([cfg], store)[0].state == "running"  # the claim says it is live
         # the claim taken between a launcher's plan and its start: each launcher leaves the run alone
-        monkeypatch.setattr(sys.modules["bench.launch.plan"], "is_held", lambda rd: False)
+        monkeypatch.setattr("bench.launch.plan", lambda configs, store: [PlannedRun(cfg, rd, "new", "new")])
         for name in ("inline", "local"):
             assert launch([cfg], store, LauncherConfig(name=name)) == 0
             out = capsys.readouterr().out

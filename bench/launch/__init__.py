@@ -8,10 +8,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.claim import describe_holder, is_held
+from bench.claim import describe_holder
 from bench.config import RunConfig
 from bench.launch.options import LauncherConfig
-from bench.launch.plan import PlannedRun, format_plan, label, plan, to_run
+from bench.launch.plan import PlannedRun, decide, format_plan, label, plan, to_run
 from bench.store import Store
 
 
@@ -111,9 +111,11 @@ def outcome(planned: Sequence[PlannedRun]) -> int:
     for p in planned:
         status = p.run_dir.status()
         state = status["state"]
-        if state != "finished" and is_held(p.run_dir):  # this launch's own processes have ended
+        live = "finished" if state == "finished" else decide(p.run_dir, queued)  # this launch's jobs have ended
+        if live in ("queued", "running"):  # by another launch
             state = ELSEWHERE
-            elsewhere.append(f"  {label(p.cfg)} seed {p.cfg.train.seed} {p.run_dir.run_id}: {describe_holder(p.run_dir)}")
+            where = f"running {describe_holder(p.run_dir)}" if live == "running" else "queued by another launch"
+            elsewhere.append(f"  {label(p.cfg)} seed {p.cfg.train.seed} {p.run_dir.run_id}: {where}")
         elif state in ("pending", "running") and status.get("job_id") and status["job_id"] not in queued:
             p.run_dir.set_status("interrupted", error=f"job {status['job_id']} ended without recording an end "
                                  "(cancelled, killed or out of memory?)")
