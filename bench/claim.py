@@ -45,10 +45,13 @@ class Claim:
         self.run_dir, self.fd = run_dir, fd
 
     def release(self) -> None:
-        if self.fd >= 0:
-            os.ftruncate(self.fd, 0)  # the holder record describes a holder only while there is one
-            os.close(self.fd)  # closing the last descriptor of the open file releases the lock
-            self.fd = -1
+        if self.fd < 0:
+            return
+        fd, self.fd = self.fd, -1
+        try:
+            os.ftruncate(fd, 0)  # the holder record describes a holder only while there is one
+        finally:
+            os.close(fd)  # closing the last descriptor of the open file releases the lock
 
     def __enter__(self) -> Claim:
         return self
@@ -120,7 +123,7 @@ def holder(run_dir: RunDir) -> dict[str, Any] | None:
 
 
 def describe_holder(run_dir: RunDir) -> str:
-    """'pid 123 on host h since 2024-...' for the one-line messages."""
+    """'by pid 123 on host h since 2024-...' (the holder's record), for the one-line messages."""
     record = holder(run_dir)
     if not record:
         return "by another process"
