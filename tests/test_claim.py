@@ -19,7 +19,10 @@ from bench import claim
 from bench.cli import main as cli
 from bench.config import RunConfig
 from bench.launch import launch
+from bench.errors import EXIT_ELSEWHERE
+from bench.launch import slurm
 from bench.launch.options import LauncherConfig
+from bench.launch.worker import record_exit
 from bench.launch.plan import PlannedRun, plan
 from bench.status import status_table
 from bench.store import RunDir, Store
@@ -93,6 +96,15 @@ def test_a_claimed_run_is_left_alone_with_one_line_and_its_status_unchanged(fast
             out = capsys.readouterr().out
             assert "1 runs: 1 being trained elsewhere" in out and f"by pid {os.getpid()}" in out, out
             assert rd.status_file.read_text() == before and not rd.metrics.exists()
+        # a run-one process that exits as left alone, or dies after another process took its run
+        assert record_exit(rd, EXIT_ELSEWHERE) == "elsewhere" and record_exit(rd, -9) == "elsewhere"
+        # slurm: neither submitted nor started by a packed task
+        submitted = []
+        executor = type("Executor", (), {"map_array": lambda self, fn, args: submitted.extend(args) or []})()
+        assert slurm.submit([PlannedRun(cfg, rd, "new", "new")], executor) == [] and submitted == []
+        monkeypatch.setattr(slurm, "placement", lambda: {"job_id": "9_1"})
+        assert slurm.PackedSweepJob()([str(rd.path)]) == {str(rd.path): "elsewhere"}
+        assert rd.status_file.read_text() == before and not (rd.path / "run.log").exists()
     assert not claim.is_held(rd) and claim.claim_path(rd).read_text() == ""  # released, holder record cleared
 
 
