@@ -141,6 +141,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     result = run(cfg, Store(args.results).ensure_writable())
+    if result.state == "elsewhere":
+        print(f"{result.path}: {result.note}")
+        return 0
     best = result.summary["best_val"]
     print(f"{result.state}: {result.path}")
     print(f"test acc {best['test']['acc']:.4f} at best-val epoch {best['epoch']} (epochs count from 0); "
@@ -222,7 +225,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_run_one(args: argparse.Namespace) -> int:
-    from bench.errors import RunFailed
+    from bench.errors import EXIT_ELSEWHERE, RunFailed
     from bench.launch.worker import run_one
     from bench.store import RunDir
 
@@ -232,6 +235,8 @@ def cmd_run_one(args: argparse.Namespace) -> int:
         print(RunDir(Path(args.run_dir)).status().get("traceback", ""), file=sys.stderr)
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if state == "elsewhere":  # run_one said by whom, in one line
+        return EXIT_ELSEWHERE
     print(f"{state}: {args.run_dir}")
     return 0
 

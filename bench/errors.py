@@ -7,6 +7,9 @@ from collections.abc import Iterable
 
 # exit status of a command stopped by Ctrl-C (the shells' 128 + SIGINT), without a traceback
 EXIT_INTERRUPTED = 130
+# exit status of `run-one` when another process holds the run's claim (sysexits' EX_TEMPFAIL):
+# the run is left alone, which is not a failure
+EXIT_ELSEWHERE = 75
 
 
 class MMBalanceError(Exception):

@@ -3,13 +3,12 @@ status files (and, for SLURM jobs, from squeue)."""
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from bench.claim import is_held, process_gone
 from bench.errors import StoreError
 from bench.selection import best_epoch, select_metric
 from bench.store import RunDir
@@ -28,33 +27,34 @@ def find_runs(path: Path) -> list[RunDir]:
     return []
 
 
-def shown_state(status: dict[str, Any], queued: set[str] | None = None) -> str:
-    """The recorded state, with 'running'/'pending' marked stale when its SLURM job has left the
-    queue (`queued`: squeue's job ids, None when unknown) or, for a run without a job, when its
-    process on this host is gone (a killed job cannot record its own end; launching again resumes it)."""
+def shown_state(status: dict[str, Any], queued: set[str] | None = None, held: bool = False) -> str:
+    """The recorded state, with 'running'/'pending' marked stale when nothing carries it on: its
+    SLURM job has left the queue (`queued`: squeue's job ids, None when unknown) or, for a run
+    without a job, no process holds its claim (`held`: bench.claim.is_held; a killed process
+    cannot record its own end; launching again resumes it) and, for a pending one, the local
+    launcher that marked it is gone. A recorded pid alone decides nothing: it may be reused."""
     state = status["state"]
-    if state not in ("running", "pending"):
+    if state not in ("running", "pending") or held:
         return state
     job = status.get("job_id")
     if job:
         if queued is not None and str(job) not in queued:
             return f"{state} (stale: job gone)"
         return state
-    if state == "running" and status.get("host") == socket.gethostname() and not pid_alive(status.get("pid")):
+    if state == "running":
         return "running (stale: process gone)"
+    if status.get("launcher") and process_gone(status["launcher"]):
+        return "pending (stale: launcher gone)"
     return state
 
 
-def pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
+def claim_held(rd: RunDir) -> bool:
+    """is_held, or True where the filesystem has no locks (nothing can be said: the recorded
+    state is shown as it is; launching there refuses with the reason)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
+        return is_held(rd)
+    except StoreError:
         return True
-    return True
 
 
 COUNTED = ("finished", "running", "pending", "failed", "interrupted")
@@ -79,7 +79,7 @@ def status_table(path: Path) -> str:
             "run": f"{rd.path.parent.name}/{rd.run_id}",
             "label": cfg.get("label") or cfg["method"]["name"],
             "seed": cfg["train"]["seed"],
-            "state": shown_state(st, queued),
+            "state": shown_state(st, queued, claim_held(rd)),
             "epochs done": f"{len(history)}/{cfg['train']['epochs']}",
             "best-val epoch": best["epoch"] if best else "–",
             "best val": f"{metric} {best['val'][metric]:.3f}" if best else "–",

@@ -329,6 +329,9 @@ def run_inline(configs: Sequence[RunConfig], store: Store, *, keep_going: bool =
         bar.set_postfix_str(f"{cfg.label or cfg.method['name']} seed {cfg.train.seed}")
         try:
             results.append(run(cfg, store, datasets=datasets))
+            if results[-1].note:
+                tqdm.write(f"{cfg.label or cfg.method['name']} seed {cfg.train.seed} {results[-1].run_id}: "
+                           f"{results[-1].note}")
         except RunFailed as e:
             if not keep_going:
                 raise

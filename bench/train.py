@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from bench.claim import elsewhere_line, try_claim
 from bench.config import RunConfig
 from bench.data import build_loaders, epoch_generator, seed_everything
 from bench.device import prepare_model, resolve_device
@@ -49,8 +50,9 @@ class NonFiniteLoss(MMBalanceError):
 class RunResult:
     run_id: str
     path: str
-    state: str  # finished | skipped
+    state: str  # finished | skipped | elsewhere (another process holds its claim)
     summary: dict[str, Any]
+    note: str = ""  # for `elsewhere`: who holds it, in one line
 
 
 def build_dataset(cfg: RunConfig) -> Dataset:
@@ -318,24 +320,48 @@ def pick(record: dict[str, Any]) -> dict[str, Any]:
     return {"epoch": record["epoch"], "val": record["val"], "test": record["test"]}
 
 
-def run(cfg: RunConfig, store: Store, datasets: DatasetSource = build_dataset) -> RunResult:
+def run(cfg: RunConfig, store: Store, datasets: DatasetSource = build_dataset,
+        on_claim: Callable[[RunDir], None] | None = None) -> RunResult:
     """Train `cfg` into the store: skip it if finished, resume it if started, else start it.
 
-    A config the method rejects (a ConfigError while building) raises before anything is
-    written. Any other failure marks the run `failed` with its cause and raises RunFailed;
-    whatever the run had recorded (metrics, checkpoints) stays as it was.
+    The run is trained under its claim (bench.claim), held until this returns: a run another
+    process holds is left alone (state `elsewhere`, its status untouched), and one that finished
+    while the claim was awaited is skipped. `on_claim` (a launcher's placement) is called once
+    the claim is taken. A config the method rejects (a ConfigError while building) raises before
+    anything is written. Any other failure marks the run `failed` with its cause and raises
+    RunFailed; whatever the run had recorded (metrics, checkpoints) stays as it was.
     """
     run_dir = store.run_dir(cfg.group, cfg.run_id())
     if run_dir.status()["state"] == "finished" and run_dir.summary.exists():
         return RunResult(run_dir.run_id, str(run_dir.path), "skipped", run_dir.read_summary())
     try:
-        trainer = Trainer(cfg, run_dir, datasets)  # builds data and model; writes nothing
+        trainer: Trainer | Exception = Trainer(cfg, run_dir, datasets)  # builds data and model; writes nothing
     except ConfigError:
         raise
     except Exception as e:
+        trainer = e  # the run's failure, recorded once its claim is taken
+    claim = try_claim(run_dir)
+    if claim is None:
+        return RunResult(run_dir.run_id, str(run_dir.path), "elsewhere", {}, elsewhere_line(run_dir))
+    with claim:
+        if run_dir.summary.exists():  # finished by the holder this process waited for
+            return finished_meanwhile(run_dir, cfg)
+        if on_claim:
+            on_claim(run_dir)
         record_start(run_dir, cfg)
-        raise record_failure(run_dir, e) from e
-    record_start(run_dir, cfg)
+        if isinstance(trainer, Exception):
+            raise record_failure(run_dir, trainer) from trainer
+        return train_claimed(cfg, run_dir, trainer)
+
+
+def finished_meanwhile(run_dir: RunDir, cfg: RunConfig) -> RunResult:
+    """A run whose summary exists is finished, whatever a launcher wrote over its status since."""
+    if run_dir.status()["state"] != "finished":
+        run_dir.set_status("finished", epochs_done=cfg.train.epochs, epochs=cfg.train.epochs)
+    return RunResult(run_dir.run_id, str(run_dir.path), "skipped", run_dir.read_summary())
+
+
+def train_claimed(cfg: RunConfig, run_dir: RunDir, trainer: Trainer) -> RunResult:
     try:
         summary = trainer.fit()
     except KeyboardInterrupt:

@@ -172,6 +172,7 @@ def test_status_marks_a_killed_run_stale(fast_config, store, tmp_path):
     import subprocess
     import sys
 
+    from bench.claim import try_claim
     from bench.status import shown_state, status_table
 
     cfg = fast_config()
@@ -182,8 +183,11 @@ def test_status_marks_a_killed_run_stale(fast_config, store, tmp_path):
     rd.set_status("running", epoch=2, epochs=4)
     record = {**rd.status(), "pid": dead.pid}
     assert shown_state(record) == "running (stale: process gone)"
-    assert shown_state(rd.status()) == "running"  # this process is alive
-    assert "1 running" in status_table(store.root / cfg.group)
+    # liveness is the claim, not the pid: this process is alive but trains nothing
+    assert shown_state(rd.status()) == "running (stale: process gone)"
+    with try_claim(rd):
+        assert shown_state(rd.status(), held=True) == "running"
+        assert "1 running" in status_table(store.root / cfg.group) and "stale" not in status_table(store.root / cfg.group)
 
 
 @METHODS.register("test_staged")

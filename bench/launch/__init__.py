@@ -8,9 +8,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from bench.claim import describe_holder
 from bench.config import RunConfig
 from bench.launch.options import LauncherConfig
-from bench.launch.plan import PlannedRun, format_plan, label, plan, to_run
+from bench.launch.plan import PlannedRun, decide, format_plan, label, plan, to_run
 from bench.store import Store
 
 
@@ -63,6 +64,8 @@ def launch_slurm(todo: list[PlannedRun], planned: list[PlannedRun], store: Store
     folder = store.root / group / ".submitit"
     k = options.packing()
     jobs = slurm.submit(todo, slurm.make_executor(folder, options, f"mmb-{group}", cluster), k, options.cpus_per_task)
+    if not jobs:  # every run was taken or finished by another launch since this one planned
+        return outcome(planned)
     array = str(jobs[0].job_id).split("_")[0]
     packed = f", {k} per task at once ({len(jobs)} array task(s))" if k > 1 else ""
     print(f"submitted {len(todo)} run(s){packed} as job array {array} ({jobs[0].job_id} .. {jobs[-1].job_id}); "
@@ -96,18 +99,24 @@ class Progress:
 
 
 def outcome(planned: Sequence[PlannedRun]) -> int:
-    """Print how the runs ended (failed ones with their error and log) and return 0 iff every
-    run is finished. A run its job left as pending/running (cancelled, killed) is marked
+    """Print how the runs ended (failed ones with their error and log, those another process
+    holds with their holder) and return 0 iff every run is finished or held by another process
+    (being trained there is not this launch's failure). A run its job left as pending/running (cancelled, killed) is marked
     interrupted: launching again resumes it."""
     from bench.launch.jobs import queued_job_ids
 
     queued = queued_job_ids() or set()
     states: dict[str, int] = {}
-    failed = []
+    failed, elsewhere = [], []
     for p in planned:
         status = p.run_dir.status()
         state = status["state"]
-        if state in ("pending", "running") and status.get("job_id") and status["job_id"] not in queued:
+        live = "finished" if state == "finished" else decide(p.run_dir, queued)  # this launch's jobs have ended
+        if live in ("queued", "running"):  # by another launch
+            state = ELSEWHERE
+            where = f"running {describe_holder(p.run_dir)}" if live == "running" else "queued by another launch"
+            elsewhere.append(f"  {label(p.cfg)} seed {p.cfg.train.seed} {p.run_dir.run_id}: {where}")
+        elif state in ("pending", "running") and status.get("job_id") and status["job_id"] not in queued:
             p.run_dir.set_status("interrupted", error=f"job {status['job_id']} ended without recording an end "
                                  "(cancelled, killed or out of memory?)")
             state = "interrupted"
@@ -116,10 +125,15 @@ def outcome(planned: Sequence[PlannedRun]) -> int:
             failed.append(f"  {label(p.cfg)} seed {p.cfg.train.seed} {p.run_dir.run_id}: "
                           f"{p.run_dir.status().get('error', '?')}\n    log: {log_of(p.run_dir.status(), p.run_dir.path)}")
     print(f"{len(planned)} runs: " + ", ".join(f"{n} {s}" for s, n in states.items()))
+    if elsewhere:
+        print(f"{ELSEWHERE}, left alone (see mmbalance status {planned[0].run_dir.path.parent}):\n" + "\n".join(elsewhere))
     if failed:
         print("not finished:\n" + "\n".join(failed))
         print("launch the sweep again to retry them (finished runs are skipped, started ones resume)")
-    return 0 if states.get("finished", 0) == len(planned) else 1
+    return 0 if states.get("finished", 0) + states.get(ELSEWHERE, 0) == len(planned) else 1
+
+
+ELSEWHERE = "being trained elsewhere"
 
 
 def log_of(status: dict, run_path: Path) -> str:

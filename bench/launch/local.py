@@ -19,7 +19,8 @@ from contextlib import contextmanager
 
 from bench.launch.options import LauncherConfig
 from bench.launch.plan import PlannedRun, label
-from bench.launch.worker import record_exit, restore_status, saved_status
+from bench.claim import elsewhere_line
+from bench.launch.worker import mark_pending, record_exit, restore_status, saved_status
 
 
 def gpu_count() -> int:
@@ -88,20 +89,26 @@ def launch_local(todo: Sequence[PlannedRun], options: LauncherConfig) -> dict[st
     before = {p.run_dir.run_id: saved_status(p.run_dir) for p in todo}
     running = Workers()
     states: dict[str, str] = {}
+    marked: list[PlannedRun] = []  # the runs this launch marked pending (or was marking)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         futures: dict[Future, PlannedRun] = {}
         try:
-            for p in todo:  # pending under this process's pid: a second launch meanwhile leaves them alone
-                p.run_dir.write_config(p.cfg.to_dict())
-                p.run_dir.set_status("pending", job_id=None, log=str(p.run_dir.path / "run.log"), stdout=None)
-            print(placement_line(len(todo), workers, gpus, k), flush=True)
-            futures.update({pool.submit(run_in_process, p, slots, workers, gpus, k, running): p for p in todo})
+            for p in todo:  # pending for this launcher, under each run's claim (see mark_pending)
+                marked.append(p)
+                state = mark_pending(p.run_dir, p.cfg.to_dict(), job_id=None, log=str(p.run_dir.path / "run.log"),
+                                     stdout=None)
+                if state != "pending":  # taken or finished by another launch since this one planned
+                    marked.pop()
+                    report(p, state, 0.0, states, len(todo))
+            if marked:
+                print(placement_line(len(marked), workers, gpus, k), flush=True)
+            futures.update({pool.submit(run_in_process, p, slots, workers, gpus, k, running): p for p in marked})
             for future in as_completed(futures):
                 report(futures[future], *future.result(), states, len(todo))
         except KeyboardInterrupt:
             with sigint_ignored():  # a second Ctrl-C must not cut the clean-up short; it has a deadline
                 pool.shutdown(wait=False, cancel_futures=True)
-                stop_launch(todo, running, futures, states, before)
+                stop_launch(marked, running, futures, states, before)
             raise
     return states
 
@@ -130,6 +137,10 @@ def report(p: PlannedRun, state: str | None, seconds: float, states: dict[str, s
     if state is None:
         return
     states[p.run_dir.run_id] = state
+    if state == "elsewhere":
+        print(f"[{len(states)}/{total}] {label(p.cfg)} seed {p.cfg.train.seed} {p.run_dir.run_id}: "
+              f"{elsewhere_line(p.run_dir)}", flush=True)
+        return
     tail = "" if state == "finished" else f": {p.run_dir.status().get('error', '?')} (log {p.run_dir.path / 'run.log'})"
     print(f"[{len(states)}/{total}] {state} {label(p.cfg)} seed {p.cfg.train.seed} "
           f"{p.run_dir.run_id} in {seconds:.1f} s{tail}", flush=True)

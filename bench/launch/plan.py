@@ -1,19 +1,18 @@
 """Which runs of a sweep to do: the one decision every launcher and `--dry-run` share.
 
-finished: skipped. queued/running: held by a live SLURM job or a live process on this host,
-left alone. resume: started before (a checkpoint exists), continues from it. new: starts.
+finished: skipped. queued/running: held by a live SLURM job, by a process holding the run's
+claim (bench.claim) or by a live local launcher that marked it pending, left alone. resume:
+started before (a checkpoint exists), continues from it. new: starts.
 """
 
 from __future__ import annotations
 
-import os
-import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from bench.claim import is_held, is_this, process_gone
 from bench.config import RunConfig
 from bench.launch import jobs
-from bench.status import pid_alive
 from bench.store import RunDir, Store
 
 TO_RUN = ("resume", "new")
@@ -29,17 +28,22 @@ class PlannedRun:
 
 
 def decide(run_dir: RunDir, queued: set[str] | None) -> str:
+    """Whether a run is live is decided by its claim (a process trains it) and, for a SLURM job,
+    by squeue; a pending run whose local launcher is still alive is queued with that launcher.
+    A recorded pid alone decides nothing: it may name another process by now."""
     status = run_dir.status()
     state = status["state"]
     if state == "finished" and run_dir.summary.exists():
         return "finished"
+    if is_held(run_dir):
+        return "running"
     if state in ("pending", "running"):
         job = status.get("job_id")
         if job and queued is not None and str(job) in queued:
             return "queued" if state == "pending" else "running"
-        same_host = status.get("host") == socket.gethostname()
-        if not job and same_host and status.get("pid") != os.getpid() and pid_alive(status.get("pid")):
-            return "running"
+        launcher = status.get("launcher")
+        if state == "pending" and not job and launcher and not process_gone(launcher) and not is_this(launcher):
+            return "queued"
     return "resume" if run_dir.checkpoint.exists() else "new"
 
 

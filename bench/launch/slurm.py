@@ -27,7 +27,8 @@ from bench.errors import RunFailed
 from bench.launch import jobs as slurm_queue
 from bench.launch.options import LauncherConfig
 from bench.launch.plan import PlannedRun
-from bench.launch.worker import record_exit, record_placement, restore_status, run_one, saved_status
+from bench.claim import elsewhere_line
+from bench.launch.worker import mark_pending, place_claimed, record_exit, restore_status, run_one, saved_status
 from bench.store import RunDir
 
 
@@ -66,19 +67,24 @@ class PackedSweepJob(submitit.helpers.Checkpointable):
         env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
         print(f"task {where['job_id']}: {len(todo)} of {len(run_dirs)} run(s) to do at once, "
               f"{threads} thread(s) each", flush=True)
+        states = {}
         for rd in todo:
-            record_placement(rd, job_id=where["job_id"], log=str(rd.path / "run.log"),
-                             **({"stdout": where["stdout"]} if "stdout" in where else {}))
+            if not place_claimed(rd, job_id=where["job_id"], log=str(rd.path / "run.log"),
+                                 **({"stdout": where["stdout"]} if "stdout" in where else {})):
+                states[str(rd.path)] = "elsewhere"  # another process trains it: left alone
+                print(f"task {where['job_id']}: {rd.path}: {elsewhere_line(rd)}", flush=True)
+                continue
             with open(rd.path / "run.log", "ab") as log:
                 self.procs[str(rd.path)] = subprocess.Popen(
                     [sys.executable, "-m", "bench", "run-one", str(rd.path)], stdout=log,
                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, preexec_fn=ignore_preemption)
-        states = {}
         for rd in todo:
+            if str(rd.path) not in self.procs:
+                continue
             code = self.procs[str(rd.path)].wait()
             states[str(rd.path)] = record_exit(rd, code, killed="interrupted")
             print(f"task {where['job_id']}: {states[str(rd.path)]} {rd.path}", flush=True)
-        failed = [f"{Path(d).name} ({state})" for d, state in states.items() if state != "finished"]
+        failed = [f"{Path(d).name} ({state})" for d, state in states.items() if state not in ("finished", "elsewhere")]
         if failed:  # the task fails as a one-run task would; each run's status says why
             raise RunFailed(f"{len(failed)} of {len(todo)} run(s) of this task did not finish: {', '.join(failed)}")
         return states
@@ -172,11 +178,12 @@ def submit(todo: Sequence[PlannedRun], executor: submitit.Executor, runs_per_tas
     the submission fails, the runs' previous status files are put back."""
     if not todo:
         return []
-    groups = chunks(todo, runs_per_task)
     previous = {p.run_dir.path: saved_status(p.run_dir) for p in todo}
-    for p in todo:
-        p.run_dir.write_config(p.cfg.to_dict())
-        p.run_dir.set_status("pending", job_id=None, log=None, stdout=None)
+    # a run taken or finished by another launch since this one planned is not submitted
+    todo = [p for p in todo if mark_pending(p.run_dir, p.cfg.to_dict(), job_id=None, log=None, stdout=None) == "pending"]
+    if not todo:
+        return []
+    groups = chunks(todo, runs_per_task)
     paths = [[str(p.run_dir.path.resolve()) for p in group] for group in groups]
     try:
         if runs_per_task == 1:

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from bench.config import RunConfig, validate
-from bench.errors import EXIT_INTERRUPTED, ConfigError, RunFailed
+from bench.errors import EXIT_ELSEWHERE, EXIT_INTERRUPTED, ConfigError, RunFailed
 from bench.store import RunDir, Store, atomic_write_json
 
 
@@ -43,9 +43,11 @@ def run_one(run_dir: str | Path, **placement: str) -> str:
     set_threads()
     cfg, store = load_run(run_dir)
     rd = store.run_dir(cfg.group, cfg.run_id())
-    record_placement(rd, **placement)
     try:
-        return run(cfg, store).state
+        result = run(cfg, store, on_claim=lambda claimed: record_placement(claimed, **placement))
+        if result.note:
+            print(f"{rd.path}: {result.note}", flush=True)
+        return result.state
     except RunFailed:
         raise
     except (KeyboardInterrupt, SystemExit):
@@ -61,12 +63,50 @@ def record_placement(rd: RunDir, **placement: str) -> None:
         rd.set_status("pending" if state == "new" else state, **placement)
 
 
+def mark_pending(rd: RunDir, config: dict, **placement: str | None) -> str:
+    """Write the run's config and mark it pending for this launcher (host, pid and start time
+    recorded, so that `status` can tell when the launcher is gone), under the run's claim.
+    Returns "pending", or why the run was left as it is: "elsewhere" (another process holds
+    it) or "finished"."""
+    from bench.claim import this_process, try_claim
+
+    claim = try_claim(rd)
+    if claim is None:
+        return "elsewhere"
+    with claim:
+        if rd.summary.exists():
+            return "finished"
+        rd.write_config(config)
+        rd.set_status("pending", launcher=this_process(), **placement)
+        return "pending"
+
+
+def place_claimed(rd: RunDir, **placement: str) -> bool:
+    """record_placement under the run's claim, for a process that hands the run to a run-one
+    process of its own; False (nothing written) when another process holds the run."""
+    from bench.claim import try_claim
+
+    claim = try_claim(rd)
+    if claim is None:
+        return False
+    with claim:
+        record_placement(rd, **placement)
+    return True
+
+
 def record_exit(rd: RunDir, code: int, killed: str = "failed") -> str:
     """The run's state once its `run-one` process has exited with `code`. A process that died
     before it could record anything (out of memory, a signal) leaves its run as it was: it is
     marked failed (or `killed`, for one a signal ended) with the exit code; one a Ctrl-C
-    stopped before its training started (exit EXIT_INTERRUPTED) is interrupted."""
+    stopped before its training started (exit EXIT_INTERRUPTED) is interrupted. One that left
+    the run to the process holding its claim (exit EXIT_ELSEWHERE) is `elsewhere`, untouched."""
+    from bench.claim import is_held
+
+    if code == EXIT_ELSEWHERE:
+        return "elsewhere"
     state = rd.status()["state"]
+    if code != 0 and is_held(rd):  # taken by another process since this one ended: theirs to record
+        return "elsewhere"
     if code != 0 and state not in ("failed", "interrupted"):
         if code == EXIT_INTERRUPTED:
             rd.set_status("interrupted", error="run-one process interrupted (SIGINT) before it recorded its state; "
@@ -86,7 +126,19 @@ def saved_status(rd: RunDir) -> str | None:
 
 
 def restore_status(rd: RunDir, text: str | None) -> None:
-    """Put back what saved_status returned: a launch that did not start the run leaves it as it was."""
+    """Put back what saved_status returned: a launch that did not start the run leaves it as it
+    was. Under the run's claim: a run another process has taken since, or finished, is theirs."""
+    from bench.claim import try_claim
+
+    claim = try_claim(rd)
+    if claim is None:
+        return
+    with claim:
+        if not rd.summary.exists():
+            put_back_status(rd, text)
+
+
+def put_back_status(rd: RunDir, text: str | None) -> None:
     if text is None:
         rd.status_file.unlink(missing_ok=True)
     else:
