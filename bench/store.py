@@ -7,6 +7,7 @@ only this store.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -21,6 +22,7 @@ import torch
 import yaml
 
 from bench.errors import StoreError
+from bench.oserror import naming
 
 STATES = ("pending", "running", "finished", "failed", "interrupted")
 # where and how a launcher placed the run: kept across the run's own status updates
@@ -39,8 +41,10 @@ def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "w") -> N
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):  # a full disk names the file it could not write, not the temp file
+            raise naming(e, path) from e
         raise
 
 
@@ -139,7 +143,11 @@ class RunDir:
         return json.loads(self.summary.read_text()) if self.summary.exists() else None
 
     def save(self, path: Path, state: dict[str, Any]) -> None:
-        atomic_write(path, lambda f: torch.save(state, f), mode="wb")
+        # serialised in memory first: torch.save writing to a full disk raises its own
+        # RuntimeError ("enforce fail at inline_container.cc"); a plain write raises the OSError
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        atomic_write(path, lambda f: f.write(buffer.getbuffer()), mode="wb")
 
     def load(self, path: Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=False)

@@ -17,9 +17,11 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 
+from bench.errors import StoreError
 from bench.launch.options import LauncherConfig
 from bench.launch.plan import PlannedRun, label
 from bench.launch.worker import record_exit, restore_status, saved_status
+from bench.oserror import EXIT_OS_ERROR, os_message
 
 
 def gpu_count() -> int:
@@ -103,7 +105,30 @@ def launch_local(todo: Sequence[PlannedRun], options: LauncherConfig) -> dict[st
                 pool.shutdown(wait=False, cancel_futures=True)
                 stop_launch(todo, running, futures, states, before)
             raise
+        except OSError as e:  # marking the runs pending failed (a full disk, say): none has started
+            running.halt(os_message(e))
+    if running.halted:
+        raise halted_launch(todo, running, before)
     return states
+
+
+def halted_launch(todo: Sequence[PlannedRun], running: Workers, before: dict[str, str | None]) -> StoreError:
+    """After an OS error (a run's own, or the launcher's writing to the store) stopped the launch
+    (the runs already started have ended): the runs that had not started get back the status they
+    had before this launch (one whose old status cannot be written back either is named) and are
+    listed; returns the one-line error to exit with."""
+    left = [p for p in todo if not running.started(p)]
+    print(f"stopped: {running.halted}; {len(left)} run(s) not started, left as they were:", flush=True)
+    for p in left:
+        try:
+            if saved_status(p.run_dir) != before[p.run_dir.run_id]:
+                restore_status(p.run_dir, before[p.run_dir.run_id])
+            kept = ""
+        except OSError as e:
+            kept = f" (still marked pending: {os_message(e)})"
+        print(f"  {label(p.cfg)} seed {p.cfg.train.seed} {p.run_dir.run_id}{kept}", flush=True)
+    return StoreError(f"the launch stopped on an OS error: {running.halted}; fix that (free space on the results "
+                      "disk, say) and launch the sweep again (finished runs are skipped, started ones resume)")
 
 
 def stop_launch(todo: Sequence[PlannedRun], running: Workers, futures: dict[Future, PlannedRun],
@@ -144,6 +169,7 @@ class Workers:
         self.lock = threading.Lock()
         self.stopped = False
         self.procs: dict[str, subprocess.Popen] = {}  # run id -> its process, kept once it has ended
+        self.halted: str | None = None  # why the launch stopped on an OS error
 
     def start(self, p: PlannedRun, env: dict[str, str]) -> subprocess.Popen | None:
         """Start `p`'s run-one process, or None once the launch is stopped. Each process leads a
@@ -161,6 +187,12 @@ class Workers:
 
     def started(self, p: PlannedRun) -> bool:
         return p.run_dir.run_id in self.procs
+
+    def halt(self, reason: str) -> None:
+        """Start no more runs (the running ones go on): an OS error, the first `reason` kept."""
+        with self.lock:
+            self.stopped = True
+            self.halted = self.halted or reason
 
     def stop(self) -> list[subprocess.Popen]:
         with self.lock:
@@ -212,6 +244,21 @@ def run_in_process(p: PlannedRun, slots: queue.Queue[int], workers: int, gpus: i
         if proc is None:
             return None, 0.0
         code = proc.wait()
+        if code == EXIT_OS_ERROR:  # every other run would write to the same disk; before the slot is free
+            running.halt(os_failure(p))
     finally:
         slots.put(slot)
-    return record_exit(p.run_dir, code, killed="interrupted" if running.stopped else "failed"), time.perf_counter() - start
+    try:
+        state = record_exit(p.run_dir, code, killed="interrupted" if running.stopped else "failed")
+    except OSError as e:  # the store cannot take even the run's status
+        running.halt(os_message(e))
+        state = "failed"
+    return state, time.perf_counter() - start
+
+
+def os_failure(p: PlannedRun) -> str:
+    """What a run that ended with an OS error recorded (its status may not have been writable)."""
+    status = p.run_dir.status()
+    if status["state"] == "failed" and status.get("error"):
+        return f"{status['error']} (run {p.run_dir.run_id})"
+    return f"run {p.run_dir.run_id} ended with an OS error it could not record; see {p.run_dir.path / 'run.log'}"
