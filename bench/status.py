@@ -10,6 +10,7 @@ from typing import Any
 
 import pandas as pd
 
+from bench.cancel import CANCELLED_JOB
 from bench.errors import StoreError
 from bench.selection import best_epoch, select_metric
 from bench.store import RunDir
@@ -129,7 +130,7 @@ def cancel(path: Path) -> str:
         return f"{path}: no pending or running SLURM jobs to cancel"
     said = cancel_jobs(job for _, job in targets)
     for rd, job in targets:
-        rd.set_status("interrupted", error=f"job {job} cancelled (mmbalance cancel)")
+        rd.set_status("interrupted", error=f"job {job} cancelled (mmbalance cancel)", **{CANCELLED_JOB: job})
     lines = [f"cancelled {len(targets)} job(s): " + " ".join(job for _, job in targets)]
     lines += [f"  {rd.path.parent.name}/{rd.run_id}: job {job}" for rd, job in targets]
     return "\n".join(lines + ([f"scancel: {said}"] if said else []))

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import yaml
 
+from bench.cancel import guarded
 from bench.errors import StoreError
 from bench.oserror import naming
 
@@ -107,6 +108,7 @@ class RunDir:
             return {"state": "new"}
         return json.loads(self.status_file.read_text())
 
+    @guarded  # one writer at a time; a cancelled job's own writes are refused (bench.cancel)
     def set_status(self, state: str, **info: Any) -> None:
         """Replace the status record. A launcher's placement (job id, log paths) is carried
         over from the previous record unless `info` sets it; a None in `info` drops a key."""

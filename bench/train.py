@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from bench.cancel import RunCancelled
 from bench.config import RunConfig
 from bench.data import build_loaders, epoch_generator, seed_everything
 from bench.device import prepare_model, resolve_device
@@ -342,6 +343,8 @@ def run(cfg: RunConfig, store: Store, datasets: DatasetSource = build_dataset) -
         run_dir.write_summary(summary)
     except KeyboardInterrupt:
         run_dir.set_status("interrupted", error="interrupted by the user (KeyboardInterrupt)")
+        raise
+    except RunCancelled:  # its job was cancelled: its status says so already, its checkpoint stays
         raise
     except Exception as e:
         raise record_failure(run_dir, e) from e
