@@ -109,7 +109,7 @@ def count_line(states: pd.Series) -> str:
 
 def problem_line(rd: RunDir, row: dict[str, Any], status: dict[str, Any]) -> str:
     job = f" job {status['job_id']}" if status.get("job_id") else ""
-    log = status.get("log") or str(rd.status_file)
+    log = rd.resolve(status["log"]) if status.get("log") else rd.status_file
     error = (status.get("error") or row["state"]).splitlines()[0]
     return f"  {row['run']} ({row['label']}, seed {row['seed']}{job}): {error}\n    log: {log}"
 

@@ -28,6 +28,8 @@ from bench.oserror import naming
 STATES = ("pending", "running", "finished", "failed", "interrupted")
 # where and how a launcher placed the run: kept across the run's own status updates
 PLACEMENT_KEYS = ("job_id", "log", "stdout", "restarts")
+# file paths in status.json: stored relative to the store root, so that a copied store names its own
+STORE_PATH_KEYS = ("log", "stdout")
 
 
 def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "w") -> None:
@@ -114,6 +116,7 @@ class RunDir:
         over from the previous record unless `info` sets it; a None in `info` drops a key."""
         assert state in STATES, state
         previous = self.status()
+        info = {k: self.store_relative(v) if k in STORE_PATH_KEYS and v is not None else v for k, v in info.items()}
         record = {
             "state": state,
             "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -153,6 +156,22 @@ class RunDir:
 
     def load(self, path: Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=False)
+
+    # ---- paths recorded in status.json (STORE_PATH_KEYS)
+    @property
+    def store_root(self) -> Path:
+        return self.path.parent.parent  # <root>/<group>/<run id>
+
+    def store_relative(self, path: str | Path) -> str:
+        """`path` relative to the store root where it lies inside the store, else as given."""
+        try:
+            return str(Path(path).resolve().relative_to(self.store_root.resolve()))
+        except ValueError:
+            return str(path)
+
+    def resolve(self, recorded: str) -> Path:
+        """A path from status.json as a path here: relative ones are in this run's store."""
+        return self.store_root / recorded if not Path(recorded).is_absolute() else Path(recorded)
 
 
 class Store:

@@ -306,12 +306,13 @@ def test_a_failing_run_is_marked_failed_with_its_traceback_while_the_others_fini
     assert failed["traceback"].startswith("Traceback (most recent call last)")
     assert "NonFiniteLoss" in failed["traceback"]
     assert failed.get("job_id") and failed.get("log")
-    assert Path(failed["log"]).exists()
+    log = runs["diverges"].resolve(failed["log"])
+    assert not Path(failed["log"]).is_absolute() and log.exists()  # relative to the store
     assert failed["error"] in done.stdout  # the --wait summary names the failure
 
     status = mmbalance(results, "status", str(results / "slurm-failing"), timeout_s=120)
     assert status.returncode == 0
-    assert failed["error"] in status.stdout and failed["log"] in status.stdout
+    assert failed["error"] in status.stdout and str(log) in status.stdout
     assert str(failed["job_id"]) in status.stdout
 
 
@@ -337,8 +338,8 @@ def test_a_packed_sweep_runs_k_runs_per_array_task(partition, results, tmp_path)
         status = rd.status()
         assert status["state"] == "finished", (rd.path, status)
         assert [r["epoch"] for r in rd.read_metrics()] == [0, 1, 2]
-        assert Path(status["log"]) == rd.path / "run.log" and "finished:" in Path(status["log"]).read_text()
-        assert Path(status["stdout"]).exists()  # the task's own output
+        assert rd.resolve(status["log"]) == rd.path / "run.log" and "finished:" in (rd.path / "run.log").read_text()
+        assert rd.resolve(status["stdout"]).exists()  # the task's own output
         jobs.setdefault(str(status["job_id"]), []).append(rd)
     assert sorted(len(v) for v in jobs.values()) == [1, 2]  # 3 runs, 2 per task: 2 tasks
     assert len({job.split("_")[0] for job in jobs}) == 1  # of one array

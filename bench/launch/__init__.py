@@ -11,7 +11,7 @@ from pathlib import Path
 from bench.config import RunConfig
 from bench.launch.options import LauncherConfig
 from bench.launch.plan import PlannedRun, format_plan, label, plan, to_run
-from bench.store import Store
+from bench.store import RunDir, Store
 
 
 def launch(configs: Sequence[RunConfig], store: Store, options: LauncherConfig, *, wait: bool = False,
@@ -99,15 +99,17 @@ def outcome(planned: Sequence[PlannedRun]) -> int:
     """Print how the runs ended (failed ones with their error and log) and return 0 iff every
     run is finished. A run its job left as pending/running (cancelled, killed) is marked
     interrupted: launching again resumes it."""
-    from bench.launch.jobs import queued_job_ids
+    from bench.launch.jobs import have_slurm, queued_job_ids
 
-    queued = queued_job_ids() or set()
+    queued = queued_job_ids()
+    silent = queued is None and have_slurm()  # squeue failed: a job's end cannot be told from its silence
+    queued = queued or set()
     states: dict[str, int] = {}
     failed = []
     for p in planned:
         status = p.run_dir.status()
         state = status["state"]
-        if state in ("pending", "running") and status.get("job_id") and status["job_id"] not in queued:
+        if not silent and state in ("pending", "running") and status.get("job_id") and status["job_id"] not in queued:
             p.run_dir.set_status("interrupted", error=f"job {status['job_id']} ended without recording an end "
                                  "(cancelled, killed or out of memory?)")
             state = "interrupted"
@@ -123,4 +125,5 @@ def outcome(planned: Sequence[PlannedRun]) -> int:
 
 
 def log_of(status: dict, run_path: Path) -> str:
-    return status.get("log") or str(run_path / "status.json")
+    rd = RunDir(run_path)
+    return str(rd.resolve(status["log"]) if status.get("log") else rd.status_file)
