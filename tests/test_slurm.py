@@ -371,3 +371,71 @@ def test_a_preempted_packed_task_requeues_and_resumes_both_of_its_runs(partition
         assert [r["epoch"] for r in after] == list(range(16))  # every epoch once: resumed, not restarted
         assert after[0] == earlier[0]
     assert any(s.startswith("REQUEUED") for s in sacct("--duplicates", f"--jobs={job}", "--format=State"))
+
+
+# ------------------------------------------------------------------------------------ (f) cancel, requeue
+
+
+def started_run(root: Path, path: Path, group: str) -> tuple[RunDir, str, int]:
+    """Launch the one-run sweep `path`; once two epochs are recorded: its run, job id and epochs so far."""
+    assert mmbalance(root, "sweep", str(path), timeout_s=120).returncode == 0
+    rd = wait_until(lambda: only_run(root, group), 60, "the run directory")
+    wait_until(lambda: len(rd.read_metrics()) >= 2, 120, "two epochs of the run to be recorded")
+    status = rd.status()
+    assert status["state"] == "running", f"the run is not mid-run: {status}"
+    return rd, str(status["job_id"]), len(rd.read_metrics())
+
+
+def job_gone(job: str) -> bool:
+    done = subprocess.run(["squeue", "-h", "-r", "-o", "%i"], capture_output=True, text=True, timeout=60, check=True)
+    return job not in done.stdout.split()
+
+
+def test_cancel_while_the_job_still_writes_ends_interrupted_and_a_relaunch_resumes(partition, results, tmp_path):
+    """scancel gives the job SIGTERM, which submitit's handler lets pass: the job trains on until
+    SLURM kills it (KillWait later), and its end-of-epoch write must not put `running` back."""
+    path = write_sweep(tmp_path / "cancel.yaml", "slurm-cancel", partition, base=PREEMPT_BASE,
+                       cells={"joint": {"method.name": "joint"}})
+    rd, job, epochs = started_run(results, path, "slurm-cancel")
+    done = mmbalance(results, "cancel", str(results / "slurm-cancel"), timeout_s=120)
+    assert done.returncode == 0 and f"cancelled 1 job(s): {job}" in done.stdout
+    at_cancel = len(rd.read_metrics())
+    seen = []
+
+    def gone_and_settled() -> bool:
+        seen.append(rd.status()["state"])
+        return job_gone(job)
+
+    wait_until(gone_and_settled, 120, f"job {job} to leave the queue")
+    status = rd.status()
+    print(f"cancel started after {epochs} epochs, returned after {at_cancel}; states since: {sorted(set(seen))}; "
+          f"epochs recorded when the job was gone: {len(rd.read_metrics())}; error: {status.get('error')}")
+    assert set(seen) == {"interrupted"}, seen  # never `running` again, while the job lived on
+    assert status["state"] == "interrupted" and status["error"] == f"job {job} cancelled (mmbalance cancel)"
+    recorded = [r["epoch"] for r in rd.read_metrics()]
+    assert recorded == list(range(len(recorded))) and len(recorded) < 16
+    assert len(recorded) <= at_cancel + 1  # it stopped at the end of the epoch it was in, not at SIGKILL
+    assert rd.load(rd.checkpoint)["epoch"] == recorded[-1]  # stopped at an epoch end, checkpoint kept
+
+    again = mmbalance(results, "sweep", str(path), "--wait")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "1 will resume" in again.stdout
+    assert rd.status()["state"] == "finished"
+    assert [r["epoch"] for r in rd.read_metrics()] == list(range(16))
+
+
+def test_a_requeue_by_scontrol_counts_as_a_restart_and_the_run_resumes(partition, results, tmp_path):
+    path = write_sweep(tmp_path / "requeue.yaml", "slurm-requeue", partition, base=PREEMPT_BASE,
+                       cells={"joint": {"method.name": "joint"}})
+    rd, job, epochs = started_run(results, path, "slurm-requeue")
+    before = rd.read_metrics()
+    subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)
+    wait_until(lambda: rd.status()["state"] in ("finished", "failed"), RUN_DEADLINE_S, "the requeued run to finish")
+    status = rd.status()
+    print(f"requeued after {epochs} epochs: {status}")
+    assert status["state"] == "finished" and str(status["job_id"]) == job, status
+    assert status["restarts"] == 1, status
+    assert any(s.startswith("REQUEUED") for s in sacct("--duplicates", f"--jobs={job}", "--format=State"))
+    after = rd.read_metrics()
+    assert [r["epoch"] for r in after] == list(range(16))  # every epoch once: resumed, not restarted
+    assert after[0] == before[0]
