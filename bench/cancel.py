@@ -17,7 +17,7 @@ from functools import wraps
 from pathlib import Path
 from typing import Any
 
-from bench.errors import RunFailed
+from bench.errors import MMBalanceError, RunFailed
 
 CANCELLED_JOB = "cancelled_job"  # status.json key: the job `mmbalance cancel` cancelled
 STATUS_LOCK = ".status.lock"  # beside status.json; held only while one record is read and replaced
@@ -42,6 +42,16 @@ def cancelled_here(status: dict[str, Any]) -> str | None:
     if status.get("state") == "interrupted" and job and str(job) == own_job_id():
         return str(job)
     return None
+
+
+def readable_status(run_dir: Any) -> dict[str, Any]:
+    """The run's status record, or {} where it cannot be read: a damaged file records no cancel,
+    and the write that replaces it must go through."""
+    try:
+        status = run_dir.status()
+    except (ValueError, MMBalanceError):  # JSON or text decoding, or the store's own complaint
+        return {}
+    return status if isinstance(status, dict) else {}
 
 
 @contextmanager
@@ -70,7 +80,7 @@ def guarded(set_status: Callable[..., None]) -> Callable[..., None]:
     @wraps(set_status)
     def write(run_dir: Any, state: str, **info: Any) -> None:
         with status_lock(run_dir.path):
-            job = cancelled_here(run_dir.status()) if state != "finished" else None
+            job = cancelled_here(readable_status(run_dir)) if state != "finished" else None
             if job:
                 raise RunCancelled(f"run {run_dir.run_id} was cancelled (job {job}, mmbalance cancel): it stops "
                                    f"here, keeping its last checkpoint; launch again to resume it ({run_dir.path})")

@@ -1,7 +1,8 @@
 """The local launcher: N worker processes on this machine, each running one run at a time
 (`python -m bench run-one RUN_DIR`), with the cores (and GPUs) split between them so that they
 do not oversubscribe. K = runs_per_gpu workers share each GPU (small runs leave one GPU mostly
-idle). A run that fails is recorded as failed; the others go on.
+idle). A run that fails is recorded as failed; the others go on, unless it failed on an OS error
+(a full disk): then no more runs start (halted_launch).
 """
 
 from __future__ import annotations
