@@ -105,6 +105,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:  # what was interrupted is recorded (runs' status) and said already
             print("interrupted", file=sys.stderr)
             return EXIT_INTERRUPTED
+        except OSError as e:  # a full or read-only disk: the OS's words and the file, no traceback
+            from bench.oserror import EXIT_OS_ERROR, os_message
+
+            print(f"error: {os_message(e)}", file=sys.stderr)
+            return EXIT_OS_ERROR
 
 
 def one_line_warnings(default):
@@ -227,6 +232,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 def cmd_run_one(args: argparse.Namespace) -> int:
     from bench.errors import EXIT_ELSEWHERE, RunFailed
     from bench.launch.worker import run_one
+    from bench.oserror import EXIT_OS_ERROR, os_cause
     from bench.store import RunDir
 
     try:
@@ -234,7 +240,7 @@ def cmd_run_one(args: argparse.Namespace) -> int:
     except RunFailed as e:  # recorded in status.json; the traceback goes to this process's log too
         print(RunDir(Path(args.run_dir)).status().get("traceback", ""), file=sys.stderr)
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_OS_ERROR if os_cause(e) else 1
     if state == "elsewhere":  # run_one said by whom, in one line
         return EXIT_ELSEWHERE
     print(f"{state}: {args.run_dir}")

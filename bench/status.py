@@ -9,6 +9,7 @@ from typing import Any
 import pandas as pd
 
 from bench.claim import is_held, process_gone
+from bench.cancel import CANCELLED_JOB
 from bench.errors import StoreError
 from bench.selection import best_epoch, select_metric
 from bench.store import RunDir
@@ -108,7 +109,7 @@ def count_line(states: pd.Series) -> str:
 
 def problem_line(rd: RunDir, row: dict[str, Any], status: dict[str, Any]) -> str:
     job = f" job {status['job_id']}" if status.get("job_id") else ""
-    log = status.get("log") or str(rd.status_file)
+    log = rd.resolve(status["log"]) if status.get("log") else rd.status_file
     error = (status.get("error") or row["state"]).splitlines()[0]
     return f"  {row['run']} ({row['label']}, seed {row['seed']}{job}): {error}\n    log: {log}"
 
@@ -129,7 +130,7 @@ def cancel(path: Path) -> str:
         return f"{path}: no pending or running SLURM jobs to cancel"
     said = cancel_jobs(job for _, job in targets)
     for rd, job in targets:
-        rd.set_status("interrupted", error=f"job {job} cancelled (mmbalance cancel)")
+        rd.set_status("interrupted", error=f"job {job} cancelled (mmbalance cancel)", **{CANCELLED_JOB: job})
     lines = [f"cancelled {len(targets)} job(s): " + " ".join(job for _, job in targets)]
     lines += [f"  {rd.path.parent.name}/{rd.run_id}: job {job}" for rd, job in targets]
     return "\n".join(lines + ([f"scancel: {said}"] if said else []))

@@ -7,6 +7,7 @@ only this store.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -20,11 +21,15 @@ from typing import Any
 import torch
 import yaml
 
+from bench.cancel import guarded
 from bench.errors import StoreError
+from bench.oserror import naming
 
 STATES = ("pending", "running", "finished", "failed", "interrupted")
 # where and how a launcher placed the run: kept across the run's own status updates
 PLACEMENT_KEYS = ("job_id", "log", "stdout", "restarts")
+# file paths in status.json: stored relative to the store root, so that a copied store names its own
+STORE_PATH_KEYS = ("log", "stdout")
 
 
 def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "w") -> None:
@@ -39,8 +44,10 @@ def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "w") -> N
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):  # a full disk names the file it could not write, not the temp file
+            raise naming(e, path) from e
         raise
 
 
@@ -103,11 +110,13 @@ class RunDir:
             return {"state": "new"}
         return json.loads(self.status_file.read_text())
 
+    @guarded  # one writer at a time; a cancelled job's own writes are refused (bench.cancel)
     def set_status(self, state: str, **info: Any) -> None:
         """Replace the status record. A launcher's placement (job id, log paths) is carried
         over from the previous record unless `info` sets it; a None in `info` drops a key."""
         assert state in STATES, state
         previous = self.status()
+        info = {k: self.store_relative(v) if k in STORE_PATH_KEYS and v is not None else v for k, v in info.items()}
         record = {
             "state": state,
             "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -139,10 +148,30 @@ class RunDir:
         return json.loads(self.summary.read_text()) if self.summary.exists() else None
 
     def save(self, path: Path, state: dict[str, Any]) -> None:
-        atomic_write(path, lambda f: torch.save(state, f), mode="wb")
+        # serialised in memory first: torch.save writing to a full disk raises its own
+        # RuntimeError ("enforce fail at inline_container.cc"); a plain write raises the OSError
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        atomic_write(path, lambda f: f.write(buffer.getbuffer()), mode="wb")
 
     def load(self, path: Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=False)
+
+    # ---- paths recorded in status.json (STORE_PATH_KEYS)
+    @property
+    def store_root(self) -> Path:
+        return self.path.parent.parent  # <root>/<group>/<run id>
+
+    def store_relative(self, path: str | Path) -> str:
+        """`path` relative to the store root where it lies inside the store, else as given."""
+        try:
+            return str(Path(path).resolve().relative_to(self.store_root.resolve()))
+        except ValueError:
+            return str(path)
+
+    def resolve(self, recorded: str) -> Path:
+        """A path from status.json as a path here: relative ones are in this run's store."""
+        return self.store_root / recorded if not Path(recorded).is_absolute() else Path(recorded)
 
 
 class Store:

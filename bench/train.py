@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from bench.cancel import RunCancelled
 from bench.claim import elsewhere_line, try_claim
 from bench.config import RunConfig
 from bench.data import build_loaders, epoch_generator, seed_everything
@@ -28,6 +29,7 @@ from bench.device import prepare_model, resolve_device
 from bench.errors import ConfigError, MMBalanceError, RunFailed
 from bench.evaluate import evaluate
 from bench.models import build_encoder
+from bench.oserror import os_message
 from bench.probe import probe_all
 from bench.registry import DATASETS, METHODS
 from bench.selection import best_epoch
@@ -364,12 +366,14 @@ def finished_meanwhile(run_dir: RunDir, cfg: RunConfig) -> RunResult:
 def train_claimed(cfg: RunConfig, run_dir: RunDir, trainer: Trainer) -> RunResult:
     try:
         summary = trainer.fit()
+        run_dir.write_summary(summary)
     except KeyboardInterrupt:
         run_dir.set_status("interrupted", error="interrupted by the user (KeyboardInterrupt)")
         raise
+    except RunCancelled:  # its job was cancelled: its status says so already, its checkpoint stays
+        raise
     except Exception as e:
         raise record_failure(run_dir, e) from e
-    run_dir.write_summary(summary)
     run_dir.set_status("finished", epochs_done=cfg.train.epochs, epochs=cfg.train.epochs)
     return RunResult(run_dir.run_id, str(run_dir.path), "finished", summary)
 
@@ -387,6 +391,9 @@ def record_failure(run_dir: RunDir, error: BaseException) -> RunFailed:
     if isinstance(error, NonFiniteLoss):
         run_dir.set_status("failed", error=str(error), epoch=error.epoch, batch=error.batch, traceback=trace)
         return RunFailed(f"run {run_dir.run_id} failed: {error} ({run_dir.path})")
-    first_line = (f"{type(error).__name__}: {error}".splitlines() or [""])[0]
+    if isinstance(error, OSError):  # disk full, say: the OS's own words and the file
+        first_line = os_message(error)
+    else:
+        first_line = (f"{type(error).__name__}: {error}".splitlines() or [""])[0]
     run_dir.set_status("failed", error=first_line, traceback=trace)
     return RunFailed(f"run {run_dir.run_id} failed: {first_line} ({run_dir.path})")

@@ -56,7 +56,8 @@ def test_local_launcher_finishes_the_sweep_records_a_failure_and_relaunch_does_n
     assert sorted(s["state"] for s in st.values()) == ["failed", "failed", "finished", "finished"]
     assert st[bad]["error"] == "loss 'loss' became nan at epoch 0, batch 1"
     assert "NonFiniteLoss" in st[bad]["traceback"] and "Traceback" in st[bad]["traceback"]
-    log = Path(st[bad]["log"])
+    assert st[bad]["log"] == f"two/{bad}/run.log"  # relative to the store: a copied store names its own
+    log = store.run_dir("two", bad).resolve(st[bad]["log"])
     assert log == store.root / "two" / bad / "run.log" and "NonFiniteLoss" in log.read_text()
     for rid, s in st.items():
         assert (store.root / "two" / rid / "summary.json").exists() == (s["state"] == "finished")
@@ -157,7 +158,7 @@ def test_a_packed_local_sweep_runs_two_runs_side_by_side_on_one_gpu(tmp_path, mo
     st = statuses(store)
     assert sorted(s["state"] for s in st.values()) == ["finished", "finished"]
     for rid, s in st.items():  # each ran in a worker process of its own, logging to its run.log
-        assert not s.get("job_id") and Path(s["log"]) == store.root / "two" / rid / "run.log"
+        assert not s.get("job_id") and s["log"] == f"two/{rid}/run.log"
         assert (store.root / "two" / rid / "summary.json").exists()
 
 
@@ -321,11 +322,10 @@ def test_submitit_local_executor_runs_the_array_and_records_failures(tmp_path, c
     st = statuses(store)
     bad = next(c for c in configs if c.label == "diverges").run_id()
     assert st[bad]["state"] == "failed" and "NonFiniteLoss" in st[bad]["traceback"]
-    for s in st.values():
-        assert s["job_id"] and Path(s["log"]).exists()
-        assert Path(s["log"]).parent.parent == store.root / "two" / ".submitit" or \
-            Path(s["log"]).parent == store.root / "two" / ".submitit"
-    assert "NonFiniteLoss" in Path(st[bad]["log"]).read_text()
+    logs = {rid: store.run_dir("two", rid).resolve(s["log"]) for rid, s in st.items()}
+    for rid, s in st.items():
+        assert s["job_id"] and s["log"].startswith("two/.submitit/") and logs[rid].exists()
+    assert "NonFiniteLoss" in logs[bad].read_text()
     assert json.loads((store.root / "two" / bad / "status.json").read_text())["error"].startswith("loss 'loss'")
 
 
@@ -355,7 +355,7 @@ def test_packed_slurm_submits_chunks_of_k_runs_one_array_task_each(slurm_world, 
     assert executor.submitted == [[[str(rd.path.resolve()) for rd in todo]]]  # one task, both runs
     for rd in todo:
         st = rd.status()
-        assert (st["state"], st["job_id"], st["log"]) == ("pending", "77_0", str(rd.path / "run.log"))
+        assert (st["state"], st["job_id"], st["log"]) == ("pending", "77_0", f"two/{rd.run_id}/run.log")
         assert st["stdout"] == "/logs/77_0.out"
     assert "submitted 2 run(s), 2 per task at once (1 array task(s)) as job array 77 (77_0 .. 77_0)" in \
         capsys.readouterr().out
@@ -455,7 +455,7 @@ def test_packed_slurm_array_runs_each_chunk_together_through_submitit(tmp_path, 
     assert rds[0].status()["job_id"] == rds[1].status()["job_id"]  # they shared the task
     for rd in rds:
         st = rd.status()
-        assert st["state"] == "finished" and Path(st["log"]) == rd.path / "run.log"
+        assert st["state"] == "finished" and rd.resolve(st["log"]) == rd.path / "run.log"
         assert f"finished: {rd.path}" in (rd.path / "run.log").read_text()  # its own process's output
 
 

@@ -306,12 +306,13 @@ def test_a_failing_run_is_marked_failed_with_its_traceback_while_the_others_fini
     assert failed["traceback"].startswith("Traceback (most recent call last)")
     assert "NonFiniteLoss" in failed["traceback"]
     assert failed.get("job_id") and failed.get("log")
-    assert Path(failed["log"]).exists()
+    log = runs["diverges"].resolve(failed["log"])
+    assert not Path(failed["log"]).is_absolute() and log.exists()  # relative to the store
     assert failed["error"] in done.stdout  # the --wait summary names the failure
 
     status = mmbalance(results, "status", str(results / "slurm-failing"), timeout_s=120)
     assert status.returncode == 0
-    assert failed["error"] in status.stdout and failed["log"] in status.stdout
+    assert failed["error"] in status.stdout and str(log) in status.stdout
     assert str(failed["job_id"]) in status.stdout
 
 
@@ -337,8 +338,8 @@ def test_a_packed_sweep_runs_k_runs_per_array_task(partition, results, tmp_path)
         status = rd.status()
         assert status["state"] == "finished", (rd.path, status)
         assert [r["epoch"] for r in rd.read_metrics()] == [0, 1, 2]
-        assert Path(status["log"]) == rd.path / "run.log" and "finished:" in Path(status["log"]).read_text()
-        assert Path(status["stdout"]).exists()  # the task's own output
+        assert rd.resolve(status["log"]) == rd.path / "run.log" and "finished:" in (rd.path / "run.log").read_text()
+        assert rd.resolve(status["stdout"]).exists()  # the task's own output
         jobs.setdefault(str(status["job_id"]), []).append(rd)
     assert sorted(len(v) for v in jobs.values()) == [1, 2]  # 3 runs, 2 per task: 2 tasks
     assert len({job.split("_")[0] for job in jobs}) == 1  # of one array
@@ -370,3 +371,71 @@ def test_a_preempted_packed_task_requeues_and_resumes_both_of_its_runs(partition
         assert [r["epoch"] for r in after] == list(range(16))  # every epoch once: resumed, not restarted
         assert after[0] == earlier[0]
     assert any(s.startswith("REQUEUED") for s in sacct("--duplicates", f"--jobs={job}", "--format=State"))
+
+
+# ------------------------------------------------------------------------------------ (f) cancel, requeue
+
+
+def started_run(root: Path, path: Path, group: str) -> tuple[RunDir, str, int]:
+    """Launch the one-run sweep `path`; once two epochs are recorded: its run, job id and epochs so far."""
+    assert mmbalance(root, "sweep", str(path), timeout_s=120).returncode == 0
+    rd = wait_until(lambda: only_run(root, group), 60, "the run directory")
+    wait_until(lambda: len(rd.read_metrics()) >= 2, 120, "two epochs of the run to be recorded")
+    status = rd.status()
+    assert status["state"] == "running", f"the run is not mid-run: {status}"
+    return rd, str(status["job_id"]), len(rd.read_metrics())
+
+
+def job_gone(job: str) -> bool:
+    done = subprocess.run(["squeue", "-h", "-r", "-o", "%i"], capture_output=True, text=True, timeout=60, check=True)
+    return job not in done.stdout.split()
+
+
+def test_cancel_while_the_job_still_writes_ends_interrupted_and_a_relaunch_resumes(partition, results, tmp_path):
+    """scancel gives the job SIGTERM, which submitit's handler lets pass: the job trains on until
+    SLURM kills it (KillWait later), and its end-of-epoch write must not put `running` back."""
+    path = write_sweep(tmp_path / "cancel.yaml", "slurm-cancel", partition, base=PREEMPT_BASE,
+                       cells={"joint": {"method.name": "joint"}})
+    rd, job, epochs = started_run(results, path, "slurm-cancel")
+    done = mmbalance(results, "cancel", str(results / "slurm-cancel"), timeout_s=120)
+    assert done.returncode == 0 and f"cancelled 1 job(s): {job}" in done.stdout
+    at_cancel = len(rd.read_metrics())
+    seen = []
+
+    def gone_and_settled() -> bool:
+        seen.append(rd.status()["state"])
+        return job_gone(job)
+
+    wait_until(gone_and_settled, 120, f"job {job} to leave the queue")
+    status = rd.status()
+    print(f"cancel started after {epochs} epochs, returned after {at_cancel}; states since: {sorted(set(seen))}; "
+          f"epochs recorded when the job was gone: {len(rd.read_metrics())}; error: {status.get('error')}")
+    assert set(seen) == {"interrupted"}, seen  # never `running` again, while the job lived on
+    assert status["state"] == "interrupted" and status["error"] == f"job {job} cancelled (mmbalance cancel)"
+    recorded = [r["epoch"] for r in rd.read_metrics()]
+    assert recorded == list(range(len(recorded))) and len(recorded) < 16
+    assert len(recorded) <= at_cancel + 1  # it stopped at the end of the epoch it was in, not at SIGKILL
+    assert rd.load(rd.checkpoint)["epoch"] == recorded[-1]  # stopped at an epoch end, checkpoint kept
+
+    again = mmbalance(results, "sweep", str(path), "--wait")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "1 will resume" in again.stdout
+    assert rd.status()["state"] == "finished"
+    assert [r["epoch"] for r in rd.read_metrics()] == list(range(16))
+
+
+def test_a_requeue_by_scontrol_counts_as_a_restart_and_the_run_resumes(partition, results, tmp_path):
+    path = write_sweep(tmp_path / "requeue.yaml", "slurm-requeue", partition, base=PREEMPT_BASE,
+                       cells={"joint": {"method.name": "joint"}})
+    rd, job, epochs = started_run(results, path, "slurm-requeue")
+    before = rd.read_metrics()
+    subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)
+    wait_until(lambda: rd.status()["state"] in ("finished", "failed"), RUN_DEADLINE_S, "the requeued run to finish")
+    status = rd.status()
+    print(f"requeued after {epochs} epochs: {status}")
+    assert status["state"] == "finished" and str(status["job_id"]) == job, status
+    assert status["restarts"] == 1, status
+    assert any(s.startswith("REQUEUED") for s in sacct("--duplicates", f"--jobs={job}", "--format=State"))
+    after = rd.read_metrics()
+    assert [r["epoch"] for r in after] == list(range(16))  # every epoch once: resumed, not restarted
+    assert after[0] == before[0]

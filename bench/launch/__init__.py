@@ -12,7 +12,7 @@ from bench.claim import describe_holder
 from bench.config import RunConfig
 from bench.launch.options import LauncherConfig
 from bench.launch.plan import PlannedRun, decide, format_plan, label, plan, to_run
-from bench.store import Store
+from bench.store import RunDir, Store
 
 
 def launch(configs: Sequence[RunConfig], store: Store, options: LauncherConfig, *, wait: bool = False,
@@ -103,9 +103,11 @@ def outcome(planned: Sequence[PlannedRun]) -> int:
     holds with their holder) and return 0 iff every run is finished or held by another process
     (being trained there is not this launch's failure). A run its job left as pending/running (cancelled, killed) is marked
     interrupted: launching again resumes it."""
-    from bench.launch.jobs import queued_job_ids
+    from bench.launch.jobs import have_slurm, queued_job_ids
 
-    queued = queued_job_ids() or set()
+    queued = queued_job_ids()
+    silent = queued is None and have_slurm()  # squeue failed: a job's end cannot be told from its silence
+    queued = queued or set()
     states: dict[str, int] = {}
     failed, elsewhere = [], []
     for p in planned:
@@ -116,7 +118,7 @@ def outcome(planned: Sequence[PlannedRun]) -> int:
             state = ELSEWHERE
             where = f"running {describe_holder(p.run_dir)}" if live == "running" else "queued by another launch"
             elsewhere.append(f"  {label(p.cfg)} seed {p.cfg.train.seed} {p.run_dir.run_id}: {where}")
-        elif state in ("pending", "running") and status.get("job_id") and status["job_id"] not in queued:
+        elif not silent and state in ("pending", "running") and status.get("job_id") and status["job_id"] not in queued:
             p.run_dir.set_status("interrupted", error=f"job {status['job_id']} ended without recording an end "
                                  "(cancelled, killed or out of memory?)")
             state = "interrupted"
@@ -137,4 +139,5 @@ ELSEWHERE = "being trained elsewhere"
 
 
 def log_of(status: dict, run_path: Path) -> str:
-    return status.get("log") or str(run_path / "status.json")
+    rd = RunDir(run_path)
+    return str(rd.resolve(status["log"]) if status.get("log") else rd.status_file)

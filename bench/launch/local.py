@@ -1,7 +1,8 @@
 """The local launcher: N worker processes on this machine, each running one run at a time
 (`python -m bench run-one RUN_DIR`), with the cores (and GPUs) split between them so that they
 do not oversubscribe. K = runs_per_gpu workers share each GPU (small runs leave one GPU mostly
-idle). A run that fails is recorded as failed; the others go on.
+idle). A run that fails is recorded as failed; the others go on, unless it failed on an OS error
+(a full disk): then no more runs start (halted_launch).
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 
+from bench.claim import elsewhere_line
+from bench.errors import StoreError
 from bench.launch.options import LauncherConfig
 from bench.launch.plan import PlannedRun, label
-from bench.claim import elsewhere_line
 from bench.launch.worker import mark_pending, record_exit, restore_status, saved_status
+from bench.oserror import EXIT_OS_ERROR, os_message
 
 
 def gpu_count() -> int:
@@ -110,7 +113,30 @@ def launch_local(todo: Sequence[PlannedRun], options: LauncherConfig) -> dict[st
                 pool.shutdown(wait=False, cancel_futures=True)
                 stop_launch(marked, running, futures, states, before)
             raise
+        except OSError as e:  # marking the runs pending failed (a full disk, say): none has started
+            running.halt(os_message(e))
+    if running.halted:
+        raise halted_launch(todo, running, before)
     return states
+
+
+def halted_launch(todo: Sequence[PlannedRun], running: Workers, before: dict[str, str | None]) -> StoreError:
+    """After an OS error (a run's own, or the launcher's writing to the store) stopped the launch
+    (the runs already started have ended): the runs that had not started get back the status they
+    had before this launch (one whose old status cannot be written back either is named) and are
+    listed; returns the one-line error to exit with."""
+    left = [p for p in todo if not running.started(p)]
+    print(f"stopped: {running.halted}; {len(left)} run(s) not started, left as they were:", flush=True)
+    for p in left:
+        try:
+            if saved_status(p.run_dir) != before[p.run_dir.run_id]:
+                restore_status(p.run_dir, before[p.run_dir.run_id])
+            kept = ""
+        except OSError as e:
+            kept = f" (still marked pending: {os_message(e)})"
+        print(f"  {label(p.cfg)} seed {p.cfg.train.seed} {p.run_dir.run_id}{kept}", flush=True)
+    return StoreError(f"the launch stopped on an OS error: {running.halted}; fix that (free space on the results "
+                      "disk, say) and launch the sweep again (finished runs are skipped, started ones resume)")
 
 
 def stop_launch(todo: Sequence[PlannedRun], running: Workers, futures: dict[Future, PlannedRun],
@@ -155,6 +181,7 @@ class Workers:
         self.lock = threading.Lock()
         self.stopped = False
         self.procs: dict[str, subprocess.Popen] = {}  # run id -> its process, kept once it has ended
+        self.halted: str | None = None  # why the launch stopped on an OS error
 
     def start(self, p: PlannedRun, env: dict[str, str]) -> subprocess.Popen | None:
         """Start `p`'s run-one process, or None once the launch is stopped. Each process leads a
@@ -172,6 +199,12 @@ class Workers:
 
     def started(self, p: PlannedRun) -> bool:
         return p.run_dir.run_id in self.procs
+
+    def halt(self, reason: str) -> None:
+        """Start no more runs (the running ones go on): an OS error, the first `reason` kept."""
+        with self.lock:
+            self.stopped = True
+            self.halted = self.halted or reason
 
     def stop(self) -> list[subprocess.Popen]:
         with self.lock:
@@ -223,6 +256,21 @@ def run_in_process(p: PlannedRun, slots: queue.Queue[int], workers: int, gpus: i
         if proc is None:
             return None, 0.0
         code = proc.wait()
+        if code == EXIT_OS_ERROR:  # every other run would write to the same disk; before the slot is free
+            running.halt(os_failure(p))
     finally:
         slots.put(slot)
-    return record_exit(p.run_dir, code, killed="interrupted" if running.stopped else "failed"), time.perf_counter() - start
+    try:
+        state = record_exit(p.run_dir, code, killed="interrupted" if running.stopped else "failed")
+    except OSError as e:  # the store cannot take even the run's status
+        running.halt(os_message(e))
+        state = "failed"
+    return state, time.perf_counter() - start
+
+
+def os_failure(p: PlannedRun) -> str:
+    """What a run that ended with an OS error recorded (its status may not have been writable)."""
+    status = p.run_dir.status()
+    if status["state"] == "failed" and status.get("error"):
+        return f"{status['error']} (run {p.run_dir.run_id})"
+    return f"run {p.run_dir.run_id} ended with an OS error it could not record; see {p.run_dir.path / 'run.log'}"

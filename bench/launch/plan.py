@@ -16,7 +16,10 @@ from bench.launch import jobs
 from bench.store import RunDir, Store
 
 TO_RUN = ("resume", "new")
-ORDER = ("finished", "queued", "running", "resume", "new")
+ORDER = ("finished", "queued", "running", "unknown", "resume", "new")
+# how format_plan names a state where its name alone would not say it
+SHOWN = {"resume": "will resume",
+         "unknown": "unknown (SLURM not answering: squeue failed; left alone until it answers)"}
 
 
 @dataclass
@@ -49,11 +52,19 @@ def decide(run_dir: RunDir, queued: set[str] | None) -> str:
 
 def plan(configs: Sequence[RunConfig], store: Store) -> list[PlannedRun]:
     queued = jobs.queued_job_ids()
+    silent = queued is None and jobs.have_slurm()
     planned = []
     for cfg in configs:
         rd = store.run_dir(cfg.group, cfg.run_id())
-        planned.append(PlannedRun(cfg, rd, decide(rd, queued), rd.status()["state"]))
+        planned.append(PlannedRun(cfg, rd, "unknown" if silent and held_by_a_job(rd) else decide(rd, queued),
+                                  rd.status()["state"]))
     return planned
+
+
+def held_by_a_job(run_dir: RunDir) -> bool:
+    """The run is pending or running under a SLURM job: whether that job still lives, only squeue can say."""
+    status = run_dir.status()
+    return status["state"] in ("pending", "running") and bool(status.get("job_id"))
 
 
 def to_run(planned: Sequence[PlannedRun]) -> list[PlannedRun]:
@@ -67,7 +78,7 @@ def counts(planned: Sequence[PlannedRun]) -> dict[str, int]:
 def format_plan(planned: Sequence[PlannedRun]) -> str:
     """A count line, then one line per run: label, seed, run id, state (and the recorded state
     where it differs)."""
-    summary = ", ".join(f"{n} {'will resume' if s == 'resume' else s}" for s, n in counts(planned).items())
+    summary = ", ".join(f"{n} {SHOWN.get(s, s)}" for s, n in counts(planned).items())
     width = max((len(label(p.cfg)) for p in planned), default=5)
     lines = [f"{len(planned)} runs: {summary or 'none'}"]
     for p in planned:

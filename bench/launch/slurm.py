@@ -23,7 +23,7 @@ from typing import Any
 
 import submitit
 
-from bench.errors import RunFailed
+from bench.errors import MMBalanceError, RunFailed
 from bench.launch import jobs as slurm_queue
 from bench.launch.options import LauncherConfig
 from bench.launch.plan import PlannedRun
@@ -190,9 +190,12 @@ def submit(todo: Sequence[PlannedRun], executor: submitit.Executor, runs_per_tas
             jobs = executor.map_array(SweepJob(), [chunk[0] for chunk in paths])
         else:
             jobs = executor.map_array(PackedSweepJob(cpus_per_task), paths)
-    except BaseException:
+    except BaseException as e:
         for p in todo:
             restore_status(p.run_dir, previous[p.run_dir.path])
+        if isinstance(e, submitit.core.utils.FailedJobError):  # sbatch refused: say why in one line
+            raise SubmitFailed(f"sbatch failed: {first_line(str(e))}; nothing was submitted, the runs are as "
+                               "they were (is SLURM up? try `sinfo`)") from None
         raise
     for group, job in zip(groups, jobs):
         for p in group:
@@ -200,6 +203,14 @@ def submit(todo: Sequence[PlannedRun], executor: submitit.Executor, runs_per_tas
             if p.run_dir.status()["state"] == "pending":  # the task may already have started
                 p.run_dir.set_status("pending", job_id=str(job.job_id), log=str(log), stdout=str(job.paths.stdout))
     return jobs
+
+
+class SubmitFailed(MMBalanceError):
+    """sbatch refused the job array (SLURM not answering, a bad partition or account)."""
+
+
+def first_line(text: str) -> str:
+    return next((line.strip() for line in text.splitlines() if line.strip()), "no message")
 
 
 def still_alive(jobs: Sequence[submitit.Job]) -> list[submitit.Job]:

@@ -58,9 +58,20 @@ def run_one(run_dir: str | Path, **placement: str) -> str:
 
 def record_placement(rd: RunDir, **placement: str) -> None:
     """Write where the run executes (job_id, log, stdout) into its status, unless it is finished."""
-    state = rd.status()["state"]
+    status = rd.status()
+    state = status["state"]
     if placement and state != "finished":
-        rd.set_status("pending" if state == "new" else state, **placement)
+        rd.set_status("pending" if state == "new" else state, **placement, **slurm_restarts(status))
+
+
+def slurm_restarts(status: dict) -> dict[str, int]:
+    """{'restarts': n} where this SLURM job has been requeued n times (SLURM_RESTART_COUNT: every
+    requeue, `scontrol requeue` included, not only the time-outs submitit's checkpoint sees) and
+    the run records fewer; else nothing."""
+    count = os.environ.get("SLURM_RESTART_COUNT", "")
+    if count.isdigit() and int(count) > int(status.get("restarts", 0)):
+        return {"restarts": int(count)}
+    return {}
 
 
 def mark_pending(rd: RunDir, config: dict, **placement: str | None) -> str:

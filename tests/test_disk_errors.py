@@ -1,0 +1,199 @@
+"""A full disk (and other OS errors) while runs write to the store: the run ends `failed` with the
+OS's own message naming the file, nothing half-written remains, and the local launcher starts no
+more runs, lists those it did not start (their statuses as they were) and exits non-zero without
+a traceback. On a real small tmpfs where the test may mount one, everywhere else with the write
+made to fail (in process) or a file-size limit (a real OS error in the launcher's processes)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import resource
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import store as store_module
+from bench.errors import RunFailed, StoreError
+from bench.launch.options import LauncherConfig
+from bench.store import Store
+from bench.sweep import load_sweep
+
+ENOSPC = os.strerror(errno.ENOSPC)  # "No space left on device"
+
+# hidden 1024: best.pt ~210 kB and checkpoint.pt ~430 kB, the other files of a run a few kB
+SWEEP = """
+group: full
+base:
+  dataset: {name: gaussian}
+  model: {encoders: {audio: {hidden: 1024}, visual: {hidden: 1024}}}
+  train: {epochs: 2, batch_size: 32, progress: false}
+  optim: {lr: 0.05}
+  eval: {probe_c_grid: [1.0]}
+seeds: [0, 1, 2]
+cells:
+  joint: {method: {name: joint}}
+launcher: {name: local, workers: 1}
+"""
+
+
+def leftovers(root: Path) -> list[Path]:
+    """Temp files of interrupted atomic writes under `root`."""
+    return sorted(root.rglob("*.tmp"))
+
+
+class FillsUp:
+    """A file object that takes `room` bytes, then fails as a full disk does."""
+
+    def __init__(self, f, room: int) -> None:
+        self.f, self.room = f, room
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, ENOSPC)
+        self.room -= len(data)
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def test_a_full_disk_fails_the_run_with_the_os_message_and_leaves_no_temp_file(fast_config, store, monkeypatch):
+    real = store_module.atomic_write
+
+    def disk_full_at_the_checkpoint(path, write, mode="w"):
+        real(path, (lambda f: write(FillsUp(f, 1000))) if path.name == "checkpoint.pt" else write, mode)
+
+    monkeypatch.setattr(store_module, "atomic_write", disk_full_at_the_checkpoint)
+    cfg = fast_config()
+    rd = store.run_dir(cfg.group, cfg.run_id())
+    from bench.train import run
+
+    with pytest.raises(RunFailed) as failed:
+        run(cfg, store)
+    status = rd.status()
+    # not torch's "[enforce fail at inline_container.cc]" with the OS error only in its chain
+    assert status["state"] == "failed" and status["error"] == f"{ENOSPC}: {rd.checkpoint}", status["error"]
+    assert f"{ENOSPC}: {rd.checkpoint}" in str(failed.value)
+    assert not rd.checkpoint.exists() and rd.best.exists()  # each file whole or absent
+    assert leftovers(store.root) == []
+    assert [r["epoch"] for r in rd.read_metrics()] == [0]
+
+    monkeypatch.setattr(store_module, "atomic_write", real)  # space freed: the relaunch finishes the run
+    assert run(cfg, store).state == "finished"
+
+
+def test_the_failed_write_keeps_the_old_file_and_names_the_target(tmp_path):
+    target = tmp_path / "status.json"
+    store_module.atomic_write_text(target, "old")
+    with pytest.raises(OSError) as error:
+        store_module.atomic_write(target, lambda f: FillsUp(f, 2).write("new"))
+    assert error.value.errno == errno.ENOSPC and error.value.filename == str(target)
+    assert target.read_text() == "old" and leftovers(tmp_path) == []
+
+
+def test_a_full_disk_while_marking_runs_pending_puts_every_status_back(tmp_path, monkeypatch, capsys):
+    from bench.launch import local
+    from bench.launch.plan import plan
+
+    path = tmp_path / "sweep.yaml"
+    path.write_text(SWEEP)
+    _, configs = load_sweep(path)
+    store = Store(tmp_path / "results")
+    earlier = store.run_dir(configs[0].group, configs[0].run_id())
+    earlier.set_status("interrupted", error="from an earlier launch")
+    before = earlier.status_file.read_text()
+    third = store.run_dir(configs[2].group, configs[2].run_id())
+    real = store_module.RunDir.set_status
+
+    def full_at_the_third(self, state, **info):
+        if self.path == third.path:
+            raise OSError(errno.ENOSPC, ENOSPC, str(self.status_file))
+        real(self, state, **info)
+
+    monkeypatch.setattr(store_module.RunDir, "set_status", full_at_the_third)
+    with pytest.raises(StoreError, match=f"the launch stopped on an OS error: {ENOSPC}: {third.status_file}"):
+        local.launch_local(plan(configs, store), LauncherConfig(name="local", workers=1))
+    assert earlier.status_file.read_text() == before
+    for c in configs[1:]:
+        assert not store.run_dir(c.group, c.run_id()).status_file.exists()
+    out = capsys.readouterr().out
+    assert "3 run(s) not started, left as they were" in out
+    assert all(c.run_id() in out for c in configs)
+
+
+def launch_sweep(root: Path, sweep: Path, limit_bytes: int | None = None) -> subprocess.CompletedProcess:
+    """`mmbalance sweep` in a subprocess (its run-one processes inherit any file-size limit)."""
+    def limit() -> None:
+        if limit_bytes is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+    return subprocess.run([sys.executable, "-m", "bench", "--results", str(root), "sweep", str(sweep)],
+                          capture_output=True, text=True, timeout=300, preexec_fn=limit)
+
+
+def assert_stopped_after_the_first_run(done: subprocess.CompletedProcess, store: Store, sweep: Path,
+                                       message: str) -> None:
+    """One worker: the first run failed with `message` (naming its checkpoint.pt), the launcher
+    started neither of the other two, put their statuses back, listed them and exited 2."""
+    _, configs = load_sweep(sweep)
+    first, *others = [store.run_dir(c.group, c.run_id()) for c in configs]
+    out, err = done.stdout, done.stderr
+    assert done.returncode == 2, out + err
+    assert "Traceback" not in out + err
+    status = first.status()
+    assert status["state"] == "failed" and status["error"] == f"{message}: {first.checkpoint}", status
+    assert f"[1/3] failed joint seed 0 {first.run_id} " in out
+    assert "2 run(s) not started, left as they were:" in out
+    assert all(f"joint seed {i} {rd.run_id}" in out for i, rd in enumerate(others, 1))
+    assert err.strip().splitlines() == [
+        f"error: the launch stopped on an OS error: {message}: {first.checkpoint} (run {first.run_id}); fix that "
+        "(free space on the results disk, say) and launch the sweep again (finished runs are skipped, started "
+        "ones resume)"]
+    for rd in others:
+        assert rd.status() == {"state": "new"} and not (rd.path / "run.log").exists()
+    assert leftovers(store.root) == []
+    assert not first.checkpoint.exists()
+
+
+def test_a_file_size_limit_stops_the_local_launcher_after_the_failed_run(tmp_path):
+    """A real OS error in the launcher's processes without any mount: writes past RLIMIT_FSIZE
+    fail with EFBIG ("File too large"), as writes to a full disk fail with ENOSPC."""
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(SWEEP)
+    store = Store(tmp_path / "results")
+    done = launch_sweep(store.root, sweep, limit_bytes=300_000)  # best.pt fits, checkpoint.pt does not
+    print(done.stdout, done.stderr)
+    assert_stopped_after_the_first_run(done, store, sweep, os.strerror(errno.EFBIG))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 512 kB tmpfs (mounted here; skipped where this process may not mount one)."""
+    where = tmp_path / "disk"
+    where.mkdir()
+    if shutil.which("mount") is None or os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root and mount(8)")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(where)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    yield where
+    subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def test_a_full_disk_stops_the_local_launcher_and_a_relaunch_with_space_finishes(small_disk, tmp_path):
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(SWEEP)
+    store = Store(small_disk / "results")
+    done = launch_sweep(store.root, sweep)
+    print(done.stdout, done.stderr)
+    assert_stopped_after_the_first_run(done, store, sweep, ENOSPC)
+
+    subprocess.run(["mount", "-o", "remount,size=16m", str(small_disk)], check=True)
+    again = launch_sweep(store.root, sweep)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "3 runs: 3 finished" in again.stdout
