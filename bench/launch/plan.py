@@ -26,12 +26,13 @@ class PlannedRun:
     run_dir: RunDir
     state: str  # one of ORDER
     was: str  # the recorded state ("new" when nothing is recorded)
+    damage: str = ""  # what is damaged and what the launch does about it (damage_note)
 
 
 def decide(run_dir: RunDir, queued: set[str] | None) -> str:
-    status = run_dir.status()
+    status = run_dir.recorded_status()
     state = status["state"]
-    if state == "finished" and run_dir.summary.exists():
+    if run_dir.done():
         return "finished"
     if state in ("pending", "running"):
         job = status.get("job_id")
@@ -40,7 +41,21 @@ def decide(run_dir: RunDir, queued: set[str] | None) -> str:
         same_host = status.get("host") == socket.gethostname()
         if not job and same_host and status.get("pid") != os.getpid() and pid_alive(status.get("pid")):
             return "running"
-    return "resume" if run_dir.checkpoint.exists() else "new"
+    return "resume" if run_dir.checkpoint.exists() and not run_dir.checkpoint_damage() else "new"
+
+
+def damage_note(run_dir: RunDir, state: str) -> str:
+    """'damaged <file>: <why>; <what the launch does>' for a run with a damaged file, else ''."""
+    damage = run_dir.damage() or run_dir.checkpoint_damage()
+    if damage is None or state not in TO_RUN:
+        return ""
+    if damage.path in (run_dir.checkpoint, run_dir.best):
+        does = "restarts from scratch, keeping it aside"
+    elif state == "resume":
+        does = "resumes from checkpoint.pt, rewriting it"
+    else:
+        does = "starts again, keeping it aside"
+    return f"damaged {damage.path.name}: {damage.why}; {does}"
 
 
 def plan(configs: Sequence[RunConfig], store: Store) -> list[PlannedRun]:
@@ -48,7 +63,8 @@ def plan(configs: Sequence[RunConfig], store: Store) -> list[PlannedRun]:
     planned = []
     for cfg in configs:
         rd = store.run_dir(cfg.group, cfg.run_id())
-        planned.append(PlannedRun(cfg, rd, decide(rd, queued), rd.status()["state"]))
+        state = decide(rd, queued)
+        planned.append(PlannedRun(cfg, rd, state, rd.recorded_status()["state"], damage_note(rd, state)))
     return planned
 
 
@@ -68,6 +84,7 @@ def format_plan(planned: Sequence[PlannedRun]) -> str:
     lines = [f"{len(planned)} runs: {summary or 'none'}"]
     for p in planned:
         note = f" (was {p.was})" if p.was not in (p.state, "new") and p.state != "finished" else ""
+        note = f" ({p.damage})" if p.damage else note
         lines.append(f"  {label(p.cfg):<{width}}  seed {p.cfg.train.seed:<3} {p.cfg.run_id()}  {p.state}{note}")
     return "\n".join(lines)
 
