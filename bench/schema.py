@@ -46,7 +46,7 @@ class Epoch(Record):
     """One line of metrics.jsonl."""
 
     epoch: NonNegativeInt
-    train: dict[str, float | None]
+    train: dict[str, float | None] = {}
     val: Scores
     test: Scores
     selectable: bool = True
@@ -54,7 +54,7 @@ class Epoch(Record):
 
 class Picked(Record):
     epoch: NonNegativeInt
-    val: Scores
+    val: Scores | None = None  # no reader needs it
     test: Scores
 
 

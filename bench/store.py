@@ -192,14 +192,18 @@ class RunDir:
     def damaged(self) -> list[DamagedFile]:
         """The damaged records of the run (config.yaml, status.json, metrics.jsonl, summary.json).
         Checkpoints are not read here; see checkpoint_damage."""
-        found = []
+        found, records = [], {}
         for path, read in ((self.config, self.read_config), (self.status_file, self.status),
                            (self.metrics, self.read_metrics), (self.summary, self.read_summary)):
             try:
-                if path.exists():
-                    read()
+                records[path] = read() if path.exists() else None
             except DamagedFile as e:
                 found.append(e)
+        # metrics.jsonl gets an epoch's line before status.json counts the epoch done
+        done = (records.get(self.status_file) or {}).get("epochs_done") or 0
+        if self.metrics in records and len(records[self.metrics] or []) < done:
+            found.append(DamagedFile(self.metrics, f"holds {len(records[self.metrics] or [])} epoch(s), but "
+                                                   f"status.json records {done} done (truncated or emptied?)"))
         return found
 
     def checkpoint_damage(self) -> DamagedFile | None:
