@@ -199,11 +199,15 @@ class RunDir:
                 records[path] = read() if path.exists() else None
             except DamagedFile as e:
                 found.append(e)
-        # metrics.jsonl gets an epoch's line before status.json counts the epoch done
+        # metrics.jsonl gets an epoch's line before checkpoint.pt and status.json count the epoch
         done = (records.get(self.status_file) or {}).get("epochs_done") or 0
-        if self.metrics in records and len(records[self.metrics] or []) < done:
-            found.append(DamagedFile(self.metrics, f"holds {len(records[self.metrics] or [])} epoch(s), but "
-                                                   f"status.json records {done} done (truncated or emptied?)"))
+        n = len(records.get(self.metrics) or [])
+        if records.get(self.metrics) is not None or self.metrics.exists() and self.metrics in records:
+            if n < done:
+                found.append(DamagedFile(self.metrics, f"holds {n} epoch(s), but status.json records {done} "
+                                                       "done (truncated or emptied?)"))
+            elif n == 0 and self.checkpoint.exists():
+                found.append(DamagedFile(self.metrics, "empty, but checkpoint.pt was written after an epoch"))
         return found
 
     def checkpoint_damage(self) -> DamagedFile | None:

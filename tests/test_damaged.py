@@ -100,7 +100,7 @@ def forge(path: Path) -> None:
         if path.name == "summary.json":
             data["best_val"]["test"]["acc"] = 9.5
         else:
-            data["epochs_done"] = 99
+            data["epochs_done"] = -1
         path.write_text(json.dumps(data))
 
 
@@ -158,33 +158,36 @@ def test_a_damaged_file_is_named_in_status_report_and_plan_and_a_relaunch_repair
     assert ("finished" if other is world.finished else "interrupted") in line_of(out, other.run_id)
     if seen:
         assert f"damaged ({name}: " in line_of(out, rd.run_id) and why(name, way) in line_of(out, rd.run_id)
-        assert f"{rd.path / name}: {why(name, way)}" in out  # the full path, in the list below the table
+        listed = line_of(out, f"{rd.path / name}: ")  # the full path, in the list below the table
+        assert why(name, way) in listed and listed.strip().startswith(f"dmg/{rd.run_id} (")
 
     assert cli(["report", str(world.group), "--out", str(tmp_path / "report")]) == 0
     out = capsys.readouterr().out
     runs_csv = (tmp_path / "report" / "runs.csv").read_text()
     assert other.run_id in runs_csv
     if record:
-        assert f"dmg/{rd.run_id}: {name}: {why(name, way)}" in out and "left out 1 run(s) with damaged files" in out
+        assert why(name, way) in line_of(out, f"dmg/{rd.run_id}: {name}: ") and "left out 1 run(s) with damaged files" in out
         assert rd.run_id not in runs_csv and rd.run_id in (tmp_path / "report" / "damaged.csv").read_text()
         assert rd.run_id in (tmp_path / "report" / "README.md").read_text()
     else:
-        assert rd.run_id in runs_csv and "damaged" not in out
+        assert rd.run_id in runs_csv and "with damaged files" not in out
 
     assert cli(["--results", str(world.store.root), "sweep", str(world.sweep), "--dry-run"]) == 0
     planned = line_of(capsys.readouterr().out, rd.run_id)
     if seen:
-        assert f"(damaged {name}: {why(name, way)}" in planned
+        assert f"(damaged {name}: " in planned and why(name, way) in planned
     assert planned.split(f"{rd.run_id}  ")[1].startswith("new" if name in CHECKPOINTS and seen else "resume")
 
     trained = []
     original = Trainer.train_epoch
-    monkeypatch.setattr(Trainer, "train_epoch", lambda self, epoch: trained.append(epoch) or original(self, epoch))
+    monkeypatch.setattr(Trainer, "train_epoch",
+                        lambda self, epoch: trained.append((self.dir.run_id, epoch)) or original(self, epoch))
     assert cli(["--results", str(world.store.root), "sweep", str(world.sweep)]) == 0
     capsys.readouterr()
     assert rd.done() and other.done() and rd.damage() is None
     # a damaged checkpoint restarts from scratch; damaged records resume from the checkpoint
-    assert trained == ([0, 1, 2] if not record else [] if rd is world.finished else [2])
+    assert [e for run_id, e in trained if run_id == rd.run_id] == (
+        [0, 1, 2] if not record else [] if rd is world.finished else [2])
     [entry] = rd.status()["damaged"]
     assert entry["file"] == name and why(name, way) in entry["why"]
     assert entry["kept_as"].startswith(f"{name}.damaged-") and (rd.path / entry["kept_as"]).read_bytes() == damaged
@@ -220,7 +223,7 @@ def test_readers_name_the_file_line_and_rule(tmp_path):
     rd.path.mkdir(parents=True)
     good = {"epoch": 0, "train": {"loss": 1.0}, "val": {"acc": 0.5}, "test": {"acc": 0.5}}
     cases = [
-        ('{"epoch": 0}\n', "line 1: wrong shape: train is missing"),
+        ('{"epoch": 0}\n', "line 1: wrong shape: val is missing"),
         (json.dumps(good) + "\n" + json.dumps({**good, "epoch": 2}) + "\n",
          "line 2: epochs out of order: epoch 2 where 1 was expected"),
         (json.dumps(good) + "\n" + json.dumps({**good, "epoch": 1, "test": {"acc": "0.5"}}) + "\n",
