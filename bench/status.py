@@ -71,7 +71,8 @@ def status_table(path: Path) -> str:
     queued = queued_job_ids()
     rows, problems = [], []
     for rd in runs:
-        damage = rd.damage() or rd.checkpoint_damage()
+        # a finished run needs its checkpoints no more
+        damage = rd.damage() or (None if rd.done() else rd.checkpoint_damage())
         if damage:  # shown, and the other runs go on
             rows.append(damaged_row(rd, damage))
             problems.append(problem_line(rd, rows[-1], {"error": str(damage)}))

@@ -239,7 +239,8 @@ class RunDir:
     def record_damage(self, *entries: dict[str, str]) -> None:
         """Add set_aside's entries to status.json's `damaged` list (the state stays as it is)."""
         status = self.status()
-        self.set_status(status["state"], damaged=[*status.get("damaged", []), *entries])
+        state = status["state"] if status["state"] in STATES else "running"  # none recorded yet: it is being run
+        self.set_status(state, damaged=[*status.get("damaged", []), *entries])
 
 
 def read_text(path: Path) -> str:
