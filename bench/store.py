@@ -216,7 +216,8 @@ class RunDir:
         (bench.train) checks the rest."""
         for path in (self.checkpoint, self.best):
             if path.exists() and not zipfile.is_zipfile(path):
-                why = "empty" if path.stat().st_size == 0 else "not a PyTorch checkpoint (no zip archive: truncated or overwritten)"
+                why = ("empty" if path.stat().st_size == 0
+                       else "not a PyTorch checkpoint (no zip archive: truncated or overwritten)")
                 return DamagedFile(path, why)
         return None
 

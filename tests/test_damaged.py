@@ -166,7 +166,8 @@ def test_a_damaged_file_is_named_in_status_report_and_plan_and_a_relaunch_repair
     runs_csv = (tmp_path / "report" / "runs.csv").read_text()
     assert other.run_id in runs_csv
     if record:
-        assert why(name, way) in line_of(out, f"dmg/{rd.run_id}: {name}: ") and "left out 1 run(s) with damaged files" in out
+        assert why(name, way) in line_of(out, f"dmg/{rd.run_id}: {name}: ")
+        assert "left out 1 run(s) with damaged files" in out
         assert rd.run_id not in runs_csv and rd.run_id in (tmp_path / "report" / "damaged.csv").read_text()
         assert rd.run_id in (tmp_path / "report" / "README.md").read_text()
     else:
