@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
+from pathlib import Path
 
 # exit status of a command stopped by Ctrl-C (the shells' 128 + SIGINT), without a traceback
 EXIT_INTERRUPTED = 130
@@ -26,6 +27,18 @@ class DataError(MMBalanceError):
 
 class StoreError(MMBalanceError):
     """A results directory cannot be read or written (missing, not a directory, not writable)."""
+
+
+class DamagedFile(StoreError):
+    """A file of the results store cannot be read (empty, not UTF-8, not JSON, truncated) or holds
+    what no run writes (a wrong shape, a value out of range). One line: the file, then why."""
+
+    def __init__(self, path: str | Path, why: str) -> None:
+        super().__init__(f"{path}: {why}")
+        self.path, self.why = Path(path), why
+
+    def __reduce__(self):  # pickled across processes (submitit) with both arguments
+        return type(self), (self.path, self.why)
 
 
 class RunFailed(MMBalanceError):

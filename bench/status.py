@@ -8,9 +8,9 @@ from typing import Any
 
 import pandas as pd
 
-from bench.claim import is_held, process_gone
 from bench.cancel import CANCELLED_JOB
-from bench.errors import StoreError
+from bench.claim import is_held, process_gone
+from bench.errors import DamagedFile, MMBalanceError, StoreError
 from bench.selection import best_epoch, select_metric
 from bench.store import RunDir
 
@@ -62,7 +62,7 @@ COUNTED = ("finished", "running", "pending", "failed", "interrupted")
 
 
 def status_table(path: Path) -> str:
-    """One line per run, then the counts, then every failed or interrupted run with the first
+    """One line per run, then the counts, then every failed, interrupted or damaged run with the first
     line of its error, its log and its job id."""
     runs = find_runs(path)
     if not runs:
@@ -72,6 +72,12 @@ def status_table(path: Path) -> str:
     queued = queued_job_ids()
     rows, problems = [], []
     for rd in runs:
+        # a finished run needs its checkpoints no more
+        damage = rd.damage() or (None if rd.done() else rd.checkpoint_damage())
+        if damage:  # shown, and the other runs go on
+            rows.append(damaged_row(rd, damage))
+            problems.append(problem_line(rd, rows[-1], {"error": str(damage)}))
+            continue
         st, cfg = rd.status(), rd.read_config()
         history = rd.read_metrics()
         metric = select_metric(cfg)
@@ -94,7 +100,7 @@ def status_table(path: Path) -> str:
     if not table["job"].astype(bool).any():
         table = table.drop(columns="job")
     return "\n\n".join([table.to_markdown(index=False), count_line(table["state"])] + (
-        ["failed or interrupted:\n" + "\n".join(problems)] if problems else []))
+        ["failed, interrupted or damaged:\n" + "\n".join(problems)] if problems else []))
 
 
 def count_line(states: pd.Series) -> str:
@@ -105,6 +111,21 @@ def count_line(states: pd.Series) -> str:
     other = {s: int(n) for s, n in base[~base.isin(COUNTED)].value_counts().items()}
     parts = [f"{n} {s}" for s, n in {**counts, **other}.items()]
     return f"{len(states)} runs: " + ", ".join(parts) + (f" ({stale} stale: launch again to resume)" if stale else "")
+
+
+def damaged_row(rd: RunDir, damage: DamagedFile) -> dict[str, Any]:
+    """The status row of a run with a damaged file: 'damaged (<file>: <why>)', with what of its
+    config can still be read."""
+    try:
+        cfg = rd.read_config()
+    except MMBalanceError:
+        cfg = {}
+    return {"run": f"{rd.path.parent.name}/{rd.run_id}",
+            "label": cfg.get("label") or (cfg.get("method") or {}).get("name", "?"),
+            "seed": (cfg.get("train") or {}).get("seed", "?"),
+            "state": f"damaged ({damage.path.name}: {damage.why})",
+            "epochs done": "–", "best-val epoch": "–", "best val": "–", "test acc @ best val": "–",
+            "updated": "–", "job": ""}
 
 
 def problem_line(rd: RunDir, row: dict[str, Any], status: dict[str, Any]) -> str:
@@ -122,7 +143,7 @@ def cancel(path: Path) -> str:
     queued = queued_job_ids()
     targets = []
     for rd in find_runs(path):
-        st = rd.status()
+        st = rd.recorded_status()
         job = st.get("job_id")
         if st["state"] in ("pending", "running") and job and (queued is None or str(job) in queued):
             targets.append((rd, str(job)))

@@ -14,6 +14,7 @@ import os
 import socket
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,9 @@ from typing import Any
 import torch
 import yaml
 
+from bench import schema
 from bench.cancel import guarded
-from bench.errors import StoreError
+from bench.errors import DamagedFile, StoreError
 from bench.oserror import naming
 
 STATES = ("pending", "running", "finished", "failed", "interrupted")
@@ -30,6 +32,8 @@ STATES = ("pending", "running", "finished", "failed", "interrupted")
 PLACEMENT_KEYS = ("job_id", "log", "stdout", "restarts")
 # file paths in status.json: stored relative to the store root, so that a copied store names its own
 STORE_PATH_KEYS = ("log", "stdout")
+# what happened to the run's files (the damaged ones kept aside): kept across status updates
+HISTORY_KEYS = ("damaged",)
 
 
 def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "w") -> None:
@@ -102,20 +106,34 @@ class RunDir:
         atomic_write_text(self.config, yaml.safe_dump(config, sort_keys=False))
 
     def read_config(self) -> dict[str, Any]:
-        return yaml.safe_load(self.config.read_text())
+        text = read_text(self.config)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            at = f" at line {mark.line + 1}" if mark else ""
+            raise DamagedFile(self.config, f"not YAML{at}: {getattr(e, 'problem', None) or e}") from None
+        return schema.check_config(data, self.config)
 
     # ---- status
     def status(self) -> dict[str, Any]:
         if not self.status_file.exists():
             return {"state": "new"}
-        return json.loads(self.status_file.read_text())
+        return schema.check_status(parse_json(read_text(self.status_file), self.status_file), self.status_file)
+
+    def recorded_status(self) -> dict[str, Any]:
+        """status(), or {'state': 'damaged', 'error': why} when status.json is damaged."""
+        try:
+            return self.status()
+        except DamagedFile as e:
+            return {"state": "damaged", "error": str(e)}
 
     @guarded  # one writer at a time; a cancelled job's own writes are refused (bench.cancel)
     def set_status(self, state: str, **info: Any) -> None:
         """Replace the status record. A launcher's placement (job id, log paths) is carried
         over from the previous record unless `info` sets it; a None in `info` drops a key."""
         assert state in STATES, state
-        previous = self.status()
+        previous = self.previous_status()
         info = {k: self.store_relative(v) if k in STORE_PATH_KEYS and v is not None else v for k, v in info.items()}
         record = {
             "state": state,
@@ -123,15 +141,26 @@ class RunDir:
             "host": socket.gethostname(),
             "pid": os.getpid(),
             **{k: previous[k] for k in PLACEMENT_KEYS if k in previous},
+            **{k: previous[k] for k in HISTORY_KEYS if k in previous},
             **info,
         }
         atomic_write_json(self.status_file, {k: v for k, v in record.items() if v is not None})
 
+    def previous_status(self) -> dict[str, Any]:
+        """The record a status update starts from: a damaged status.json is kept aside, and the
+        new record lists it under `damaged`."""
+        try:
+            return self.status()
+        except DamagedFile as e:
+            return {"damaged": [self.set_aside(e)]}
+
     # ---- per-epoch metrics
     def read_metrics(self) -> list[dict[str, Any]]:
-        if not self.metrics.exists():
+        if not self.metrics.exists() or self.metrics.stat().st_size == 0:  # a run that has no epoch yet
             return []
-        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+        lines = read_text(self.metrics).splitlines()
+        records = [parse_json(line, self.metrics, n + 1) for n, line in enumerate(lines) if line.strip()]
+        return schema.check_metrics(records, self.metrics)
 
     def write_metrics(self, records: list[dict[str, Any]]) -> None:
         atomic_write_text(self.metrics, "".join(strict_json(r) + "\n" for r in records))
@@ -145,7 +174,9 @@ class RunDir:
         atomic_write_json(self.summary, summary)
 
     def read_summary(self) -> dict[str, Any] | None:
-        return json.loads(self.summary.read_text()) if self.summary.exists() else None
+        if not self.summary.exists():
+            return None
+        return schema.check_summary(parse_json(read_text(self.summary), self.summary), self.summary)
 
     def save(self, path: Path, state: dict[str, Any]) -> None:
         # serialised in memory first: torch.save writing to a full disk raises its own
@@ -155,7 +186,101 @@ class RunDir:
         atomic_write(path, lambda f: f.write(buffer.getbuffer()), mode="wb")
 
     def load(self, path: Path) -> dict[str, Any]:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        """A checkpoint; DamagedFile naming it when torch cannot read it (empty, truncated, garbage)."""
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except FileNotFoundError:
+            raise
+        except Exception as e:
+            if path.exists() and path.stat().st_size == 0:
+                raise DamagedFile(path, "empty") from e
+            first = (str(e).splitlines() or [type(e).__name__])[0]
+            raise DamagedFile(path, f"not a readable PyTorch checkpoint ({type(e).__name__}: {first})") from e
+
+    # ---- damaged files
+    def damage(self) -> DamagedFile | None:
+        """The first damaged record of the run, or None."""
+        return next(iter(self.damaged()), None)
+
+    def damaged(self) -> list[DamagedFile]:
+        """The damaged records of the run (config.yaml, status.json, metrics.jsonl, summary.json).
+        Checkpoints are not read here; see checkpoint_damage."""
+        found, records = [], {}
+        for path, read in ((self.config, self.read_config), (self.status_file, self.status),
+                           (self.metrics, self.read_metrics), (self.summary, self.read_summary)):
+            try:
+                records[path] = read() if path.exists() else None
+            except DamagedFile as e:
+                found.append(e)
+        # metrics.jsonl gets an epoch's line before checkpoint.pt and status.json count the epoch
+        done = (records.get(self.status_file) or {}).get("epochs_done") or 0
+        n = len(records.get(self.metrics) or [])
+        if records.get(self.metrics) is not None or self.metrics.exists() and self.metrics in records:
+            if n < done:
+                found.append(DamagedFile(self.metrics, f"holds {n} epoch(s), but status.json records {done} "
+                                                       "done (truncated or emptied?)"))
+            elif n == 0 and self.checkpoint.exists():
+                found.append(DamagedFile(self.metrics, "empty, but checkpoint.pt was written after an epoch"))
+        return found
+
+    def checkpoint_damage(self) -> DamagedFile | None:
+        """A quick look, without loading them, at checkpoint.pt and best.pt: one that is empty or
+        not the zip archive torch.save writes (truncated, overwritten) is damaged. Loading them
+        (bench.train) checks the rest."""
+        for path in (self.checkpoint, self.best):
+            if path.exists() and not zipfile.is_zipfile(path):
+                why = ("empty" if path.stat().st_size == 0
+                       else "not a PyTorch checkpoint (no zip archive: truncated or overwritten)")
+                return DamagedFile(path, why)
+        return None
+
+    def done(self) -> bool:
+        """Finished, with readable records: nothing left to do. A finished run with a damaged
+        record is not done: launching again rewrites its records from its checkpoint."""
+        try:
+            return self.status()["state"] == "finished" and self.summary.exists() and self.damage() is None
+        except DamagedFile:
+            return False
+
+    def set_aside(self, damaged: DamagedFile) -> dict[str, str]:
+        """Rename a damaged file to <name>.damaged-<UTC time> (kept for a look, never read again);
+        returns the entry for status.json's `damaged` list."""
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        kept = damaged.path.with_name(f"{damaged.path.name}.damaged-{stamp}")
+        os.replace(damaged.path, kept)
+        return {"file": damaged.path.name, "kept_as": kept.name, "why": damaged.why}
+
+    def record_damage(self, *entries: dict[str, str]) -> None:
+        """Add set_aside's entries to status.json's `damaged` list (the state stays as it is)."""
+        status = self.status()
+        state = status["state"] if status["state"] in STATES else "running"  # none recorded yet: it is being run
+        self.set_status(state, damaged=[*status.get("damaged", []), *entries])
+
+
+def read_text(path: Path) -> str:
+    """The text of a record the store wrote; DamagedFile when it is empty or not UTF-8."""
+    data = path.read_bytes()
+    if not data.strip():
+        raise DamagedFile(path, "empty")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DamagedFile(path, f"not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r}); garbage?") from None
+
+
+def parse_json(text: str, path: Path, line: int | None = None) -> Any:
+    """Strict JSON (no NaN/Infinity tokens: the store never writes them); DamagedFile naming
+    the line otherwise (`line`: the line of a .jsonl file that `text` is)."""
+    def reject(token: str) -> Any:
+        raise ValueError(f"{token} is not strict JSON")
+
+    try:
+        return json.loads(text, parse_constant=reject)
+    except json.JSONDecodeError as e:
+        at = f"line {line}, column {e.colno}" if line else f"line {e.lineno}, column {e.colno}"
+        raise DamagedFile(path, f"not JSON at {at}: {e.msg}") from None
+    except ValueError as e:
+        raise DamagedFile(path, f"not JSON{f' at line {line}' if line else ''}: {e}") from None
 
     # ---- paths recorded in status.json (STORE_PATH_KEYS)
     @property

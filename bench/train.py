@@ -26,12 +26,13 @@ from bench.claim import elsewhere_line, try_claim
 from bench.config import RunConfig
 from bench.data import build_loaders, epoch_generator, seed_everything
 from bench.device import prepare_model, resolve_device
-from bench.errors import ConfigError, MMBalanceError, RunFailed
+from bench.errors import ConfigError, DamagedFile, MMBalanceError, RunFailed
 from bench.evaluate import evaluate
 from bench.models import build_encoder
 from bench.oserror import os_message
 from bench.probe import probe_all
 from bench.registry import DATASETS, METHODS
+from bench.schema import check_checkpoint
 from bench.selection import best_epoch
 from bench.store import RunDir, Store
 from datasets.base import Dataset
@@ -201,15 +202,17 @@ class Trainer:
                 "rng": rng_state(),
                 "counters": {"steps": self.steps, "forward": self.passes.calls,
                              "backward": self.helpers.backward_passes},
+                # small; a resume rewrites metrics.jsonl from it, so a damaged one costs nothing
+                "history": self.dir.read_metrics(),
             },
         )
 
     def resume(self) -> int:
-        """Restore the last checkpoint if there is one; returns the first epoch still to train."""
-        if not self.dir.checkpoint.exists():
+        """Restore the last checkpoint if there is a usable one; returns the first epoch still to train."""
+        state = self.restorable()
+        if state is None:
             self.dir.write_metrics([])
             return 0
-        state = self.dir.load(self.dir.checkpoint)
         self.method.load_state_dict(state["model"])
         self.helpers.optimizer.load_state_dict(state["optimizer"])
         self.helpers.scheduler.load_state_dict(state["scheduler"])
@@ -217,9 +220,35 @@ class Trainer:
         counters = state["counters"]
         self.steps, self.passes.calls = counters["steps"], counters["forward"]
         self.helpers.backward_passes = counters["backward"]
-        # epochs recorded after the checkpoint are retrained, so their lines go
-        self.dir.write_metrics([r for r in self.dir.read_metrics() if r["epoch"] <= state["epoch"]])
+        # epochs recorded after the checkpoint are retrained, so their lines go (and a damaged
+        # metrics.jsonl is replaced)
+        self.dir.write_metrics(state["history"])
         return state["epoch"] + 1
+
+    def restorable(self) -> dict[str, Any] | None:
+        """checkpoint.pt with its metrics history, or None: there is none, or it or best.pt is
+        damaged. A damaged one is kept aside (listed in status.json), the other one removed, and
+        the run starts again from scratch."""
+        if not self.dir.checkpoint.exists():
+            return None
+        epochs = self.cfg.train.epochs
+        try:
+            state = check_checkpoint(self.dir.load(self.dir.checkpoint), self.dir.checkpoint, epochs)
+            if state.get("history") is None:  # written before checkpoints held the history
+                state["history"] = self.dir.read_metrics()[: state["epoch"] + 1]
+                if len(state["history"]) != state["epoch"] + 1:
+                    raise DamagedFile(self.dir.checkpoint, f"holds no metrics history, and metrics.jsonl has "
+                                      f"{len(state['history'])} of its {state['epoch'] + 1} epochs")
+            if best_epoch(state["history"], self.cfg.eval.select_metric) is not None:
+                if not self.dir.best.exists():
+                    raise DamagedFile(self.dir.best, "missing, though an epoch was selected")
+                check_checkpoint(self.dir.load(self.dir.best), self.dir.best, epochs, keys=("epoch", "model"))
+        except DamagedFile as e:
+            self.dir.record_damage(self.dir.set_aside(e))
+            for stale in (self.dir.checkpoint, self.dir.best):
+                stale.unlink(missing_ok=True)
+            return None
+        return state
 
     # ---- one epoch
     def train_epoch(self, epoch: int) -> dict[str, float]:
@@ -334,7 +363,7 @@ def run(cfg: RunConfig, store: Store, datasets: DatasetSource = build_dataset,
     RunFailed; whatever the run had recorded (metrics, checkpoints) stays as it was.
     """
     run_dir = store.run_dir(cfg.group, cfg.run_id())
-    if run_dir.status()["state"] == "finished" and run_dir.summary.exists():
+    if run_dir.done():
         return RunResult(run_dir.run_id, str(run_dir.path), "skipped", run_dir.read_summary())
     try:
         trainer: Trainer | Exception = Trainer(cfg, run_dir, datasets)  # builds data and model; writes nothing
@@ -379,9 +408,15 @@ def train_claimed(cfg: RunConfig, run_dir: RunDir, trainer: Trainer) -> RunResul
 
 
 def record_start(run_dir: RunDir, cfg: RunConfig) -> None:
+    """Mark the run running. Its damaged records are kept aside and listed in status.json
+    (set_status does so for status.json): config.yaml is written again from `cfg`, metrics.jsonl
+    and summary.json from the checkpoint (Trainer.resume, then summarise)."""
+    damaged = [run_dir.set_aside(e) for e in run_dir.damaged() if e.path != run_dir.status_file]
     if not run_dir.config.exists():
         run_dir.write_config(cfg.to_dict())
     run_dir.set_status("running", epochs_done=0, epochs=cfg.train.epochs)
+    if damaged:
+        run_dir.record_damage(*damaged)
 
 
 def record_failure(run_dir: RunDir, error: BaseException) -> RunFailed:

@@ -33,6 +33,13 @@ def store(tmp_path) -> Store:
     return Store(tmp_path / "results")
 
 
+def stand_in_summary(acc: float = 0.5, epochs: int = 1) -> dict:
+    """The smallest summary.json the results schema (bench/schema.py) accepts: a finished run
+    in tests that train nothing."""
+    block = {"epoch": epochs - 1, "test": {"acc": acc}}
+    return {"epochs": epochs, "best_val": block, "best_test": block, "last": block}
+
+
 TIMING_KEYS = ("seconds", "samples_per_s")
 
 

@@ -14,6 +14,7 @@ from bench.launch import launch
 from bench.launch.options import LauncherConfig
 from bench.store import Store
 from bench.sweep import load_sweep
+from tests.conftest import stand_in_summary
 
 SWEEP = """
 group: two
@@ -205,7 +206,7 @@ def slurm_world(tmp_path, monkeypatch):
     store = Store(tmp_path / "results")
     done, held = (store.run_dir(c.group, c.run_id()) for c in configs[:2])
     done.write_config(configs[0].to_dict())
-    done.write_summary({"ok": 1})
+    done.write_summary(stand_in_summary())
     done.set_status("finished")
     held.write_config(configs[1].to_dict())
     held.set_status("pending", job_id="55_0", log="/logs/55_0.err")

@@ -164,12 +164,13 @@ def test_plan_marks_finished_resume_and_new(tmp_path, capsys):
     from bench.cli import main as cli
     from bench.launch.plan import plan
     from bench.store import Store
+    from tests.conftest import stand_in_summary
 
     path = write(tmp_path, SWEEP)
     _, configs = load_sweep(path)
     store = Store(tmp_path / "results")
     done, started, failed = (store.run_dir(c.group, c.run_id()) for c in configs[:3])
-    done.write_summary({"ok": 1})
+    done.write_summary(stand_in_summary())
     done.set_status("finished")
     started.set_status("interrupted")
     started.save(started.checkpoint, {"epoch": 0})

@@ -28,15 +28,16 @@ class PlannedRun:
     run_dir: RunDir
     state: str  # one of ORDER
     was: str  # the recorded state ("new" when nothing is recorded)
+    damage: str = ""  # what is damaged and what the launch does about it (damage_note)
 
 
 def decide(run_dir: RunDir, queued: set[str] | None) -> str:
     """Whether a run is live is decided by its claim (a process trains it) and, for a SLURM job,
     by squeue; a pending run whose local launcher is still alive is queued with that launcher.
     A recorded pid alone decides nothing: it may name another process by now."""
-    status = run_dir.status()
+    status = run_dir.recorded_status()
     state = status["state"]
-    if state == "finished" and run_dir.summary.exists():
+    if run_dir.done():
         return "finished"
     if is_held(run_dir):
         return "running"
@@ -47,7 +48,21 @@ def decide(run_dir: RunDir, queued: set[str] | None) -> str:
         launcher = status.get("launcher")
         if state == "pending" and not job and launcher and not process_gone(launcher) and not is_this(launcher):
             return "queued"
-    return "resume" if run_dir.checkpoint.exists() else "new"
+    return "resume" if run_dir.checkpoint.exists() and not run_dir.checkpoint_damage() else "new"
+
+
+def damage_note(run_dir: RunDir, state: str) -> str:
+    """'damaged <file>: <why>; <what the launch does>' for a run with a damaged file, else ''."""
+    damage = run_dir.damage() or run_dir.checkpoint_damage()
+    if damage is None or state not in TO_RUN:
+        return ""
+    if damage.path in (run_dir.checkpoint, run_dir.best):
+        does = "restarts from scratch, keeping it aside"
+    elif state == "resume":
+        does = "resumes from checkpoint.pt, rewriting it"
+    else:
+        does = "starts again, keeping it aside"
+    return f"damaged {damage.path.name}: {damage.why}; {does}"
 
 
 def plan(configs: Sequence[RunConfig], store: Store) -> list[PlannedRun]:
@@ -56,14 +71,14 @@ def plan(configs: Sequence[RunConfig], store: Store) -> list[PlannedRun]:
     planned = []
     for cfg in configs:
         rd = store.run_dir(cfg.group, cfg.run_id())
-        planned.append(PlannedRun(cfg, rd, "unknown" if silent and held_by_a_job(rd) else decide(rd, queued),
-                                  rd.status()["state"]))
+        state = "unknown" if silent and held_by_a_job(rd) else decide(rd, queued)
+        planned.append(PlannedRun(cfg, rd, state, rd.recorded_status()["state"], damage_note(rd, state)))
     return planned
 
 
 def held_by_a_job(run_dir: RunDir) -> bool:
     """The run is pending or running under a SLURM job: whether that job still lives, only squeue can say."""
-    status = run_dir.status()
+    status = run_dir.recorded_status()
     return status["state"] in ("pending", "running") and bool(status.get("job_id"))
 
 
@@ -83,6 +98,7 @@ def format_plan(planned: Sequence[PlannedRun]) -> str:
     lines = [f"{len(planned)} runs: {summary or 'none'}"]
     for p in planned:
         note = f" (was {p.was})" if p.was not in (p.state, "new") and p.state != "finished" else ""
+        note = f" ({p.damage})" if p.damage else note
         lines.append(f"  {label(p.cfg):<{width}}  seed {p.cfg.train.seed:<3} {p.cfg.run_id()}  {p.state}{note}")
     return "\n".join(lines)
 

@@ -62,7 +62,7 @@ class PackedSweepJob(submitit.helpers.Checkpointable):
     def __call__(self, run_dirs: list[str]) -> dict[str, str]:
         where = placement()
         todo = [RunDir(Path(d)) for d in run_dirs]
-        todo = [rd for rd in todo if not (rd.status()["state"] == "finished" and rd.summary.exists())]
+        todo = [rd for rd in todo if not rd.done()]
         threads = str(max(1, self.cpus_per_task // max(len(run_dirs), 1)))
         env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
         print(f"task {where['job_id']}: {len(todo)} of {len(run_dirs)} run(s) to do at once, "

@@ -6,13 +6,12 @@ failure, with its traceback, in the run's status.json.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-from bench.config import RunConfig, validate
+from bench.config import RunConfig, Sources, validate
 from bench.errors import EXIT_ELSEWHERE, EXIT_INTERRUPTED, ConfigError, RunFailed
-from bench.store import RunDir, Store, atomic_write_json
+from bench.store import RunDir, Store, atomic_write_json, atomic_write_text
 
 
 def load_run(run_dir: str | Path) -> tuple[RunConfig, Store]:
@@ -20,7 +19,10 @@ def load_run(run_dir: str | Path) -> tuple[RunConfig, Store]:
     rd = RunDir(Path(run_dir))
     if not rd.config.exists():
         raise ConfigError(f"{rd.path} has no config.yaml; a launcher writes it before it starts a run")
-    cfg = validate(rd.read_config())
+    data = rd.read_config()  # a damaged one: one line naming it (the launchers rewrite it before a run)
+    sources = Sources()
+    sources.record(data, str(rd.config))
+    cfg = validate(data, sources)
     if cfg.run_id() != rd.run_id:
         raise ConfigError(f"{rd.config} resolves to run id {cfg.run_id()}, not its directory's {rd.run_id}")
     return cfg, Store(rd.path.parent.parent)
@@ -58,10 +60,10 @@ def run_one(run_dir: str | Path, **placement: str) -> str:
 
 def record_placement(rd: RunDir, **placement: str) -> None:
     """Write where the run executes (job_id, log, stdout) into its status, unless it is finished."""
-    status = rd.status()
+    status = rd.recorded_status()
     state = status["state"]
     if placement and state != "finished":
-        rd.set_status("pending" if state == "new" else state, **placement, **slurm_restarts(status))
+        rd.set_status("pending" if state in ("new", "damaged") else state, **placement, **slurm_restarts(status))
 
 
 def slurm_restarts(status: dict) -> dict[str, int]:
@@ -115,7 +117,7 @@ def record_exit(rd: RunDir, code: int, killed: str = "failed") -> str:
 
     if code == EXIT_ELSEWHERE:
         return "elsewhere"
-    state = rd.status()["state"]
+    state = rd.recorded_status()["state"]
     if code != 0 and is_held(rd):  # taken by another process since this one ended: theirs to record
         return "elsewhere"
     if code != 0 and state not in ("failed", "interrupted"):
@@ -153,4 +155,4 @@ def put_back_status(rd: RunDir, text: str | None) -> None:
     if text is None:
         rd.status_file.unlink(missing_ok=True)
     else:
-        atomic_write_json(rd.status_file, json.loads(text))
+        atomic_write_text(rd.status_file, text)  # as it was, even damaged

@@ -18,7 +18,7 @@ import pandas as pd
 
 from bench.errors import ConfigError
 from bench.report.cells import aggregate, display, printed, to_latex
-from bench.report.collect import DEFICIT_NOTE, SELECTIONS, load_runs
+from bench.report.collect import DEFICIT_NOTE, SELECTIONS, damaged_runs, load_runs
 from bench.report.figures import make_figures
 from bench.report.paper import paper_vs_ours
 from bench.report.stats import CI_NOTE, TEST_NOTE, paired_tests
@@ -69,8 +69,10 @@ def build_report(results_dir: Path, out: Path, by: str | list[str] = "dataset,me
     rows follow `order` (a sweep's cells) where given (cells.label_order)."""
     keys = parse_by(by)
     runs, metrics = load_runs(results_dir, select, only)
+    damaged = damaged_runs(results_dir, only)
     if runs.empty:
-        raise ConfigError(f"no runs under {results_dir} (looked for */config.yaml and */*/config.yaml)")
+        raise ConfigError(f"no runs under {results_dir} (looked for */config.yaml and */*/config.yaml)"
+                          + damaged_text(damaged))
     runs = relabel(runs, keys)
     out.mkdir(parents=True, exist_ok=True)
     report = Report(out)
@@ -92,17 +94,29 @@ def build_report(results_dir: Path, out: Path, by: str | list[str] = "dataset,me
     write("paper_vs_ours.md", md_section("Paper vs ours", paper, PAPER_NOTE))
     write("paper_vs_ours.csv", paper.to_csv(index=False))
     write("runs.csv", runs.to_csv(index=False))
+    if not damaged.empty:
+        write("damaged.csv", damaged.to_csv(index=False))
     figures = make_figures(agg, finished, metrics, out / "figures")
     sections = [*split_sections(table, protocol),
                 ("Confidence intervals (95%)", ci_table(agg), CI_NOTE),
                 ("Paired tests against joint", tests, TEST_NOTE),
-                ("Paper vs ours", paper, PAPER_NOTE)]
+                ("Paper vs ours", paper, PAPER_NOTE)] + (
+                   [("Left out: runs with damaged files", damaged, DAMAGED_NOTE)] if not damaged.empty else [])
     title = f"mmbalance report: {Path(results_dir).resolve().name}"
     write("README.md", markdown_page(title, sections, figures, out))
     write("report.html", html_page(title, sections, figures))
     report.files += figures
-    report.summary = summary_text(runs, agg, tests, paper, out, protocol)
+    report.summary = summary_text(runs, agg, tests, paper, out, protocol) + damaged_text(damaged)
     return report
+
+
+def damaged_text(damaged: pd.DataFrame) -> str:
+    """The lines that list the runs left out for a damaged file ('' when there are none)."""
+    if damaged.empty:
+        return ""
+    lines = [f"  {r.group}/{r.run_id}: {r.file}: {r.why}" for r in damaged.itertuples()]
+    return (f"\nleft out {damaged['run_id'].nunique()} run(s) with damaged files (listed in damaged.csv; "
+            "launching the sweep again repairs them):\n" + "\n".join(lines))
 
 
 def table_text(results_dir: Path, only: set[str] | None = None, order: list[str] | None = None,
@@ -221,6 +235,8 @@ PRINTED_LEGEND = ("own = the method's own per-modality logits, probe = linear pr
 LEGEND_COST = ("s/epoch; CPU or GPU hours = s/epoch × epochs on the run's device; peak memory in MB "
                "(GPU allocated on CUDA, process RSS on CPU: runs sharing one process share it); "
                "forward passes per step per encoder and backward passes per step.")
+DAMAGED_NOTE = ("Runs with a file that cannot be read or holds impossible values (bench/schema.py) are "
+                "not counted anywhere in this report; launching their sweep again repairs them.")
 PAPER_NOTE = ("Published values and ours in percent; Δ = ours under the paper's selection protocol − "
               "published. Our default protocol is best-val; best-test is the papers' usual (optimistic) one. "
               "Dataset/method names mapped by bench/report/paper.py (DATASETS, METHODS).")

@@ -56,7 +56,7 @@ def load_runs(results_dir: Path, select: str = "val",
         raise ConfigError(f"--select {select!r} is not allowed; choose one of {', '.join(SELECTIONS)}")
     rows, metrics = [], {}
     for rd in run_dirs(results_dir):
-        if only is not None and rd.run_id not in only:
+        if only is not None and rd.run_id not in only or rd.damage():  # damaged: left out (damaged_runs)
             continue
         rows.append(run_row(rd, SELECTIONS[select][0]))
         metrics[rd.run_id] = rd.read_metrics()
@@ -65,6 +65,14 @@ def load_runs(results_dir: Path, select: str = "val",
         return runs, metrics
     runs["dataset"] = runs["dataset_config"].map(dataset_labels(runs["dataset_config"]))
     return add_deficits(runs), metrics
+
+
+def damaged_runs(results_dir: Path, only: set[str] | None = None) -> pd.DataFrame:
+    """The runs load_runs leaves out because a record of theirs is damaged: group, run id, the
+    file and why (one row per damaged file)."""
+    rows = [{"group": rd.path.parent.name, "run_id": rd.run_id, "file": e.path.name, "why": e.why}
+            for rd in run_dirs(results_dir) if only is None or rd.run_id in only for e in rd.damaged()]
+    return pd.DataFrame(rows, columns=["group", "run_id", "file", "why"])
 
 
 def run_row(rd: RunDir, block: str) -> dict[str, Any]:
