@@ -256,6 +256,22 @@ class RunDir:
         state = status["state"] if status["state"] in STATES else "running"  # none recorded yet: it is being run
         self.set_status(state, damaged=[*status.get("damaged", []), *entries])
 
+    # ---- paths recorded in status.json (STORE_PATH_KEYS)
+    @property
+    def store_root(self) -> Path:
+        return self.path.parent.parent  # <root>/<group>/<run id>
+
+    def store_relative(self, path: str | Path) -> str:
+        """`path` relative to the store root where it lies inside the store, else as given."""
+        try:
+            return str(Path(path).resolve().relative_to(self.store_root.resolve()))
+        except ValueError:
+            return str(path)
+
+    def resolve(self, recorded: str) -> Path:
+        """A path from status.json as a path here: relative ones are in this run's store."""
+        return self.store_root / recorded if not Path(recorded).is_absolute() else Path(recorded)
+
 
 def read_text(path: Path) -> str:
     """The text of a record the store wrote; DamagedFile when it is empty or not UTF-8."""
@@ -281,22 +297,6 @@ def parse_json(text: str, path: Path, line: int | None = None) -> Any:
         raise DamagedFile(path, f"not JSON at {at}: {e.msg}") from None
     except ValueError as e:
         raise DamagedFile(path, f"not JSON{f' at line {line}' if line else ''}: {e}") from None
-
-    # ---- paths recorded in status.json (STORE_PATH_KEYS)
-    @property
-    def store_root(self) -> Path:
-        return self.path.parent.parent  # <root>/<group>/<run id>
-
-    def store_relative(self, path: str | Path) -> str:
-        """`path` relative to the store root where it lies inside the store, else as given."""
-        try:
-            return str(Path(path).resolve().relative_to(self.store_root.resolve()))
-        except ValueError:
-            return str(path)
-
-    def resolve(self, recorded: str) -> Path:
-        """A path from status.json as a path here: relative ones are in this run's store."""
-        return self.store_root / recorded if not Path(recorded).is_absolute() else Path(recorded)
 
 
 class Store:

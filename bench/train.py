@@ -375,7 +375,7 @@ def run(cfg: RunConfig, store: Store, datasets: DatasetSource = build_dataset,
     if claim is None:
         return RunResult(run_dir.run_id, str(run_dir.path), "elsewhere", {}, elsewhere_line(run_dir))
     with claim:
-        if run_dir.summary.exists():  # finished by the holder this process waited for
+        if has_summary(run_dir):  # finished by the holder this process waited for
             return finished_meanwhile(run_dir, cfg)
         if on_claim:
             on_claim(run_dir)
@@ -383,6 +383,14 @@ def run(cfg: RunConfig, store: Store, datasets: DatasetSource = build_dataset,
         if isinstance(trainer, Exception):
             raise record_failure(run_dir, trainer) from trainer
         return train_claimed(cfg, run_dir, trainer)
+
+
+def has_summary(run_dir: RunDir) -> bool:
+    """A readable summary.json: the run finished (a damaged one is rewritten by resuming)."""
+    try:
+        return run_dir.read_summary() is not None
+    except DamagedFile:
+        return False
 
 
 def finished_meanwhile(run_dir: RunDir, cfg: RunConfig) -> RunResult:

@@ -30,7 +30,7 @@ launcher: {name: slurm}
 def test_log_paths_are_relative_to_the_store_and_a_copied_store_names_its_own(tmp_path):
     store = Store(tmp_path / "results")
     rd = store.run_dir("g", "joint-a")
-    rd.write_config({"method": {"name": "joint"}, "train": {"seed": 0, "epochs": 2}})
+    rd.write_config({"dataset": {"name": "gaussian"}, "method": {"name": "joint"}, "train": {"seed": 0, "epochs": 2}})
     rd.set_status("failed", error="boom", log=str(rd.path / "run.log"), stdout="/elsewhere/77.out")
     assert rd.status()["log"] == "g/joint-a/run.log"
     assert rd.status()["stdout"] == "/elsewhere/77.out"  # outside the store: kept as it is
