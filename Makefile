@@ -8,14 +8,14 @@ STAMP := $(VENV)/.installed
 
 .PHONY: venv quickstart test test-slow test-slurm clean
 
+# torchaudio 2.11 beside torch 2.14 on purpose: its wheel declares no torch requirement and its
+# extensions are built on torch's stable ABI (abi3), so it imports and runs against 2.14
+# (MelSpectrogram, kaldi fbank, resample: all the suite uses). --no-deps keeps pip from
+# fetching another torch for it. Audio files are read with soundfile, not torchaudio.load
+# (which needs TorchCodec). Another torch: pick the torchaudio of the same release line.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(PINS)
-	# torchaudio 2.11 beside torch 2.14 on purpose: its wheel declares no torch requirement and its
-	# extensions are built on torch's stable ABI (abi3), so it imports and runs against 2.14
-	# (MelSpectrogram, kaldi fbank, resample: all the suite uses). --no-deps keeps pip from
-	# fetching another torch for it. Audio files are read with soundfile, not torchaudio.load
-	# (which needs TorchCodec). Another torch: pick the torchaudio of the same release line.
 	$(PY) -m pip install -q --no-deps torchaudio==2.11.0
 	$(PY) -m pip install -q -e '.[test]' $(PINS)
 	touch $(STAMP)
