@@ -34,6 +34,11 @@ def test_one_epoch_on_avdigits(modality, tmp_path):
     assert weights[f"encoders.{modality}.net.conv1.0.weight"].shape[1] == 1
 
 
+def test_listed_with_its_parameters(capsys):
+    assert main(["list"]) == 0
+    assert "timm             params: model=required, pretrained=False, in_chans=None" in capsys.readouterr().out
+
+
 def test_frame_stack_is_mean_of_frame_features():
     torch.manual_seed(0)
     enc = build_encoder({"name": "timm", "model": SMALL}, Modality("clip", "video", (3, 2, 16, 16))).eval()
