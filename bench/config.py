@@ -247,7 +247,7 @@ def validate(data: Mapping[str, Any], sources: Sources | None = None) -> RunConf
         "method",
         sources,
     )
-    dataset_params = dataset_cls.Params.model_validate({k: v for k, v in cfg.dataset.items() if k != "name"})
+    dataset_params = DATASETS.params_of(cfg.dataset)
     modalities = dataset_cls.modality_names(dataset_params)
     encoders = dict(cfg.model.encoders)
     for modality in encoders:

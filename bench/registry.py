@@ -14,9 +14,9 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from importlib.metadata import EntryPoint, entry_points
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from bench.errors import ConfigError, PluginWarning, allowed_list, closest
 
@@ -53,6 +53,17 @@ class Registry(Generic[T]):
                 f"unknown {self.kind} {name!r}{src}{closest(name, self._entries)}; "
                 f"allowed: {allowed_list(self._entries)}"
             ) from None
+
+    def params_of(self, section: Mapping[str, Any], where: str = "") -> Any:
+        """The typed Params of the class `section["name"]` names, from the section's other keys
+        (a config section such as `method: {name: mla, hgm: off}`)."""
+        cls = self.get(section["name"], where)
+        return cls.Params.model_validate({k: v for k, v in section.items() if k != "name"})
+
+    def create(self, section: Mapping[str, Any], *args: Any, where: str = "") -> T:
+        """timm's `create_model` for this registry: the class `section["name"]` names, built from
+        its typed Params (the section's other keys) and `args` (what the harness hands it)."""
+        return self.get(section["name"], where)(self.params_of(section, where), *args)
 
     def names(self) -> list[str]:
         load_all()

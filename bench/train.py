@@ -59,16 +59,14 @@ class RunResult:
 
 
 def build_dataset(cfg: RunConfig) -> Dataset:
-    cls = DATASETS.get(cfg.dataset["name"], "dataset.name")
-    return cls(cls.Params.model_validate({k: v for k, v in cfg.dataset.items() if k != "name"}))
+    return DATASETS.create(cfg.dataset, where="dataset.name")
 
 
 def build_method(cfg: RunConfig, dataset: Dataset) -> Method:
     encoders = nn.ModuleDict({m.name: build_encoder(cfg.model.encoders[m.name], m) for m in dataset.modalities})
     setup = MethodSetup(encoders, dataset.num_classes, dataset.modalities, cfg.model.fusion,
                         cfg.model.conditioning, cfg.train.epochs)
-    cls = METHODS.get(cfg.method["name"], "method.name")
-    return cls(cls.Params.model_validate({k: v for k, v in cfg.method.items() if k != "name"}), setup)
+    return METHODS.create(cfg.method, setup, where="method.name")
 
 
 def build_optimizer(cfg: RunConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:

@@ -10,6 +10,4 @@ from datasets.base import Modality
 
 def build_encoder(section: dict, modality: Modality) -> nn.Module:
     """An encoder from its resolved config section ({name, ...params}) for one modality."""
-    cls = ENCODERS.get(section["name"], f"model.encoders.{modality.name}")
-    params = cls.Params.model_validate({k: v for k, v in section.items() if k != "name"})
-    return cls(params, modality)
+    return ENCODERS.create(section, modality, where=f"model.encoders.{modality.name}")

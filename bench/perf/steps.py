@@ -109,7 +109,7 @@ def build_subject(variant: Variant, shapes: Shapes, batch: Batch, train: TrainCo
     setup = MethodSetup(encoders, shapes.classes, modalities, "concat", None, epochs=2)
     cls = METHODS.get(variant.method["name"], "method.name")
     try:
-        params = cls.Params.model_validate({k: v for k, v in variant.method.items() if k != "name"})
+        params = METHODS.params_of(variant.method, "method.name")
     except ValidationError as e:
         from bench.errors import ConfigError
 
