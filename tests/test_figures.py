@@ -206,7 +206,7 @@ def test_accuracy_vs_cost_shows_the_aggregate(drawn):
     (ax,) = figs["accuracy_vs_cost"].axes[:1]
     shown = {}
     for bars in ax.containers:
-        line, _, (xerr, yerr) = bars.lines[0], bars.lines[1], bars.lines[2]
+        line, (_, yerr) = bars.lines[0], bars.lines[2]  # the data line; the (x, y) error bar collections
         seg = yerr.get_segments()[0]
         shown[rgb(line.get_color())] = (line.get_ydata()[0], seg[0][1], seg[1][1])
     for r in agg.itertuples():

@@ -17,7 +17,6 @@ from bench.cli import main as cli
 from bench.errors import DataWarning, PluginWarning
 from bench.registry import METHODS, load_plugin
 from bench.selection import best_epoch
-from bench.status import status_table
 from bench.store import RunDir, Store, strict_json
 from bench.train import run
 from datasets.prepare.runner import prepare, split_verdict

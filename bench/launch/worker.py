@@ -11,7 +11,7 @@ from pathlib import Path
 
 from bench.config import RunConfig, Sources, validate
 from bench.errors import EXIT_ELSEWHERE, EXIT_INTERRUPTED, ConfigError, RunFailed
-from bench.store import RunDir, Store, atomic_write_json, atomic_write_text
+from bench.store import RunDir, Store, atomic_write_text
 
 
 def load_run(run_dir: str | Path) -> tuple[RunConfig, Store]:
