@@ -165,10 +165,6 @@ class RunDir:
     def write_metrics(self, records: list[dict[str, Any]]) -> None:
         atomic_write_text(self.metrics, "".join(strict_json(r) + "\n" for r in records))
 
-    def append_metrics(self, record: dict[str, Any]) -> None:
-        # rewriting the (small) file keeps the append atomic
-        self.write_metrics(self.read_metrics() + [record])
-
     # ---- summary and checkpoints
     def write_summary(self, summary: dict[str, Any]) -> None:
         atomic_write_json(self.summary, summary)

@@ -189,7 +189,7 @@ class Trainer:
         return self.loaders["train"](batch_size=self.cfg.train.eval_batch_size)
 
     # ---- checkpoints
-    def save_checkpoint(self, epoch: int) -> None:
+    def save_checkpoint(self, epoch: int, history: list[dict[str, Any]]) -> None:
         self.dir.save(
             self.dir.checkpoint,
             {
@@ -201,7 +201,7 @@ class Trainer:
                 "counters": {"steps": self.steps, "forward": self.passes.calls,
                              "backward": self.helpers.backward_passes},
                 # small; a resume rewrites metrics.jsonl from it, so a damaged one costs nothing
-                "history": self.dir.read_metrics(),
+                "history": history,
             },
         )
 
@@ -292,11 +292,11 @@ class Trainer:
             record["test"] = self.evaluate("test")
             record["method"] = self.method.epoch_log()
             record["selectable"] = self.method.selectable(epoch)
-            self.dir.append_metrics(record)
             history.append(record)
+            self.dir.write_metrics(history)  # the whole (small) file rewritten: an atomic append
             if best_epoch(history, select) is record:
                 self.dir.save(self.dir.best, {"epoch": epoch, "model": self.method.state_dict()})
-            self.save_checkpoint(epoch)
+            self.save_checkpoint(epoch, history)
             self.dir.set_status("running", epochs_done=epoch + 1, epochs=cfg.train.epochs)
         return self.summarise()
 
