@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.errors import StoreError
-from bench.store import RunDir
+from mmbalance.bench.errors import StoreError
+from mmbalance.bench.store import RunDir
 
 CLAIM_FILE = "claim.lock"
 # a claim attempt waits this long before it gives up: status probes and a launcher marking the

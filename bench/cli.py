@@ -10,10 +10,9 @@ from pathlib import Path
 
 import yaml
 
-from bench.errors import EXIT_INTERRUPTED, MMBalanceError
+from mmbalance.bench.errors import EXIT_INTERRUPTED, MMBalanceError
+from mmbalance.bench.resources import config_path, quickstart_config
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART = REPO_ROOT / "configs" / "quickstart.yaml"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="a group directory (results/<group>), a run directory, or the store root")
 
     p = sub.add_parser("bench", help="step cost of every method vs joint, loader speed, data path, packing")
-    from bench.perf.bench import add_arguments
+    from mmbalance.bench.perf.bench import add_arguments
 
     add_arguments(p)
     p = sub.add_parser("show-config", help="print the fully resolved config (defaults filled in) and its run id")
@@ -106,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("interrupted", file=sys.stderr)
             return EXIT_INTERRUPTED
         except OSError as e:  # a full or read-only disk: the OS's words and the file, no traceback
-            from bench.oserror import EXIT_OS_ERROR, os_message
+            from mmbalance.bench.oserror import EXIT_OS_ERROR, os_message
 
             print(f"error: {os_message(e)}", file=sys.stderr)
             return EXIT_OS_ERROR
@@ -115,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def one_line_warnings(default):
     """The suite's own warnings (a broken plugin, a suspicious manifest) as 'warning: ...' lines;
     any other warning as Python shows it."""
-    from bench.errors import MMBalanceWarning
+    from mmbalance.bench.errors import MMBalanceWarning
 
     def show(message, category, filename, lineno, file=None, line=None):
         if issubclass(category, MMBalanceWarning):
@@ -127,24 +126,25 @@ def one_line_warnings(default):
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from bench.catalog import describe_registries
+    from mmbalance.bench.catalog import describe_registries
 
     print(describe_registries())
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from bench.config import load_config
-    from bench.store import Store
-    from bench.sweep import is_sweep_file
+    from mmbalance.bench.config import load_config
+    from mmbalance.bench.store import Store
+    from mmbalance.bench.sweep import is_sweep_file
 
+    path = config_path(args.config)
     if args.dry_run:
-        return dry_run(Path(args.config), args.overrides)
-    if is_sweep_file(args.config):
-        return run_sweep(Path(args.config), args.overrides, Store(args.results).ensure_writable(), args.report)
-    from bench.train import run
+        return dry_run(path, args.overrides)
+    if is_sweep_file(path):
+        return run_sweep(path, args.overrides, Store(args.results).ensure_writable(), args.report)
+    from mmbalance.bench.train import run
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(path, args.overrides)
     result = run(cfg, Store(args.results).ensure_writable())
     if result.state == "elsewhere":
         print(f"{result.path}: {result.note}")
@@ -158,7 +158,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def run_sweep(path: Path, overrides: Sequence[str], store, report: str | None) -> int:
-    from bench.sweep import labels_in_order, load_sweep, run_inline
+    from mmbalance.bench.sweep import labels_in_order, load_sweep, run_inline
 
     sweep, configs = load_sweep(path, overrides)
     print(f"sweep {sweep.group!r}: {len(labels_in_order(configs))} cells x {len(sweep.seeds)} seeds = "
@@ -171,8 +171,8 @@ def run_sweep(path: Path, overrides: Sequence[str], store, report: str | None) -
 def print_table(group: str, configs, store, report: str | None) -> None:
     """Print the sweep's table (bench.report.build.printed_tables); with `report`, write the whole
     report there too, whose table.md/csv hold the very strings printed."""
-    from bench.report.build import build_report, table_text
-    from bench.sweep import labels_in_order
+    from mmbalance.bench.report.build import build_report, table_text
+    from mmbalance.bench.sweep import labels_in_order
 
     if not (store.root / group).is_dir():
         return
@@ -184,13 +184,13 @@ def print_table(group: str, configs, store, report: str | None) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from bench.launch import launch
-    from bench.launch.options import FLAG_KEYS
-    from bench.launch.plan import format_plan, plan, to_run
-    from bench.store import Store
-    from bench.sweep import check_runs, load_sweep
+    from mmbalance.bench.launch import launch
+    from mmbalance.bench.launch.options import FLAG_KEYS
+    from mmbalance.bench.launch.plan import format_plan, plan, to_run
+    from mmbalance.bench.store import Store
+    from mmbalance.bench.sweep import check_runs, load_sweep
 
-    sweep, configs = load_sweep(Path(args.file), args.overrides)
+    sweep, configs = load_sweep(config_path(args.file), args.overrides)
     flags = {k: getattr(args, k) for k in FLAG_KEYS if getattr(args, k) is not None}
     if args.launcher:
         flags["name"] = args.launcher
@@ -212,7 +212,7 @@ def launcher_options(from_file, flags: dict):
     """The file's launcher section with the command-line flags over it."""
     from pydantic import ValidationError
 
-    from bench.config import ConfigError, Sources, format_errors
+    from mmbalance.bench.config import ConfigError, Sources, format_errors
 
     sources = Sources()
     sources.record({f"launcher.{k}": v for k, v in flags.items()}, "the command line")
@@ -223,17 +223,17 @@ def launcher_options(from_file, flags: dict):
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from bench.status import cancel
+    from mmbalance.bench.status import cancel
 
     print(cancel(Path(args.dir)))
     return 0
 
 
 def cmd_run_one(args: argparse.Namespace) -> int:
-    from bench.errors import EXIT_ELSEWHERE, RunFailed
-    from bench.launch.worker import run_one
-    from bench.oserror import EXIT_OS_ERROR, os_cause
-    from bench.store import RunDir
+    from mmbalance.bench.errors import EXIT_ELSEWHERE, RunFailed
+    from mmbalance.bench.launch.worker import run_one
+    from mmbalance.bench.oserror import EXIT_OS_ERROR, os_cause
+    from mmbalance.bench.store import RunDir
 
     try:
         state = run_one(args.run_dir)
@@ -248,8 +248,8 @@ def cmd_run_one(args: argparse.Namespace) -> int:
 
 
 def dry_run(path: Path, overrides: Sequence[str]) -> int:
-    from bench.config import load_config
-    from bench.sweep import check_runs, is_sweep_file, load_sweep
+    from mmbalance.bench.config import load_config
+    from mmbalance.bench.sweep import check_runs, is_sweep_file, load_sweep
 
     if is_sweep_file(path):
         _, configs = load_sweep(path, overrides)
@@ -264,7 +264,7 @@ def dry_run(path: Path, overrides: Sequence[str]) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from datasets.prepare.runner import prepare
+    from mmbalance.datasets.prepare.runner import prepare
 
     report = prepare(args.name, args.raw, args.out, args.pipeline, args.workers, args.on_error)
     print(report.summary())
@@ -272,13 +272,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    from bench.store import Store
+    from mmbalance.bench.store import Store
 
-    return run_sweep(QUICKSTART, args.overrides, Store(args.results).ensure_writable(), args.report)
+    return run_sweep(quickstart_config(), args.overrides, Store(args.results).ensure_writable(), args.report)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from bench.report.build import build_report
+    from mmbalance.bench.report.build import build_report
 
     out = Path(args.out) if args.out else Path("reports") / Path(args.dir).resolve().name
     print(build_report(Path(args.dir), out, by=args.by, select=args.select).summary)
@@ -286,23 +286,23 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from bench.status import status_table
+    from mmbalance.bench.status import status_table
 
     print(status_table(Path(args.dir)))
     return 0
 
 
 def cmd_show_config(args: argparse.Namespace) -> int:
-    from bench.config import load_config
+    from mmbalance.bench.config import load_config
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(None if args.config is None else config_path(args.config), args.overrides)
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
     print(f"# run id: {cfg.run_id()}")
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from bench.perf.bench import run
+    from mmbalance.bench.perf.bench import run
 
     return run(args)
 

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from bench.errors import ConfigError, allowed_list, closest
+from mmbalance.bench.errors import ConfigError, allowed_list, closest
 
 
 class Strict(BaseModel):
@@ -237,7 +237,7 @@ def validate(data: Mapping[str, Any], sources: Sources | None = None) -> RunConf
         cfg = RunConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(format_errors(e, RunConfig, sources)) from None
-    from bench.registry import DATASETS, ENCODERS, METHODS
+    from mmbalance.bench.registry import DATASETS, ENCODERS, METHODS
 
     dataset_cls = DATASETS.get(require_name(cfg.dataset, "dataset", sources), sources.of("dataset.name"))
     cfg.dataset = resolve_named(cfg.dataset, dataset_cls.Params, "dataset", sources)

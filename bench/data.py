@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from bench.config import TrainConfig
-from datasets.base import Dataset, TensorSplit
-from methods.base import Batch
+from mmbalance.bench.config import TrainConfig
+from mmbalance.datasets.base import Dataset, TensorSplit
+from mmbalance.methods.base import Batch
 
 BatchView = Callable[[torch.Tensor], torch.Tensor]
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from bench.config import TrainConfig
-from bench.errors import RunFailed
+from mmbalance.bench.config import TrainConfig
+from mmbalance.bench.errors import RunFailed
 
 
 def resolve_device(name: str) -> torch.device:

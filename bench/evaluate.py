@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from methods.base import Batch, Method
+from mmbalance.methods.base import Batch, Method
 
 
 def average_precision(hits: np.ndarray, scores: np.ndarray) -> float:

@@ -15,7 +15,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from methods.base import Batch, Method
+from mmbalance.methods.base import Batch, Method
 
 
 @torch.no_grad()

@@ -22,7 +22,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveInt, ValidationError
 
-from bench.errors import DamagedFile
+from mmbalance.bench.errors import DamagedFile
 
 Unit = Annotated[float, Field(ge=0.0, le=1.0)] | None  # a rate; None: undefined
 Amount = NonNegativeFloat | None
@@ -152,7 +152,7 @@ def short(value: Any) -> str:
 
 
 def check_status(data: Any, path: Path) -> dict[str, Any]:
-    from bench.store import STATES
+    from mmbalance.bench.store import STATES
 
     status = check(Status, data, path)
     if status.state not in STATES:

@@ -8,11 +8,11 @@ from typing import Any
 
 import pandas as pd
 
-from bench.cancel import CANCELLED_JOB
-from bench.claim import is_held, process_gone
-from bench.errors import DamagedFile, MMBalanceError, StoreError
-from bench.selection import best_epoch, select_metric
-from bench.store import RunDir
+from mmbalance.bench.cancel import CANCELLED_JOB
+from mmbalance.bench.claim import is_held, process_gone
+from mmbalance.bench.errors import DamagedFile, MMBalanceError, StoreError
+from mmbalance.bench.selection import best_epoch, select_metric
+from mmbalance.bench.store import RunDir
 
 
 def find_runs(path: Path) -> list[RunDir]:
@@ -67,7 +67,7 @@ def status_table(path: Path) -> str:
     runs = find_runs(path)
     if not runs:
         return f"{path}: no runs (no */config.yaml below it)"
-    from bench.launch.jobs import queued_job_ids
+    from mmbalance.bench.launch.jobs import queued_job_ids
 
     queued = queued_job_ids()
     rows, problems = [], []
@@ -138,7 +138,7 @@ def problem_line(rd: RunDir, row: dict[str, Any], status: dict[str, Any]) -> str
 def cancel(path: Path) -> str:
     """scancel every SLURM job of a run under `path` that is still pending or running, and mark
     those runs interrupted (launching again resumes them)."""
-    from bench.launch.jobs import cancel_jobs, queued_job_ids
+    from mmbalance.bench.launch.jobs import cancel_jobs, queued_job_ids
 
     queued = queued_job_ids()
     targets = []

@@ -22,10 +22,10 @@ from typing import Any
 import torch
 import yaml
 
-from bench import schema
-from bench.cancel import guarded
-from bench.errors import DamagedFile, StoreError
-from bench.oserror import naming
+from mmbalance.bench import schema
+from mmbalance.bench.cancel import guarded
+from mmbalance.bench.errors import DamagedFile, StoreError
+from mmbalance.bench.oserror import naming
 
 STATES = ("pending", "running", "finished", "failed", "interrupted")
 # where and how a launcher placed the run: kept across the run's own status updates

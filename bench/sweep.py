@@ -37,7 +37,7 @@ from typing import Any
 from pydantic import Field, ValidationError, model_validator
 from tqdm.auto import tqdm
 
-from bench.config import (
+from mmbalance.bench.config import (
     ConfigError,
     RunConfig,
     Sources,
@@ -49,12 +49,13 @@ from bench.config import (
     read_yaml,
     validate,
 )
-from bench.errors import DataError, RunFailed
-from bench.launch.options import LauncherConfig
-from bench.launch.plan import label
-from bench.store import Store
-from bench.train import DatasetSource, RunResult, build_dataset, build_method, run
-from datasets.base import Dataset
+from mmbalance.bench.errors import DataError, RunFailed
+from mmbalance.bench.launch.options import LauncherConfig
+from mmbalance.bench.resources import shipped_config, shipped_configs
+from mmbalance.bench.launch.plan import label
+from mmbalance.bench.store import Store
+from mmbalance.bench.train import DatasetSource, RunResult, build_dataset, build_method, run
+from mmbalance.datasets.base import Dataset
 
 SWEEP_KEYS = frozenset({"recipe", "base", "seeds", "cells", "grid", "include", "exclude", "launcher"})
 
@@ -183,13 +184,18 @@ def load_bases(sweep: SweepConfig, origin: str, where: Path) -> list[tuple[str |
 
 
 def find_recipe(recipe: str, where: Path, origin: str) -> Path:
-    """A recipe path is relative to the sweep file's folder, else to the working directory."""
+    """A recipe path is relative to the sweep file's folder, else to the working directory, else
+    the name of a shipped recipe (`ogmge_cremad`, `recipes/ogmge_cremad.yaml`)."""
     tried = [where / recipe, Path(recipe)]
     for path in tried:
         if path.is_file():
             return path
+    for name in (recipe, f"recipes/{recipe}"):
+        if (shipped := shipped_config(name)) is not None:
+            return shipped
     raise ConfigError(f"recipe {recipe!r} (from {origin}) does not exist; tried "
-                      + ", ".join(repr(str(p)) for p in tried))
+                      + ", ".join(repr(str(p)) for p in tried) + " and the shipped recipes: "
+                      + ", ".join(n for n in shipped_configs() if n.startswith("recipes/")))
 
 
 def include_point(sweep: SweepConfig, i: int, row: dict[str, Any], prefix: str | None,

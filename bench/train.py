@@ -21,22 +21,22 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from bench.cancel import RunCancelled
-from bench.claim import elsewhere_line, try_claim
-from bench.config import RunConfig
-from bench.data import build_loaders, epoch_generator, seed_everything
-from bench.device import prepare_model, resolve_device
-from bench.errors import ConfigError, DamagedFile, MMBalanceError, RunFailed
-from bench.evaluate import evaluate
-from bench.models import build_encoder
-from bench.oserror import os_message
-from bench.probe import probe_all
-from bench.registry import DATASETS, METHODS
-from bench.schema import check_checkpoint
-from bench.selection import best_epoch
-from bench.store import RunDir, Store
-from datasets.base import Dataset
-from methods.base import Batch, Method, MethodSetup, StepHelpers
+from mmbalance.bench.cancel import RunCancelled
+from mmbalance.bench.claim import elsewhere_line, try_claim
+from mmbalance.bench.config import RunConfig
+from mmbalance.bench.data import build_loaders, epoch_generator, seed_everything
+from mmbalance.bench.device import prepare_model, resolve_device
+from mmbalance.bench.errors import ConfigError, DamagedFile, MMBalanceError, RunFailed
+from mmbalance.bench.evaluate import evaluate
+from mmbalance.bench.models import build_encoder
+from mmbalance.bench.oserror import os_message
+from mmbalance.bench.probe import probe_all
+from mmbalance.bench.registry import DATASETS, METHODS
+from mmbalance.bench.schema import check_checkpoint
+from mmbalance.bench.selection import best_epoch
+from mmbalance.bench.store import RunDir, Store
+from mmbalance.datasets.base import Dataset
+from mmbalance.methods.base import Batch, Method, MethodSetup, StepHelpers
 
 
 # builds (or hands out an already built) dataset for a config; sweeps share one between runs

@@ -25,9 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.data import SplitLoader  # noqa: E402
-from bench.registry import DATASETS  # noqa: E402
-from datasets.prepare.runner import prepare  # noqa: E402
+from mmbalance.bench.data import SplitLoader  # noqa: E402
+from mmbalance.bench.registry import DATASETS  # noqa: E402
+from mmbalance.datasets.prepare.runner import prepare  # noqa: E402
 from tests.fixtures.ave import write_ave  # noqa: E402
 from tests.fixtures.cremad import write_cremad  # noqa: E402
 from tests.fixtures.kinetics_sounds import write_kinetics_sounds  # noqa: E402
@@ -51,7 +51,7 @@ def fixtures(scale: int) -> dict[str, tuple[Callable[[Path], object], list[str],
 
 
 def cache_bytes_per_row(root: Path) -> float:
-    from datasets.cache import Cache
+    from mmbalance.datasets.cache import Cache
 
     specs = Cache(root).specs  # rows are fixed-size: frame stacks are padded to their T slots
     return sum(math.prod(s.shape) * np.dtype(s.dtype).itemsize for s in specs.values())

@@ -22,11 +22,11 @@ import torch
 import torchaudio
 from pydantic import Field, model_validator
 
-from bench.config import Strict
-from bench.errors import DataError
-from bench.registry import DATASETS
-from datasets.base import SPLITS, Dataset, Modality, TensorSplit
-from datasets.prepare.avdigits_generate import DEFAULT_CACHE, SAMPLE_RATE, WORDS, load_cache
+from mmbalance.bench.config import Strict
+from mmbalance.bench.errors import DataError
+from mmbalance.bench.registry import DATASETS
+from mmbalance.datasets.base import SPLITS, Dataset, Modality, TensorSplit
+from mmbalance.datasets.prepare.avdigits_generate import DEFAULT_CACHE, SAMPLE_RATE, WORDS, load_cache
 
 # (audio SNR in dB, image noise std): measured to give the named dominance with the default
 # MLP encoders (see the README's quickstart table)

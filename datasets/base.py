@@ -17,8 +17,8 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import BaseModel
 
-from bench.config import NoParams
-from bench.errors import DataError
+from mmbalance.bench.config import NoParams
+from mmbalance.bench.errors import DataError
 
 SPLITS = ("train", "val", "test")
 ModalityKind = Literal["audio", "image", "video", "vector", "text"]

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from bench.config import Strict
-from bench.registry import DATASETS
-from datasets.base import SPLITS, Dataset, Modality, TensorSplit
-from datasets.prepare.avdigits_generate import WORDS, assign_splits, load_digits_arrays
+from mmbalance.bench.config import Strict
+from mmbalance.bench.registry import DATASETS
+from mmbalance.datasets.base import SPLITS, Dataset, Modality, TensorSplit
+from mmbalance.datasets.prepare.avdigits_generate import WORDS, assign_splits, load_digits_arrays
 
 # ten well-separated RGB class colours (tab10)
 CLASS_COLORS = np.array([

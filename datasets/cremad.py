@@ -35,14 +35,14 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from bench.errors import DataError
-from bench.registry import DATASETS
-from datasets import audio as fe
-from datasets.cache import ArraySpec
-from datasets.media import clip_frames, read_audio
-from datasets.prepared import AudioVisualDataset, CachedParams, Pipeline, Plan, SampleSource, View
-from datasets.splits import carve_val, load_manifest, read_pinned_list
-from datasets.transforms import FrameClip, SpectrogramView
+from mmbalance.bench.errors import DataError
+from mmbalance.bench.registry import DATASETS
+from mmbalance.datasets import audio as fe
+from mmbalance.datasets.cache import ArraySpec
+from mmbalance.datasets.media import clip_frames, read_audio
+from mmbalance.datasets.prepared import AudioVisualDataset, CachedParams, Pipeline, Plan, SampleSource, View
+from mmbalance.datasets.splits import carve_val, load_manifest, read_pinned_list
+from mmbalance.datasets.transforms import FrameClip, SpectrogramView
 
 EMOTIONS = ("NEU", "HAP", "SAD", "FEA", "DIS", "ANG")  # OGM-GE / DI-MML label order
 MLA_NAMES = {"ANG": "Anger", "DIS": "Disgust", "FEA": "Fear", "HAP": "Happy", "NEU": "Neutral", "SAD": "Sad"}

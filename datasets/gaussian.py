@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from bench.config import Strict
-from bench.registry import DATASETS
-from datasets.base import Dataset, Modality, TensorSplit
+from mmbalance.bench.config import Strict
+from mmbalance.bench.registry import DATASETS
+from mmbalance.datasets.base import Dataset, Modality, TensorSplit
 
 
 class GaussianParams(Strict):

@@ -50,16 +50,16 @@ import numpy as np
 import torch
 from pydantic import BaseModel, Field
 
-from bench.errors import ConfigError, DataError, DataWarning
-from bench.registry import DATASETS
-from datasets import audio as fe
-from datasets.base import ModalityKind
-from datasets.cache import ArraySpec, CacheMeta, read_meta
-from datasets.manifest_csv import FLOAT16_MAX, SPLIT_VALUES, ManifestTable, lines_of, odd_labels, read_table
-from datasets.media import clip_frames, read_audio, read_image, resize_image
-from datasets.prepared import CachedParams, Pipeline, Plan, PreparedDataset, SampleSource, View
-from datasets.splits import ValCarving, carve_val, load_manifest
-from datasets.transforms import FrameClip, SpectrogramView
+from mmbalance.bench.errors import ConfigError, DataError, DataWarning
+from mmbalance.bench.registry import DATASETS
+from mmbalance.datasets import audio as fe
+from mmbalance.datasets.base import ModalityKind
+from mmbalance.datasets.cache import ArraySpec, CacheMeta, read_meta
+from mmbalance.datasets.manifest_csv import FLOAT16_MAX, SPLIT_VALUES, ManifestTable, lines_of, odd_labels, read_table
+from mmbalance.datasets.media import clip_frames, read_audio, read_image, resize_image
+from mmbalance.datasets.prepared import CachedParams, Pipeline, Plan, PreparedDataset, SampleSource, View
+from mmbalance.datasets.splits import ValCarving, carve_val, load_manifest
+from mmbalance.datasets.transforms import FrameClip, SpectrogramView
 
 TEST_FRACTION = 0.2  # without a split column: 70/10/20
 VAL_FRACTION = 0.1

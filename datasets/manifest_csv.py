@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.errors import DataError, allowed_list
-from datasets.base import ModalityKind
+from mmbalance.bench.errors import DataError, allowed_list
+from mmbalance.datasets.base import ModalityKind
 
 CSV_NAME = "manifest.csv"  # what `--raw DIR` looks for
 REQUIRED = ("id", "label")

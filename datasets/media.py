@@ -17,7 +17,7 @@ import numpy as np
 import soundfile
 from PIL import Image, UnidentifiedImageError
 
-from bench.errors import ConfigError, DataError
+from mmbalance.bench.errors import ConfigError, DataError
 
 IMAGE_MODES = ("RGB", "L")
 

@@ -29,13 +29,13 @@ from typing import ClassVar, Literal
 import numpy as np
 from pydantic import Field
 
-from bench.errors import DataError
-from bench.registry import DATASETS
-from datasets.cache import ArraySpec
-from datasets.media import read_image, resize_image
-from datasets.prepared import CachedParams, Pipeline, Plan, PreparedDataset, SampleSource, View
-from datasets.splits import carve_val, load_manifest
-from datasets.transforms import FrameClip
+from mmbalance.bench.errors import DataError
+from mmbalance.bench.registry import DATASETS
+from mmbalance.datasets.cache import ArraySpec
+from mmbalance.datasets.media import read_image, resize_image
+from mmbalance.datasets.prepared import CachedParams, Pipeline, Plan, PreparedDataset, SampleSource, View
+from mmbalance.datasets.splits import carve_val, load_manifest
+from mmbalance.datasets.transforms import FrameClip
 
 RENDERS = "modelnet40_images_new_12x"
 RENDER = re.compile(r"^(?P<object>.+)\.obj\.shaded_v(?P<view>\d{3})\.png$")

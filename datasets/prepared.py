@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from bench.config import Strict
-from bench.errors import DataError
-from datasets.base import Dataset, Modality, ModalityKind
-from datasets.cache import ArraySpec, Cache
+from mmbalance.bench.config import Strict
+from mmbalance.bench.errors import DataError
+from mmbalance.datasets.base import Dataset, Modality, ModalityKind
+from mmbalance.datasets.cache import ArraySpec, Cache
 
 View = Callable[[np.ndarray, "int | None"], torch.Tensor]
 

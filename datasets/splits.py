@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, Field
 
-from bench.errors import DataError
+from mmbalance.bench.errors import DataError
 
-MANIFEST_DIR = Path(str(resources.files("datasets") / "manifests"))
+MANIFEST_DIR = Path(str(resources.files("mmbalance.datasets") / "manifests"))
 
 
 class ValCarving(BaseModel):

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torchvision.transforms import v2
 
-from datasets.batch_views import IMAGENET_MEAN, IMAGENET_STD, BatchView, FrameBatch, normalise_, to_float32
+from mmbalance.datasets.batch_views import IMAGENET_MEAN, IMAGENET_STD, BatchView, FrameBatch, normalise_, to_float32
 
 
 def segment_indices(count: int, k: int, train: bool) -> list[int]:

@@ -60,13 +60,13 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from bench.errors import ConfigError, DataError
-from bench.registry import DATASETS
-from datasets.cache import ArraySpec
-from datasets.media import read_image, resize_image
-from datasets.prepared import CachedParams, Pipeline, Plan, PreparedDataset, SampleSource, View
-from datasets.splits import carve_val, load_manifest
-from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD, FrameClip
+from mmbalance.bench.errors import ConfigError, DataError
+from mmbalance.bench.registry import DATASETS
+from mmbalance.datasets.cache import ArraySpec
+from mmbalance.datasets.media import read_image, resize_image
+from mmbalance.datasets.prepared import CachedParams, Pipeline, Plan, PreparedDataset, SampleSource, View
+from mmbalance.datasets.splits import carve_val, load_manifest
+from mmbalance.datasets.transforms import IMAGENET_MEAN, IMAGENET_STD, FrameClip
 
 LISTS = "ucfTrainTestlist"
 SPLIT_FILES = ("classInd.txt", "trainlist01.txt", "testlist01.txt")

@@ -46,15 +46,15 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from bench.errors import DataError
-from bench.registry import DATASETS
-from datasets import audio as fe
-from datasets.cache import ArraySpec
-from datasets.kinetics_sounds import FRAME_SIZE, FRAME_SLOTS
-from datasets.media import clip_frames, decode_video_audio
-from datasets.prepared import AudioVisualDataset, CachedParams, Pipeline, Plan, SampleSource, View
-from datasets.splits import carve_val, load_manifest
-from datasets.transforms import FrameClip, SpectrogramView
+from mmbalance.bench.errors import DataError
+from mmbalance.bench.registry import DATASETS
+from mmbalance.datasets import audio as fe
+from mmbalance.datasets.cache import ArraySpec
+from mmbalance.datasets.kinetics_sounds import FRAME_SIZE, FRAME_SLOTS
+from mmbalance.datasets.media import clip_frames, decode_video_audio
+from mmbalance.datasets.prepared import AudioVisualDataset, CachedParams, Pipeline, Plan, SampleSource, View
+from mmbalance.datasets.splits import carve_val, load_manifest
+from mmbalance.datasets.transforms import FrameClip, SpectrogramView
 
 CSV_NAME = "vggsound.csv"
 SPLITS = ("train", "test")

@@ -18,8 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import BaseModel
 
-from bench.config import NoParams
-from datasets.base import Modality
+from mmbalance.bench.config import NoParams
+from mmbalance.datasets.base import Modality
 
 
 @dataclass

@@ -60,11 +60,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import Field
 
-from bench.config import Strict
-from bench.errors import ConfigError
-from bench.models.fusion import linear
-from bench.registry import METHODS
-from methods.base import Batch, Method, MethodSetup, Prediction
+from mmbalance.bench.config import Strict
+from mmbalance.bench.errors import ConfigError
+from mmbalance.bench.models.fusion import linear
+from mmbalance.bench.registry import METHODS
+from mmbalance.methods.base import Batch, Method, MethodSetup, Prediction
 
 
 class DIMMLParams(Strict):

@@ -12,11 +12,11 @@ from typing import Literal
 
 import torch
 
-from bench.config import Strict
-from bench.errors import ConfigError
-from bench.models.fusion import build_fusion
-from bench.registry import METHODS
-from methods.base import Batch, Method, MethodSetup, Prediction
+from mmbalance.bench.config import Strict
+from mmbalance.bench.errors import ConfigError
+from mmbalance.bench.models.fusion import build_fusion
+from mmbalance.bench.registry import METHODS
+from mmbalance.methods.base import Batch, Method, MethodSetup, Prediction
 
 
 class JointParams(Strict):

@@ -95,10 +95,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import Field
 
-from bench.config import Strict
-from bench.errors import ConfigError, allowed_list
-from bench.registry import METHODS
-from methods.base import Batch, Method, MethodSetup, Prediction
+from mmbalance.bench.config import Strict
+from mmbalance.bench.errors import ConfigError, allowed_list
+from mmbalance.bench.registry import METHODS
+from mmbalance.methods.base import Batch, Method, MethodSetup, Prediction
 
 DEFAULT_RHO = {"paper": 0.05, "code": 1e-10}
 DEFAULT_PROJECT_LAYERS = {"paper": "head", "code": "shape_match"}

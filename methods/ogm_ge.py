@@ -59,10 +59,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from bench.config import Strict
-from bench.models.fusion import ConcatFusion, LateFusion, SumFusion, build_fusion, linear
-from bench.registry import METHODS
-from methods.base import Batch, Method, MethodSetup, Prediction
+from mmbalance.bench.config import Strict
+from mmbalance.bench.models.fusion import ConcatFusion, LateFusion, SumFusion, build_fusion, linear
+from mmbalance.bench.registry import METHODS
+from mmbalance.methods.base import Batch, Method, MethodSetup, Prediction
 
 NOISE_EPS = 1e-8  # added to the noise std, as the reference code does
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from bench.config import Strict
-from bench.errors import ConfigError, allowed_list, closest
-from bench.models.fusion import linear
-from bench.registry import METHODS
-from methods.base import Batch, Method, MethodSetup, Prediction
+from mmbalance.bench.config import Strict
+from mmbalance.bench.errors import ConfigError, allowed_list, closest
+from mmbalance.bench.models.fusion import linear
+from mmbalance.bench.registry import METHODS
+from mmbalance.methods.base import Batch, Method, MethodSetup, Prediction
 
 
 class UnimodalParams(Strict):

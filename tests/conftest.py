@@ -4,8 +4,8 @@ from collections.abc import Callable, Sequence
 
 import pytest
 
-from bench.config import RunConfig, load_config
-from bench.store import Store
+from mmbalance.bench.config import RunConfig, load_config
+from mmbalance.bench.store import Store
 
 # a fast config: the Gaussian generator, tiny MLPs, a few epochs
 FAST = [
@@ -51,7 +51,7 @@ def without_timing(records: Sequence[dict]) -> list[dict]:
 def run_interrupted(cfg: RunConfig, store: Store, monkeypatch, at_epoch: int) -> None:
     """Run `cfg` into `store` until a KeyboardInterrupt stops it as epoch `at_epoch` starts
     training (epochs before it are complete and checkpointed); running it again resumes."""
-    from bench.train import Trainer, run
+    from mmbalance.bench.train import Trainer, run
 
     original = Trainer.train_epoch
 

@@ -7,8 +7,8 @@ import pytest
 import scipy.signal
 import torch
 
-from bench.errors import DataError
-from datasets import audio as fe
+from mmbalance.bench.errors import DataError
+from mmbalance.datasets import audio as fe
 
 
 def noise(n: int, seed: int = 0, scale: float = 0.3) -> torch.Tensor:

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from datasets.prepare import avdigits_generate as gen
+from mmbalance.datasets.prepare import avdigits_generate as gen
 
 SPLITS = ("train", "val", "test")
 

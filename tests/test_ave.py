@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from bench.errors import DataError
-from datasets.ave import Ave, AveParams, PIPELINES
-from datasets.cache import Cache
-from datasets.prepare.runner import prepare
-from datasets.splits import compare_with_published, load_manifest
+from mmbalance.bench.errors import DataError
+from mmbalance.datasets.ave import Ave, AveParams, PIPELINES
+from mmbalance.datasets.cache import Cache
+from mmbalance.datasets.prepare.runner import prepare
+from mmbalance.datasets.splits import compare_with_published, load_manifest
 from tests.fixtures.ave import CLASSES, DUPLICATE, EMPTY, FPS, SHARED, TONE_HZ, write_ave
 from tests.fixtures.media import read_mark
 from tests.fixtures.train import train_one_epoch

@@ -9,9 +9,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from datasets.batch_views import (FrameBatch, crop_resize, fallback_size, normalise_, random_crop_boxes,
+from mmbalance.datasets.batch_views import (FrameBatch, crop_resize, fallback_size, normalise_, random_crop_boxes,
                                   random_resized_boxes)
-from datasets.transforms import FrameClip
+from mmbalance.datasets.transforms import FrameClip
 
 
 def test_random_resized_boxes_fit_the_image_and_the_scale_and_ratio_ranges():

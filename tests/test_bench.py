@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 import math
 
-from bench.cli import main as cli
-from bench.perf.bench import SHAPE_NAMES
-from bench.perf.steps import SHAPES, VARIANTS
+from mmbalance.bench.cli import main as cli
+from mmbalance.bench.perf.bench import SHAPE_NAMES
+from mmbalance.bench.perf.steps import SHAPES, VARIANTS
 
 
 def positive_finite(value) -> bool:
@@ -55,7 +55,7 @@ def test_unknown_method_is_refused_with_the_allowed_ones(capsys):
 
 
 def test_methods_select_built_in_variants_and_any_registered_method():
-    from bench.perf.steps import variants_named
+    from mmbalance.bench.perf.steps import variants_named
 
     chosen = variants_named(["mie", "unimodal"])
     assert [v.label for v in chosen] == ["joint", "mie (paper SAM, stage 2)", "mie (code SAM, stage 2)", "unimodal"]

@@ -9,9 +9,9 @@ import threading
 
 import pytest
 
-from bench.cancel import RunCancelled, own_job_id
-from bench.status import cancel
-from bench.store import Store
+from mmbalance.bench.cancel import RunCancelled, own_job_id
+from mmbalance.bench.status import cancel
+from mmbalance.bench.store import Store
 from tests.conftest import without_timing
 
 JOB = "9_0"
@@ -20,7 +20,7 @@ JOB = "9_0"
 @pytest.fixture
 def in_job(monkeypatch):
     """This process is array task 9_0, which squeue lists; scancel does nothing (the job goes on)."""
-    from bench.launch import jobs
+    from mmbalance.bench.launch import jobs
 
     monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "9")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "0")
@@ -46,7 +46,7 @@ def test_own_job_id_is_the_array_task_as_submitit_names_it(monkeypatch):
 
 
 def test_a_run_cancelled_while_its_job_trains_stops_at_the_epoch_end_and_resumes(fast_config, tmp_path, in_job):
-    from bench.train import Trainer, run
+    from mmbalance.bench.train import Trainer, run
 
     cfg = fast_config()  # 4 epochs
     store = Store(tmp_path / "results")
@@ -86,7 +86,7 @@ def test_cancel_waits_for_a_status_write_in_progress_and_the_job_cannot_undo_it(
     """The job reads the status and replaces it (running, end of an epoch) while cancel writes
     interrupted: with the status lock one waits for the other, so the job's record cannot land
     after the cancel's, and the job's next write is refused."""
-    from bench import store as store_module
+    from mmbalance.bench import store as store_module
 
     rd = Store(tmp_path).run_dir("g", "joint-a")
     rd.write_config({"method": {"name": "joint"}})  # what `cancel` looks for

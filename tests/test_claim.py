@@ -15,18 +15,18 @@ from collections import Counter
 
 import pytest
 
-from bench import claim
-from bench.cli import main as cli
-from bench.config import RunConfig
-from bench.launch import launch
-from bench.errors import EXIT_ELSEWHERE
-from bench.launch import slurm
-from bench.launch.options import LauncherConfig
-from bench.launch.worker import record_exit
-from bench.launch.plan import PlannedRun, plan
-from bench.status import status_table
-from bench.store import RunDir, Store
-from bench.train import Trainer, run
+from mmbalance.bench import claim
+from mmbalance.bench.cli import main as cli
+from mmbalance.bench.config import RunConfig
+from mmbalance.bench.launch import launch
+from mmbalance.bench.errors import EXIT_ELSEWHERE
+from mmbalance.bench.launch import slurm
+from mmbalance.bench.launch.options import LauncherConfig
+from mmbalance.bench.launch.worker import record_exit
+from mmbalance.bench.launch.plan import PlannedRun, plan
+from mmbalance.bench.status import status_table
+from mmbalance.bench.store import RunDir, Store
+from mmbalance.bench.train import Trainer, run
 from tests.conftest import run_interrupted
 
 
@@ -90,7 +90,7 @@ def test_a_claimed_run_is_left_alone_with_one_line_and_its_status_unchanged(fast
 
         assert plan([cfg], store)[0].state == "running"  # the claim says it is live
         # the claim taken between a launcher's plan and its start: each launcher leaves the run alone
-        monkeypatch.setattr("bench.launch.plan", lambda configs, store: [PlannedRun(cfg, rd, "new", "new")])
+        monkeypatch.setattr("mmbalance.bench.launch.plan", lambda configs, store: [PlannedRun(cfg, rd, "new", "new")])
         for name in ("inline", "local"):
             assert launch([cfg], store, LauncherConfig(name=name)) == 0
             out = capsys.readouterr().out
@@ -119,7 +119,7 @@ def test_a_run_finished_while_its_claim_was_awaited_is_skipped_and_stays_finishe
 
 
 def test_a_stale_running_record_whose_pid_was_reused_does_not_block_the_run(fast_config, store, monkeypatch, capsys):
-    from bench.launch import jobs
+    from mmbalance.bench.launch import jobs
 
     monkeypatch.setattr(jobs, "queued_job_ids", lambda: None)  # a machine without SLURM
     cfg = fast_config()
@@ -160,7 +160,7 @@ def test_leftover_temp_files_are_removed_on_the_next_claim(fast_config, store, m
 def mark_pending_elsewhere(rd: RunDir, cfg: RunConfig) -> subprocess.Popen:
     """A launcher process that marks the run pending (bench.launch.worker.mark_pending), says so
     and waits for its stdin to close."""
-    code = ("import sys; from bench.store import RunDir; from bench.launch.worker import mark_pending; "
+    code = ("import sys; from mmbalance.bench.store import RunDir; from mmbalance.bench.launch.worker import mark_pending; "
             f"print(mark_pending(RunDir({str(rd.path)!r}), {cfg.to_dict()!r}), flush=True); sys.stdin.read()")
     launcher = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert launcher.stdout.readline() == "pending\n"
@@ -168,7 +168,7 @@ def mark_pending_elsewhere(rd: RunDir, cfg: RunConfig) -> subprocess.Popen:
 
 
 def test_pending_runs_of_a_dead_launcher_are_shown_stale(fast_config, store, monkeypatch):
-    from bench.launch import jobs
+    from mmbalance.bench.launch import jobs
 
     monkeypatch.setattr(jobs, "queued_job_ids", lambda: None)
     cfg = fast_config()
@@ -194,7 +194,7 @@ def test_pending_runs_of_a_dead_launcher_are_shown_stale(fast_config, store, mon
 
 
 def test_a_filesystem_without_locks_refuses_in_one_line_naming_the_mount(fast_config, store, monkeypatch):
-    from bench.errors import StoreError
+    from mmbalance.bench.errors import StoreError
 
     def no_locks(fd, op):
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))

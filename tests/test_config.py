@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.cli import main
-from bench.config import load_config, parse_override, validate
-from bench.errors import ConfigError
+from mmbalance.bench.cli import main
+from mmbalance.bench.config import load_config, parse_override, validate
+from mmbalance.bench.errors import ConfigError
 
 
 def write(tmp_path: Path, text: str, name: str = "run.yaml") -> Path:

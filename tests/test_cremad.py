@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from bench.errors import DataError
-from datasets.cache import Cache
-from datasets.cremad import CremaD, CremadParams
-from datasets.prepare.runner import prepare
-from datasets.splits import load_manifest, read_pinned_list
+from mmbalance.bench.errors import DataError
+from mmbalance.datasets.cache import Cache
+from mmbalance.datasets.cremad import CremaD, CremadParams
+from mmbalance.datasets.prepare.runner import prepare
+from mmbalance.datasets.splits import load_manifest, read_pinned_list
 from tests.fixtures.cremad import EMOTIONS, TONE_HZ, write_cremad
 from tests.fixtures.media import read_mark
 from tests.fixtures.train import train_one_epoch

@@ -16,11 +16,11 @@ import pytest
 import torch
 import yaml
 
-from bench.cli import main as cli
-from bench.errors import DamagedFile
-from bench.store import RunDir, Store
-from bench.sweep import load_sweep
-from bench.train import Trainer, run
+from mmbalance.bench.cli import main as cli
+from mmbalance.bench.errors import DamagedFile
+from mmbalance.bench.store import RunDir, Store
+from mmbalance.bench.sweep import load_sweep
+from mmbalance.bench.train import Trainer, run
 from tests.conftest import run_interrupted, without_timing
 
 SWEEP = """

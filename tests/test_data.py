@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from bench.data import SplitLoader, epoch_generator, num_batches
-from datasets.base import TensorSplit
+from mmbalance.bench.data import SplitLoader, epoch_generator, num_batches
+from mmbalance.datasets.base import TensorSplit
 
 CPU = torch.device("cpu")
 
@@ -76,8 +76,8 @@ def test_batch_views_and_channels_last_run_after_the_copy():
 
 
 def test_loader_workers_default_to_the_process_cpu_share_on_cuda_only(monkeypatch):
-    from bench.config import TrainConfig
-    from bench.data import loader_workers
+    from mmbalance.bench.config import TrainConfig
+    from mmbalance.bench.data import loader_workers
 
     cuda = torch.device("cuda")  # a device object only: nothing runs on it
     assert loader_workers(TrainConfig(workers=3), cuda) == 3

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from bench.config import load_config
-from bench.train import build_dataset
-from datasets.avdigits import AVDigits, AVDigitsParams, add_white_noise, sample_rng
-from datasets.cgdigits import CLASS_COLORS, CGDigits, CGDigitsParams
+from mmbalance.bench.config import load_config
+from mmbalance.bench.train import build_dataset
+from mmbalance.datasets.avdigits import AVDigits, AVDigitsParams, add_white_noise, sample_rng
+from mmbalance.datasets.cgdigits import CLASS_COLORS, CGDigits, CGDigitsParams
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,14 @@ import pytest
 import torch
 import torch.nn as nn
 
-from bench.errors import ConfigError
-from bench.models.small import MLPEncoder, MLPParams
-from bench.store import RunDir, Store
-from bench.train import Trainer, run
-from datasets.base import Modality
-from methods.base import Batch, MethodSetup, StepHelpers
-from methods.di_mml import DIMML, DIMMLParams, certainty_weights, dimension_accuracy, duc_term, top_dimensions
-from methods.unimodal import Unimodal, UnimodalParams
+from mmbalance.bench.errors import ConfigError
+from mmbalance.bench.models.small import MLPEncoder, MLPParams
+from mmbalance.bench.store import RunDir, Store
+from mmbalance.bench.train import Trainer, run
+from mmbalance.datasets.base import Modality
+from mmbalance.methods.base import Batch, MethodSetup, StepHelpers
+from mmbalance.methods.di_mml import DIMML, DIMMLParams, certainty_weights, dimension_accuracy, duc_term, top_dimensions
+from mmbalance.methods.unimodal import Unimodal, UnimodalParams
 from tests.conftest import without_timing
 
 Y6 = torch.tensor([0, 0, 0, 1, 1, 1])

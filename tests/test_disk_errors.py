@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from bench import store as store_module
-from bench.errors import RunFailed, StoreError
-from bench.launch.options import LauncherConfig
-from bench.store import Store
-from bench.sweep import load_sweep
+from mmbalance.bench import store as store_module
+from mmbalance.bench.errors import RunFailed, StoreError
+from mmbalance.bench.launch.options import LauncherConfig
+from mmbalance.bench.store import Store
+from mmbalance.bench.sweep import load_sweep
 
 ENOSPC = os.strerror(errno.ENOSPC)  # "No space left on device"
 
@@ -70,7 +70,7 @@ def test_a_full_disk_fails_the_run_with_the_os_message_and_leaves_no_temp_file(f
     monkeypatch.setattr(store_module, "atomic_write", disk_full_at_the_checkpoint)
     cfg = fast_config()
     rd = store.run_dir(cfg.group, cfg.run_id())
-    from bench.train import run
+    from mmbalance.bench.train import run
 
     with pytest.raises(RunFailed) as failed:
         run(cfg, store)
@@ -96,8 +96,8 @@ def test_the_failed_write_keeps_the_old_file_and_names_the_target(tmp_path):
 
 
 def test_a_full_disk_while_marking_runs_pending_puts_every_status_back(tmp_path, monkeypatch, capsys):
-    from bench.launch import local
-    from bench.launch.plan import plan
+    from mmbalance.bench.launch import local
+    from mmbalance.bench.launch.plan import plan
 
     path = tmp_path / "sweep.yaml"
     path.write_text(SWEEP)
@@ -131,7 +131,7 @@ def launch_sweep(root: Path, sweep: Path, limit_bytes: int | None = None) -> sub
         if limit_bytes is not None:
             resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
 
-    return subprocess.run([sys.executable, "-m", "bench", "--results", str(root), "sweep", str(sweep)],
+    return subprocess.run([sys.executable, "-m", "mmbalance", "--results", str(root), "sweep", str(sweep)],
                           capture_output=True, text=True, timeout=300, preexec_fn=limit)
 
 

@@ -16,10 +16,10 @@ from matplotlib.colors import to_rgb
 from matplotlib.container import BarContainer
 from PIL import Image
 
-from bench.report.cells import aggregate, label_order
-from bench.report.collect import load_runs
-from bench.report.figures import diagnostic_keys, draw_figures, label_colors, make_figures
-from bench.train import run
+from mmbalance.bench.report.cells import aggregate, label_order
+from mmbalance.bench.report.collect import load_runs
+from mmbalance.bench.report.figures import diagnostic_keys, draw_figures, label_colors, make_figures
+from mmbalance.bench.train import run
 
 STEMS = ["fused_accuracy", "probe_vs_unimodal", "trajectories_modality", "diagnostics", "accuracy_vs_cost"]
 DATASET = "gaussian"

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from bench.errors import DataError
-from datasets import audio as fe
-from datasets.cache import Cache
-from datasets.kinetics_sounds import CLASSES, PIPELINES, KineticsSounds, KineticsSoundsParams
-from datasets.media import natural_key
-from datasets.media import decode_video_audio
-from datasets.prepare.runner import prepare
+from mmbalance.bench.errors import DataError
+from mmbalance.datasets import audio as fe
+from mmbalance.datasets.cache import Cache
+from mmbalance.datasets.kinetics_sounds import CLASSES, PIPELINES, KineticsSounds, KineticsSoundsParams
+from mmbalance.datasets.media import natural_key
+from mmbalance.datasets.media import decode_video_audio
+from mmbalance.datasets.prepare.runner import prepare
 from tests.fixtures.kinetics_sounds import CLASS_INDEX, TONE_HZ, write_kinetics_sounds
 from tests.fixtures.media import read_mark
 from tests.fixtures.train import train_one_epoch

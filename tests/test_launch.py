@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from bench.cli import main as cli
-from bench.launch import launch
-from bench.launch.options import LauncherConfig
-from bench.store import Store
-from bench.sweep import load_sweep
+from mmbalance.bench.cli import main as cli
+from mmbalance.bench.launch import launch
+from mmbalance.bench.launch.options import LauncherConfig
+from mmbalance.bench.store import Store
+from mmbalance.bench.sweep import load_sweep
 from tests.conftest import stand_in_summary
 
 SWEEP = """
@@ -77,7 +77,7 @@ def test_local_launcher_finishes_the_sweep_records_a_failure_and_relaunch_does_n
 
 
 def test_local_workers_split_the_cores_and_gpus(monkeypatch):
-    from bench.launch import local
+    from mmbalance.bench.launch import local
 
     monkeypatch.setattr(local.os, "cpu_count", lambda: 8)
     env = local.worker_env(slot=3, workers=2, gpus=2)
@@ -94,7 +94,7 @@ def test_local_workers_split_the_cores_and_gpus(monkeypatch):
     (4, ["0", "0", "0", "0"]),
 ])
 def test_packed_workers_fill_each_gpu_k_at_a_time_and_split_the_cores(monkeypatch, k, gpus_of_slots):
-    from bench.launch import local
+    from mmbalance.bench.launch import local
 
     monkeypatch.setattr(local.os, "cpu_count", lambda: 8)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
@@ -113,16 +113,16 @@ def test_packed_workers_fill_each_gpu_k_at_a_time_and_split_the_cores(monkeypatc
 
 
 def test_packed_gpus_respect_an_inherited_cuda_visible_devices(monkeypatch):
-    from bench.launch import local
+    from mmbalance.bench.launch import local
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
     assert [local.worker_env(s, 4, 2, 2)["CUDA_VISIBLE_DEVICES"] for s in range(4)] == ["2", "2", "3", "3"]
 
 
 def test_the_launch_line_names_the_placement(monkeypatch):
-    from bench.launch.local import placement_line
+    from mmbalance.bench.launch.local import placement_line
 
-    monkeypatch.setattr("bench.launch.local.os.cpu_count", lambda: 16)
+    monkeypatch.setattr("mmbalance.bench.launch.local.os.cpu_count", lambda: 16)
     assert placement_line(4, workers=2, gpus=1, runs_per_gpu=2) == "local: 4 runs on 1 GPU x 2 runs per GPU, 8 thread(s) each"
     assert placement_line(8, workers=4, gpus=2, runs_per_gpu=2) == "local: 8 runs on 2 GPU x 2 runs per GPU, 4 thread(s) each"
     assert placement_line(3, workers=2, gpus=0, runs_per_gpu=2) == "local: 3 runs on 2 worker process(es) (no GPU), 8 thread(s) each"
@@ -136,7 +136,7 @@ def test_the_launch_line_names_the_placement(monkeypatch):
 def test_runs_per_gpu_defaults_per_launcher_and_is_validated():
     from pydantic import ValidationError
 
-    from bench.launch.options import DEFAULT_RUNS_PER_GPU
+    from mmbalance.bench.launch.options import DEFAULT_RUNS_PER_GPU
 
     assert LauncherConfig(name="slurm").packing() == 1  # one run per array task unless asked
     assert LauncherConfig(name="local").packing() == DEFAULT_RUNS_PER_GPU["local"]
@@ -148,7 +148,7 @@ def test_runs_per_gpu_defaults_per_launcher_and_is_validated():
 def test_a_packed_local_sweep_runs_two_runs_side_by_side_on_one_gpu(tmp_path, monkeypatch, capsys):
     """K=2 on one (faked) GPU: two worker processes for the one GPU; CUDA_VISIBLE_DEVICES=0 names
     a GPU this machine may not have, where device auto trains on the CPU."""
-    from bench.launch import local
+    from mmbalance.bench.launch import local
 
     monkeypatch.setattr(local, "gpu_count", lambda: 1)
     store = Store(tmp_path / "results")
@@ -195,7 +195,7 @@ class FakeExecutor:
 @pytest.fixture
 def slurm_world(tmp_path, monkeypatch):
     """A sweep of 4 runs, one finished and one held by a queued job; squeue and the executor faked."""
-    from bench.launch import jobs, slurm
+    from mmbalance.bench.launch import jobs, slurm
 
     queue = {"55_0"}
     monkeypatch.setattr(jobs, "queued_job_ids", lambda: set(queue))
@@ -256,7 +256,7 @@ def test_status_and_cancel_of_queued_and_vanished_jobs(slurm_world, monkeypatch,
     assert "pending (stale: job gone)" in out and "77_1" in out
 
     cancelled = []
-    monkeypatch.setattr("bench.launch.jobs.cancel_jobs", lambda ids: cancelled.extend(ids) or "")
+    monkeypatch.setattr("mmbalance.bench.launch.jobs.cancel_jobs", lambda ids: cancelled.extend(ids) or "")
     assert cli(["cancel", str(store.root / "two")]) == 0
     out = capsys.readouterr().out
     assert sorted(cancelled) == ["55_0", "77_0"]
@@ -268,7 +268,7 @@ def test_status_and_cancel_of_queued_and_vanished_jobs(slurm_world, monkeypatch,
 
 
 def test_the_executor_gets_the_sweep_sbatch_options(monkeypatch, tmp_path):
-    from bench.launch import slurm
+    from mmbalance.bench.launch import slurm
 
     seen: dict = {}
 
@@ -295,7 +295,7 @@ def test_the_executor_gets_the_sweep_sbatch_options(monkeypatch, tmp_path):
 
 
 def test_checkpoint_marks_the_run_pending_and_requeues_the_same_call(tmp_path):
-    from bench.launch.slurm import SweepJob
+    from mmbalance.bench.launch.slurm import SweepJob
 
     store = Store(tmp_path)
     rd = store.run_dir("g", "joint-abc")
@@ -331,7 +331,7 @@ def test_submitit_local_executor_runs_the_array_and_records_failures(tmp_path, c
 
 
 def test_wait_on_an_earlier_launch_then_jobs_gone_without_an_end_are_interrupted(slurm_world, monkeypatch, capsys):
-    from bench.launch import jobs
+    from mmbalance.bench.launch import jobs
 
     configs, store, executor, queue, _ = slurm_world
     launch(configs, store, LauncherConfig(name="slurm"))
@@ -366,7 +366,7 @@ def test_packed_slurm_submits_chunks_of_k_runs_one_array_task_each(slurm_world, 
 
 
 def test_chunks_are_k_runs_in_order_the_last_one_shorter():
-    from bench.launch.slurm import chunks
+    from mmbalance.bench.launch.slurm import chunks
 
     assert chunks(list(range(5)), 2) == [[0, 1], [2, 3], [4]]
     assert chunks(list(range(4)), 4) == [[0, 1, 2, 3]] and chunks([7], 3) == [[7]]
@@ -377,7 +377,7 @@ def test_packed_checkpoint_stops_the_runs_marks_them_pending_and_requeues_the_ch
     import subprocess
     import sys
 
-    from bench.launch.slurm import PackedSweepJob
+    from mmbalance.bench.launch.slurm import PackedSweepJob
 
     store = Store(tmp_path)
     running, done = store.run_dir("g", "joint-a"), store.run_dir("g", "joint-b")
@@ -399,8 +399,8 @@ def test_packed_checkpoint_stops_the_runs_marks_them_pending_and_requeues_the_ch
 
 HANDLER_SCRIPT = """
 import os, signal, subprocess, sys, threading
-from bench.launch.slurm import PackedSweepJob
-from bench.store import RunDir
+from mmbalance.bench.launch.slurm import PackedSweepJob
+from mmbalance.bench.store import RunDir
 
 rd = RunDir(sys.argv[1])
 rd.set_status("running", job_id="9_1")
@@ -429,7 +429,7 @@ def test_packed_checkpoint_stops_the_runs_from_the_handler_that_interrupted_the_
 
 
 def test_a_run_process_killed_by_a_signal_in_a_packed_task_is_interrupted_not_failed(tmp_path):
-    from bench.launch.worker import record_exit
+    from mmbalance.bench.launch.worker import record_exit
 
     store = Store(tmp_path)
     rd = store.run_dir("g", "joint-a")
@@ -543,7 +543,7 @@ def test_ctrl_c_stops_the_local_launcher_nothing_new_starts_and_a_relaunch_finis
     store = Store(tmp_path / "results")
     _, configs = load_sweep(path)
     first, *queued = [store.run_dir(c.group, c.run_id()) for c in configs]
-    launcher = subprocess.Popen([sys.executable, "-m", "bench", "--results", str(store.root), "sweep", str(path)],
+    launcher = subprocess.Popen([sys.executable, "-m", "mmbalance", "--results", str(store.root), "sweep", str(path)],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 60
     while first.status()["state"] != "running":  # recorded once its model is built, before epoch 1
@@ -569,8 +569,8 @@ def test_ctrl_c_stops_the_local_launcher_nothing_new_starts_and_a_relaunch_finis
 
 
 def test_a_run_process_interrupted_before_it_recorded_anything_is_interrupted(tmp_path):
-    from bench.errors import EXIT_INTERRUPTED
-    from bench.launch.worker import record_exit
+    from mmbalance.bench.errors import EXIT_INTERRUPTED
+    from mmbalance.bench.launch.worker import record_exit
 
     rd = Store(tmp_path).run_dir("g", "joint-a")
     rd.set_status("pending")
@@ -578,8 +578,8 @@ def test_a_run_process_interrupted_before_it_recorded_anything_is_interrupted(tm
 
 
 def test_ctrl_c_while_the_runs_are_being_marked_pending_puts_every_status_back(tmp_path, monkeypatch, capsys):
-    from bench.launch import local
-    from bench.launch.plan import plan
+    from mmbalance.bench.launch import local
+    from mmbalance.bench.launch.plan import plan
 
     store = Store(tmp_path / "results")
     _, configs = load_sweep(write(tmp_path, SWEEP))
@@ -604,7 +604,7 @@ def test_a_run_that_ignores_the_interrupt_is_killed_after_the_grace_period():
     import subprocess
     import sys
 
-    from bench.launch.local import Workers, stop_running
+    from mmbalance.bench.launch.local import Workers, stop_running
 
     running = Workers()
     stubborn = subprocess.Popen([sys.executable, "-c", "import signal, sys, time; "

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from bench.cli import main as cli
-from bench.config import load_config
-from bench.errors import ConfigError, DataError
-from datasets.cache import Cache
-from datasets.manifest import PIPELINES, Manifest, ManifestParams
-from datasets.manifest_csv import read_table
-from datasets.prepare.runner import prepare
+from mmbalance.bench.cli import main as cli
+from mmbalance.bench.config import load_config
+from mmbalance.bench.errors import ConfigError, DataError
+from mmbalance.datasets.cache import Cache
+from mmbalance.datasets.manifest import PIPELINES, Manifest, ManifestParams
+from mmbalance.datasets.manifest_csv import read_table
+from mmbalance.datasets.prepare.runner import prepare
 from tests.fixtures.manifest import COLOUR, TONE_HZ, vector_of, write_audio_image, write_csv, write_video_npy
 from tests.fixtures.media import read_mark
 from tests.fixtures.train import train_one_epoch

@@ -7,8 +7,8 @@ import pytest
 import scipy.signal
 import soundfile
 
-from bench.errors import ConfigError, DataError
-from datasets.media import decode_video_audio, decode_video_frames, read_audio, read_image, resize_image
+from mmbalance.bench.errors import ConfigError, DataError
+from mmbalance.datasets.media import decode_video_audio, decode_video_frames, read_audio, read_image, resize_image
 from tests.fixtures.media import (
     frames_with_marks,
     read_mark,

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import average_precision_score, f1_score
 
-from bench.evaluate import average_precision, classification_metrics, macro_f1, mean_average_precision
-from bench.probe import fit_probe
+from mmbalance.bench.evaluate import average_precision, classification_metrics, macro_f1, mean_average_precision
+from mmbalance.bench.probe import fit_probe
 
 # ------------------------------------------------------------------------------ AP / mAP / F1
 

@@ -13,13 +13,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bench.config import load_config
-from bench.errors import ConfigError
-from bench.store import RunDir, Store
-from bench.train import Trainer, run
-from datasets.base import Modality
-from methods.base import Batch, MethodSetup, StepHelpers
-from methods.mie import MIE, MIEParams, flat_projection
+from mmbalance.bench.config import load_config
+from mmbalance.bench.errors import ConfigError
+from mmbalance.bench.store import RunDir, Store
+from mmbalance.bench.train import Trainer, run
+from mmbalance.datasets.base import Modality
+from mmbalance.methods.base import Batch, MethodSetup, StepHelpers
+from mmbalance.methods.mie import MIE, MIEParams, flat_projection
 from tests.conftest import FAST, run_interrupted, without_timing
 
 C = 4

@@ -12,15 +12,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bench.config import load_config
-from bench.errors import ConfigError
-from bench.models.small import MLPEncoder, MLPParams
-from bench.store import RunDir, Store
-from bench.train import run
-from datasets.base import Modality
-from methods.base import Batch, MethodSetup, StepHelpers
-from methods.mla import MLA, MLAParams
-from methods.unimodal import Unimodal, UnimodalParams
+from mmbalance.bench.config import load_config
+from mmbalance.bench.errors import ConfigError
+from mmbalance.bench.models.small import MLPEncoder, MLPParams
+from mmbalance.bench.store import RunDir, Store
+from mmbalance.bench.train import run
+from mmbalance.datasets.base import Modality
+from mmbalance.methods.base import Batch, MethodSetup, StepHelpers
+from mmbalance.methods.mla import MLA, MLAParams
+from mmbalance.methods.unimodal import Unimodal, UnimodalParams
 from tests.conftest import run_interrupted, without_timing
 
 C = 3

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from bench.errors import DataError
-from datasets.cache import Cache
-from datasets.modelnet40 import ModelNet40, Modelnet40Params
-from datasets.prepare.runner import prepare
-from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD
+from mmbalance.bench.errors import DataError
+from mmbalance.datasets.cache import Cache
+from mmbalance.datasets.modelnet40 import ModelNet40, Modelnet40Params
+from mmbalance.datasets.prepare.runner import prepare
+from mmbalance.datasets.transforms import IMAGENET_MEAN, IMAGENET_STD
 from tests.fixtures.modelnet40 import CLASSES, view_colour, view_path, write_modelnet40
 from tests.fixtures.train import train_one_epoch
 

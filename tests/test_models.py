@@ -10,9 +10,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from bench.config import NoParams
-from bench.errors import ConfigError
-from bench.models.fusion import (
+from mmbalance.bench.config import NoParams
+from mmbalance.bench.errors import ConfigError
+from mmbalance.bench.models.fusion import (
     FUSIONS,
     ConcatFusion,
     FiLMFusion,
@@ -21,12 +21,12 @@ from bench.models.fusion import (
     SumFusion,
     build_fusion,
 )
-from bench.models.resnet import ResNet18Encoder
-from bench.models.small import MLPEncoder, MLPParams, SmallCNNEncoder, SmallCNNParams
-from datasets.base import Modality
-from methods.base import Batch, MethodSetup, StepHelpers
-from methods.joint import Joint, JointParams
-from methods.unimodal import Unimodal, UnimodalParams
+from mmbalance.bench.models.resnet import ResNet18Encoder
+from mmbalance.bench.models.small import MLPEncoder, MLPParams, SmallCNNEncoder, SmallCNNParams
+from mmbalance.datasets.base import Modality
+from mmbalance.methods.base import Batch, MethodSetup, StepHelpers
+from mmbalance.methods.joint import Joint, JointParams
+from mmbalance.methods.unimodal import Unimodal, UnimodalParams
 
 DIMS = {"audio": 5, "visual": 3}
 NUM_CLASSES = 4

@@ -11,15 +11,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bench.config import load_config
-from bench.errors import ConfigError
-from bench.models.small import SmallCNNEncoder, SmallCNNParams
-from bench.store import RunDir, Store
-from bench.train import run
-from datasets.base import Modality
-from methods.base import Batch, MethodSetup, StepHelpers
-from methods.joint import Joint, JointParams
-from methods.ogm_ge import (
+from mmbalance.bench.config import load_config
+from mmbalance.bench.errors import ConfigError
+from mmbalance.bench.models.small import SmallCNNEncoder, SmallCNNParams
+from mmbalance.bench.store import RunDir, Store
+from mmbalance.bench.train import run
+from mmbalance.datasets.base import Modality
+from mmbalance.methods.base import Batch, MethodSetup, StepHelpers
+from mmbalance.methods.joint import Joint, JointParams
+from mmbalance.methods.ogm_ge import (
     OGMGE,
     OGMGEParams,
     check_order,

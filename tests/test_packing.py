@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.errors import ConfigError
-from bench.perf.packing import format_packing, load_measured_config, measure_packing
+from mmbalance.bench.errors import ConfigError
+from mmbalance.bench.perf.packing import format_packing, load_measured_config, measure_packing
 
 TINY = """
 dataset: {name: gaussian, n_train: 256}
@@ -42,10 +42,10 @@ def test_the_default_is_the_quickstart_joint_concat_run_without_probes():
 
 
 def test_unknown_cells_and_k_values_are_refused(tmp_path):
-    from bench.cli import QUICKSTART
+    from mmbalance.bench.resources import quickstart_config
 
     with pytest.raises(ConfigError, match="no cell 'joint-cat'.*joint-concat"):
-        load_measured_config(Path(QUICKSTART), [], cell="joint-cat")
+        load_measured_config(quickstart_config(), [], cell="joint-cat")
     with pytest.raises(ConfigError, match="K values >= 1"):
         measure_packing([0, 1])
     with pytest.raises(ConfigError, match="repeats >= 1"):
@@ -53,7 +53,7 @@ def test_unknown_cells_and_k_values_are_refused(tmp_path):
 
 
 def test_repeats_report_the_median_measurement():
-    from bench.perf.packing import median_row
+    from mmbalance.bench.perf.packing import median_row
 
     rows = [{"K": 2, "aggregate samples/s": v, "wall s": 100 / v} for v in (30.0, 10.0, 20.0)]
     row = median_row(rows)

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from bench.errors import DataError
-from datasets.splits import Flavour, ValCarving, carve_val, compare_with_published, list_sha256
-from datasets.transforms import FrameClip, SpectrogramView, segment_indices, window_indices
+from mmbalance.bench.errors import DataError
+from mmbalance.datasets.splits import Flavour, ValCarving, carve_val, compare_with_published, list_sha256
+from mmbalance.datasets.transforms import FrameClip, SpectrogramView, segment_indices, window_indices
 
 
 def test_carve_val_is_stratified_and_order_free():

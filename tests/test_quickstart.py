@@ -6,9 +6,10 @@ from __future__ import annotations
 import pandas as pd
 import yaml
 
-import bench.cli
-from bench.cli import QUICKSTART, main
-from bench.store import Store
+import mmbalance.bench.cli
+from mmbalance.bench.cli import main
+from mmbalance.bench.resources import quickstart_config
+from mmbalance.bench.store import Store
 from tests.test_report import parse_printed
 
 # the staged methods split the budget into stages, so a 2-epoch version needs 2-epoch stages
@@ -19,7 +20,7 @@ MINI_STAGES = {
 
 
 def mini_quickstart(path):
-    sweep = yaml.safe_load(QUICKSTART.read_text())
+    sweep = yaml.safe_load(quickstart_config().read_text())
     sweep["base"]["train"]["epochs"] = 2
     for cell, overrides in MINI_STAGES.items():
         sweep["cells"][cell].update(overrides)
@@ -64,7 +65,7 @@ def test_quickstart_prints_table_csv(tmp_path, monkeypatch, capsys):
                        "unimodal-audio": {"method.name": "unimodal", "method.modality": "audio"},
                        "unimodal-visual": {"method.name": "unimodal", "method.modality": "visual"}}}
     (tmp_path / "qs.yaml").write_text(yaml.safe_dump(sweep))
-    monkeypatch.setattr(bench.cli, "QUICKSTART", tmp_path / "qs.yaml")
+    monkeypatch.setattr(mmbalance.bench.cli, "quickstart_config", lambda: tmp_path / "qs.yaml")
     report = tmp_path / "report"
     assert main(["--results", str(tmp_path / "results"), "quickstart", "--report", str(report)]) == 0
     out = capsys.readouterr().out

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from bench.config import Strict
-from bench.errors import ConfigError
-from bench.registry import METHODS, Registry
+from mmbalance.bench.config import Strict
+from mmbalance.bench.errors import ConfigError
+from mmbalance.bench.registry import METHODS, Registry
 
 
 class AdderParams(Strict):

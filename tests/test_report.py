@@ -14,12 +14,12 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from bench.cli import main
-from bench.report.build import build_report, table_text
-from bench.report.cells import aggregate, display, to_latex
-from bench.report.collect import add_deficits, dataset_labels, load_runs
-from bench.report.stats import TIE_THRESHOLD, ci_bounds, describe, holm, paired_tests
-from bench.store import Store
+from mmbalance.bench.cli import main
+from mmbalance.bench.report.build import build_report, table_text
+from mmbalance.bench.report.cells import aggregate, display, to_latex
+from mmbalance.bench.report.collect import add_deficits, dataset_labels, load_runs
+from mmbalance.bench.report.stats import TIE_THRESHOLD, ci_bounds, describe, holm, paired_tests
+from mmbalance.bench.store import Store
 
 SEEDS = [0, 1, 2, 3]
 # fused test accuracy at the best-val epoch per (label, seed); best-test adds 0.01

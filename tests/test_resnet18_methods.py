@@ -6,9 +6,10 @@ import json
 
 import pytest
 
-from bench.cli import REPO_ROOT, main
+from mmbalance.bench.cli import main
+from mmbalance.bench.resources import configs_dir
 
-CONFIG = REPO_ROOT / "configs" / "avdigits_resnet18.yaml"
+CONFIG = configs_dir() / "avdigits_resnet18.yaml"
 METHOD_OVERRIDES = {
     "joint": [],
     "ogm_ge": ["method.modulation_ends=1"],

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
-from bench.store import RunDir
+from mmbalance.bench.store import RunDir
 from tests.conftest import TIMING_KEYS, without_timing
 
 pytestmark = pytest.mark.slurm
@@ -100,7 +100,7 @@ def write_sweep(path: Path, group: str, partition: str, **sections: Any) -> Path
 def mmbalance(root: Path, *args: str, timeout_s: float = RUN_DEADLINE_S) -> subprocess.CompletedProcess:
     """`mmbalance --results ROOT ARGS` in a subprocess (the environment, SLURM_CONF included, is
     passed on: submitit runs sbatch/sacct from it). Its output is echoed for the test log."""
-    cmd = [sys.executable, "-m", "bench", "--results", str(root), *args]
+    cmd = [sys.executable, "-m", "mmbalance", "--results", str(root), *args]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=root.parent)
     except subprocess.TimeoutExpired as e:

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from bench.cli import main as cli
-from bench.status import status_table
-from bench.store import Store
-from bench.sweep import load_sweep
+from mmbalance.bench.cli import main as cli
+from mmbalance.bench.status import status_table
+from mmbalance.bench.store import Store
+from mmbalance.bench.sweep import load_sweep
 
 SWEEP = """
 group: down
@@ -45,8 +45,8 @@ def test_log_paths_are_relative_to_the_store_and_a_copied_store_names_its_own(tm
 
 
 def test_restarts_count_every_requeue_of_the_job(tmp_path, monkeypatch):
-    from bench.launch.slurm import mark_requeued
-    from bench.launch.worker import record_placement
+    from mmbalance.bench.launch.slurm import mark_requeued
+    from mmbalance.bench.launch.worker import record_placement
 
     rd = Store(tmp_path).run_dir("g", "joint-a")
     rd.set_status("running", job_id="5_0")
@@ -95,7 +95,7 @@ def test_a_dry_run_with_slurm_not_answering_leaves_live_jobs_unknown(slurm_down,
 def test_a_relaunch_with_slurm_not_answering_fails_in_one_line_and_changes_nothing(slurm_down, monkeypatch, capsys):
     from submitit.core.utils import FailedJobError
 
-    from bench.launch import slurm
+    from mmbalance.bench.launch import slurm
 
     path, store, rds = slurm_down
     before = [rd.status_file.read_text() for rd in rds[:2]]

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.errors import ConfigError
-from bench.sweep import is_sweep_file, load_sweep
+from mmbalance.bench.errors import ConfigError
+from mmbalance.bench.sweep import is_sweep_file, load_sweep
 
 SWEEP = """
 group: demo
@@ -54,8 +54,8 @@ def test_a_sweep_needs_cells(tmp_path):
 
 
 def test_a_cell_the_method_rejects_stops_the_sweep_before_any_run(tmp_path):
-    from bench.store import Store
-    from bench.sweep import run_inline
+    from mmbalance.bench.store import Store
+    from mmbalance.bench.sweep import run_inline
 
     path = write(tmp_path, SWEEP + "  mie-too-long: {method.name: mie, method.epoch_list: [5, 5]}\n")
     _, configs = load_sweep(path)
@@ -105,7 +105,7 @@ def test_grid_crosses_cells_minus_exclude_plus_include(tmp_path):
 
 
 def test_run_ids_are_stable_and_equal_to_the_plain_configs(tmp_path):
-    from bench.config import load_config
+    from mmbalance.bench.config import load_config
 
     _, first = load_sweep(write(tmp_path, GRID))
     reordered = GRID.replace("  model.fusion: [concat, sum]\n  optim.lr: [0.01, 0.1]\n",
@@ -161,9 +161,9 @@ def test_sweep_file_mistakes_name_the_key_and_where(tmp_path, text, words):
 
 
 def test_plan_marks_finished_resume_and_new(tmp_path, capsys):
-    from bench.cli import main as cli
-    from bench.launch.plan import plan
-    from bench.store import Store
+    from mmbalance.bench.cli import main as cli
+    from mmbalance.bench.launch.plan import plan
+    from mmbalance.bench.store import Store
     from tests.conftest import stand_in_summary
 
     path = write(tmp_path, SWEEP)
@@ -189,7 +189,7 @@ PAPER_SWEEPS = sorted((Path(__file__).resolve().parents[1] / "configs" / "sweeps
 
 @pytest.mark.parametrize("path", PAPER_SWEEPS, ids=lambda p: p.stem)
 def test_paper_sweeps_plan_without_data(path, tmp_path, capsys):
-    from bench.cli import main as cli
+    from mmbalance.bench.cli import main as cli
 
     assert cli(["--results", str(tmp_path), "sweep", str(path), "--dry-run"]) == 0, capsys.readouterr().err
     out = capsys.readouterr().out

@@ -8,11 +8,11 @@ import huggingface_hub.constants
 import pytest
 import torch
 
-from bench.cli import main
-from bench.errors import ConfigError
-from bench.models import build_encoder
-from bench.models.timm_backbone import TimmEncoder, TimmParams
-from datasets.base import Modality
+from mmbalance.bench.cli import main
+from mmbalance.bench.errors import ConfigError
+from mmbalance.bench.models import build_encoder
+from mmbalance.bench.models.timm_backbone import TimmEncoder, TimmParams
+from mmbalance.datasets.base import Modality
 
 # the fastest small timm model here on 2 CPU cores at 32x32, batch 64 (forward + backward):
 # resnet10t 0.074 s, mobilenetv3_small_050 0.085 s

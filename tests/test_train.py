@@ -7,16 +7,16 @@ import json
 import pytest
 import torch
 
-from bench.errors import RunFailed
-from bench.registry import METHODS
-from bench.store import RunDir, atomic_write_text
-from bench.train import run
-from methods.joint import Joint
+from mmbalance.bench.errors import RunFailed
+from mmbalance.bench.registry import METHODS
+from mmbalance.bench.store import RunDir, atomic_write_text
+from mmbalance.bench.train import run
+from mmbalance.methods.joint import Joint
 from tests.conftest import run_interrupted, without_timing
 
 
 def test_same_seed_gives_identical_metrics(fast_config, tmp_path):
-    from bench.store import Store
+    from mmbalance.bench.store import Store
 
     cfg = fast_config("method.name=joint", "model.fusion=gated")
     a = run(cfg, Store(tmp_path / "a"))
@@ -31,7 +31,7 @@ def test_same_seed_gives_identical_metrics(fast_config, tmp_path):
 
 
 def test_interrupted_run_resumes_to_identical_metrics(fast_config, store, tmp_path, monkeypatch):
-    from bench.store import Store
+    from mmbalance.bench.store import Store
 
     cfg = fast_config("method.name=joint", "model.fusion=film")
     reference = run(cfg, Store(tmp_path / "ref"))
@@ -128,7 +128,7 @@ def test_empty_split_fails_with_its_name(fast_config, store):
 
 
 def test_missing_data_file_fails_naming_it(store, tmp_path):
-    from bench.config import load_config
+    from mmbalance.bench.config import load_config
 
     missing = tmp_path / "nowhere" / "avdigits.npz"
     cfg = load_config(None, [f"dataset.cache={missing}", "train.epochs=1", "train.progress=false"])
@@ -139,8 +139,8 @@ def test_missing_data_file_fails_naming_it(store, tmp_path):
 
 
 def test_require_dir_names_key_and_path(tmp_path):
-    from bench.errors import DataError
-    from datasets.base import require_dir
+    from mmbalance.bench.errors import DataError
+    from mmbalance.datasets.base import require_dir
 
     with pytest.raises(DataError, match="set dataset.root="):
         require_dir(None, "cremad")
@@ -156,7 +156,7 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     class Boom(Exception):
         pass
 
-    from bench.store import atomic_write
+    from mmbalance.bench.store import atomic_write
 
     def half_then_fail(f):
         f.write('{"half":')
@@ -172,8 +172,8 @@ def test_status_marks_a_killed_run_stale(fast_config, store, tmp_path):
     import subprocess
     import sys
 
-    from bench.claim import try_claim
-    from bench.status import shown_state, status_table
+    from mmbalance.bench.claim import try_claim
+    from mmbalance.bench.status import shown_state, status_table
 
     cfg = fast_config()
     run(cfg, store)
@@ -217,7 +217,7 @@ class Staged(Joint):
 
 
 def test_staged_method_hooks_selection_and_resume(fast_config, store, tmp_path, monkeypatch):
-    from bench.store import Store
+    from mmbalance.bench.store import Store
 
     cfg = fast_config("method.name=test_staged")
     reference = run(cfg, Store(tmp_path / "ref"))
@@ -237,7 +237,7 @@ def test_staged_method_hooks_selection_and_resume(fast_config, store, tmp_path, 
 
 
 def test_a_config_the_method_rejects_writes_nothing(fast_config, store):
-    from bench.errors import ConfigError
+    from mmbalance.bench.errors import ConfigError
 
     cfg = fast_config("method.name=unimodal", "method.modality=audoi")
     with pytest.raises(ConfigError, match="audoi"):
@@ -249,7 +249,7 @@ def test_a_config_the_method_rejects_writes_nothing(fast_config, store):
 def test_loss_tally_means_and_first_non_finite_batch(lazy):
     """The epoch's loss means, and the first bad batch of any key, whether the tally reads each
     step's values at once (CPU) or keeps them on the device until the epoch ends (accelerators)."""
-    from bench.train import LossTally, NonFiniteLoss
+    from mmbalance.bench.train import LossTally, NonFiniteLoss
 
     tally = LossTally(lazy=lazy)
     tally.add({"loss": torch.tensor(1.0), "lam": 0.5}, n=2, index=0)
@@ -266,7 +266,7 @@ def test_loss_tally_means_and_first_non_finite_batch(lazy):
 def test_compiled_encoders_train_like_eager_ones(fast_config, tmp_path):
     """train.compile keeps the run id and, up to float reassociation, the numbers (slow: Inductor
     compiles C++ on a CPU)."""
-    from bench.store import Store
+    from mmbalance.bench.store import Store
 
     eager, compiled = fast_config(), fast_config("train.compile=true")
     assert eager.run_id() == compiled.run_id()

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from bench.cli import main as cli
-from bench.errors import DataWarning, PluginWarning
-from bench.registry import METHODS, load_plugin
-from bench.selection import best_epoch
-from bench.store import RunDir, Store, strict_json
-from bench.train import run
-from datasets.prepare.runner import prepare, split_verdict
+from mmbalance.bench.cli import main as cli
+from mmbalance.bench.errors import DataWarning, PluginWarning
+from mmbalance.bench.registry import METHODS, load_plugin
+from mmbalance.bench.selection import best_epoch
+from mmbalance.bench.store import RunDir, Store, strict_json
+from mmbalance.bench.train import run
+from mmbalance.datasets.prepare.runner import prepare, split_verdict
 from tests.fixtures.manifest import write_audio_image, write_csv
 
 
@@ -132,8 +132,8 @@ def test_a_diverging_run_leaves_strict_json_records(tmp_path, capsys):
 
 
 PLUGIN = '''
-from bench.registry import METHODS
-from methods.joint import Joint
+from mmbalance.bench.registry import METHODS
+from mmbalance.methods.joint import Joint
 
 
 @METHODS.register("{name}")
@@ -173,7 +173,7 @@ def test_plugin_entry_points_in_both_forms_and_a_broken_one_warns(tmp_path, monk
 def test_list_works_beside_a_broken_plugin(tmp_path):
     write_plugin(tmp_path)
     env_path = f"{tmp_path}:{Path(__file__).resolve().parents[1]}"
-    done = subprocess.run([sys.executable, "-m", "bench", "list"], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "mmbalance", "list"], capture_output=True, text=True,
                           env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin"}, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "plugged_module" in done.stdout and "plugged_object" in done.stdout

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from bench.errors import DataError
-from datasets.cache import Cache
-from datasets.prepare.runner import prepare
-from datasets.vggsound import PIPELINES, VggSound, VggSoundParams
+from mmbalance.bench.errors import DataError
+from mmbalance.datasets.cache import Cache
+from mmbalance.datasets.prepare.runner import prepare
+from mmbalance.datasets.vggsound import PIPELINES, VggSound, VggSoundParams
 from tests.fixtures.media import read_mark
 from tests.fixtures.vggsound import LABELS, TONE_HZ, write_vggsound
 from tests.fixtures.train import train_one_epoch

@@ -8,11 +8,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.claim import describe_holder
-from bench.config import RunConfig
-from bench.launch.options import LauncherConfig
-from bench.launch.plan import PlannedRun, decide, format_plan, label, plan, to_run
-from bench.store import RunDir, Store
+from mmbalance.bench.claim import describe_holder
+from mmbalance.bench.config import RunConfig
+from mmbalance.bench.launch.options import LauncherConfig
+from mmbalance.bench.launch.plan import PlannedRun, decide, format_plan, label, plan, to_run
+from mmbalance.bench.store import RunDir, Store
 
 
 def launch(configs: Sequence[RunConfig], store: Store, options: LauncherConfig, *, wait: bool = False,
@@ -22,7 +22,7 @@ def launch(configs: Sequence[RunConfig], store: Store, options: LauncherConfig, 
     planned = plan(configs, store)
     todo = to_run(planned)
     if todo and options.name != "inline":  # run_inline makes the same check, on the datasets it trains on
-        from bench.sweep import check_runs
+        from mmbalance.bench.sweep import check_runs
 
         # slurm's jobs may read disks this machine does not see: missing data is a note there
         for note in check_runs([p.cfg for p in todo], need_data=options.name == "local"):
@@ -31,7 +31,7 @@ def launch(configs: Sequence[RunConfig], store: Store, options: LauncherConfig, 
     if not todo:
         active = [p for p in planned if p.state in ("queued", "running")]
         if active and wait and options.name == "slurm":  # a launch that returned early: wait for its jobs
-            from bench.launch.slurm import wait_for_ids
+            from mmbalance.bench.launch.slurm import wait_for_ids
 
             wait_for_ids(active_job_ids(active), poll_s, Progress(len(active)))
         elif active:
@@ -40,15 +40,15 @@ def launch(configs: Sequence[RunConfig], store: Store, options: LauncherConfig, 
             return 0
         return outcome(planned)
     if options.name == "inline":
-        from bench.errors import RunFailed
-        from bench.sweep import run_inline
+        from mmbalance.bench.errors import RunFailed
+        from mmbalance.bench.sweep import run_inline
 
         try:
             run_inline([p.cfg for p in todo], store)
         except RunFailed:
             pass  # recorded in each run's status; summarised below
     elif options.name == "local":
-        from bench.launch.local import launch_local
+        from mmbalance.bench.launch.local import launch_local
 
         launch_local(todo, options)
     else:
@@ -58,7 +58,7 @@ def launch(configs: Sequence[RunConfig], store: Store, options: LauncherConfig, 
 
 def launch_slurm(todo: list[PlannedRun], planned: list[PlannedRun], store: Store, options: LauncherConfig,
                  wait: bool, cluster: str | None, poll_s: float) -> int:
-    from bench.launch import slurm
+    from mmbalance.bench.launch import slurm
 
     group = todo[0].cfg.group
     folder = store.root / group / ".submitit"
@@ -103,7 +103,7 @@ def outcome(planned: Sequence[PlannedRun]) -> int:
     holds with their holder) and return 0 iff every run is finished or held by another process
     (being trained there is not this launch's failure). A run its job left as pending/running (cancelled, killed) is marked
     interrupted: launching again resumes it."""
-    from bench.launch.jobs import have_slurm, queued_job_ids
+    from mmbalance.bench.launch.jobs import have_slurm, queued_job_ids
 
     queued = queued_job_ids()
     silent = queued is None and have_slurm()  # squeue failed: a job's end cannot be told from its silence

@@ -1,5 +1,5 @@
 """The local launcher: N worker processes on this machine, each running one run at a time
-(`python -m bench run-one RUN_DIR`), with the cores (and GPUs) split between them so that they
+(`python -m mmbalance run-one RUN_DIR`), with the cores (and GPUs) split between them so that they
 do not oversubscribe. K = runs_per_gpu workers share each GPU (small runs leave one GPU mostly
 idle). A run that fails is recorded as failed; the others go on, unless it failed on an OS error
 (a full disk): then no more runs start (halted_launch).
@@ -18,12 +18,12 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 
-from bench.claim import elsewhere_line
-from bench.errors import StoreError
-from bench.launch.options import LauncherConfig
-from bench.launch.plan import PlannedRun, label
-from bench.launch.worker import mark_pending, record_exit, restore_status, saved_status
-from bench.oserror import EXIT_OS_ERROR, os_message
+from mmbalance.bench.claim import elsewhere_line
+from mmbalance.bench.errors import StoreError
+from mmbalance.bench.launch.options import LauncherConfig
+from mmbalance.bench.launch.plan import PlannedRun, label
+from mmbalance.bench.launch.worker import mark_pending, record_exit, restore_status, saved_status
+from mmbalance.bench.oserror import EXIT_OS_ERROR, os_message
 
 
 def gpu_count() -> int:
@@ -193,7 +193,7 @@ class Workers:
                 return None
             with open(p.run_dir.path / "run.log", "ab") as log:
                 self.procs[p.run_dir.run_id] = subprocess.Popen(
-                    [sys.executable, "-m", "bench", "run-one", str(p.run_dir.path)], stdout=log,
+                    [sys.executable, "-m", "mmbalance", "run-one", str(p.run_dir.path)], stdout=log,
                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
             return self.procs[p.run_dir.run_id]
 

@@ -6,10 +6,10 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from bench.config import Strict
+from mmbalance.bench.config import Strict
 
 # What `runs_per_gpu` means when the sweep leaves it out. local: 2, the best K measured by
-# `python -m bench.perf.packing --ks 1,2,4 --epochs 100 --repeats 3` (the quickstart's joint-concat
+# `python -m mmbalance.bench.perf.packing --ks 1,2,4 --epochs 100 --repeats 3` (the quickstart's joint-concat
 # run, AV-Digits with MLP encoders, probes off) on a 2-core machine WITHOUT a GPU (CPU only; not
 # measured on a GPU): whole-run aggregate 7,879 samples/s for K=1 (2 threads), 13,413 for K=2
 # (1.70x; 1 thread each), 13,107 for K=4 (1.66x; 4 processes on 2 cores, each run twice as

@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from bench.claim import is_held, is_this, process_gone
-from bench.config import RunConfig
-from bench.launch import jobs
-from bench.store import RunDir, Store
+from mmbalance.bench.claim import is_held, is_this, process_gone
+from mmbalance.bench.config import RunConfig
+from mmbalance.bench.launch import jobs
+from mmbalance.bench.store import RunDir, Store
 
 TO_RUN = ("resume", "new")
 ORDER = ("finished", "queued", "running", "unknown", "resume", "new")

@@ -2,7 +2,7 @@
 runs_per_gpu K > 1, per chunk of K runs that share the task's GPU and CPUs.
 
 Each task runs `SweepJob` (one run, in the task's process) or `PackedSweepJob` (K runs, each in a
-`python -m bench run-one` process of its own), submitit Checkpointables: on a time-out or
+`python -m mmbalance run-one` process of its own), submitit Checkpointables: on a time-out or
 pre-emption submitit calls their `checkpoint()`, which marks the unfinished runs pending and
 requeues the same call; the requeued task skips finished runs and resumes started ones from
 their checkpoint.pt (bench.train.run resumes unfinished runs). Runs that are finished or still
@@ -23,13 +23,13 @@ from typing import Any
 
 import submitit
 
-from bench.errors import MMBalanceError, RunFailed
-from bench.launch import jobs as slurm_queue
-from bench.launch.options import LauncherConfig
-from bench.launch.plan import PlannedRun
-from bench.claim import elsewhere_line
-from bench.launch.worker import mark_pending, place_claimed, record_exit, restore_status, run_one, saved_status
-from bench.store import RunDir
+from mmbalance.bench.errors import MMBalanceError, RunFailed
+from mmbalance.bench.launch import jobs as slurm_queue
+from mmbalance.bench.launch.options import LauncherConfig
+from mmbalance.bench.launch.plan import PlannedRun
+from mmbalance.bench.claim import elsewhere_line
+from mmbalance.bench.launch.worker import mark_pending, place_claimed, record_exit, restore_status, run_one, saved_status
+from mmbalance.bench.store import RunDir
 
 
 class SweepJob(submitit.helpers.Checkpointable):
@@ -45,7 +45,7 @@ class SweepJob(submitit.helpers.Checkpointable):
 
 class PackedSweepJob(submitit.helpers.Checkpointable):
     """What an array task runs with K > 1: its chunk of run directories, all at once, each in a
-    `python -m bench run-one` process with cpus_per_task // K threads, sharing the task's GPU.
+    `python -m mmbalance run-one` process with cpus_per_task // K threads, sharing the task's GPU.
     Each run's status gets the task's job id (so that status, cancel and the summary find it),
     `log` its own run.log (where its process writes) and `stdout` the task's output."""
 
@@ -76,7 +76,7 @@ class PackedSweepJob(submitit.helpers.Checkpointable):
                 continue
             with open(rd.path / "run.log", "ab") as log:
                 self.procs[str(rd.path)] = subprocess.Popen(
-                    [sys.executable, "-m", "bench", "run-one", str(rd.path)], stdout=log,
+                    [sys.executable, "-m", "mmbalance", "run-one", str(rd.path)], stdout=log,
                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, preexec_fn=ignore_preemption)
         for rd in todo:
             if str(rd.path) not in self.procs:

@@ -1,4 +1,4 @@
-"""One run in a process of its own: what a local worker (`python -m bench run-one RUN_DIR`) and a
+"""One run in a process of its own: what a local worker (`python -m mmbalance run-one RUN_DIR`) and a
 SLURM job execute. The launcher has written the run's config.yaml; this trains it into the store
 (bench.train.run skips it if finished, resumes it from checkpoint.pt if started) and records any
 failure, with its traceback, in the run's status.json.
@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from bench.config import RunConfig, Sources, validate
-from bench.errors import EXIT_ELSEWHERE, EXIT_INTERRUPTED, ConfigError, RunFailed
-from bench.store import RunDir, Store, atomic_write_text
+from mmbalance.bench.config import RunConfig, Sources, validate
+from mmbalance.bench.errors import EXIT_ELSEWHERE, EXIT_INTERRUPTED, ConfigError, RunFailed
+from mmbalance.bench.store import RunDir, Store, atomic_write_text
 
 
 def load_run(run_dir: str | Path) -> tuple[RunConfig, Store]:
@@ -40,7 +40,7 @@ def set_threads() -> None:
 def run_one(run_dir: str | Path, **placement: str) -> str:
     """Train the run; returns its final state. Raises RunFailed (after recording it) on failure.
     `placement` (job_id, log) is written into its status first."""
-    from bench.train import record_failure, run
+    from mmbalance.bench.train import record_failure, run
 
     set_threads()
     cfg, store = load_run(run_dir)
@@ -81,7 +81,7 @@ def mark_pending(rd: RunDir, config: dict, **placement: str | None) -> str:
     recorded, so that `status` can tell when the launcher is gone), under the run's claim.
     Returns "pending", or why the run was left as it is: "elsewhere" (another process holds
     it) or "finished"."""
-    from bench.claim import this_process, try_claim
+    from mmbalance.bench.claim import this_process, try_claim
 
     claim = try_claim(rd)
     if claim is None:
@@ -97,7 +97,7 @@ def mark_pending(rd: RunDir, config: dict, **placement: str | None) -> str:
 def place_claimed(rd: RunDir, **placement: str) -> bool:
     """record_placement under the run's claim, for a process that hands the run to a run-one
     process of its own; False (nothing written) when another process holds the run."""
-    from bench.claim import try_claim
+    from mmbalance.bench.claim import try_claim
 
     claim = try_claim(rd)
     if claim is None:
@@ -113,7 +113,7 @@ def record_exit(rd: RunDir, code: int, killed: str = "failed") -> str:
     marked failed (or `killed`, for one a signal ended) with the exit code; one a Ctrl-C
     stopped before its training started (exit EXIT_INTERRUPTED) is interrupted. One that left
     the run to the process holding its claim (exit EXIT_ELSEWHERE) is `elsewhere`, untouched."""
-    from bench.claim import is_held
+    from mmbalance.bench.claim import is_held
 
     if code == EXIT_ELSEWHERE:
         return "elsewhere"
@@ -141,7 +141,7 @@ def saved_status(rd: RunDir) -> str | None:
 def restore_status(rd: RunDir, text: str | None) -> None:
     """Put back what saved_status returned: a launch that did not start the run leaves it as it
     was. Under the run's claim: a run another process has taken since, or finished, is theirs."""
-    from bench.claim import try_claim
+    from mmbalance.bench.claim import try_claim
 
     claim = try_claim(rd)
     if claim is None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from bench.registry import ENCODERS
-from datasets.base import Modality
+from mmbalance.bench.registry import ENCODERS
+from mmbalance.datasets.base import Modality
 
 
 def build_encoder(section: dict, modality: Modality) -> nn.Module:

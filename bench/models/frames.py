@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from bench.errors import ConfigError
-from datasets.base import Modality
+from mmbalance.bench.errors import ConfigError
+from mmbalance.datasets.base import Modality
 
 
 def require_image_shape(encoder: str, modality: Modality) -> None:

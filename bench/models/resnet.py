@@ -12,10 +12,10 @@ import torch
 import torch.nn as nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
-from bench.config import NoParams
-from bench.models.frames import fold_time, mean_over_time, require_image_shape
-from bench.registry import ENCODERS
-from datasets.base import Modality
+from mmbalance.bench.config import NoParams
+from mmbalance.bench.models.frames import fold_time, mean_over_time, require_image_shape
+from mmbalance.bench.registry import ENCODERS
+from mmbalance.datasets.base import Modality
 
 
 @ENCODERS.register("resnet18")

@@ -8,10 +8,10 @@ import torch
 import torch.nn as nn
 from pydantic import Field
 
-from bench.config import Strict
-from bench.models.frames import fold_time, mean_over_time, require_image_shape
-from bench.registry import ENCODERS
-from datasets.base import Modality
+from mmbalance.bench.config import Strict
+from mmbalance.bench.models.frames import fold_time, mean_over_time, require_image_shape
+from mmbalance.bench.registry import ENCODERS
+from mmbalance.datasets.base import Modality
 
 
 class MLPParams(Strict):

@@ -15,11 +15,11 @@ import torch
 import torch.nn as nn
 from pydantic import Field
 
-from bench.config import Strict
-from bench.errors import ConfigError, closest
-from bench.models.frames import fold_time, mean_over_time
-from bench.registry import ENCODERS
-from datasets.base import Modality
+from mmbalance.bench.config import Strict
+from mmbalance.bench.errors import ConfigError, closest
+from mmbalance.bench.models.frames import fold_time, mean_over_time
+from mmbalance.bench.registry import ENCODERS
+from mmbalance.datasets.base import Modality
 
 
 class TimmParams(Strict):

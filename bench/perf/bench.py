@@ -43,8 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bench.device import resolve_device
-    from bench.perf.steps import SHAPES, measure_steps, variants_named
+    from mmbalance.bench.device import resolve_device
+    from mmbalance.bench.perf.steps import SHAPES, measure_steps, variants_named
 
     device = resolve_device(args.device)
     shapes = SHAPES[args.shapes or ("quick" if args.quick else "cremad" if device.type == "cuda" else "cpu")]
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"mmbalance bench on {describe(device)}; {shapes.name}{'; encoders compiled' if args.compile else ''}")
     results: dict[str, Any] = {"device": describe(device), "shapes": shapes.name}
 
-    from bench.config import TrainConfig
+    from mmbalance.bench.config import TrainConfig
 
     rows = measure_steps(shapes, device, variants=variants_named(split_list(args.methods)), rounds=rounds,
                          steps=steps, warmup=1 if args.quick else 2, train=TrainConfig(compile=args.compile),
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     print(format_steps(rows))
 
     with tempfile.TemporaryDirectory(prefix="mmb-bench-") as tmp:
-        from bench.perf.loader import measure_data_path, measure_loaders, setup_loader_data
+        from mmbalance.bench.perf.loader import measure_data_path, measure_loaders, setup_loader_data
 
         data = setup_loader_data(Path(tmp), clips)
         loaders = measure_loaders(data, min(16, clips), device)
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
             print(format_data_path(check, device))
 
     if args.packing:
-        from bench.perf.packing import format_packing, measure_packing
+        from mmbalance.bench.perf.packing import format_packing, measure_packing
 
         ks = [int(k) for k in split_list(args.packing) or []]
         print(f"\n## Packing: K runs of the quickstart's joint-concat cell (100 epochs) sharing this {device.type}\n",

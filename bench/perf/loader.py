@@ -26,14 +26,14 @@ import soundfile as sf
 import torch
 from PIL import Image
 
-from bench.config import TrainConfig
-from bench.data import SplitLoader, build_loaders
-from bench.perf.steps import Shapes, Variant, build_subject, sync, timed
-from datasets.cache import CacheMeta, CacheWriter
-from datasets.cremad import EMOTIONS, PIPELINES, CremaD, CremadParams, audio_features
-from datasets.media import natural_key, read_image
-from datasets.prepared import SampleSource
-from datasets.transforms import FrameClip
+from mmbalance.bench.config import TrainConfig
+from mmbalance.bench.data import SplitLoader, build_loaders
+from mmbalance.bench.perf.steps import Shapes, Variant, build_subject, sync, timed
+from mmbalance.datasets.cache import CacheMeta, CacheWriter
+from mmbalance.datasets.cremad import EMOTIONS, PIPELINES, CremaD, CremadParams, audio_features
+from mmbalance.datasets.media import natural_key, read_image
+from mmbalance.datasets.prepared import SampleSource
+from mmbalance.datasets.transforms import FrameClip
 
 PIPELINE = "ogmge"
 FRAME_HW = (360, 480)  # CREMA-D's VideoFlash frames

@@ -1,8 +1,8 @@
-"""How much K runs packed onto one device gain: K `python -m bench run-one` processes train the
+"""How much K runs packed onto one device gain: K `python -m mmbalance run-one` processes train the
 same config at once, with the threads (and GPU) split as the local launcher splits them, and
 their aggregate throughput is compared with one run alone (K=1).
 
-    python -m bench.perf.packing --ks 1,2,4 --epochs 8
+    python -m mmbalance.bench.perf.packing --ks 1,2,4 --epochs 8
 
 Numbers come from the real trainer: each run's own epoch timing (summary.json's cost) and the
 wall time of the whole group, process start-up and per-epoch evaluation included.
@@ -20,10 +20,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.config import RunConfig
+from mmbalance.bench.config import RunConfig
+from mmbalance.bench.resources import quickstart_config
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-QUICKSTART = REPO_ROOT / "configs" / "quickstart.yaml"
 QUICKSTART_CELL = "joint-concat"
 # what the measurement leaves out by default: the probes after training (not throughput) and the bar
 MEASURE_OVERRIDES = ("eval.probe=false", "train.progress=false")
@@ -32,13 +31,13 @@ MEASURE_OVERRIDES = ("eval.probe=false", "train.progress=false")
 def load_measured_config(config: Path | None, overrides: Sequence[str], cell: str | None = None) -> RunConfig:
     """The run to measure: `config` (a run config, or a sweep file's cell `cell`, default its first
     run) with `overrides`; without `config`, the quickstart's joint-concat cell."""
-    from bench.config import load_config
-    from bench.errors import ConfigError
-    from bench.sweep import is_sweep_file, load_sweep
+    from mmbalance.bench.config import load_config
+    from mmbalance.bench.errors import ConfigError
+    from mmbalance.bench.sweep import is_sweep_file, load_sweep
 
     overrides = [*MEASURE_OVERRIDES, *overrides]
     if config is None:
-        config, cell = QUICKSTART, cell or QUICKSTART_CELL
+        config, cell = quickstart_config(), cell or QUICKSTART_CELL
     if not is_sweep_file(config):
         return load_config(config, overrides)
     _, configs = load_sweep(config, overrides)
@@ -55,7 +54,7 @@ def measure_packing(ks: Sequence[int], config: Path | None = None, overrides: Se
     ids differ; the work is the same) in a temporary store. One row per K (see measure_one); with
     `repeats` > 1 every K is measured that often, the Ks taking turns (so that a busy spell of the
     machine spreads over all of them), and the row is the repeat with the median aggregate."""
-    from bench.errors import ConfigError
+    from mmbalance.bench.errors import ConfigError
 
     if not ks or any(k < 1 for k in ks) or repeats < 1:
         raise ConfigError(f"packing needs K values >= 1 and repeats >= 1, got {list(ks)} and {repeats}")
@@ -76,9 +75,9 @@ def measure_one(cfg: RunConfig, k: int, root: Path) -> dict[str, Any]:
     """K runs of `cfg` at once; aggregate samples/s = all training samples of the K runs / wall
     seconds from starting the processes to the last one's end (start-up and evaluation included:
     what a sweep gets); per-run samples/s = the runs' own training-loop throughput, averaged."""
-    from bench.errors import RunFailed
-    from bench.launch.local import gpu_count, threads_per_worker, worker_env
-    from bench.store import Store
+    from mmbalance.bench.errors import RunFailed
+    from mmbalance.bench.launch.local import gpu_count, threads_per_worker, worker_env
+    from mmbalance.bench.store import Store
 
     store, gpus = Store(root), gpu_count()
     dirs = []
@@ -88,7 +87,7 @@ def measure_one(cfg: RunConfig, k: int, root: Path) -> dict[str, Any]:
         rd.write_config(run.to_dict())
         dirs.append(rd)
     start = time.perf_counter()
-    procs = [subprocess.Popen([sys.executable, "-m", "bench", "run-one", str(rd.path)], stdin=subprocess.DEVNULL,
+    procs = [subprocess.Popen([sys.executable, "-m", "mmbalance", "run-one", str(rd.path)], stdin=subprocess.DEVNULL,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=worker_env(slot, k, gpus, k))
              for slot, rd in enumerate(dirs)]
     outputs = [p.communicate()[0].decode(errors="replace") for p in procs]
@@ -129,7 +128,7 @@ def format_packing(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.perf.packing", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m mmbalance.bench.perf.packing", description=__doc__.splitlines()[0])
     parser.add_argument("--ks", default="1,2,4", help="runs packed at once, comma-separated (default 1,2,4)")
     parser.add_argument("--config", default=None, help="run config or sweep file (default: the quickstart)")
     parser.add_argument("--cell", default=None, help="the sweep file's cell to measure (default: joint-concat / the first)")

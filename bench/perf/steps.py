@@ -23,13 +23,13 @@ import torch
 import torch.nn as nn
 from pydantic import ValidationError
 
-from bench.config import RunConfig, TrainConfig
-from bench.device import prepare_model
-from bench.models import build_encoder
-from bench.registry import METHODS
-from bench.train import PassCounter, build_optimizer, build_scheduler
-from datasets.base import Modality
-from methods.base import Batch, Method, MethodSetup, StepHelpers
+from mmbalance.bench.config import RunConfig, TrainConfig
+from mmbalance.bench.device import prepare_model
+from mmbalance.bench.models import build_encoder
+from mmbalance.bench.registry import METHODS
+from mmbalance.bench.train import PassCounter, build_optimizer, build_scheduler
+from mmbalance.datasets.base import Modality
+from mmbalance.methods.base import Batch, Method, MethodSetup, StepHelpers
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ def build_subject(variant: Variant, shapes: Shapes, batch: Batch, train: TrainCo
     try:
         params = METHODS.params_of(variant.method, "method.name")
     except ValidationError as e:
-        from bench.errors import ConfigError
+        from mmbalance.bench.errors import ConfigError
 
         raise ConfigError(f"bench: method {variant.method['name']!r} cannot be built with its default parameters "
                           f"({e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}); bench times methods whose "
@@ -261,7 +261,7 @@ def variants_named(names: Sequence[str] | None) -> tuple[Variant, ...]:
     `names`, and any other registered method (a user's own) with its default parameters."""
     if not names:
         return VARIANTS
-    from bench.errors import ConfigError
+    from mmbalance.bench.errors import ConfigError
 
     registered = METHODS.names()
     unknown = sorted(set(names) - set(registered))

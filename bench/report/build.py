@@ -16,15 +16,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.errors import ConfigError
-from bench.report.cells import aggregate, display, printed, to_latex
-from bench.report.collect import DEFICIT_NOTE, SELECTIONS, damaged_runs, load_runs
-from bench.report.figures import make_figures
-from bench.report.paper import paper_vs_ours
-from bench.report.stats import CI_NOTE, TEST_NOTE, paired_tests
-from bench.store import atomic_write_text
+from mmbalance.bench.errors import ConfigError
+from mmbalance.bench.report.cells import aggregate, display, printed, to_latex
+from mmbalance.bench.report.collect import DEFICIT_NOTE, SELECTIONS, damaged_runs, load_runs
+from mmbalance.bench.report.figures import make_figures
+from mmbalance.bench.report.paper import paper_vs_ours
+from mmbalance.bench.resources import paper_tables_csv
+from mmbalance.bench.report.stats import CI_NOTE, TEST_NOTE, paired_tests
+from mmbalance.bench.store import atomic_write_text
 
-PAPER_CSV = Path(__file__).resolve().parents[2] / "results" / "paper_tables.csv"
 BY_KEYS = ("dataset", "method", "fusion", "group")  # "method" is the cell label of a sweep
 
 
@@ -63,7 +63,7 @@ def relabel(runs: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
 
 
 def build_report(results_dir: Path, out: Path, by: str | list[str] = "dataset,method",
-                 select: str = "val", paper_csv: Path = PAPER_CSV, only: set[str] | None = None,
+                 select: str = "val", paper_csv: Path | None = None, only: set[str] | None = None,
                  order: list[str] | None = None) -> Report:
     """Write the report of every run under `results_dir` (or of the run ids in `only`) into `out`;
     rows follow `order` (a sweep's cells) where given (cells.label_order)."""
@@ -128,10 +128,12 @@ def table_text(results_dir: Path, only: set[str] | None = None, order: list[str]
     return printed_tables(aggregate(runs, order), SELECTIONS[select][1])
 
 
-def paper_table(paper_csv: Path, results_dir: Path, runs: pd.DataFrame, select: str, keys: list[str],
+def paper_table(paper_csv: Path | None, results_dir: Path, runs: pd.DataFrame, select: str, keys: list[str],
                 only: set[str] | None) -> pd.DataFrame:
-    """Paper vs ours needs our runs under both selections; reload under the one not loaded yet."""
-    if not Path(paper_csv).exists():
+    """Paper vs ours needs our runs under both selections; reload under the one not loaded yet.
+    `paper_csv` defaults to the shipped results/paper_tables.csv."""
+    paper_csv = Path(paper_csv) if paper_csv is not None else paper_tables_csv()
+    if not paper_csv.exists():
         return pd.DataFrame()
     other = "test" if select != "test" else "val"
     by_select = {select: runs, other: relabel(load_runs(results_dir, other, only)[0], keys)}

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from bench.report.stats import describe
+from mmbalance.bench.report.stats import describe
 
 HIGHER = ("acc", "macro_f1", "map")  # plus own.* and probe.*: higher is better
 COST = ("s_per_epoch", "cpu_hours", "gpu_hours", "peak_mem_mb", "fwd_per_step", "bwd_per_step")

@@ -21,8 +21,8 @@ from typing import Any
 
 import pandas as pd
 
-from bench.errors import ConfigError
-from bench.store import RunDir
+from mmbalance.bench.errors import ConfigError
+from mmbalance.bench.store import RunDir
 
 # --select value -> the summary.json block it reads, and how the report names it
 SELECTIONS = {

@@ -27,7 +27,7 @@ from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter  # noqa: E402
 
-from bench.report.stats import ci_bounds, describe  # noqa: E402
+from mmbalance.bench.report.stats import ci_bounds, describe  # noqa: E402
 
 DPI = 150
 # training-record entries every method has: not a method's own diagnostic

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench.report.stats import baseline_label, describe
+from mmbalance.bench.report.stats import baseline_label, describe
 
 # paper_tables.csv dataset -> our registry name
 DATASETS = {"cremad": "cremad", "ks": "kinetics_sounds", "ucf101": "ucf101", "vggsound": "vggsound",

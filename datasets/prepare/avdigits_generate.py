@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -60,9 +61,9 @@ SPEAKER_SETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     ),
 }
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_CACHE = REPO_ROOT / "datasets" / "data" / f"avdigits_v{VERSION}.npz"
-DEFAULT_MANIFEST = REPO_ROOT / "datasets" / "manifests" / f"avdigits_v{VERSION}.json"
+PACKAGE_DIR = Path(str(resources.files("mmbalance.datasets")))  # the shipped cache is package data
+DEFAULT_CACHE = PACKAGE_DIR / "data" / f"avdigits_v{VERSION}.npz"
+DEFAULT_MANIFEST = PACKAGE_DIR / "manifests" / f"avdigits_v{VERSION}.json"
 
 ARRAY_KEYS = (
     "images", "labels", "waveforms", "speaker", "speed", "pitch",

@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from bench.errors import DataError
-from bench.registry import DATASETS
-from datasets.cache import CacheMeta, CacheWriter, write_json_atomic
-from datasets.prepared import Pipeline, Plan, PreparedDataset, SampleSource
-from datasets.splits import compare_with_published, load_manifest
+from mmbalance.bench.errors import DataError
+from mmbalance.bench.registry import DATASETS
+from mmbalance.datasets.cache import CacheMeta, CacheWriter, write_json_atomic
+from mmbalance.datasets.prepared import Pipeline, Plan, PreparedDataset, SampleSource
+from mmbalance.datasets.splits import compare_with_published, load_manifest
 
 OnError = Literal["skip", "fail"]
 
