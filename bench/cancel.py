@@ -17,7 +17,7 @@ from functools import wraps
 from pathlib import Path
 from typing import Any
 
-from mmbalance.bench.errors import MMBalanceError, RunFailed
+from mmbalance.core.errors import MMBalanceError, RunFailed
 
 CANCELLED_JOB = "cancelled_job"  # status.json key: the job `mmbalance cancel` cancelled
 STATUS_LOCK = ".status.lock"  # beside status.json; held only while one record is read and replaced

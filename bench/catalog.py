@@ -6,7 +6,7 @@ import sys
 
 from pydantic import BaseModel
 
-from mmbalance.bench.registry import DATASETS, ENCODERS, METHODS
+from mmbalance.core.registry import DATASETS, ENCODERS, METHODS
 
 
 def params_line(params: type[BaseModel]) -> str:

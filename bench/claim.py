@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mmbalance.bench.errors import StoreError
+from mmbalance.core.errors import StoreError
 from mmbalance.bench.store import RunDir
 
 CLAIM_FILE = "claim.lock"

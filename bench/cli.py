@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from mmbalance.bench.errors import EXIT_INTERRUPTED, MMBalanceError
+from mmbalance.core.errors import EXIT_INTERRUPTED, MMBalanceError
 from mmbalance.bench.resources import config_path, quickstart_config
 
 
@@ -114,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def one_line_warnings(default):
     """The suite's own warnings (a broken plugin, a suspicious manifest) as 'warning: ...' lines;
     any other warning as Python shows it."""
-    from mmbalance.bench.errors import MMBalanceWarning
+    from mmbalance.core.errors import MMBalanceWarning
 
     def show(message, category, filename, lineno, file=None, line=None):
         if issubclass(category, MMBalanceWarning):
@@ -230,7 +230,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_run_one(args: argparse.Namespace) -> int:
-    from mmbalance.bench.errors import EXIT_ELSEWHERE, RunFailed
+    from mmbalance.core.errors import EXIT_ELSEWHERE, RunFailed
     from mmbalance.bench.launch.worker import run_one
     from mmbalance.bench.oserror import EXIT_OS_ERROR, os_cause
     from mmbalance.bench.store import RunDir

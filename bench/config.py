@@ -19,19 +19,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
-from mmbalance.bench.errors import ConfigError, allowed_list, closest
-
-
-class Strict(BaseModel):
-    """Unknown keys are errors, never silently ignored."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class NoParams(Strict):
-    """Params of a class that takes none."""
+from mmbalance.core.errors import ConfigError, allowed_list, closest
+from mmbalance.core.params import Strict
 
 
 class ModelConfig(Strict):
@@ -237,7 +228,7 @@ def validate(data: Mapping[str, Any], sources: Sources | None = None) -> RunConf
         cfg = RunConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(format_errors(e, RunConfig, sources)) from None
-    from mmbalance.bench.registry import DATASETS, ENCODERS, METHODS
+    from mmbalance.core.registry import DATASETS, ENCODERS, METHODS
 
     dataset_cls = DATASETS.get(require_name(cfg.dataset, "dataset", sources), sources.of("dataset.name"))
     cfg.dataset = resolve_named(cfg.dataset, dataset_cls.Params, "dataset", sources)

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from mmbalance.bench.config import TrainConfig
 from mmbalance.datasets.base import Dataset, TensorSplit
-from mmbalance.methods.base import Batch
+from mmbalance.core.types import Batch
 
 BatchView = Callable[[torch.Tensor], torch.Tensor]
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from mmbalance.bench.config import TrainConfig
-from mmbalance.bench.errors import RunFailed
+from mmbalance.core.errors import RunFailed
 
 
 def resolve_device(name: str) -> torch.device:

@@ -8,7 +8,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mmbalance.methods.base import Batch, Method
+from mmbalance.methods.base import Method
+from mmbalance.core.types import Batch
 
 
 def average_precision(hits: np.ndarray, scores: np.ndarray) -> float:

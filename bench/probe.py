@@ -15,7 +15,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from mmbalance.methods.base import Batch, Method
+from mmbalance.methods.base import Method
+from mmbalance.core.types import Batch
 
 
 @torch.no_grad()

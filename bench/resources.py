@@ -14,7 +14,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from mmbalance.bench.errors import ConfigError
+from mmbalance.core.errors import ConfigError
 
 
 def _on_disk(package: str, name: str | None = None) -> Path:

@@ -22,7 +22,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveInt, ValidationError
 
-from mmbalance.bench.errors import DamagedFile
+from mmbalance.core.errors import DamagedFile
 
 Unit = Annotated[float, Field(ge=0.0, le=1.0)] | None  # a rate; None: undefined
 Amount = NonNegativeFloat | None

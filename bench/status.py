@@ -10,7 +10,7 @@ import pandas as pd
 
 from mmbalance.bench.cancel import CANCELLED_JOB
 from mmbalance.bench.claim import is_held, process_gone
-from mmbalance.bench.errors import DamagedFile, MMBalanceError, StoreError
+from mmbalance.core.errors import DamagedFile, MMBalanceError, StoreError
 from mmbalance.bench.selection import best_epoch, select_metric
 from mmbalance.bench.store import RunDir
 

@@ -24,7 +24,7 @@ import yaml
 
 from mmbalance.bench import schema
 from mmbalance.bench.cancel import guarded
-from mmbalance.bench.errors import DamagedFile, StoreError
+from mmbalance.core.errors import DamagedFile, StoreError
 from mmbalance.bench.oserror import naming
 
 STATES = ("pending", "running", "finished", "failed", "interrupted")

@@ -49,7 +49,7 @@ from mmbalance.bench.config import (
     read_yaml,
     validate,
 )
-from mmbalance.bench.errors import DataError, RunFailed
+from mmbalance.core.errors import DataError, RunFailed
 from mmbalance.bench.launch.options import LauncherConfig
 from mmbalance.bench.resources import shipped_config, shipped_configs
 from mmbalance.bench.launch.plan import label

@@ -26,17 +26,18 @@ from mmbalance.bench.claim import elsewhere_line, try_claim
 from mmbalance.bench.config import RunConfig
 from mmbalance.bench.data import build_loaders, epoch_generator, seed_everything
 from mmbalance.bench.device import prepare_model, resolve_device
-from mmbalance.bench.errors import ConfigError, DamagedFile, MMBalanceError, RunFailed
+from mmbalance.core.errors import ConfigError, DamagedFile, MMBalanceError, RunFailed
 from mmbalance.bench.evaluate import evaluate
-from mmbalance.bench.models import build_encoder
+from mmbalance.models import build_encoder
 from mmbalance.bench.oserror import os_message
 from mmbalance.bench.probe import probe_all
-from mmbalance.bench.registry import DATASETS, METHODS
+from mmbalance.core.registry import DATASETS, METHODS
 from mmbalance.bench.schema import check_checkpoint
 from mmbalance.bench.selection import best_epoch
 from mmbalance.bench.store import RunDir, Store
 from mmbalance.datasets.base import Dataset
-from mmbalance.methods.base import Batch, Method, MethodSetup, StepHelpers
+from mmbalance.methods.base import Method, MethodSetup, StepHelpers
+from mmbalance.core.types import Batch
 
 
 # builds (or hands out an already built) dataset for a config; sweeps share one between runs

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mmbalance.bench.data import SplitLoader  # noqa: E402
-from mmbalance.bench.registry import DATASETS  # noqa: E402
+from mmbalance.core.registry import DATASETS  # noqa: E402
 from mmbalance.datasets.prepare.runner import prepare  # noqa: E402
 from tests.fixtures.ave import write_ave  # noqa: E402
 from tests.fixtures.cremad import write_cremad  # noqa: E402

@@ -23,7 +23,7 @@ import torch
 import torchaudio.compliance.kaldi as kaldi
 import torchaudio.functional as AF
 
-from mmbalance.bench.errors import DataError
+from mmbalance.core.errors import DataError
 
 # OGM-GE data/KineticSound/process_audio.py normalises its fbank as (x - mean) / (2 * std) with
 # these (AudioSet statistics borrowed from AST)

@@ -10,27 +10,17 @@ batches without a DataLoader; others are any ``torch.utils.data.Dataset`` return
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel
 
-from mmbalance.bench.config import NoParams
-from mmbalance.bench.errors import DataError
+from mmbalance.core.params import NoParams
+from mmbalance.core.errors import DataError
+from mmbalance.core.types import Modality
 
 SPLITS = ("train", "val", "test")
-ModalityKind = Literal["audio", "image", "video", "vector", "text"]
-
-
-@dataclass(frozen=True)
-class Modality:
-    """One input stream: its name (used everywhere instead of a position), kind and tensor shape."""
-
-    name: str
-    kind: ModalityKind
-    shape: tuple[int, ...]
 
 
 class TensorSplit(torch.utils.data.Dataset):

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, Field
 
-from mmbalance.bench.errors import DataError
+from mmbalance.core.errors import DataError
 
 FORMAT_VERSION = 1
 FLUSH_EVERY = 64

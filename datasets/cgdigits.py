@@ -16,9 +16,10 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from mmbalance.bench.config import Strict
-from mmbalance.bench.registry import DATASETS
-from mmbalance.datasets.base import SPLITS, Dataset, Modality, TensorSplit
+from mmbalance.core.params import Strict
+from mmbalance.core.registry import DATASETS
+from mmbalance.datasets.base import SPLITS, Dataset, TensorSplit
+from mmbalance.core.types import Modality
 from mmbalance.datasets.prepare.avdigits_generate import WORDS, assign_splits, load_digits_arrays
 
 # ten well-separated RGB class colours (tab10)

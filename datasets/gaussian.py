@@ -10,9 +10,10 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from mmbalance.bench.config import Strict
-from mmbalance.bench.registry import DATASETS
-from mmbalance.datasets.base import Dataset, Modality, TensorSplit
+from mmbalance.core.params import Strict
+from mmbalance.core.registry import DATASETS
+from mmbalance.datasets.base import Dataset, TensorSplit
+from mmbalance.core.types import Modality
 
 
 class GaussianParams(Strict):

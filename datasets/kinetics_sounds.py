@@ -54,8 +54,8 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from mmbalance.bench.errors import DataError
-from mmbalance.bench.registry import DATASETS
+from mmbalance.core.errors import DataError
+from mmbalance.core.registry import DATASETS
 from mmbalance.datasets import audio as fe
 from mmbalance.datasets.cache import ArraySpec
 from mmbalance.datasets.media import clip_frames, decode_video_audio, read_audio

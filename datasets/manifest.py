@@ -50,10 +50,10 @@ import numpy as np
 import torch
 from pydantic import BaseModel, Field
 
-from mmbalance.bench.errors import ConfigError, DataError, DataWarning
-from mmbalance.bench.registry import DATASETS
+from mmbalance.core.errors import ConfigError, DataError, DataWarning
+from mmbalance.core.registry import DATASETS
 from mmbalance.datasets import audio as fe
-from mmbalance.datasets.base import ModalityKind
+from mmbalance.core.types import ModalityKind
 from mmbalance.datasets.cache import ArraySpec, CacheMeta, read_meta
 from mmbalance.datasets.manifest_csv import FLOAT16_MAX, SPLIT_VALUES, ManifestTable, lines_of, odd_labels, read_table
 from mmbalance.datasets.media import clip_frames, read_audio, read_image, resize_image

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mmbalance.bench.errors import DataError, allowed_list
-from mmbalance.datasets.base import ModalityKind
+from mmbalance.core.errors import DataError, allowed_list
+from mmbalance.core.types import ModalityKind
 
 CSV_NAME = "manifest.csv"  # what `--raw DIR` looks for
 REQUIRED = ("id", "label")

@@ -17,7 +17,7 @@ import numpy as np
 import soundfile
 from PIL import Image, UnidentifiedImageError
 
-from mmbalance.bench.errors import ConfigError, DataError
+from mmbalance.core.errors import ConfigError, DataError
 
 IMAGE_MODES = ("RGB", "L")
 

@@ -29,8 +29,8 @@ from typing import ClassVar, Literal
 import numpy as np
 from pydantic import Field
 
-from mmbalance.bench.errors import DataError
-from mmbalance.bench.registry import DATASETS
+from mmbalance.core.errors import DataError
+from mmbalance.core.registry import DATASETS
 from mmbalance.datasets.cache import ArraySpec
 from mmbalance.datasets.media import read_image, resize_image
 from mmbalance.datasets.prepared import CachedParams, Pipeline, Plan, PreparedDataset, SampleSource, View

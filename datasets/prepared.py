@@ -24,9 +24,10 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from mmbalance.bench.config import Strict
-from mmbalance.bench.errors import DataError
-from mmbalance.datasets.base import Dataset, Modality, ModalityKind
+from mmbalance.core.params import Strict
+from mmbalance.core.errors import DataError
+from mmbalance.datasets.base import Dataset
+from mmbalance.core.types import Modality, ModalityKind
 from mmbalance.datasets.cache import ArraySpec, Cache
 
 View = Callable[[np.ndarray, "int | None"], torch.Tensor]

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, Field
 
-from mmbalance.bench.errors import DataError
+from mmbalance.core.errors import DataError
 
 MANIFEST_DIR = Path(str(resources.files("mmbalance.datasets") / "manifests"))
 

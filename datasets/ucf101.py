@@ -60,8 +60,8 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from mmbalance.bench.errors import ConfigError, DataError
-from mmbalance.bench.registry import DATASETS
+from mmbalance.core.errors import ConfigError, DataError
+from mmbalance.core.registry import DATASETS
 from mmbalance.datasets.cache import ArraySpec
 from mmbalance.datasets.media import read_image, resize_image
 from mmbalance.datasets.prepared import CachedParams, Pipeline, Plan, PreparedDataset, SampleSource, View

@@ -18,32 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import BaseModel
 
-from mmbalance.bench.config import NoParams
-from mmbalance.datasets.base import Modality
-
-
-@dataclass
-class Batch:
-    inputs: dict[str, torch.Tensor]
-    labels: torch.Tensor
-
-    def to(self, device: torch.device) -> Batch:
-        nb = device.type == "cuda"
-        return Batch(
-            {m: t.to(device, non_blocking=nb) for m, t in self.inputs.items()},
-            self.labels.to(device, non_blocking=nb),
-        )
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-
-@dataclass
-class Prediction:
-    """Fused logits, and the method's own logits per modality (None where it has no such view)."""
-
-    fused: torch.Tensor
-    per_modality: dict[str, torch.Tensor] | None = None
+from mmbalance.core.params import NoParams
+from mmbalance.core.types import Batch, Modality, Prediction
 
 
 @dataclass

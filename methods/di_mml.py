@@ -60,11 +60,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import Field
 
-from mmbalance.bench.config import Strict
-from mmbalance.bench.errors import ConfigError
-from mmbalance.bench.models.fusion import linear
-from mmbalance.bench.registry import METHODS
-from mmbalance.methods.base import Batch, Method, MethodSetup, Prediction
+from mmbalance.core.params import Strict
+from mmbalance.core.errors import ConfigError
+from mmbalance.models.fusion import linear
+from mmbalance.core.registry import METHODS
+from mmbalance.methods.base import Method, MethodSetup
+from mmbalance.core.types import Batch, Prediction
 
 
 class DIMMLParams(Strict):

@@ -12,11 +12,12 @@ from typing import Literal
 
 import torch
 
-from mmbalance.bench.config import Strict
-from mmbalance.bench.errors import ConfigError
-from mmbalance.bench.models.fusion import build_fusion
-from mmbalance.bench.registry import METHODS
-from mmbalance.methods.base import Batch, Method, MethodSetup, Prediction
+from mmbalance.core.params import Strict
+from mmbalance.core.errors import ConfigError
+from mmbalance.models.fusion import build_fusion
+from mmbalance.core.registry import METHODS
+from mmbalance.methods.base import Method, MethodSetup
+from mmbalance.core.types import Batch, Prediction
 
 
 class JointParams(Strict):

@@ -95,10 +95,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import Field
 
-from mmbalance.bench.config import Strict
-from mmbalance.bench.errors import ConfigError, allowed_list
-from mmbalance.bench.registry import METHODS
-from mmbalance.methods.base import Batch, Method, MethodSetup, Prediction
+from mmbalance.core.params import Strict
+from mmbalance.core.errors import ConfigError, allowed_list
+from mmbalance.core.registry import METHODS
+from mmbalance.methods.base import Method, MethodSetup
+from mmbalance.core.types import Batch, Prediction
 
 DEFAULT_RHO = {"paper": 0.05, "code": 1e-10}
 DEFAULT_PROJECT_LAYERS = {"paper": "head", "code": "shape_match"}

@@ -61,11 +61,12 @@ import torch
 import torch.nn.functional as F
 from pydantic import PositiveFloat, field_validator
 
-from mmbalance.bench.config import Strict
-from mmbalance.bench.errors import ConfigError
-from mmbalance.bench.models.fusion import linear
-from mmbalance.bench.registry import METHODS
-from mmbalance.methods.base import Batch, Method, MethodSetup, Prediction
+from mmbalance.core.params import Strict
+from mmbalance.core.errors import ConfigError
+from mmbalance.models.fusion import linear
+from mmbalance.core.registry import METHODS
+from mmbalance.methods.base import Method, MethodSetup
+from mmbalance.core.types import Batch, Prediction
 
 # the code's fixed fusion weights by number of modalities, given to the modalities by position
 CODE_FIXED_WEIGHTS = {1: (1.0,), 2: (0.55, 0.45), 3: (0.35, 0.25, 0.4)}

@@ -59,10 +59,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from mmbalance.bench.config import Strict
-from mmbalance.bench.models.fusion import ConcatFusion, LateFusion, SumFusion, build_fusion, linear
-from mmbalance.bench.registry import METHODS
-from mmbalance.methods.base import Batch, Method, MethodSetup, Prediction
+from mmbalance.core.params import Strict
+from mmbalance.models.fusion import ConcatFusion, LateFusion, SumFusion, build_fusion, linear
+from mmbalance.core.registry import METHODS
+from mmbalance.methods.base import Method, MethodSetup
+from mmbalance.core.types import Batch, Prediction
 
 NOISE_EPS = 1e-8  # added to the noise std, as the reference code does
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from mmbalance.bench.config import Strict
-from mmbalance.bench.errors import ConfigError, allowed_list, closest
-from mmbalance.bench.models.fusion import linear
-from mmbalance.bench.registry import METHODS
-from mmbalance.methods.base import Batch, Method, MethodSetup, Prediction
+from mmbalance.core.params import Strict
+from mmbalance.core.errors import ConfigError, allowed_list, closest
+from mmbalance.models.fusion import linear
+from mmbalance.core.registry import METHODS
+from mmbalance.methods.base import Method, MethodSetup
+from mmbalance.core.types import Batch, Prediction
 
 
 class UnimodalParams(Strict):

@@ -1,9 +1,10 @@
 """mmbalance: a benchmark suite for multimodal learning under modality imbalance.
 
-The code lives in three folders at the top of the checkout, `bench/` (the harness), `methods/`
-and `datasets/`, installed under this one import namespace as `mmbalance.bench`,
-`mmbalance.methods` and `mmbalance.datasets` (pyproject's `package-dir` mapping), so that the
-suite coexists with HuggingFace's `datasets` and any other top-level `bench` or `methods`.
+The code lives in folders at the top of the checkout, one per layer: `core/` (shared types,
+params, errors, registries), `datasets/`, `models/` (encoders, fusion), `methods/` and `bench/`
+(the harness), installed under this one import namespace as `mmbalance.core`,
+`mmbalance.datasets`, ... (pyproject's `package-dir` mapping), so that the suite coexists with
+HuggingFace's `datasets` and any other top-level `bench` or `methods`.
 The files the commands need (`configs/`, `results/paper_tables.csv`) ship as package data
 (`mmbalance.configs`, `mmbalance.results`), read through `importlib.resources`.
 """

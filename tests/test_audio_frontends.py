@@ -7,7 +7,7 @@ import pytest
 import scipy.signal
 import torch
 
-from mmbalance.bench.errors import DataError
+from mmbalance.core.errors import DataError
 from mmbalance.datasets import audio as fe
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmbalance.bench.errors import DataError
+from mmbalance.core.errors import DataError
 from mmbalance.datasets.ave import Ave, AveParams, PIPELINES
 from mmbalance.datasets.cache import Cache
 from mmbalance.datasets.prepare.runner import prepare

@@ -19,7 +19,7 @@ from mmbalance.bench import claim
 from mmbalance.bench.cli import main as cli
 from mmbalance.bench.config import RunConfig
 from mmbalance.bench.launch import launch
-from mmbalance.bench.errors import EXIT_ELSEWHERE
+from mmbalance.core.errors import EXIT_ELSEWHERE
 from mmbalance.bench.launch import slurm
 from mmbalance.bench.launch.options import LauncherConfig
 from mmbalance.bench.launch.worker import record_exit
@@ -194,7 +194,7 @@ def test_pending_runs_of_a_dead_launcher_are_shown_stale(fast_config, store, mon
 
 
 def test_a_filesystem_without_locks_refuses_in_one_line_naming_the_mount(fast_config, store, monkeypatch):
-    from mmbalance.bench.errors import StoreError
+    from mmbalance.core.errors import StoreError
 
     def no_locks(fd, op):
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))

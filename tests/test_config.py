@@ -9,7 +9,7 @@ import pytest
 
 from mmbalance.bench.cli import main
 from mmbalance.bench.config import load_config, parse_override, validate
-from mmbalance.bench.errors import ConfigError
+from mmbalance.core.errors import ConfigError
 
 
 def write(tmp_path: Path, text: str, name: str = "run.yaml") -> Path:

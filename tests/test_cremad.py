@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmbalance.bench.errors import DataError
+from mmbalance.core.errors import DataError
 from mmbalance.datasets.cache import Cache
 from mmbalance.datasets.cremad import CremaD, CremadParams
 from mmbalance.datasets.prepare.runner import prepare

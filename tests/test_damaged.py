@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from mmbalance.bench.cli import main as cli
-from mmbalance.bench.errors import DamagedFile
+from mmbalance.core.errors import DamagedFile
 from mmbalance.bench.store import RunDir, Store
 from mmbalance.bench.sweep import load_sweep
 from mmbalance.bench.train import Trainer, run

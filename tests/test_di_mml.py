@@ -10,12 +10,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-from mmbalance.bench.errors import ConfigError
-from mmbalance.bench.models.small import MLPEncoder, MLPParams
+from mmbalance.core.errors import ConfigError
+from mmbalance.models.small import MLPEncoder, MLPParams
 from mmbalance.bench.store import RunDir, Store
 from mmbalance.bench.train import Trainer, run
-from mmbalance.datasets.base import Modality
-from mmbalance.methods.base import Batch, MethodSetup, StepHelpers
+from mmbalance.core.types import Modality
+from mmbalance.methods.base import MethodSetup, StepHelpers
+from mmbalance.core.types import Batch
 from mmbalance.methods.di_mml import DIMML, DIMMLParams, certainty_weights, dimension_accuracy, duc_term, top_dimensions
 from mmbalance.methods.unimodal import Unimodal, UnimodalParams
 from tests.conftest import without_timing

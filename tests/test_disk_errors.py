@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from mmbalance.bench import store as store_module
-from mmbalance.bench.errors import RunFailed, StoreError
+from mmbalance.core.errors import RunFailed, StoreError
 from mmbalance.bench.launch.options import LauncherConfig
 from mmbalance.bench.store import Store
 from mmbalance.bench.sweep import load_sweep

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmbalance.bench.errors import DataError
+from mmbalance.core.errors import DataError
 from mmbalance.datasets import audio as fe
 from mmbalance.datasets.cache import Cache
 from mmbalance.datasets.kinetics_sounds import CLASSES, PIPELINES, KineticsSounds, KineticsSoundsParams

@@ -569,7 +569,7 @@ def test_ctrl_c_stops_the_local_launcher_nothing_new_starts_and_a_relaunch_finis
 
 
 def test_a_run_process_interrupted_before_it_recorded_anything_is_interrupted(tmp_path):
-    from mmbalance.bench.errors import EXIT_INTERRUPTED
+    from mmbalance.core.errors import EXIT_INTERRUPTED
     from mmbalance.bench.launch.worker import record_exit
 
     rd = Store(tmp_path).run_dir("g", "joint-a")

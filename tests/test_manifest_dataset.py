@@ -11,7 +11,7 @@ import torch
 
 from mmbalance.bench.cli import main as cli
 from mmbalance.bench.config import load_config
-from mmbalance.bench.errors import ConfigError, DataError
+from mmbalance.core.errors import ConfigError, DataError
 from mmbalance.datasets.cache import Cache
 from mmbalance.datasets.manifest import PIPELINES, Manifest, ManifestParams
 from mmbalance.datasets.manifest_csv import read_table

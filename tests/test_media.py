@@ -7,7 +7,7 @@ import pytest
 import scipy.signal
 import soundfile
 
-from mmbalance.bench.errors import ConfigError, DataError
+from mmbalance.core.errors import ConfigError, DataError
 from mmbalance.datasets.media import decode_video_audio, decode_video_frames, read_audio, read_image, resize_image
 from tests.fixtures.media import (
     frames_with_marks,

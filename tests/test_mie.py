@@ -14,11 +14,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mmbalance.bench.config import load_config
-from mmbalance.bench.errors import ConfigError
+from mmbalance.core.errors import ConfigError
 from mmbalance.bench.store import RunDir, Store
 from mmbalance.bench.train import Trainer, run
-from mmbalance.datasets.base import Modality
-from mmbalance.methods.base import Batch, MethodSetup, StepHelpers
+from mmbalance.core.types import Modality
+from mmbalance.methods.base import MethodSetup, StepHelpers
+from mmbalance.core.types import Batch
 from mmbalance.methods.mie import MIE, MIEParams, flat_projection
 from tests.conftest import FAST, run_interrupted, without_timing
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmbalance.bench.errors import DataError
+from mmbalance.core.errors import DataError
 from mmbalance.datasets.cache import Cache
 from mmbalance.datasets.modelnet40 import ModelNet40, Modelnet40Params
 from mmbalance.datasets.prepare.runner import prepare

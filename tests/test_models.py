@@ -10,9 +10,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from mmbalance.bench.config import NoParams
-from mmbalance.bench.errors import ConfigError
-from mmbalance.bench.models.fusion import (
+from mmbalance.core.params import NoParams
+from mmbalance.core.errors import ConfigError
+from mmbalance.models.fusion import (
     FUSIONS,
     ConcatFusion,
     FiLMFusion,
@@ -21,10 +21,11 @@ from mmbalance.bench.models.fusion import (
     SumFusion,
     build_fusion,
 )
-from mmbalance.bench.models.resnet import ResNet18Encoder
-from mmbalance.bench.models.small import MLPEncoder, MLPParams, SmallCNNEncoder, SmallCNNParams
-from mmbalance.datasets.base import Modality
-from mmbalance.methods.base import Batch, MethodSetup, StepHelpers
+from mmbalance.models.resnet import ResNet18Encoder
+from mmbalance.models.small import MLPEncoder, MLPParams, SmallCNNEncoder, SmallCNNParams
+from mmbalance.core.types import Modality
+from mmbalance.methods.base import MethodSetup, StepHelpers
+from mmbalance.core.types import Batch
 from mmbalance.methods.joint import Joint, JointParams
 from mmbalance.methods.unimodal import Unimodal, UnimodalParams
 

@@ -12,12 +12,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mmbalance.bench.config import load_config
-from mmbalance.bench.errors import ConfigError
-from mmbalance.bench.models.small import SmallCNNEncoder, SmallCNNParams
+from mmbalance.core.errors import ConfigError
+from mmbalance.models.small import SmallCNNEncoder, SmallCNNParams
 from mmbalance.bench.store import RunDir, Store
 from mmbalance.bench.train import run
-from mmbalance.datasets.base import Modality
-from mmbalance.methods.base import Batch, MethodSetup, StepHelpers
+from mmbalance.core.types import Modality
+from mmbalance.methods.base import MethodSetup, StepHelpers
+from mmbalance.core.types import Batch
 from mmbalance.methods.joint import Joint, JointParams
 from mmbalance.methods.ogm_ge import (
     OGMGE,

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 
-from mmbalance.bench.errors import ConfigError
+from mmbalance.core.errors import ConfigError
 from mmbalance.bench.perf.packing import format_packing, load_measured_config, measure_packing
 
 TINY = """

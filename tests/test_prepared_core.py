@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmbalance.bench.errors import DataError
+from mmbalance.core.errors import DataError
 from mmbalance.datasets.splits import Flavour, ValCarving, carve_val, compare_with_published, list_sha256
 from mmbalance.datasets.transforms import FrameClip, SpectrogramView, segment_indices, window_indices
 

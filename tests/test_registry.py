@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from mmbalance.bench.config import Strict
-from mmbalance.bench.errors import ConfigError
-from mmbalance.bench.registry import METHODS, Registry
+from mmbalance.core.params import Strict
+from mmbalance.core.errors import ConfigError
+from mmbalance.core.registry import METHODS, Registry
 
 
 class AdderParams(Strict):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mmbalance.bench.errors import ConfigError
+from mmbalance.core.errors import ConfigError
 from mmbalance.bench.sweep import is_sweep_file, load_sweep
 
 SWEEP = """

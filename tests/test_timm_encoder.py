@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from mmbalance.bench.cli import main
-from mmbalance.bench.errors import ConfigError
-from mmbalance.bench.models import build_encoder
-from mmbalance.bench.models.timm_backbone import TimmEncoder, TimmParams
-from mmbalance.datasets.base import Modality
+from mmbalance.core.errors import ConfigError
+from mmbalance.models import build_encoder
+from mmbalance.models.timm_backbone import TimmEncoder, TimmParams
+from mmbalance.core.types import Modality
 
 # the fastest small timm model here on 2 CPU cores at 32x32, batch 64 (forward + backward):
 # resnet10t 0.074 s, mobilenetv3_small_050 0.085 s

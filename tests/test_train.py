@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from mmbalance.bench.errors import RunFailed
-from mmbalance.bench.registry import METHODS
+from mmbalance.core.errors import RunFailed
+from mmbalance.core.registry import METHODS
 from mmbalance.bench.store import RunDir, atomic_write_text
 from mmbalance.bench.train import run
 from mmbalance.methods.joint import Joint
@@ -139,7 +139,7 @@ def test_missing_data_file_fails_naming_it(store, tmp_path):
 
 
 def test_require_dir_names_key_and_path(tmp_path):
-    from mmbalance.bench.errors import DataError
+    from mmbalance.core.errors import DataError
     from mmbalance.datasets.base import require_dir
 
     with pytest.raises(DataError, match="set dataset.root="):
@@ -237,7 +237,7 @@ def test_staged_method_hooks_selection_and_resume(fast_config, store, tmp_path, 
 
 
 def test_a_config_the_method_rejects_writes_nothing(fast_config, store):
-    from mmbalance.bench.errors import ConfigError
+    from mmbalance.core.errors import ConfigError
 
     cfg = fast_config("method.name=unimodal", "method.modality=audoi")
     with pytest.raises(ConfigError, match="audoi"):

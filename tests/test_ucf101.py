@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmbalance.bench.errors import ConfigError, DataError
+from mmbalance.core.errors import ConfigError, DataError
 from mmbalance.datasets.cache import Cache
 from mmbalance.datasets.prepare.runner import prepare
 from mmbalance.datasets.transforms import FrameClip

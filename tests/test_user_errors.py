@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from mmbalance.bench.cli import main as cli
-from mmbalance.bench.errors import DataWarning, PluginWarning
-from mmbalance.bench.registry import METHODS, load_plugin
+from mmbalance.core.errors import DataWarning, PluginWarning
+from mmbalance.core.registry import METHODS, load_plugin
 from mmbalance.bench.selection import best_epoch
 from mmbalance.bench.store import RunDir, Store, strict_json
 from mmbalance.bench.train import run
@@ -132,7 +132,7 @@ def test_a_diverging_run_leaves_strict_json_records(tmp_path, capsys):
 
 
 PLUGIN = '''
-from mmbalance.bench.registry import METHODS
+from mmbalance.core.registry import METHODS
 from mmbalance.methods.joint import Joint
 
 

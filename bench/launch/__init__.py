@@ -40,7 +40,7 @@ def launch(configs: Sequence[RunConfig], store: Store, options: LauncherConfig, 
             return 0
         return outcome(planned)
     if options.name == "inline":
-        from mmbalance.bench.errors import RunFailed
+        from mmbalance.core.errors import RunFailed
         from mmbalance.bench.sweep import run_inline
 
         try:

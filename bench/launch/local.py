@@ -19,7 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 
 from mmbalance.bench.claim import elsewhere_line
-from mmbalance.bench.errors import StoreError
+from mmbalance.core.errors import StoreError
 from mmbalance.bench.launch.options import LauncherConfig
 from mmbalance.bench.launch.plan import PlannedRun, label
 from mmbalance.bench.launch.worker import mark_pending, record_exit, restore_status, saved_status

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from mmbalance.bench.config import Strict
+from mmbalance.core.params import Strict
 
 # What `runs_per_gpu` means when the sweep leaves it out. local: 2, the best K measured by
 # `python -m mmbalance.bench.perf.packing --ks 1,2,4 --epochs 100 --repeats 3` (the quickstart's joint-concat

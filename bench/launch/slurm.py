@@ -23,7 +23,7 @@ from typing import Any
 
 import submitit
 
-from mmbalance.bench.errors import MMBalanceError, RunFailed
+from mmbalance.core.errors import MMBalanceError, RunFailed
 from mmbalance.bench.launch import jobs as slurm_queue
 from mmbalance.bench.launch.options import LauncherConfig
 from mmbalance.bench.launch.plan import PlannedRun

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from mmbalance.bench.config import RunConfig, Sources, validate
-from mmbalance.bench.errors import EXIT_ELSEWHERE, EXIT_INTERRUPTED, ConfigError, RunFailed
+from mmbalance.core.errors import EXIT_ELSEWHERE, EXIT_INTERRUPTED, ConfigError, RunFailed
 from mmbalance.bench.store import RunDir, Store, atomic_write_text
 
 

@@ -32,7 +32,7 @@ def load_measured_config(config: Path | None, overrides: Sequence[str], cell: st
     """The run to measure: `config` (a run config, or a sweep file's cell `cell`, default its first
     run) with `overrides`; without `config`, the quickstart's joint-concat cell."""
     from mmbalance.bench.config import load_config
-    from mmbalance.bench.errors import ConfigError
+    from mmbalance.core.errors import ConfigError
     from mmbalance.bench.sweep import is_sweep_file, load_sweep
 
     overrides = [*MEASURE_OVERRIDES, *overrides]
@@ -54,7 +54,7 @@ def measure_packing(ks: Sequence[int], config: Path | None = None, overrides: Se
     ids differ; the work is the same) in a temporary store. One row per K (see measure_one); with
     `repeats` > 1 every K is measured that often, the Ks taking turns (so that a busy spell of the
     machine spreads over all of them), and the row is the repeat with the median aggregate."""
-    from mmbalance.bench.errors import ConfigError
+    from mmbalance.core.errors import ConfigError
 
     if not ks or any(k < 1 for k in ks) or repeats < 1:
         raise ConfigError(f"packing needs K values >= 1 and repeats >= 1, got {list(ks)} and {repeats}")
@@ -75,7 +75,7 @@ def measure_one(cfg: RunConfig, k: int, root: Path) -> dict[str, Any]:
     """K runs of `cfg` at once; aggregate samples/s = all training samples of the K runs / wall
     seconds from starting the processes to the last one's end (start-up and evaluation included:
     what a sweep gets); per-run samples/s = the runs' own training-loop throughput, averaged."""
-    from mmbalance.bench.errors import RunFailed
+    from mmbalance.core.errors import RunFailed
     from mmbalance.bench.launch.local import gpu_count, threads_per_worker, worker_env
     from mmbalance.bench.store import Store
 

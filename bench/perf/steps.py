@@ -25,11 +25,12 @@ from pydantic import ValidationError
 
 from mmbalance.bench.config import RunConfig, TrainConfig
 from mmbalance.bench.device import prepare_model
-from mmbalance.bench.models import build_encoder
-from mmbalance.bench.registry import METHODS
+from mmbalance.models import build_encoder
+from mmbalance.core.registry import METHODS
 from mmbalance.bench.train import PassCounter, build_optimizer, build_scheduler
-from mmbalance.datasets.base import Modality
-from mmbalance.methods.base import Batch, Method, MethodSetup, StepHelpers
+from mmbalance.core.types import Modality
+from mmbalance.methods.base import Method, MethodSetup, StepHelpers
+from mmbalance.core.types import Batch
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,7 @@ def build_subject(variant: Variant, shapes: Shapes, batch: Batch, train: TrainCo
     try:
         params = METHODS.params_of(variant.method, "method.name")
     except ValidationError as e:
-        from mmbalance.bench.errors import ConfigError
+        from mmbalance.core.errors import ConfigError
 
         raise ConfigError(f"bench: method {variant.method['name']!r} cannot be built with its default parameters "
                           f"({e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}); bench times methods whose "
@@ -261,7 +262,7 @@ def variants_named(names: Sequence[str] | None) -> tuple[Variant, ...]:
     `names`, and any other registered method (a user's own) with its default parameters."""
     if not names:
         return VARIANTS
-    from mmbalance.bench.errors import ConfigError
+    from mmbalance.core.errors import ConfigError
 
     registered = METHODS.names()
     unknown = sorted(set(names) - set(registered))

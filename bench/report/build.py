@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from mmbalance.bench.errors import ConfigError
+from mmbalance.core.errors import ConfigError
 from mmbalance.bench.report.cells import aggregate, display, printed, to_latex
 from mmbalance.bench.report.collect import DEFICIT_NOTE, SELECTIONS, damaged_runs, load_runs
 from mmbalance.bench.report.figures import make_figures

@@ -21,7 +21,7 @@ from typing import Any
 
 import pandas as pd
 
-from mmbalance.bench.errors import ConfigError
+from mmbalance.core.errors import ConfigError
 from mmbalance.bench.store import RunDir
 
 # --select value -> the summary.json block it reads, and how the report names it

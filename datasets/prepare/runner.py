@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mmbalance.bench.errors import DataError
-from mmbalance.bench.registry import DATASETS
+from mmbalance.core.errors import DataError
+from mmbalance.core.registry import DATASETS
 from mmbalance.datasets.cache import CacheMeta, CacheWriter, write_json_atomic
 from mmbalance.datasets.prepared import Pipeline, Plan, PreparedDataset, SampleSource
 from mmbalance.datasets.splits import compare_with_published, load_manifest

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from mmbalance.bench.errors import ConfigError
-from mmbalance.datasets.base import Modality
+from mmbalance.core.errors import ConfigError
+from mmbalance.core.types import Modality
 
 
 def require_image_shape(encoder: str, modality: Modality) -> None:

@@ -8,10 +8,10 @@ import torch
 import torch.nn as nn
 from pydantic import Field
 
-from mmbalance.bench.config import Strict
-from mmbalance.bench.models.frames import fold_time, mean_over_time, require_image_shape
-from mmbalance.bench.registry import ENCODERS
-from mmbalance.datasets.base import Modality
+from mmbalance.core.params import Strict
+from mmbalance.models.frames import fold_time, mean_over_time, require_image_shape
+from mmbalance.core.registry import ENCODERS
+from mmbalance.core.types import Modality
 
 
 class MLPParams(Strict):

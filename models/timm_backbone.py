@@ -15,11 +15,11 @@ import torch
 import torch.nn as nn
 from pydantic import Field
 
-from mmbalance.bench.config import Strict
-from mmbalance.bench.errors import ConfigError, closest
-from mmbalance.bench.models.frames import fold_time, mean_over_time
-from mmbalance.bench.registry import ENCODERS
-from mmbalance.datasets.base import Modality
+from mmbalance.core.params import Strict
+from mmbalance.core.errors import ConfigError, closest
+from mmbalance.models.frames import fold_time, mean_over_time
+from mmbalance.core.registry import ENCODERS
+from mmbalance.core.types import Modality
 
 
 class TimmParams(Strict):

@@ -18,11 +18,11 @@ from collections.abc import Callable, Iterator, Mapping
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, Generic, TypeVar
 
-from mmbalance.bench.errors import ConfigError, PluginWarning, allowed_list, closest
+from mmbalance.core.errors import ConfigError, PluginWarning, allowed_list, closest
 
 T = TypeVar("T")
 
-_BUILTIN_PACKAGES = ("mmbalance.methods", "mmbalance.datasets", "mmbalance.bench.models")
+_BUILTIN_PACKAGES = ("mmbalance.methods", "mmbalance.datasets", "mmbalance.models")
 
 
 class Registry(Generic[T]):

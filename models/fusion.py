@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from mmbalance.bench.errors import ConfigError
+from mmbalance.core.errors import ConfigError
 
 FUSIONS = ("concat", "sum", "film", "gated", "late")
 

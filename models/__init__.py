@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from mmbalance.bench.registry import ENCODERS
-from mmbalance.datasets.base import Modality
+from mmbalance.core.registry import ENCODERS
+from mmbalance.core.types import Modality
 
 
 def build_encoder(section: dict, modality: Modality) -> nn.Module:

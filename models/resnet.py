@@ -12,10 +12,10 @@ import torch
 import torch.nn as nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
-from mmbalance.bench.config import NoParams
-from mmbalance.bench.models.frames import fold_time, mean_over_time, require_image_shape
-from mmbalance.bench.registry import ENCODERS
-from mmbalance.datasets.base import Modality
+from mmbalance.core.params import NoParams
+from mmbalance.models.frames import fold_time, mean_over_time, require_image_shape
+from mmbalance.core.registry import ENCODERS
+from mmbalance.core.types import Modality
 
 
 @ENCODERS.register("resnet18")
