@@ -69,6 +69,22 @@ def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, strict_json(data, indent=2) + "\n")
 
 
+def write_checked(path: Path, text: str, check: Callable[[Any, Path], Any], parse: Callable[[str], Any]) -> None:
+    """Write `text` only if the readers will accept it: parsed back and checked against the same
+    schema they use (bench.schema), so that the writer cannot leave a file every reader calls
+    damaged. A refusal is a bug of the suite or of a method (e.g. an accuracy above 1) and names
+    the file and the field; the file keeps what it held."""
+    try:
+        check(parse(text), path)
+    except DamagedFile as e:
+        raise StoreError(f"not writing {path}: {e.why}") from None
+    atomic_write_text(path, text)
+
+
+def jsonl(text: str) -> list[Any]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
 def strict_json(data: Any, **options: Any) -> str:
     """JSON that every strict reader parses: a non-finite float (a NaN loss, an undefined metric)
     is written as null, never as the bare NaN/Infinity tokens Python's json emits by default."""
@@ -103,6 +119,7 @@ class RunDir:
 
     # ---- config
     def write_config(self, config: dict[str, Any]) -> None:
+        # not checked here: the harness writes it from a validated RunConfig, whose types are stricter
         atomic_write_text(self.config, yaml.safe_dump(config, sort_keys=False))
 
     def read_config(self) -> dict[str, Any]:
@@ -144,7 +161,8 @@ class RunDir:
             **{k: previous[k] for k in HISTORY_KEYS if k in previous},
             **info,
         }
-        atomic_write_json(self.status_file, {k: v for k, v in record.items() if v is not None})
+        write_checked(self.status_file, strict_json({k: v for k, v in record.items() if v is not None}, indent=2) + "\n",
+                      schema.check_status, json.loads)
 
     def previous_status(self) -> dict[str, Any]:
         """The record a status update starts from: a damaged status.json is kept aside, and the
@@ -163,11 +181,11 @@ class RunDir:
         return schema.check_metrics(records, self.metrics)
 
     def write_metrics(self, records: list[dict[str, Any]]) -> None:
-        atomic_write_text(self.metrics, "".join(strict_json(r) + "\n" for r in records))
+        write_checked(self.metrics, "".join(strict_json(r) + "\n" for r in records), schema.check_metrics, jsonl)
 
     # ---- summary and checkpoints
     def write_summary(self, summary: dict[str, Any]) -> None:
-        atomic_write_json(self.summary, summary)
+        write_checked(self.summary, strict_json(summary, indent=2) + "\n", schema.check_summary, json.loads)
 
     def read_summary(self) -> dict[str, Any] | None:
         if not self.summary.exists():

@@ -91,16 +91,16 @@ def test_cancel_waits_for_a_status_write_in_progress_and_the_job_cannot_undo_it(
     rd = Store(tmp_path).run_dir("g", "joint-a")
     rd.write_config({"method": {"name": "joint"}})  # what `cancel` looks for
     rd.set_status("running", job_id=JOB, epochs_done=1)
-    real = store_module.atomic_write_json
+    real = store_module.atomic_write_text
     job_writing, release = threading.Event(), threading.Event()
 
-    def slow_job_write(path, data):
+    def slow_job_write(path, text):
         if threading.current_thread().name == "job":
             job_writing.set()
             assert release.wait(10)
-        real(path, data)
+        real(path, text)
 
-    in_job.setattr(store_module, "atomic_write_json", slow_job_write)
+    in_job.setattr(store_module, "atomic_write_text", slow_job_write)
     job = threading.Thread(target=lambda: rd.set_status("running", epochs_done=2), name="job")
     job.start()
     assert job_writing.wait(10)

@@ -242,3 +242,24 @@ def test_readers_name_the_file_line_and_rule(tmp_path):
     with pytest.raises(DamagedFile, match="state is 'runing', not one of pending, running"):
         rd.status()
     assert rd.recorded_status()["state"] == "damaged"
+
+
+def test_the_writer_refuses_what_the_readers_would_call_damaged(tmp_path):
+    """status, metrics and summary are checked against the readers' schema before they are
+    written: a record no reader accepts is an error naming the file and the field, and the file
+    keeps what it held."""
+    from mmbalance.core.errors import StoreError
+
+    rd = Store(tmp_path).run_dir("g", "r")
+    rd.set_status("running", epochs=3, epochs_done=1)
+    with pytest.raises(StoreError, match=r"status.json: value out of range: epochs_done 5 > epochs 3"):
+        rd.set_status("running", epochs=3, epochs_done=5)
+    assert rd.status()["epochs_done"] == 1
+    good = {"epoch": 0, "train": {"loss": 1.0}, "val": {"acc": 0.5}, "test": {"acc": 0.4}}
+    rd.write_metrics([good])
+    with pytest.raises(StoreError, match=r"metrics.jsonl: line 2: value out of range: val.acc is 1.5"):
+        rd.write_metrics([good, {**good, "epoch": 1, "val": {"acc": 1.5}}])
+    assert rd.read_metrics() == [good]
+    with pytest.raises(StoreError, match=r"summary.json: wrong shape: .* is missing"):
+        rd.write_summary({"epochs": 1})
+    assert not rd.summary.exists()
