@@ -112,9 +112,11 @@ def test_status_of_a_missing_directory_fails_naming_it(tmp_path, capsys):
 
 def test_metrics_with_a_nan_stay_strict_json(tmp_path):
     rd = RunDir(tmp_path / "g" / "r")
-    rd.write_metrics([{"epoch": 0, "val": {"loss": float("nan"), "acc": 0.5}, "train": {"loss": float("inf")}}])
+    rd.write_metrics([{"epoch": 0, "val": {"loss": float("nan"), "acc": 0.5}, "test": {"acc": float("nan")},
+                       "train": {"loss": float("inf")}}])
     lines = rd.metrics.read_text().splitlines()
-    assert [strict_loads(x) for x in lines] == [{"epoch": 0, "val": {"loss": None, "acc": 0.5}, "train": {"loss": None}}]
+    assert [strict_loads(x) for x in lines] == [{"epoch": 0, "val": {"loss": None, "acc": 0.5}, "test": {"acc": None},
+                                                 "train": {"loss": None}}]
     assert strict_loads(strict_json({"a": [1.0, float("-inf")]})) == {"a": [1.0, None]}
 
 
