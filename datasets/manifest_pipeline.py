@@ -30,7 +30,9 @@ keys, YAML values), in that order. Every option, with the `default` preset's val
 The `small` preset differs in audio.bins 64, audio.frames 128 and image.size 64 (quick CPU
 runs). Setting audio.seconds without audio.frames makes audio.frames follow it (null); setting
 both is refused. Features are (frames, bins), frames cut as Kaldi cuts them: a clip of n samples
-gives 1 + (n - window) // hop frames (audio.functions frame_count).
+gives 1 + (n - window) // hop frames (datasets/audio.py, frame_count). Without audio.seconds a
+clip's features are cropped to audio.frames or padded with zero-valued frames (MLA's fbank
+padding); crop and pad act only with audio.seconds, on the waveform.
 
 The cache records every option (meta.json `pipeline_params`), and a run reads them from there:
 its config need not repeat them. A run may still change the options that act at load time
@@ -40,12 +42,12 @@ its config need not repeat them. A run may still change the options that act at 
 Normalisation: prepare stores each audio and npy column's mean and std over the train split (in
 meta.json `stats`; over real frames only where a cache keeps frame counts), and the views map
 x to (x - mean) / std, as AST normalises its fbank by dataset statistics (AST divides by 2 std;
-this is the plain z-score). Images keep their ImageNet normalisation.
+this is the plain z-score; a constant column, std 0, is only centred). Images keep their
+ImageNet normalisation.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -69,19 +71,20 @@ class Options(BaseModel):
 
 class AudioOptions(Options):
     sample_rate: int = Field(16000, ge=1000, le=384000, description="Hz every clip is resampled to")
-    seconds: float | None = Field(None, gt=0, description="clip length the model sees; null: the whole clip "
+    seconds: float | None = Field(None, gt=0, le=300, description="clip length the model sees; null: the whole clip "
                                                           "cropped or padded to `frames` frames")
     crop: Literal["start", "center", "random-at-train"] = Field(
         "start", description="a clip longer than `seconds`: keep its start, its centre, or a random window "
                              "at training (centre window at test) out of up to `max_seconds` kept")
-    max_seconds: float = Field(10.0, gt=0, description="random-at-train: seconds of each clip the cache keeps")
+    # at most 300 s: the cache counts a clip's frames in int16
+    max_seconds: float = Field(10.0, gt=0, le=300, description="random-at-train: seconds of each clip the cache keeps")
     pad: Literal["silence", "repeat"] = Field("silence", description="a clip shorter than `seconds`: "
                                                                       "append silence, or repeat it")
     feature: Literal["fbank", "logmel", "stft"] = Field(
         "fbank", description="fbank: Kaldi log-mel filterbank (MLA, AST); logmel: log mel power spectrum; "
                              "stft: log magnitude STFT")
     bins: int = Field(128, ge=4, le=2048, description="mel filters (fbank, logmel); frequency bins (stft)")
-    frames: int | None = Field(1024, ge=1, description="frames per clip when `seconds` is null (cropped or "
+    frames: int | None = Field(1024, ge=1, le=30000, description="frames per clip when `seconds` is null (cropped or "
                                                        "zero-padded at the end); null when `seconds` is set")
     window_ms: float = Field(25.0, gt=0, description="frame length in milliseconds")
     hop_ms: float = Field(10.0, gt=0, description="frame step in milliseconds")
@@ -228,7 +231,7 @@ def settle(recorded: PipelineOptions, given: Mapping[str, Any], root: Path,
     """The options a run uses: the cache's, with the run's RUN_OPTIONS from `given` (the config's
     `dataset.options`) over them. Any other option `given` names must equal the cache's."""
     data = recorded.model_dump(mode="json")
-    deep_merge(data, copy.deepcopy(dict(given)))
+    deep_merge(data, given)  # copies what it merges
     sources = Sources()
     for key, value in flat(given).items():
         sources.record({f"dataset.options.{key}": value}, origin_of(f"dataset.options.{key}"))
