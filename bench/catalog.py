@@ -23,6 +23,19 @@ def first_line(cls: type) -> str:
     return doc.strip().splitlines()[0] if doc.strip() else ""
 
 
+def option_lines(options: BaseModel, prefix: str = "") -> list[str]:
+    """'key=value  what it does' for every option of a (nested) options model, dotted."""
+    lines = []
+    for name, field in type(options).model_fields.items():
+        value = getattr(options, name)
+        if isinstance(value, BaseModel):
+            lines += option_lines(value, f"{prefix}{name}.")
+        else:
+            shown = list(value) if isinstance(value, tuple) else value
+            lines.append(f"{prefix}{name}={shown!r}  {field.description or ''}".rstrip())
+    return lines
+
+
 def describe_registries() -> str:
     lines = ["methods:"]
     for name, cls in METHODS.items():
@@ -34,9 +47,14 @@ def describe_registries() -> str:
         presets = getattr(cls, "PRESETS", None)
         if presets:
             lines.append(f"  {'':<16} presets: {', '.join(presets)}")
-        for pipe_name, pipe in getattr(cls, "PIPELINES", {}).items():
+        pipelines = getattr(cls, "PIPELINES", {})
+        for pipe_name, pipe in pipelines.items():
             default = " (default)" if pipe_name == getattr(cls, "DEFAULT_PIPELINE", "") else ""
             lines.append(f"  {'':<16} pipeline {pipe_name}{default}: {pipe.description}")
+        options = getattr(pipelines.get(getattr(cls, "DEFAULT_PIPELINE", "")), "options", None)
+        if isinstance(options, BaseModel):
+            lines.append(f"  {'':<16} pipeline options (prepare --set KEY=VALUE; the default preset's values):")
+            lines += [f"  {'':<18} {line}" for line in option_lines(options)]
     lines.append("encoders:")
     for name, cls in ENCODERS.items():
         lines.append(f"  {name:<16} params: {params_line(cls.Params)}")

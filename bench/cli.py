@@ -63,8 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="dataset name (see `mmbalance list`)")
     p.add_argument("--raw", required=True, help="the raw download, in the layout the dataset documents")
     p.add_argument("--out", default=None, help="cache directory (default: data/<name>/<pipeline>)")
-    p.add_argument("--pipeline", default=None, help="named preprocessing variant (default: the dataset's)")
-    p.add_argument("--workers", type=int, default=1, help="decoding processes (default: 1)")
+    p.add_argument("--pipeline", default=None, help="named preprocessing variant (default: the dataset's); "
+                                                      "for manifest, the preset the options start from")
+    p.add_argument("--pipeline-file", default=None, metavar="YAML",
+                   help="manifest: pipeline options from this YAML file (datasets/manifest_pipeline.py lists them)")
+    p.add_argument("--set", action="append", default=[], dest="options", metavar="KEY=VALUE",
+                   help="manifest: one pipeline option, dotted, over the file's, e.g. audio.feature=logmel "
+                        "audio.seconds=1 augment=[crop,flip] (repeatable)")
+    p.add_argument("--workers", type=int, default=None, help="decoding processes (default: the available cores)")
     p.add_argument("--on-error", choices=("skip", "fail"), default="skip",
                    help="missing or corrupt files: leave those samples out (default) or stop")
 
@@ -266,7 +272,8 @@ def dry_run(path: Path, overrides: Sequence[str]) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from mmbalance.datasets.prepare.runner import prepare
 
-    report = prepare(args.name, args.raw, args.out, args.pipeline, args.workers, args.on_error)
+    report = prepare(args.name, args.raw, args.out, args.pipeline, args.workers, args.on_error,
+                     options=args.options, pipeline_file=args.pipeline_file)
     print(report.summary())
     return 0
 

@@ -22,6 +22,16 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError
 
 from mmbalance.core.errors import ConfigError, allowed_list, closest
+from mmbalance.core.overrides import (  # noqa: F401 (parse_override, assign, allowed_keys: part of this module's API)
+    Sources,
+    allowed_keys,
+    apply_overrides,
+    assign,
+    deep_merge,
+    format_errors,
+    parse_override,
+    read_yaml,
+)
 from mmbalance.core.params import Strict
 
 
@@ -122,75 +132,6 @@ def run_id(cfg: RunConfig) -> str:
 # ----------------------------------------------------------------------------------- loading
 
 
-class Sources:
-    """Remembers where each dotted key's value came from, for error messages."""
-
-    def __init__(self) -> None:
-        self._by_key: dict[str, str] = {}
-
-    def record(self, data: Mapping[str, Any], origin: str, prefix: str = "") -> None:
-        for key, value in data.items():
-            dotted = f"{prefix}{key}"
-            self._by_key[dotted] = origin
-            if isinstance(value, Mapping):
-                self.record(value, origin, dotted + ".")
-
-    def of(self, dotted: str) -> str:
-        """The origin of `dotted`, else of the nearest key above it, else of a key below it
-        (an override `a.b.c=1` is where section `a.b` came from)."""
-        parts = dotted.split(".")
-        for n in range(len(parts), 0, -1):
-            origin = self._by_key.get(".".join(parts[:n]))
-            if origin:
-                return origin
-        below = [origin for key, origin in self._by_key.items() if key.startswith(dotted + ".")]
-        return below[-1] if below else "the defaults"
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """'train.epochs=5' -> (['train', 'epochs'], 5); values are parsed as YAML scalars/lists."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"override {text!r} is not of the form key.sub=value")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override {text!r}: value is not valid YAML: {e}") from None
-    return key.strip().split("."), value
-
-
-def assign(data: dict[str, Any], sources: Sources, dotted: str, value: Any, origin: str) -> None:
-    """Set `data[a][b][c] = value` for dotted 'a.b.c' (creating sections) and record its origin."""
-    *parents, leaf = dotted.split(".")
-    node = data
-    for part in parents:
-        child = node.get(part)
-        if not isinstance(child, dict):
-            child = {}
-            node[part] = child
-        node = child
-    node[leaf] = value
-    sources.record({dotted: value}, origin)
-
-
-def apply_overrides(data: dict[str, Any], sources: Sources, overrides: Sequence[str]) -> None:
-    for text in overrides:
-        keys, value = parse_override(text)
-        assign(data, sources, ".".join(keys), value, f"override {text!r}")
-
-
-def read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(path)!r} must hold a mapping, not {type(data).__name__}")
-    return data
-
-
 def load_config(
     path: str | Path | None = None,
     overrides: Sequence[str] = (),
@@ -206,14 +147,6 @@ def load_config(
         deep_merge(data, file_data)
     apply_overrides(data, sources, overrides)
     return validate(data, sources)
-
-
-def deep_merge(into: dict[str, Any], new: Mapping[str, Any]) -> None:
-    for key, value in new.items():
-        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
-            deep_merge(into[key], value)
-        else:
-            into[key] = copy.deepcopy(value)
 
 
 def validate(data: Mapping[str, Any], sources: Sources | None = None) -> RunConfig:
@@ -238,7 +171,8 @@ def validate(data: Mapping[str, Any], sources: Sources | None = None) -> RunConf
         "method",
         sources,
     )
-    dataset_params = DATASETS.params_of(cfg.dataset)
+    dataset_params = dataset_cls.resolve_params(DATASETS.params_of(cfg.dataset), sources.of)
+    cfg.dataset = {"name": cfg.dataset["name"], **dataset_params.model_dump(mode="json")}
     modalities = dataset_cls.modality_names(dataset_params)
     encoders = dict(cfg.model.encoders)
     for modality in encoders:
@@ -281,36 +215,6 @@ def resolve_named(
     except ValidationError as e:
         raise ConfigError(format_errors(e, params_cls, sources, prefix=where)) from None
     return {"name": section["name"], **params.model_dump(mode="json")}
-
-
-def format_errors(
-    error: ValidationError, model: type[BaseModel], sources: Sources, prefix: str = ""
-) -> str:
-    lines = []
-    for item in error.errors():
-        loc = [str(p) for p in item["loc"]]
-        dotted = ".".join(([prefix] if prefix else []) + loc)
-        origin = sources.of(dotted)
-        if item["type"] == "extra_forbidden":
-            allowed = allowed_keys(model, loc[:-1])
-            lines.append(
-                f"unknown key {dotted!r} (from {origin}){closest(loc[-1], allowed)}; "
-                f"allowed keys here: {allowed_list(allowed)}"
-            )
-        else:
-            lines.append(f"{dotted}: {item['msg']} (got {item.get('input')!r}, from {origin})")
-    return "invalid config:\n  " + "\n  ".join(lines)
-
-
-def allowed_keys(model: type[BaseModel], path: Sequence[str]) -> list[str]:
-    """The field names of the (nested) model at `path`, or [] if it is not a model."""
-    current: Any = model
-    for part in path:
-        field = getattr(current, "model_fields", {}).get(part)
-        if field is None:
-            return []
-        current = field.annotation
-    return list(getattr(current, "model_fields", {}))
 
 
 def dump_yaml(cfg: RunConfig) -> str:

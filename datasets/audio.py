@@ -10,18 +10,26 @@ a dataset can name its pipeline and build it from these parts:
 - MLA CREMA-D / OGM-GE Kinetics-Sounds: kaldi_fbank(128 bins, 1024 frames[, KS normalisation])
   gives 1024 x 128.
 
+The `manifest` dataset's configurable front-end adds log_mel and log_stft (frames x bins, frames
+cut as Kaldi cuts them: see frame_count). The resamplers and transforms these functions use are
+built once per rate pair or set of sizes and reused (per process), so preparing many clips does
+not rebuild a filter kernel or a mel filterbank per file.
+
 Outputs keep the input's dtype and device; feed float32 for the repos' precision.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
+from functools import lru_cache
 from typing import Literal
 
 import scipy.signal
 import torch
 import torchaudio.compliance.kaldi as kaldi
 import torchaudio.functional as AF
+import torchaudio.transforms as T
 
 from mmbalance.core.errors import DataError
 
@@ -31,6 +39,7 @@ KS_FBANK_MEAN = -4.503877
 KS_FBANK_STD = 5.141276
 
 LOG_EPS = 1e-7  # the repos' log(x + 1e-7)
+MAX_FFT_PADDING = 8  # log_mel's FFT is at most 8 times the window's own
 ZSCORE_EPS = 1e-9  # DI-MML divides by std + 1e-9
 
 # torchaudio's documented approximation of resampy's "kaiser_best", the resampler behind
@@ -47,7 +56,13 @@ def resample(wave: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
     """
     if orig_sr == new_sr:
         return wave
-    return AF.resample(wave, int(orig_sr), int(new_sr), **_KAISER_BEST)
+    return _resampler(int(orig_sr), int(new_sr), wave.dtype, wave.device)(wave)
+
+
+@lru_cache(maxsize=16)
+def _resampler(orig_sr: int, new_sr: int, dtype: torch.dtype, device: torch.device) -> T.Resample:
+    # torchaudio.functional.resample computes its sinc kernel on every call; the module keeps it
+    return T.Resample(orig_sr, new_sr, dtype=dtype, **_KAISER_BEST).to(device)
 
 
 def tile_to(wave: torch.Tensor, n: int) -> torch.Tensor:
@@ -114,27 +129,118 @@ def scipy_spectrogram_log(wave: torch.Tensor, fs: float, nperseg: int = 512, nov
     return spec
 
 
-def kaldi_fbank(wave: torch.Tensor, sr: int, num_mel_bins: int = 128, target_frames: int = 1024,
-                norm: tuple[float, float] | None = None) -> torch.Tensor:
+def kaldi_fbank(wave: torch.Tensor, sr: int, num_mel_bins: int = 128, target_frames: int | None = 1024,
+                norm: tuple[float, float] | None = None, window_ms: float = 25.0, hop_ms: float = 10.0) -> torch.Tensor:
     """Kaldi log-mel filterbank as MLA and OGM-GE (Kinetics-Sounds) compute it: (target_frames, bins).
 
     The waveform's mean is removed, then torchaudio's Kaldi fbank runs with 25 ms Hanning frames
-    every 10 ms, HTK-compatible output, no energy term and no dither (so the result is
-    deterministic). Missing frames are zero-padded at the end and extra ones cropped, *before*
+    every 10 ms (`window_ms`, `hop_ms`), HTK-compatible output, no energy term and no dither (so
+    the result is deterministic). Missing frames are zero-padded at the end and extra ones
+    cropped (target_frames=None keeps every frame the clip gives), *before*
     `norm=(mean, std)` maps x to (x - mean) / (2 * std) — OGM-GE's order, so padded frames become
     -mean / (2 * std). Use norm=(KS_FBANK_MEAN, KS_FBANK_STD) for OGM-GE's KS files; MLA uses none.
     """
-    if wave.numel() < int(0.025 * sr):
-        raise DataError(f"a Kaldi fbank needs at least one 25 ms frame ({int(0.025 * sr)} samples "
-                        f"at {sr} Hz); got {wave.numel()}")
+    _check_length(wave, window_samples(sr, window_ms), f"a Kaldi fbank needs at least one {window_ms:g} ms frame")
     fbank = kaldi.fbank((wave - wave.mean())[None], htk_compat=True, sample_frequency=float(sr),
                         use_energy=False, window_type="hanning", num_mel_bins=num_mel_bins,
-                        dither=0.0, frame_shift=10)
-    missing = target_frames - fbank.shape[0]
-    if missing > 0:
-        fbank = torch.nn.functional.pad(fbank, (0, 0, 0, missing))
-    fbank = fbank[:target_frames]
+                        dither=0.0, frame_length=window_ms, frame_shift=hop_ms)
+    if target_frames is not None:
+        fbank = fit_frames(fbank, target_frames)
     if norm is not None:
         mean, std = norm
         fbank = (fbank - mean) / (2 * std)
     return fbank
+
+
+def fit_frames(spec: torch.Tensor, frames: int) -> torch.Tensor:
+    """A (T, F) spectrogram with exactly `frames` rows: extra ones cropped from the end, missing
+    ones zero-padded at the end."""
+    missing = frames - spec.shape[0]
+    if missing > 0:
+        spec = torch.nn.functional.pad(spec, (0, 0, 0, missing))
+    return spec[:frames]
+
+
+# ---- framing shared by the manifest front-ends ---------------------------------------------------
+
+
+def window_samples(sr: int, ms: float) -> int:
+    """Samples in `ms` milliseconds at `sr` Hz, rounded down as Kaldi rounds its frame length."""
+    return int(sr * ms * 0.001)
+
+
+def frame_count(samples: int, window: int, hop: int) -> int:
+    """Frames of `window` samples every `hop` that fit in `samples` (no frame overhangs the end:
+    Kaldi's snip_edges, used by every manifest feature)."""
+    return 0 if samples < window else 1 + (samples - window) // hop
+
+
+def fft_size(window: int) -> int:
+    """The FFT length of a `window`-sample frame: the next power of two (Kaldi's padded window)."""
+    return 1 << max(window - 1, 1).bit_length()
+
+
+def log_mel(wave: torch.Tensor, sr: int, bins: int, window: int, hop: int) -> torch.Tensor:
+    """log(mel power spectrum + 1e-7): (frame_count frames, bins).
+
+    Periodic Hann frames of `window` samples every `hop`, each zero-padded to an FFT of
+    mel_fft_size points, power |X|^2, then `bins` triangular HTK-mel filters from 0 Hz to sr / 2
+    without area normalisation (torchaudio's melscale_fbanks, built once per sizes). Where the
+    FFT is the window's own length this is torchaudio's MelSpectrogram(center=False) transposed.
+    """
+    n_fft = mel_fft_size(sr, bins, window)
+    power = torch.fft.rfft(_frames(wave, window, hop, "a log-mel"), n=n_fft).abs().pow(2)
+    return torch.log(power @ _mel_filters(sr, bins, n_fft, wave.dtype, wave.device) + LOG_EPS)
+
+
+@lru_cache(maxsize=16)
+def mel_fft_size(sr: int, bins: int, window: int) -> int:
+    """log_mel's FFT length: the next power of two >= window, doubled (up to MAX_FFT_PADDING
+    times) while any of the `bins` mel filters would fall between FFT bins and be all zero (many
+    bins for a short window, as 128 bins on 25 ms at 16 kHz; the zero padding interpolates the
+    spectrum for them)."""
+    n_fft = fft_size(window)
+    while empty_mel_filters(sr, bins, n_fft) and n_fft < MAX_FFT_PADDING * fft_size(window):
+        n_fft *= 2
+    return n_fft
+
+
+def log_stft(wave: torch.Tensor, bins: int, window: int, hop: int) -> torch.Tensor:
+    """log(|STFT| + 1e-7): (frame_count frames, bins), magnitude as OGM-GE's stft_log takes it.
+
+    Periodic Hann frames of `window` samples every `hop`, each zero-padded to an FFT of
+    2 * (bins - 1) points (at least `window`).
+    """
+    spec = torch.fft.rfft(_frames(wave, window, hop, "an STFT"), n=2 * (bins - 1)).abs()
+    return torch.log(spec + LOG_EPS)
+
+
+def _frames(wave: torch.Tensor, window: int, hop: int, what: str) -> torch.Tensor:
+    """(frame_count, window): the clip's Hann-windowed frames (no frame overhangs the end)."""
+    _check_length(wave, window, f"{what} frame is {window} samples")
+    return wave.unfold(0, window, hop) * _hann(window, wave.dtype, wave.device)
+
+
+@lru_cache(maxsize=16)
+def _hann(window: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.hann_window(window, periodic=True, dtype=dtype, device=device)
+
+
+def empty_mel_filters(sr: int, bins: int, n_fft: int) -> int:
+    """How many of log_mel's `bins` filters fall between FFT bins and are all zero (too many
+    bins for the FFT length): each would be a constant log(1e-7)."""
+    with warnings.catch_warnings():  # torchaudio warns about exactly what this counts
+        warnings.simplefilter("ignore", UserWarning)
+        filters = _mel_filters(sr, bins, n_fft, torch.float32, torch.device("cpu"))
+    return int((filters.sum(dim=0) == 0).sum())
+
+
+@lru_cache(maxsize=16)
+def _mel_filters(sr: int, bins: int, n_fft: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    filters = AF.melscale_fbanks(n_fft // 2 + 1, 0.0, sr / 2, bins, sr, norm=None, mel_scale="htk")
+    return filters.to(device=device, dtype=dtype)  # (n_fft // 2 + 1, bins)
+
+
+def _check_length(wave: torch.Tensor, window: int, what: str) -> None:
+    if wave.numel() < window:
+        raise DataError(f"{what}; the clip has {wave.numel()} samples")

@@ -10,6 +10,7 @@ batches without a DataLoader; others are any ``torch.utils.data.Dataset`` return
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -57,6 +58,13 @@ class Dataset(ABC):
         """The modality names, known before any data is loaded (datasets whose modalities depend
         on their params, like `manifest`, read them from `params`)."""
         return cls.MODALITIES
+
+    @classmethod
+    def resolve_params(cls, params: BaseModel, origin_of: Callable[[str], str]) -> BaseModel:
+        """`params` with what the data decides filled in and checked, before any training (the
+        `manifest` dataset's pipeline options come from its cache). `origin_of(dotted key)` says
+        where a config value came from, for error messages."""
+        return params
 
     @classmethod
     def default_encoder(cls, modality: str, params: BaseModel | None = None) -> dict[str, Any]:

@@ -153,3 +153,21 @@ class FrameBatch:
 def to_float32(x: torch.Tensor) -> torch.Tensor:
     """The batch half of a spectrogram view: float16 on the wire, float32 for the model."""
     return x.float()
+
+
+def standardise_(x: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """(x - mean) / std in place, with one mean and std for the whole tensor (a modality's
+    dataset statistics); a std of 0 (a constant modality) divides by 1."""
+    return x.sub_(mean).div_(std if std > 0 else 1.0)
+
+
+@dataclass(frozen=True)
+class Standardise:
+    """The batch half of a normalised spectrogram view: float16 on the wire, then float32
+    (x - mean) / std, the same numbers as the per-sample path (float16 -> float32 is exact)."""
+
+    mean: float
+    std: float
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return standardise_(x.to(torch.float32, copy=True), self.mean, self.std)

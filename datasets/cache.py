@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -64,6 +65,8 @@ class CacheMeta(BaseModel):
     splits: dict[str, list[int]]
     split_info: dict[str, Any] = Field(default_factory=dict)
     skipped: dict[str, str] = Field(default_factory=dict)  # id -> why (names the file)
+    # modality -> {mean, std, values}: over the train split's prepared rows (STATS_KINDS only)
+    stats: dict[str, dict[str, float]] = Field(default_factory=dict)
     complete: bool = False
 
     def array_specs(self) -> dict[str, ArraySpec]:
@@ -165,15 +168,37 @@ class CacheWriter:
         write_json_atomic(self.root / "meta.json", self.meta.model_dump())
         self._since_flush = 0
 
-    def finish(self, skipped: dict[str, str], split_info: dict[str, Any]) -> CacheMeta:
-        """Drop skipped rows from the splits and mark the cache complete."""
+    def finish(self, skipped: dict[str, str], split_info: dict[str, Any], stats_of: Sequence[str] = ()) -> CacheMeta:
+        """Drop skipped rows from the splits, store the train split's statistics of the
+        modalities `stats_of`, and mark the cache complete."""
         keep = self.done
         self.meta.splits = {s: [i for i in rows if keep[i]] for s, rows in self.meta.splits.items()}
         self.meta.skipped = skipped
         self.meta.split_info = split_info
+        train = self.meta.splits.get("train", [])
+        self.meta.stats = {m: split_stats(self.arrays[m], train, self.counts.get(m)) for m in stats_of if train}
         self.meta.complete = True
         self.flush()
         return self.meta
+
+
+def split_stats(array: np.ndarray, rows: Sequence[int], counts: np.ndarray | None = None,
+                chunk: int = 256) -> dict[str, float]:
+    """{mean, std (population), values} of `array[rows]` in float64, read in chunks of rows in
+    the order given (the same numbers whatever order the prepare wrote them in). With `counts`
+    (frame-stacked modalities), only each row's first counts[row] entries along its first axis."""
+    def blocks() -> Iterator[np.ndarray]:
+        for i in range(0, len(rows), chunk):
+            part = np.asarray(rows[i : i + chunk])
+            block = np.asarray(array[part], dtype=np.float64)
+            if counts is not None:
+                block = block[np.arange(block.shape[1])[None, :] < counts[part][:, None]]
+            yield block
+
+    n = sum(b.size for b in blocks())
+    mean = sum(float(b.sum()) for b in blocks()) / n
+    var = sum(float(np.square(b - mean).sum()) for b in blocks()) / n  # two passes: no cancellation
+    return {"mean": mean, "std": var ** 0.5, "values": n}
 
 
 def _save_atomic(path: Path, arr: np.ndarray) -> None:

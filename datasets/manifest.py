@@ -26,13 +26,16 @@ Splits: the `split` column when present (with only train and test rows, 10% of t
 as val, per class, seed 0); without one, train/val/test = 70/10/20 carved per class with seed 0
 (test first, then val from the rest). What was carved is in the prepare report's notes.
 
-Pipelines:
-  default  audio: 16 kHz, Kaldi fbank 128 mel bins x 1024 frames (10 ms), as MLA's;
-           images: 224x224 (T=1); videos: 1-fps frames, up to 10 kept (evenly spaced) at
-           224x224, 3 used per clip in training (random within 3 segments, segment centres at
-           test); npy: stored float16 as-is, read as float32 of the stored shape
-  small    fbank 64 x 128 frames, images and videos at 64x64, for quick CPU runs
-Frames are resized to squares (aspect ratio not kept), as the reference repos' loaders do.
+Pipelines: the presets `default` (audio: 16 kHz, Kaldi fbank 128 mel bins x 1024 frames of 10 ms,
+as MLA's; images: 224x224; videos: 1-fps frames, up to 10 kept, evenly spaced, 3 used per clip
+in training: random within 3 segments, segment centres at test) and `small` (fbank 64 x 128,
+images and videos at 64x64, for quick CPU runs), each adjustable option by option: sample rate,
+clip length and crop/pad policy, feature (fbank, log-mel, STFT), bins and frames, image size,
+video frames, training augmentations (random resized crop; horizontal flip, off by default) and
+normalisation (audio and npy columns z-scored with the train split's statistics, on by default).
+datasets/manifest_pipeline.py documents every option. npy arrays are stored float16 as they are
+and read as float32 of the stored shape. Frames are resized to squares (aspect ratio not kept),
+as the reference repos' loaders do.
 
 datasets/manifest_csv.py reads and checks the CSV; this module turns the checked table into
 splits, cached arrays and training views.
@@ -41,8 +44,9 @@ splits, cached arrays and training views.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -52,12 +56,21 @@ from pydantic import BaseModel, Field
 
 from mmbalance.core.errors import ConfigError, DataError, DataWarning
 from mmbalance.core.registry import DATASETS
-from mmbalance.datasets import audio as fe
 from mmbalance.core.types import ModalityKind
-from mmbalance.datasets.cache import ArraySpec, CacheMeta, read_meta
+from mmbalance.datasets.batch_views import standardise_
+from mmbalance.datasets.cache import ArraySpec, Cache, CacheMeta, read_meta
 from mmbalance.datasets.manifest_csv import FLOAT16_MAX, SPLIT_VALUES, ManifestTable, lines_of, odd_labels, read_table
+from mmbalance.datasets.manifest_pipeline import (  # noqa: F401 (PIPELINES: this dataset's presets)
+    PIPELINES,
+    ManifestPipeline,
+    PipelineOptions,
+    audio_features,
+    configure,
+    recorded_pipeline,
+    settle,
+)
 from mmbalance.datasets.media import clip_frames, read_audio, read_image, resize_image
-from mmbalance.datasets.prepared import CachedParams, Pipeline, Plan, PreparedDataset, SampleSource, View
+from mmbalance.datasets.prepared import CachedParams, Plan, PreparedDataset, SampleSource, View
 from mmbalance.datasets.splits import ValCarving, carve_val, load_manifest
 from mmbalance.datasets.transforms import FrameClip, SpectrogramView
 
@@ -66,26 +79,12 @@ VAL_FRACTION = 0.1
 CARVING_SEED = 0
 
 
-class ManifestPipeline(Pipeline):
-    sample_rate: int = 16000
-    mel_bins: int = 128
-    audio_frames: int = 1024  # 10 ms each
-    frame_size: int = 224  # stored frames are square
-    frame_slots: int = 10  # video frames kept per clip (1 fps, evenly spaced beyond that)
-    frames: int = 3  # video frames per clip at training time
-
-
-PIPELINES = {
-    "default": ManifestPipeline(description="fbank 128x1024 at 16 kHz; frames 224x224, 3 per video",
-                                flavour="own"),
-    "small": ManifestPipeline(description="fbank 64x128 at 16 kHz; frames 64x64, 3 per video (quick CPU runs)",
-                              flavour="own", mel_bins=64, audio_frames=128, frame_size=64),
-}
-
-
 class ManifestParams(CachedParams):
+    # the preset the cache must have been prepared from (a check); default: the cache's
     pipeline: Literal["default", "small"] | None = None
-    frames: int | None = Field(None, ge=1)  # video frames per clip; default: the pipeline's
+    # pipeline options (datasets/manifest_pipeline.py), read from the cache: a config may leave
+    # them out; those it gives must equal the cache's, except RUN_OPTIONS, which it may change
+    options: dict[str, Any] = Field(default_factory=dict)
     frame_size: int | None = Field(None, ge=8)  # frame side at training time; default: as stored
     # the modalities to train on (a check, and a choice of a subset); default: every CSV column
     modalities: list[str] | None = None
@@ -140,30 +139,28 @@ def _carve(ids: list[str], labels: dict[str, int], carving: ValCarving, table: M
 # ---- decoding one sample ------------------------------------------------------------------------
 
 
-def array_spec(kind: ModalityKind, pipeline: ManifestPipeline, shape: tuple[int, ...] = ()) -> ArraySpec:
+def array_spec(kind: ModalityKind, options: PipelineOptions, shape: tuple[int, ...] = ()) -> ArraySpec:
     """What the cache stores per row for a column of this kind."""
-    side = pipeline.frame_size
-    if kind == "audio":
-        return ArraySpec((pipeline.audio_frames, pipeline.mel_bins), "float16")
+    side = options.image.size
+    if kind == "audio":  # random-at-train keeps each clip's real frame count beside its frames
+        audio = options.audio
+        return ArraySpec((audio.stored_frames, audio.bins), "float16", frames=audio.crop == "random-at-train")
     if kind == "image":
         return ArraySpec((1, side, side, 3), "uint8", frames=True)
     if kind == "video":
-        return ArraySpec((pipeline.frame_slots, side, side, 3), "uint8", frames=True)
+        return ArraySpec((options.video.slots, side, side, 3), "uint8", frames=True)
     return ArraySpec(shape or (1,), "float16")  # a 0-d array is stored as one value
 
 
-def decode(path: Path, kind: ModalityKind, pipeline: ManifestPipeline) -> np.ndarray:
+def decode(path: Path, kind: ModalityKind, options: PipelineOptions) -> np.ndarray:
     """One file -> the array its column stores."""
     if kind == "audio":
-        wave, sr = read_audio(path)
-        x = fe.resample(torch.from_numpy(wave), sr, pipeline.sample_rate)
-        fbank = fe.kaldi_fbank(x, pipeline.sample_rate, pipeline.mel_bins, pipeline.audio_frames)
-        return fbank.numpy().astype(np.float16)
-    side = (pipeline.frame_size, pipeline.frame_size)
+        return audio_features(*read_audio(path), options.audio)
+    side = (options.image.size, options.image.size)
     if kind == "image":
         return resize_image(read_image(path), side)[None]
     if kind == "video":
-        return clip_frames(path, pipeline.frame_slots, pipeline.frame_size, "spaced")
+        return clip_frames(path, options.video.slots, options.image.size, "spaced")
     return read_vector(path)
 
 
@@ -187,13 +184,17 @@ def read_vector(path: Path) -> np.ndarray:
 
 @dataclass(frozen=True)
 class ArrayView:
-    """A stored float16 array -> float32 tensor of the same shape (npy columns)."""
+    """A stored float16 array -> float32 tensor of the same shape (npy columns), optionally
+    normalised: norm=(mean, std) maps x to (x - mean) / std."""
+
+    norm: tuple[float, float] | None = None
 
     def shape(self, stored: Sequence[int]) -> tuple[int, ...]:
         return tuple(stored)
 
     def __call__(self, arr: np.ndarray, count: int | None = None) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(arr, dtype=np.float32))
+        x = torch.from_numpy(np.array(arr, dtype=np.float32))  # a copy: rows are read-only maps
+        return standardise_(x, *self.norm) if self.norm else x
 
 
 # ---- the dataset --------------------------------------------------------------------------------
@@ -206,6 +207,7 @@ class Manifest(PreparedDataset):
     Params = ManifestParams
     PIPELINES: ClassVar = PIPELINES
     DEFAULT_PIPELINE: ClassVar = "default"
+    STATS_KINDS: ClassVar = ("audio", "vector")
     ENCODER_OF_KIND: ClassVar[dict[str, dict[str, Any]]] = {
         "audio": {"name": "resnet18"}, "image": {"name": "resnet18"},
         "video": {"name": "resnet18"}, "vector": {"name": "mlp"},
@@ -214,11 +216,15 @@ class Manifest(PreparedDataset):
     # ---- config validation: modalities come from the prepared cache -----------------------------
 
     @classmethod
+    def cache_root(cls, params: BaseModel) -> Path:
+        given = getattr(params, "root", None)
+        return Path(given).expanduser() if given else cls.default_root(getattr(params, "pipeline", None))
+
+    @classmethod
     def cache_meta(cls, params: BaseModel) -> CacheMeta:
         """meta.json of the cache at `params.root` (or the default root), for config validation."""
-        given = getattr(params, "root", None)
-        root = Path(given).expanduser() if given else cls.default_root(getattr(params, "pipeline", None))
-        key = "dataset.root" if given else "dataset.root, unset, so the default"
+        root = cls.cache_root(params)
+        key = "dataset.root" if getattr(params, "root", None) else "dataset.root, unset, so the default"
         if not (root / "meta.json").is_file():
             raise ConfigError(
                 f"dataset 'manifest' takes its modalities from a prepared cache, and {str(root)!r} ({key}) holds "
@@ -231,6 +237,25 @@ class Manifest(PreparedDataset):
         if meta.dataset != cls.registry_name:
             raise ConfigError(f"{str(root)!r} (dataset.root) holds a cache of dataset {meta.dataset!r}, not 'manifest'")
         return meta
+
+    @classmethod
+    def resolve_params(cls, params: BaseModel, origin_of: Callable[[str], str]) -> BaseModel:
+        """The params with the cache's preset and every pipeline option filled in (so that
+        show-config shows them and the run id depends on them), checked against the cache."""
+        meta = cls.cache_meta(params)
+        options = cls.settled_options(meta, cls.cache_root(params), params, origin_of)
+        return params.model_copy(update={"pipeline": meta.pipeline, "options": options.model_dump(mode="json")})
+
+    @classmethod
+    def settled_options(cls, meta: CacheMeta, root: Path, params: BaseModel,
+                        origin_of: Callable[[str], str] = lambda key: "the dataset params") -> PipelineOptions:
+        """The pipeline options a run on this cache uses; refuses a preset or an option that
+        differs from the cache's."""
+        if params.pipeline is not None and params.pipeline != meta.pipeline:
+            raise ConfigError(f"dataset.pipeline={params.pipeline!r} (from {origin_of('dataset.pipeline')}) differs "
+                              f"from the preset cache {str(root)!r} was prepared from, {meta.pipeline!r}; leave it "
+                              f"out to use the cache's")
+        return settle(recorded_pipeline(meta.pipeline_params, root).options, params.options, root, origin_of)
 
     @classmethod
     def modality_names(cls, params: BaseModel | None = None) -> tuple[str, ...]:
@@ -255,6 +280,11 @@ class Manifest(PreparedDataset):
     # ---- prepare ------------------------------------------------------------------------------
 
     @classmethod
+    def configure(cls, name: str, pipeline_file: str | Path | None = None, options: Sequence[str] = ()) -> ManifestPipeline:
+        cls.pipeline(name)  # an unknown preset is refused with the allowed names
+        return configure(name, pipeline_file, options)
+
+    @classmethod
     def plan(cls, raw: Path, pipeline: ManifestPipeline) -> Plan:
         table = read_table(raw)
         flavour = load_manifest("manifest").flavour(pipeline.flavour)
@@ -264,7 +294,7 @@ class Manifest(PreparedDataset):
             notes.append(f"warning: {warning}")
         extra = {"kinds": dict(table.kinds)}
         samples = [SampleSource(r.id, table.label_index[r.label], dict(r.files), extra) for r in table.rows]
-        arrays = {m: array_spec(k, pipeline, table.shapes.get(m, ())) for m, k in table.kinds.items()}
+        arrays = {m: array_spec(k, pipeline.options, table.shapes.get(m, ())) for m, k in table.kinds.items()}
         notes.append(f"{str(table.path)!r}: {len(table.rows)} rows, {len(table.classes)} classes, modalities "
                      + ", ".join(f"{m} ({k})" for m, k in table.kinds.items()))
         return Plan(table.classes, samples, splits, pipeline.flavour, notes, arrays=arrays, kinds=dict(table.kinds))
@@ -276,21 +306,44 @@ class Manifest(PreparedDataset):
     @classmethod
     def load_sample(cls, source: SampleSource, pipeline: ManifestPipeline) -> dict[str, np.ndarray]:
         kinds = source.extra["kinds"]
-        return {m: decode(path, kinds[m], pipeline) for m, path in source.files.items()}
+        return {m: decode(path, kinds[m], pipeline.options) for m, path in source.files.items()}
 
     # ---- training -----------------------------------------------------------------------------
 
+    def check_cache(self, cache: Cache) -> None:
+        if cache.meta.dataset != self.registry_name:
+            raise DataError(f"cache {str(cache.root)!r} (dataset.root) holds a cache of dataset "
+                            f"{cache.meta.dataset!r}, not 'manifest'")
+        self.settled_options(cache.meta, cache.root, self.params)
+
+    @cached_property
+    def options(self) -> PipelineOptions:
+        """The pipeline options this run uses: the cache's, with the run's RUN_OPTIONS."""
+        return self.settled_options(self.cache.meta, self.cache.root, self.params)
+
     def views(self, train: bool) -> dict[str, View]:
-        p, pipe = self.params, self.pipeline(self.params.pipeline)
-        kinds = self.cache.meta.kinds
-        size = p.frame_size or pipe.frame_size
+        o, kinds = self.options, self.cache.meta.kinds
+        window = o.audio.window_frames if o.audio.crop == "random-at-train" else None
+        size = self.params.frame_size or o.image.size
+        crop = "random_resized" if "crop" in o.augment else "none"
         views: dict[str, View] = {}
-        for m in p.modalities or kinds:
+        for m in self.params.modalities or kinds:
             kind = kinds[m]
             if kind == "audio":
-                views[m] = SpectrogramView(train)
+                views[m] = SpectrogramView(train, crop=window, time_axis=0, norm=self._norm(m))
             elif kind in ("image", "video"):
-                views[m] = FrameClip(train, 1 if kind == "image" else (p.frames or pipe.frames), size)
+                frames = 1 if kind == "image" else o.video.frames
+                views[m] = FrameClip(train, frames, size, crop=crop, flip="flip" in o.augment)
             else:
-                views[m] = ArrayView()
+                views[m] = ArrayView(self._norm(m))
         return views
+
+    def _norm(self, modality: str) -> tuple[float, float] | None:
+        """(mean, std) of the modality's train split, when the options normalise."""
+        if not self.options.normalize:
+            return None
+        stats = self.cache.meta.stats.get(modality)
+        if stats is None:
+            raise DataError(f"cache {str(self.cache.root)!r} holds no train statistics for {modality!r} "
+                            "(its train split has no prepared row); set dataset.options.normalize=false")
+        return stats["mean"], stats["std"]

@@ -3,10 +3,14 @@
 A subclass supplies the two halves of its life:
 
 * prepare (once, `mmbalance prepare NAME --raw DIR`): `PIPELINES` (named preprocessing
-  variants), `plan()` (read the raw download's split files into samples and splits),
+  variants; `configure()` turns a name and any pipeline options into the one a prepare runs,
+  and only datasets that take options, like `manifest`, override it), `STATS_KINDS` (the kinds
+  of modality whose train-split mean and std the prepare stores), `plan()` (read the raw
+  download's split files into samples and splits),
   `array_specs()` (what each cached row holds) and `load_sample()` (decode and preprocess one
   sample; runs in worker processes, so it must be a pure function of its arguments);
-* training: `views()` (cached row -> encoder input, per split), from its `Params`.
+* training: `views()` (cached row -> encoder input, per split), from its `Params`, and
+  `check_cache()` (the cache at dataset.root is the one the params ask for).
 
 `bench.train` only sees `split(name)`, a torch Dataset of `(inputs, label)` pairs.
 """
@@ -14,7 +18,7 @@ A subclass supplies the two halves of its life:
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -25,7 +29,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from mmbalance.core.params import Strict
-from mmbalance.core.errors import DataError
+from mmbalance.core.errors import ConfigError, DataError
 from mmbalance.datasets.base import Dataset
 from mmbalance.core.types import Modality, ModalityKind
 from mmbalance.datasets.cache import ArraySpec, Cache
@@ -103,6 +107,7 @@ class PreparedDataset(Dataset):
     PIPELINES: ClassVar[dict[str, Pipeline]] = {}
     DEFAULT_PIPELINE: ClassVar[str] = ""
     KINDS: ClassVar[dict[str, ModalityKind]] = {}  # modality -> kind
+    STATS_KINDS: ClassVar[tuple[ModalityKind, ...]] = ()  # kinds whose train mean/std go in meta.stats
 
     # ---- prepare side -------------------------------------------------------------------------
 
@@ -116,8 +121,17 @@ class PreparedDataset(Dataset):
         return cls.PIPELINES[name]
 
     @classmethod
-    def pipeline_name(cls, pipeline: Pipeline) -> str:
-        return next(k for k, v in cls.PIPELINES.items() if v is pipeline)
+    def configure(cls, name: str, pipeline_file: str | Path | None = None, options: Sequence[str] = ()) -> Pipeline:
+        """The pipeline a prepare runs: the named one, with the options of `pipeline_file` and
+        `options` (`key=value`) over it. The papers' datasets take none: their pipelines are the
+        reference repos' and are used as they are."""
+        pipe = cls.pipeline(name)
+        if pipeline_file is not None or options:
+            raise ConfigError(
+                f"dataset {cls.registry_name!r} takes no pipeline options (--pipeline-file, --set); its "
+                f"pipelines are the reference repos': {', '.join(sorted(cls.PIPELINES))} (--pipeline)"
+            )
+        return pipe
 
     @classmethod
     def default_root(cls, pipeline: str | None) -> Path:
@@ -154,13 +168,17 @@ class PreparedDataset(Dataset):
                 f"make it with `mmbalance prepare {self.registry_name} --raw DIR --out {root}`"
             )
         cache = Cache(root)
-        wanted = p.pipeline or self.DEFAULT_PIPELINE
+        self.check_cache(cache)
+        return cache
+
+    def check_cache(self, cache: Cache) -> None:
+        """Refuse a cache of another dataset or pipeline than the params ask for."""
+        wanted = self.params.pipeline or self.DEFAULT_PIPELINE
         if cache.meta.dataset != self.registry_name or cache.meta.pipeline != wanted:
             raise DataError(
-                f"cache {str(root)!r} holds {cache.meta.dataset!r} pipeline {cache.meta.pipeline!r}, "
+                f"cache {str(cache.root)!r} holds {cache.meta.dataset!r} pipeline {cache.meta.pipeline!r}, "
                 f"but the config asks for {self.registry_name!r} pipeline {wanted!r} (dataset.pipeline)"
             )
-        return cache
 
     @property
     def class_names(self) -> tuple[str, ...]:

@@ -15,7 +15,16 @@ import numpy as np
 import torch
 from torchvision.transforms import v2
 
-from mmbalance.datasets.batch_views import IMAGENET_MEAN, IMAGENET_STD, BatchView, FrameBatch, normalise_, to_float32
+from mmbalance.datasets.batch_views import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    BatchView,
+    FrameBatch,
+    Standardise,
+    normalise_,
+    standardise_,
+    to_float32,
+)
 
 
 def segment_indices(count: int, k: int, train: bool) -> list[int]:
@@ -39,26 +48,38 @@ def window_indices(count: int, k: int, train: bool) -> list[int]:
 
 @dataclass(frozen=True)
 class SpectrogramView:
-    """(F, T) float16 -> (1, F, T') float32; optionally a `crop` of T' time frames (random in
-    training, centred at test)."""
+    """A stored float16 spectrogram -> (1, *shape) float32.
+
+    Optionally a `crop` of that many time frames (random in training, centred at test; within
+    the first `count` frames when the cache keeps a frame count) and a normalisation
+    `norm=(mean, std)`: x -> (x - mean) / std. Time runs along `time_axis`: 1 for (F, T)
+    spectrograms (the papers' datasets), 0 for (T, F) ones (fbank, the manifest's features).
+    """
 
     train: bool
     crop: int | None = None
     half: bool = False  # keep float16 (the deferred view; the batch half casts on the device)
+    time_axis: Literal[0, 1] = 1
+    norm: tuple[float, float] | None = None
 
     def shape(self, stored: Sequence[int]) -> tuple[int, ...]:
-        return (1, stored[0], self.crop or stored[1])
+        shape = list(stored)
+        shape[self.time_axis] = self.crop or stored[self.time_axis]
+        return (1, *shape)
 
     def deferred(self) -> tuple[SpectrogramView, BatchView]:
-        """The per-sample half (crop, float16) and the batch half (to float32) of this view."""
-        return replace(self, half=True), to_float32
+        """The per-sample half (crop, float16) and the batch half (to float32, normalised) of this view."""
+        return replace(self, half=True), Standardise(*self.norm) if self.norm else to_float32
 
     def __call__(self, arr: np.ndarray, count: int | None = None) -> torch.Tensor:
         x = torch.from_numpy(np.array(arr, dtype=np.float16 if self.half else np.float32))  # a copy: rows are read-only maps
-        if self.crop is not None and x.shape[1] > self.crop:
-            slack = x.shape[1] - self.crop
+        if self.crop is not None and x.shape[self.time_axis] > self.crop:
+            real = x.shape[self.time_axis] if count is None else max(int(count), self.crop)
+            slack = min(real, x.shape[self.time_axis]) - self.crop
             start = int(torch.randint(0, slack + 1, ())) if self.train else slack // 2
-            x = x[:, start : start + self.crop]
+            x = x.narrow(self.time_axis, start, self.crop)
+        if self.norm is not None and not self.half:
+            x = standardise_(x, *self.norm)
         return x.unsqueeze(0)
 
 

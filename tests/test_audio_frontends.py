@@ -6,9 +6,12 @@ import numpy as np
 import pytest
 import scipy.signal
 import torch
+import torchaudio.functional as AF
+import torchaudio.transforms as T
 
 from mmbalance.core.errors import DataError
 from mmbalance.datasets import audio as fe
+from tests.fixtures.spectra import numpy_log_mel, numpy_log_stft
 
 
 def noise(n: int, seed: int = 0, scale: float = 0.3) -> torch.Tensor:
@@ -46,6 +49,66 @@ def test_resample_identity_lengths_and_content():
     assert torch.allclose(down[200:-200], sine(1000, 0.5, 8000)[200:-200], atol=1e-4)
     # a 6 kHz tone is above the new Nyquist (4 kHz) and is filtered out
     assert fe.resample(sine(6000, 0.5, 16000), 16000, 8000)[200:-200].abs().max() < 1e-4
+
+
+def test_resample_builds_its_kernel_once_per_rate_pair():
+    x = sine(440, 0.3, 8000)
+    fe.resample(x, 8000, 11025)
+    built = fe._resampler.cache_info().misses
+    for _ in range(3):
+        again = fe.resample(x, 8000, 11025)
+    assert fe._resampler.cache_info().misses == built
+    reference = AF.resample(x, 8000, 11025, **fe._KAISER_BEST)  # the kernel rebuilt for this call
+    assert torch.equal(again, reference)
+    assert torch.equal(fe.resample(x.double(), 8000, 11025), AF.resample(x.double(), 8000, 11025, **fe._KAISER_BEST))
+
+
+# --- log_mel, log_stft (the manifest's features) ----------------------------------------------
+
+@pytest.mark.parametrize("sr, bins, window, hop", [(16000, 64, 400, 160), (8000, 40, 200, 80), (16000, 80, 512, 160)])
+def test_log_mel_matches_numpy(sr, bins, window, hop):
+    x = noise(sr // 2, seed=3).double()
+    ours = fe.log_mel(x, sr, bins, window, hop).numpy()
+    assert ours.shape == (fe.frame_count(len(x), window, hop), bins)
+    # torchaudio builds the mel filters in float32: ~1e-6 apart from numpy's float64 ones
+    np.testing.assert_allclose(ours, numpy_log_mel(x.numpy(), sr, bins, window, hop), atol=1e-4)
+    assert fe.mel_fft_size(sr, bins, window) == fe.fft_size(window)
+    assert fe.empty_mel_filters(sr, bins, fe.fft_size(window)) == 0
+
+
+def test_log_mel_pads_the_fft_until_no_mel_filter_is_empty():
+    assert fe.empty_mel_filters(16000, 128, 512) > 0  # 257 FFT bins cannot feed 128 low mel filters
+    n_fft = fe.mel_fft_size(16000, 128, 400)
+    assert n_fft == 1024 and fe.empty_mel_filters(16000, 128, n_fft) == 0
+    x = noise(8000, seed=9).double()
+    ours = fe.log_mel(x, 16000, 128, 400, 160).numpy()
+    assert np.all(ours.std(axis=0) > 0.1)  # no constant (empty) band
+    np.testing.assert_allclose(ours, numpy_log_mel(x.numpy(), 16000, 128, 400, 160, n_fft=1024), atol=1e-4)
+
+
+def test_log_mel_with_a_power_of_two_window_is_torchaudios_mel_spectrogram():
+    x = noise(16000, seed=4)
+    mel = T.MelSpectrogram(16000, n_fft=512, win_length=512, hop_length=160, n_mels=64, center=False,
+                           power=2.0, mel_scale="htk", norm=None)
+    assert torch.allclose(fe.log_mel(x, 16000, 64, 512, 160), torch.log(mel(x) + 1e-7).T, atol=1e-4)
+
+
+@pytest.mark.parametrize("bins, window", [(101, 200), (257, 400)])
+def test_log_stft_matches_numpy(bins, window):
+    x = noise(8000, seed=7).double()
+    ours = fe.log_stft(x, bins, window, window // 2)
+    assert ours.shape == (fe.frame_count(8000, window, window // 2), bins)
+    np.testing.assert_allclose(ours.numpy(), numpy_log_stft(x.numpy(), bins, window, window // 2), atol=1e-9)
+
+
+def test_frames_follow_kaldi_framing():
+    assert fe.window_samples(16000, 25) == 400 and fe.window_samples(8000, 10) == 80
+    assert fe.frame_count(16000, 400, 160) == 98 and fe.frame_count(399, 400, 160) == 0
+    assert fe.fft_size(400) == 512 and fe.fft_size(512) == 512
+    x = noise(16000, seed=8)
+    assert fe.kaldi_fbank(x, 16000, 40, None, window_ms=50, hop_ms=20).shape == (fe.frame_count(16000, 800, 320), 40)
+    with pytest.raises(DataError, match="log-mel frame is 400 samples; the clip has 300"):
+        fe.log_mel(x[:300], 16000, 40, 400, 160)
 
 
 # --- stft_log ---------------------------------------------------------------------------------

@@ -197,8 +197,8 @@ def test_interrupted_prepare_resumes_where_it_stopped(tmp_path, monkeypatch):
         return original(cls, source, pipeline)
 
     monkeypatch.setattr(CremaD, "load_sample", classmethod(stop_at_sixth))
-    with pytest.raises(KeyboardInterrupt):
-        prepare("cremad", raw, tmp_path / "c", progress=False)
+    with pytest.raises(KeyboardInterrupt):  # in this process (workers=1), where the patch counts calls
+        prepare("cremad", raw, tmp_path / "c", workers=1, progress=False)
     with pytest.raises(DataError, match="unfinished"):
         Cache(tmp_path / "c")
     monkeypatch.setattr(CremaD, "load_sample", classmethod(original))

@@ -110,7 +110,10 @@ def test_video_npy_cache_and_integer_labels(video_npy):
     assert [m.shape for m in ds.modalities] == [(3, 3, 64, 64), (8,)]
     x, _ = ds.split("train")[0]
     assert x["clip"].shape == (3, 3, 64, 64) and x["feat"].dtype == torch.float32
-    np.testing.assert_allclose(x["feat"].numpy(), vector_of(10), atol=1e-2)
+    # npy columns are z-scored by the train rows' statistics (v10_0, v2_0, v1_0, as float16)
+    train = np.stack([vector_of(label) for label in (10, 2, 1)]).astype(np.float16).astype(np.float64)
+    assert meta.stats["feat"] == pytest.approx({"mean": train.mean(), "std": train.std(), "values": 24}, rel=1e-12)
+    np.testing.assert_allclose(x["feat"].numpy(), (train[0] - train.mean()) / train.std(), rtol=1e-6)
 
 
 def test_video_npy_without_split_column(tmp_path):
@@ -128,7 +131,7 @@ def test_default_pipeline_shapes(tmp_path):
     cache = Cache(tmp_path / "c")
     assert cache.meta.pipeline == "default"
     assert cache.arrays["audio"].shape == (9, 1024, 128) and cache.arrays["image"].shape == (9, 1, 224, 224, 3)
-    assert PIPELINES["default"].frame_slots == 10 and PIPELINES["default"].frames == 3
+    assert PIPELINES["default"].options.video.slots == 10 and PIPELINES["default"].options.video.frames == 3
 
 
 # ---- splits -------------------------------------------------------------------------------------

@@ -93,3 +93,17 @@ def test_spectrogram_view_crop():
     torch.manual_seed(0)
     starts = {int(SpectrogramView(train=True, crop=4)(spec)[0, 0, 0]) for _ in range(50)}
     assert starts == set(range(7))
+
+
+def test_spectrogram_view_time_first_with_frame_count_and_normalisation():
+    spec = np.arange(10 * 2, dtype=np.float16).reshape(10, 2)  # (T, F): row t holds 2t, 2t + 1
+    view = SpectrogramView(train=False, crop=4, time_axis=0, norm=(1.0, 2.0))
+    assert view.shape((10, 2)) == (1, 4, 2)
+    # 6 real frames: the centred window of them starts at frame 1, then (x - 1) / 2
+    assert view(spec, 6).tolist() == [[[0.5, 1.0], [1.5, 2.0], [2.5, 3.0], [3.5, 4.0]]]
+    torch.manual_seed(0)
+    starts = {int(SpectrogramView(train=True, crop=4, time_axis=0)(spec, 6)[0, 0, 0]) // 2 for _ in range(50)}
+    assert starts == {0, 1, 2}  # within the real frames only
+    half, batch = view.deferred()
+    assert torch.equal(batch(half(spec, 6)[None]), view(spec, 6)[None])  # the device path, same numbers
+    assert torch.equal(SpectrogramView(train=False, norm=(3.0, 0.0))(spec), torch.from_numpy(spec.astype(np.float32) - 3)[None])

@@ -1,8 +1,11 @@
 """`mmbalance prepare`: raw download -> cache, in parallel, resumable, with a report.
 
 Order of work: plan (split files -> samples), check that every file exists, create or reopen the
-cache, decode the samples not yet done (worker processes), then report per split how many were
-listed, prepared, missing and corrupt, and how the split compares with the published one.
+cache, decode the samples not yet done (worker processes, by default one per available core;
+rows are written at their own index, so the cache does not depend on the number of workers or
+on completion order), store the train split's mean and std of the modalities the dataset
+normalises, then report per split how many were listed, prepared, missing and corrupt, and how
+the split compares with the published one.
 Missing and corrupt files are listed by path in `report.json`; with `on_error="skip"` they are
 left out (and counted in the cache's metadata), with `"fail"` the prepare stops with an error and
 the cache stays unfinished (everything already decoded is kept for the next attempt).
@@ -10,8 +13,10 @@ the cache stays unfinished (everything already decoded is kept for the next atte
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +33,7 @@ from mmbalance.datasets.prepared import Pipeline, Plan, PreparedDataset, SampleS
 from mmbalance.datasets.splits import compare_with_published, load_manifest
 
 OnError = Literal["skip", "fail"]
+CHUNK = 8  # samples per task sent to a worker process (fewer when there are few to share out)
 
 
 @dataclass
@@ -90,15 +96,22 @@ def prepare(
     raw: str | Path,
     out: str | Path | None = None,
     pipeline: str | None = None,
-    workers: int = 1,
+    workers: int | None = None,
     on_error: OnError = "skip",
     progress: bool = True,
+    options: Sequence[str] = (),
+    pipeline_file: str | Path | None = None,
 ) -> PrepareReport:
+    """Prepare dataset `name` from `raw` into `out`. `pipeline` names a preset (default: the
+    dataset's); `pipeline_file` (YAML) and `options` (`key=value`, dotted) set pipeline options
+    over it, for datasets that take them (`manifest`). `workers`: decoding processes (default:
+    the cores this process may use)."""
     cls = DATASETS.get(name, "prepare NAME")
     if not (isinstance(cls, type) and issubclass(cls, PreparedDataset)):
         raise DataError(f"dataset {name!r} has nothing to prepare (it needs no download)")
-    pipe = cls.pipeline(pipeline)
-    pipe_name = cls.pipeline_name(pipe)
+    pipe_name = pipeline or cls.DEFAULT_PIPELINE
+    pipe = cls.configure(pipe_name, pipeline_file, options)
+    workers = available_cores() if workers is None else workers
     raw = Path(raw).expanduser()
     if not raw.exists():
         raise DataError(f"raw download {str(raw)!r} (--raw) does not exist")
@@ -143,8 +156,16 @@ def prepare(
             f"The cache at {out} stays unfinished; fix the files and run again, or use --on-error skip"
         )
     skipped = {sid: f"missing {', '.join(p)}" for sid, p in missing.items()} | corrupt
-    writer.finish(skipped, split_info)
+    writer.finish(skipped, split_info, [m for m, kind in meta.kinds.items() if kind in cls.STATS_KINDS])
     return report
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity mask, e.g. a SLURM allocation), at least 1."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except AttributeError:  # no affinity masks (macOS)
+        return os.cpu_count() or 1
 
 
 def _meta(cls: type[PreparedDataset], pipe_name: str, pipe: Pipeline, plan: Plan) -> CacheMeta:
@@ -164,7 +185,7 @@ def _meta(cls: type[PreparedDataset], pipe_name: str, pipe: Pipeline, plan: Plan
     return CacheMeta(
         dataset=cls.registry_name,
         pipeline=pipe_name,
-        pipeline_params=pipe.model_dump(),
+        pipeline_params=pipe.model_dump(mode="json"),  # as meta.json reads back (lists, not tuples)
         classes=plan.classes,
         arrays={m: s.to_dict() for m, s in (plan.arrays or cls.array_specs(pipe)).items()},
         kinds=dict(plan.kinds or cls.KINDS),
@@ -179,25 +200,41 @@ def _decode(
 ) -> Iterator[tuple[str, dict[str, np.ndarray] | None, str | None]]:
     """(id, arrays, error) per sample, in completion order; errors name the sample's files."""
     if workers <= 1:
-        for source in todo:
-            yield source.id, *_load_one(cls, source, pipe)
+        with _single_threaded():
+            for source in todo:
+                yield source.id, *_load_one(cls, source, pipe)
         return
+    # samples travel in chunks: one round trip per sample costs as much as decoding a short clip
+    size = max(1, min(CHUNK, len(todo) // (4 * workers)))
+    chunks = iter([todo[i : i + size] for i in range(0, len(todo), size)])
     with ProcessPoolExecutor(max_workers=workers, initializer=_single_threaded_worker) as pool:
-        queue = iter(todo)
-        running: dict[Future, str] = {}
-        # a bounded number in flight keeps memory flat on large datasets
-        for source in queue:
-            running[pool.submit(_load_one, cls, source, pipe)] = source.id
-            if len(running) >= 4 * workers:
-                break
+        running: set[Future] = set()
+
+        def submit_next() -> None:
+            chunk = next(chunks, None)
+            if chunk is not None:
+                running.add(pool.submit(_load_chunk, cls, chunk, pipe))
+
+        for _ in range(4 * workers):  # a bounded number in flight keeps memory flat on large datasets
+            submit_next()
         while running:
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for fut in done:
-                sid = running.pop(fut)
-                yield sid, *fut.result()
-                nxt = next(queue, None)
-                if nxt is not None:
-                    running[pool.submit(_load_one, cls, nxt, pipe)] = nxt.id
+                running.discard(fut)
+                yield from fut.result()
+                submit_next()
+
+
+@contextmanager
+def _single_threaded() -> Iterator[None]:
+    # one clip's ops are too small for torch's intra-op threads: on a busy machine they spin
+    # waiting for each other, which costs several times the work itself
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _single_threaded_worker() -> None:
@@ -205,6 +242,12 @@ def _single_threaded_worker() -> None:
     # state where the child's first parallel region hangs forever. One thread per worker avoids
     # those regions (and the workers' threads competing for the same cores).
     torch.set_num_threads(1)
+
+
+def _load_chunk(
+    cls: type[PreparedDataset], sources: list[SampleSource], pipe: Pipeline
+) -> list[tuple[str, dict[str, np.ndarray] | None, str | None]]:
+    return [(source.id, *_load_one(cls, source, pipe)) for source in sources]
 
 
 def _load_one(
