@@ -1,5 +1,5 @@
 """The training device and what a run does to use it well: the device itself, cuDNN autotuning,
-channels_last and optional torch.compile. bf16 autocast lives in methods.base.StepHelpers."""
+channels_last and optional torch.compile. bf16 autocast lives in methods.base.StepContext."""
 
 from __future__ import annotations
 

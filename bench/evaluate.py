@@ -1,8 +1,11 @@
-"""Metrics of a trained method on a split: fused accuracy, macro-F1, mAP, per-modality accuracy."""
+"""Metrics of a trained method on a split: fused accuracy, macro-F1, mAP, per-modality accuracy,
+and the method's own evaluation logs (`Prediction.logs`) averaged over the split."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,13 +59,46 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[s
     }
 
 
+@dataclass
+class Evaluation:
+    """A split's metrics (fused, and `modality_acc`), and the method's logs averaged over it."""
+
+    metrics: dict[str, Any]
+    logs: dict[str, float]
+
+
+class LogMeans:
+    """Each key of `Prediction.logs` averaged over the batches that give it, weighted by their
+    sizes: the mean over samples (for a per-sample quantity, exactly its mean over the split,
+    whatever the eval batch size; unweighted, a short last batch would count as a full one).
+    Sums stay on the device until `means()`."""
+
+    def __init__(self, method: Method) -> None:
+        self.method = type(method).__name__
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, logs: dict[str, torch.Tensor], n: int) -> None:
+        for key, value in logs.items():
+            if not isinstance(value, torch.Tensor) or value.numel() != 1:
+                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise TypeError(f"{self.method}.predict: Prediction.logs[{key!r}] is {shape}; each log is "
+                                "one number per batch, a 0-dim tensor (e.g. a mean over the batch)")
+            self.sums[key] = self.sums.get(key, 0) + value.detach().float().reshape(()) * n
+            self.counts[key] = self.counts.get(key, 0) + n
+
+    def means(self) -> dict[str, float]:
+        return {key: float(total) / self.counts[key] for key, total in self.sums.items()}
+
+
 @torch.no_grad()
-def evaluate(method: Method, batches: Iterable[Batch], autocast) -> dict:
-    """Fused metrics plus `modality_acc` from the method's own per-modality logits, over
-    `batches` (on the method's device)."""
+def evaluate(method: Method, batches: Iterable[Batch], autocast) -> Evaluation:
+    """Fused metrics plus `modality_acc` from the method's own per-modality logits, and the
+    method's logs, over `batches` (on the method's device)."""
     was_training = method.training
     method.eval()
     fused, per_modality, labels = [], {}, []
+    logs = LogMeans(method)
     for batch in batches:
         with autocast():
             pred = method.predict(batch)
@@ -70,10 +106,11 @@ def evaluate(method: Method, batches: Iterable[Batch], autocast) -> dict:
         labels.append(batch.labels.cpu())
         for m, logits in (pred.per_modality or {}).items():
             per_modality.setdefault(m, []).append(logits.float().cpu())
+        logs.add(pred.logs, len(batch))
     method.train(was_training)
     y = torch.cat(labels)
     result = classification_metrics(torch.cat(fused), y)
     result["modality_acc"] = {
         m: float((torch.cat(chunks).argmax(dim=1) == y).float().mean()) for m, chunks in per_modality.items()
     }
-    return result
+    return Evaluation(result, logs.means())

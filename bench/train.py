@@ -27,7 +27,7 @@ from mmbalance.bench.config import RunConfig
 from mmbalance.bench.data import build_loaders, epoch_generator, seed_everything
 from mmbalance.bench.device import prepare_model, resolve_device
 from mmbalance.core.errors import ConfigError, DamagedFile, MMBalanceError, RunFailed
-from mmbalance.bench.evaluate import evaluate
+from mmbalance.bench.evaluate import Evaluation, evaluate
 from mmbalance.models import build_encoder
 from mmbalance.bench.oserror import os_message
 from mmbalance.bench.probe import probe_all
@@ -36,7 +36,7 @@ from mmbalance.bench.schema import check_checkpoint
 from mmbalance.bench.selection import best_epoch
 from mmbalance.bench.store import RunDir, Store
 from mmbalance.datasets.base import Dataset
-from mmbalance.methods.base import Method, MethodSetup, StepHelpers
+from mmbalance.methods.base import Method, MethodSetup, StepContext
 from mmbalance.core.types import Batch
 
 
@@ -175,10 +175,8 @@ class Trainer:
         self.loaders = build_loaders(self.dataset, cfg.train, self.device)
         self.method = build_method(cfg, self.dataset)
         prepare_model(self.method, self.method.encoders, cfg.train, self.device)
-        optimizer, scheduler = self.build_optimizer()
-        self.helpers = StepHelpers(optimizer, self.device, cfg.train.amp, scheduler,
-                                   rebuild=self.build_optimizer, train_batches=self.unshuffled_train)
-        self.method.attach(self.helpers)
+        self.context = StepContext(self.build_optimizer, self.unshuffled_train, self.device, cfg.train.amp)
+        self.method.attach(self.context)
         self.passes = PassCounter(self.method.encoders)
         self.steps = 0
 
@@ -196,11 +194,11 @@ class Trainer:
             {
                 "epoch": epoch,
                 "model": self.method.state_dict(),
-                "optimizer": self.helpers.optimizer.state_dict(),
-                "scheduler": self.helpers.scheduler.state_dict(),
+                "optimizer": self.context.optimizer.state_dict(),
+                "scheduler": self.context.scheduler.state_dict(),
                 "rng": rng_state(),
                 "counters": {"steps": self.steps, "forward": self.passes.calls,
-                             "backward": self.helpers.backward_passes},
+                             "backward": self.context.backward_passes},
                 # small; a resume rewrites metrics.jsonl from it, so a damaged one costs nothing
                 "history": history,
             },
@@ -213,12 +211,12 @@ class Trainer:
             self.dir.write_metrics([])
             return 0
         self.method.load_state_dict(state["model"])
-        self.helpers.optimizer.load_state_dict(state["optimizer"])
-        self.helpers.scheduler.load_state_dict(state["scheduler"])
+        self.context.optimizer.load_state_dict(state["optimizer"])
+        self.context.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         counters = state["counters"]
         self.steps, self.passes.calls = counters["steps"], counters["forward"]
-        self.helpers.backward_passes = counters["backward"]
+        self.context.backward_passes = counters["backward"]
         # epochs recorded after the checkpoint are retrained, so their lines go (and a damaged
         # metrics.jsonl is replaced)
         self.dir.write_metrics(state["history"])
@@ -253,16 +251,16 @@ class Trainer:
     def train_epoch(self, epoch: int) -> dict[str, float]:
         cfg = self.cfg.train
         loader = self.loaders["train"]
-        self.helpers.epoch, self.helpers.num_batches, self.helpers.batch_index = epoch, len(loader), 0
+        self.context.epoch, self.context.num_batches, self.context.batch_index = epoch, len(loader), 0
         self.method.train()
         self.method.on_epoch_start(epoch)
-        lr = self.helpers.optimizer.param_groups[0]["lr"]  # after the hook, which may reset it
+        lr = self.context.optimizer.param_groups[0]["lr"]  # after the hook, which may reset it
         losses = LossTally(lazy=self.device.type != "cpu")
         start = time.perf_counter()
         bar = tqdm(loader(epoch_generator(cfg.seed, epoch)), total=len(loader), desc=f"epoch {epoch}/{cfg.epochs - 1}",
                    leave=False, disable=True if not cfg.progress else None, dynamic_ncols=True)  # None: off when not a TTY
         for index, batch in enumerate(bar):
-            self.helpers.batch_index = index
+            self.context.batch_index = index
             step = self.method.training_step(batch)
             losses.add(step, len(batch), index)
             self.steps += 1
@@ -271,13 +269,13 @@ class Trainer:
         means = losses.means()  # the epoch's one host sync
         seconds = time.perf_counter() - start
         losses.check(epoch)
-        self.helpers.scheduler.step()
+        self.context.scheduler.step()
         self.method.on_epoch_end(epoch)
         return {**means, "lr": lr, "seconds": seconds,
                 "samples_per_s": losses.samples / seconds if seconds else 0.0}
 
-    def evaluate(self, split: str) -> dict[str, Any]:
-        return evaluate(self.method, self.loaders[split](), self.helpers.autocast)
+    def evaluate(self, split: str) -> Evaluation:
+        return evaluate(self.method, self.loaders[split](), self.context.autocast)
 
     # ---- the whole run
     def fit(self) -> dict[str, Any]:
@@ -288,10 +286,11 @@ class Trainer:
         for epoch in range(first, cfg.train.epochs):
             train = self.train_epoch(epoch)
             record = {"epoch": epoch, "lr": train.pop("lr"), "train": train}
-            record["val"] = self.evaluate("val")
-            self.method.on_validation_end(epoch, record["val"])
-            record["test"] = self.evaluate("test")
-            record["method"] = self.method.epoch_log()
+            val = self.evaluate("val")
+            record["val"] = val.metrics
+            self.method.on_validation_end(epoch, val.metrics)
+            record["test"] = self.evaluate("test").metrics
+            record["method"] = method_record(self.method, val.logs)
             record["selectable"] = self.method.selectable(epoch)
             history.append(record)
             self.dir.write_metrics(history)  # the whole (small) file rewritten: an atomic append
@@ -312,7 +311,7 @@ class Trainer:
         if cfg.eval.probe:
             self.method.load_state_dict(self.dir.load(self.dir.best)["model"])
             passes = {"train": self.loaders["train_plain"](), "val": self.loaders["val"](), "test": self.loaders["test"]()}
-            probes = probe_all(self.method, passes, self.helpers.autocast, cfg.eval.probe_c_grid, cfg.eval.probe_max_iter)
+            probes = probe_all(self.method, passes, self.context.autocast, cfg.eval.probe_c_grid, cfg.eval.probe_max_iter)
         return {
             "run_id": self.dir.run_id,
             "dataset": cfg.dataset["name"],
@@ -341,9 +340,20 @@ class Trainer:
             "seconds_per_epoch": float(np.mean(seconds)),
             "samples_per_s": float(np.mean([r["train"]["samples_per_s"] for r in history])),
             "forward_passes_per_step": self.passes.calls / (steps * self.passes.n_encoders),
-            "backward_passes_per_step": self.helpers.backward_passes / steps,
+            "backward_passes_per_step": self.context.backward_passes / steps,
             **peak,
         }
+
+
+def method_record(method: Method, val_logs: dict[str, float]) -> dict[str, Any]:
+    """The epoch record's `method` entry: the method's `epoch_log()` and its evaluation logs
+    averaged over the validation split (the test split's are not recorded: nothing is chosen on test)."""
+    log = method.epoch_log()
+    both = sorted(set(log) & set(val_logs))
+    if both:
+        raise ValueError(f"{type(method).__name__} logs {', '.join(map(repr, both))} both in epoch_log() and in "
+                         "Prediction.logs; give each quantity one name")
+    return {**log, **val_logs}
 
 
 def pick(record: dict[str, Any]) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -37,7 +37,12 @@ class Batch:
 
 @dataclass
 class Prediction:
-    """Fused logits, and the method's own logits per modality (None where it has no such view)."""
+    """Fused logits, the method's own logits per modality (None where it has no such view), and
+    `logs`: quantities the method wants logged at evaluation (MLA's fusion weights, say), each one
+    number for the batch (a 0-dim tensor: a mean over the batch's samples, or a per-batch value).
+    The harness averages each over the split, weighted by batch size, and records validation's in
+    the epoch record (metrics.jsonl, under `method`)."""
 
     fused: torch.Tensor
     per_modality: dict[str, torch.Tensor] | None = None
+    logs: dict[str, torch.Tensor] = field(default_factory=dict)

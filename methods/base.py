@@ -1,15 +1,31 @@
 """The method contract: one class per method, the harness does everything else.
 
 A method owns its forward, backward and optimizer step(s) in `training_step`, like PyTorch
-Lightning's manual optimization; the harness attaches `StepHelpers` so that no method
-re-implements autocast, backward or step. Non-tensor state that must survive a resume (a stage,
-selected dimensions...) goes through nn.Module's `get_extra_state`/`set_extra_state`.
+Lightning's manual optimization. The harness lends it a `StepContext` (`self.step_context`,
+attached before training) so that no method re-implements precision, backward or step:
+
+    ctx = self.step_context
+    ctx.epoch, ctx.batch_index, ctx.num_batches  # the position in the run (0-based)
+    with ctx.autocast(): ...                     # the harness's precision (bf16 on CUDA with train.amp)
+    ctx.backward(loss)                           # loss.backward(), counted for the cost report
+    ctx.grad(outputs, inputs)                    # torch.autograd.grad, counted likewise
+    ctx.step()                                   # the optimizer's step
+    ctx.zero_grad(set_to_none=True)              # the optimizer's zero_grad
+    ctx.reset_optimizer()                        # a fresh optimizer and schedule (a stage start)
+    ctx.train_batches()                          # an unshuffled pass over the training split
+
+These are the only ways to do each of these things: a method calls no optimizer, scheduler or
+loader of its own, and touches no private name of the harness or of torch. `predict` is free of
+side effects: quantities a method wants logged at evaluation come back in `Prediction.logs`
+(one number per batch), and the harness averages them over the split. Non-tensor state that must
+survive a resume (a stage, selected dimensions...) goes through nn.Module's
+`get_extra_state`/`set_extra_state`, or buffers.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -38,24 +54,31 @@ class MethodSetup:
         return {m: self.encoders[m].out_dim for m in names}
 
 
-@dataclass
-class StepHelpers:
-    """What the harness lends a method for its steps: backward/step/zero_grad with the harness's
-    precision policy, the position in the run, a fresh optimizer on request, and an unshuffled
-    pass over the training split. It counts backward passes for the cost report."""
+# builds an optimizer and its schedule over method.param_groups(); the schedule may be None in tests
+OptimizerFactory = Callable[[], tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]]
 
-    optimizer: torch.optim.Optimizer
+
+@dataclass(eq=False)
+class StepContext:
+    """What the harness lends a method for its steps (see the module docstring). The harness sets
+    the position (`epoch`, `batch_index`, `num_batches`) before each step and reads
+    `backward_passes`, `optimizer` and `scheduler` for the cost report and the checkpoints;
+    a method only reads them."""
+
+    build_optimizer: OptimizerFactory
+    # unshuffled batches of the training split, already on the device
+    train_batches: Callable[[], Iterable[Batch]]
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     amp: bool = False
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
-    # rebuilds optimizer and scheduler from the config over method.param_groups()
-    rebuild: Callable[[], tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]] | None = None
-    # unshuffled batches of the training split, already on the device
-    train_batches: Callable[[], Iterator[Batch]] | None = None
     epoch: int = 0  # 0-based epoch being trained
     batch_index: int = 0  # 0-based index of the batch in this epoch
     num_batches: int = 0  # batches per epoch
+    optimizer: torch.optim.Optimizer = field(init=False)
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = field(init=False)
     backward_passes: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        self.optimizer, self.scheduler = self.build_optimizer()
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.amp and self.device.type == "cuda":
@@ -63,6 +86,7 @@ class StepHelpers:
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
+        """loss.backward(**kwargs), counted as a backward pass."""
         # bf16 keeps fp32's exponent range, so no loss scaling is needed
         loss.backward(**kwargs)
         self.backward_passes += 1
@@ -73,9 +97,11 @@ class StepHelpers:
         return torch.autograd.grad(outputs, inputs, **kwargs)
 
     def step(self) -> None:
+        """One step of the optimizer over the gradients as they are now."""
         self.optimizer.step()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """The optimizer's zero_grad (every parameter it steps, whichever module holds it)."""
         # set_to_none=False reproduces torch < 2.0, where zeroed (not None) grads still receive
         # momentum and weight-decay updates at the next step
         self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -83,9 +109,7 @@ class StepHelpers:
     def reset_optimizer(self) -> None:
         """A fresh optimizer and scheduler (no momentum, base learning rate), e.g. at a stage start.
         The parameter groups must stay the same through a run, so that resume can load them."""
-        if self.rebuild is None:
-            raise RuntimeError("this harness cannot rebuild the optimizer")
-        self.optimizer, self.scheduler = self.rebuild()
+        self.optimizer, self.scheduler = self.build_optimizer()
 
 
 class Method(nn.Module):
@@ -99,28 +123,23 @@ class Method(nn.Module):
         self.params = params
         self.num_classes = setup.num_classes
         self.encoders = setup.encoders
-        self.helpers: StepHelpers | None = None
+        self._step_context: StepContext | None = None
 
     # ---- harness plumbing
-    def attach(self, helpers: StepHelpers) -> None:
-        self.helpers = helpers
+    def attach(self, context: StepContext) -> None:
+        """The harness lends `context` for the steps to come (a test may attach its own)."""
+        self._step_context = context
 
-    def _h(self) -> StepHelpers:
-        if self.helpers is None:
-            raise RuntimeError("the harness attaches StepHelpers before training; call attach()")
-        return self.helpers
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        return self._h().autocast() if self.helpers else contextlib.nullcontext()
-
-    def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
-        self._h().backward(loss, **kwargs)
-
-    def optimizer_step(self) -> None:
-        self._h().step()
-
-    def zero_grad_(self, set_to_none: bool = True) -> None:
-        self._h().zero_grad(set_to_none)
+    @property
+    def step_context(self) -> StepContext:
+        """The harness's StepContext: the position in the run, backward/grad/step/zero_grad with
+        the harness's precision policy, a fresh optimizer, an unshuffled pass over train."""
+        if self._step_context is None:
+            # not AttributeError: nn.Module would turn that into a misleading "has no attribute"
+            raise RuntimeError(f"{type(self).__name__}.step_context is used before the harness attached one; "
+                               "the harness calls method.attach(StepContext(...)) before training "
+                               "(a test must do the same)")
+        return self._step_context
 
     @property
     def modality_names(self) -> tuple[str, ...]:

@@ -18,10 +18,12 @@ T_2 \\ T_1 the other way round. An empty dimension set contributes 0.
 
 Stage 2 (`main_CFT_stage2.py`): encoders and private heads frozen (eval mode, BN statistics
 frozen, no_grad); a concat head h_av = Linear(sum d_m, C), xavier-initialised as the code's
-stage 2, is trained with CE and a fresh optimizer (`helpers.reset_optimizer()`, the code's fresh
+stage 2, is trained with CE and a fresh optimizer (`step_context.reset_optimizer()`, the code's fresh
 SGD and StepLR). Prediction: z_k = the private heads' logits and h_av's; certainty
 c_k = max softmax(z_k); weights = softmax_k(c_k / T) per sample; fused = sum_k w_k z_k. The
 shared head is training-only. Only stage-2 epochs are selectable (the paper reports stage 2).
+Logged per epoch: the stage, |T_m| and |T_t \\ T_s|, and `certainty_weight.<source>` (a modality,
+or `fusion` for h_av), w_k averaged over the validation samples.
 
 Variants: none. Only the abstract of the paper was available, and the algorithm is read from the code,
 so there is no known paper-vs-code difference to switch on; everything follows the code, with
@@ -31,7 +33,7 @@ CREMA-D's settings as defaults (150 + 20 epochs, w = 1, DUC from epoch 20, tau =
 Differences from the released code, and documented choices:
 - Selection pass: the code iterates the training set with batch size 1, shuffled, with train-time
   augmentation, models in eval mode. Here: one unshuffled pass over the training split as the
-  harness stores it (`helpers.train_batches()`), in eval mode. In eval mode BN uses its running
+  harness stores it (`step_context.train_batches()`), in eval mode. In eval mode BN uses its running
   statistics, so with no augmentation the batch size and order do not change the features (only
   the summation order of the prototypes).
 - Empty DUC dimension set: the code's loop then computes log(B) (a constant, zero gradient); here
@@ -158,41 +160,48 @@ class DIMML(Method):
         self.private = nn.ModuleDict({m: nn.Linear(d, c) for m, d in dims.items()})
         self.shared = nn.Linear(width, c) if params.shared_head else None
         self.fusion = linear(sum(dims.values()), c)  # stage 2's h_av, xavier as the code's weight_init
-        # buffers, so that checkpoints and resume carry the stage and the chosen dimensions
+        # buffers, so that checkpoints and resume carry the stage and the chosen dimensions; they
+        # are written only by set_dimensions, start_stage2 and load_state_dict, which all refresh
+        # their host copies (read_buffers)
         self.register_buffer("top", torch.zeros(len(dims), width if params.duc else 0, dtype=torch.bool))
         self.register_buffer("selected", torch.tensor(False))
         self.register_buffer("stage2", torch.tensor(False))
-        self._host_key: tuple | None = None
-        self._host: tuple[bool, bool, list[tuple[str, str, torch.Tensor]]] = (False, False, [])
-        self._weight_sums: torch.Tensor | None = None  # certainty weights summed over a pass
-        self._weight_count = 0
-        self.val_weights: dict[str, float] = {}
+        self.register_load_state_dict_post_hook(DIMML.read_buffers)
+        self.read_buffers()
 
     # ---- stages and hooks
-    def host_state(self) -> tuple[bool, bool, list[tuple[str, str, torch.Tensor]]]:
-        """(stage 2?, DUC dimensions chosen?, the DUC pairs), read from the buffers only when one
-        of them changed (their version counters say so without touching the device): reading a
-        GPU tensor at every step would make the host wait for it."""
-        key = tuple((id(b), b._version) for b in (self.stage2, self.selected, self.top))
-        if key != self._host_key:
-            self._host = (bool(self.stage2), bool(self.selected), self._pairs())
-            self._host_key = key
-        return self._host
+    def read_buffers(self, *_: object) -> None:
+        """Host copies of the buffers: `in_stage2`, `has_dimensions` and the DUC pairs, read here
+        once per change rather than at every step, where reading a GPU tensor would make the host
+        wait for it. Also nn.Module's load_state_dict post-hook (hence the ignored arguments)."""
+        self.in_stage2, self.has_dimensions = bool(self.stage2), bool(self.selected)
+        self.pairs = self._pairs()
+
+    def set_dimensions(self, top: torch.Tensor) -> None:
+        """T_m per modality (one row of `top` each, a mask over the feature dimensions): DUC is on."""
+        self.top.copy_(top)
+        self.selected.fill_(True)
+        self.read_buffers()
+
+    def start_stage2(self) -> None:
+        """Freeze the encoders and private heads; from now on only h_av trains."""
+        self.stage2.fill_(True)
+        self.read_buffers()
+        self.train(self.training)
 
     def train(self, mode: bool = True) -> DIMML:
         super().train(mode)
-        if self.host_state()[0]:
+        if self.in_stage2:
             self.encoders.eval()  # stage 2: frozen encoders, BN statistics included
         return self
 
     def on_epoch_start(self, epoch: int) -> None:
         p = self.params
-        if p.duc and epoch >= p.duc_start_epoch and not self.selected and epoch < p.stage1_epochs:
+        if p.duc and epoch >= p.duc_start_epoch and not self.has_dimensions and epoch < p.stage1_epochs:
             self.select_dimensions()
-        if epoch >= p.stage1_epochs and not self.stage2:
-            self.stage2.fill_(True)
-            self._h().reset_optimizer()  # a fresh SGD and schedule, as the code's stage-2 script
-            self.train(self.training)
+        if epoch >= p.stage1_epochs and not self.in_stage2:
+            self.start_stage2()
+            self.step_context.reset_optimizer()  # a fresh SGD and schedule, as the code's stage-2 script
 
     def selectable(self, epoch: int) -> bool:
         return epoch >= self.params.stage1_epochs
@@ -200,25 +209,24 @@ class DIMML(Method):
     @torch.no_grad()
     def select_dimensions(self) -> None:
         """T_m for every modality, from one eval-mode pass over the training split."""
-        was_training = self.training
+        ctx, was_training = self.step_context, self.training
         self.eval()
         feats: dict[str, list[torch.Tensor]] = {m: [] for m in self.modality_names}
         labels = []
-        for batch in self._h().train_batches():
-            with self.autocast():
+        for batch in ctx.train_batches():
+            with ctx.autocast():
                 out = self.encode(batch.inputs)
             for m in self.modality_names:
                 feats[m].append(out[m].float())
             labels.append(batch.labels)
         y = torch.cat(labels)
-        for i, m in enumerate(self.modality_names):
-            self.top[i] = top_dimensions(dimension_accuracy(torch.cat(feats[m]), y, self.num_classes))
-        self.selected.fill_(True)
+        self.set_dimensions(torch.stack([top_dimensions(dimension_accuracy(torch.cat(feats[m]), y, self.num_classes))
+                                         for m in self.modality_names]))
         self.train(was_training)
 
     def duc_pairs(self) -> list[tuple[str, str, torch.Tensor]]:
         """(teacher, student, dimensions T_t \\ T_s) for every ordered pair of modalities."""
-        return self.host_state()[2]
+        return self.pairs
 
     def _pairs(self) -> list[tuple[str, str, torch.Tensor]]:
         names = self.modality_names
@@ -231,33 +239,34 @@ class DIMML(Method):
 
     # ---- training
     def training_step(self, batch: Batch) -> dict[str, torch.Tensor]:
-        stage2, selected, _ = self.host_state()
-        if stage2:
+        if self.in_stage2:
             return self.fusion_step(batch)
-        self.zero_grad_()
+        ctx = self.step_context
+        ctx.zero_grad()
         y = batch.labels
         zero = torch.zeros((), device=y.device)
-        with self.autocast():
+        with ctx.autocast():
             feats = self.encode(batch.inputs)
             private = sum(self.cross_entropy(self.private[m](f), y) for m, f in feats.items())
             shared = (sum(self.cross_entropy(self.shared(f), y) for f in feats.values())
                       if self.shared is not None else zero)
-            duc = self.duc_loss(feats) if selected else zero
+            duc = self.duc_loss(feats) if self.has_dimensions else zero
             loss = private + self.params.shared_weight * shared + duc
-        self.backward(loss)
-        self.optimizer_step()
+        ctx.backward(loss)
+        ctx.step()
         return {"loss": loss.detach(), "loss.private": private.detach(), "loss.shared": shared.detach(),
                 "loss.duc": duc.detach()}
 
     def fusion_step(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Stage 2: only h_av learns, on features of the frozen encoders."""
-        self.zero_grad_()
-        with self.autocast():
+        ctx = self.step_context
+        ctx.zero_grad()
+        with ctx.autocast():
             with torch.no_grad():
                 feats = self.encode(batch.inputs)
             loss = self.cross_entropy(self.fuse(feats), batch.labels)
-        self.backward(loss)
-        self.optimizer_step()
+        ctx.backward(loss)
+        ctx.step()
         return {"loss": loss.detach(), "loss.fusion": loss.detach()}
 
     def fuse(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -267,35 +276,18 @@ class DIMML(Method):
     def predict(self, batch: Batch) -> Prediction:
         feats = self.encode(batch.inputs)
         per_modality = {m: self.private[m](f) for m, f in feats.items()}
-        sources = list(per_modality.values()) + ([self.fuse(feats)] if self.host_state()[0] else [])
-        weights = certainty_weights(sources, self.params.certainty_temperature)
-        self._record_weights(weights)
-        fused = sum(weights[:, k, None] * z.float() for k, z in enumerate(sources))
-        return Prediction(fused, per_modality)
-
-    def _record_weights(self, weights: torch.Tensor) -> None:
-        sums = weights.detach().sum(dim=0)
-        if self._weight_sums is None or self._weight_sums.shape != sums.shape:
-            self._weight_sums, self._weight_count = torch.zeros_like(sums), 0
-        self._weight_sums += sums
-        self._weight_count += len(weights)
-
-    def on_epoch_end(self, epoch: int) -> None:
-        self._weight_sums, self._weight_count = None, 0  # the next pass is validation's
-
-    def on_validation_end(self, epoch: int, metrics: dict) -> None:
-        names = [*self.modality_names, "fusion"]
-        if self._weight_sums is not None and self._weight_count:
-            means = (self._weight_sums / self._weight_count).tolist()
-            self.val_weights = dict(zip(names, means))
-        self._weight_sums, self._weight_count = None, 0
+        sources = {**per_modality, **({"fusion": self.fuse(feats)} if self.in_stage2 else {})}
+        weights = certainty_weights(list(sources.values()), self.params.certainty_temperature)
+        fused = sum(weights[:, k, None] * z.float() for k, z in enumerate(sources.values()))
+        # each source's mean weight over the batch; the harness averages them over the split
+        logs = {f"certainty_weight.{name}": weights[:, k].detach().mean() for k, name in enumerate(sources)}
+        return Prediction(fused, per_modality, logs)
 
     def epoch_log(self) -> dict[str, float | int]:
-        log: dict[str, float | int] = {"stage": 2 if self.stage2 else 1}
-        if self.selected:
+        log: dict[str, float | int] = {"stage": 2 if self.in_stage2 else 1}
+        if self.has_dimensions:
             for i, m in enumerate(self.modality_names):
                 log[f"dims.{m}"] = int(self.top[i].sum())
             for t, s, dims in self.duc_pairs():
                 log[f"dims.{t}->{s}"] = len(dims)
-        log.update({f"val_weight.{k}": v for k, v in self.val_weights.items()})
         return log

@@ -45,11 +45,12 @@ class Joint(Method):
         return self.cross_entropy(self.fusion(feats), labels)
 
     def training_step(self, batch: Batch) -> dict[str, torch.Tensor]:
-        self.zero_grad_()
-        with self.autocast():
+        ctx = self.step_context
+        ctx.zero_grad()
+        with ctx.autocast():
             loss = self.loss(self.encode(batch.inputs), batch.labels)
-        self.backward(loss)
-        self.optimizer_step()
+        ctx.backward(loss)
+        ctx.step()
         return {"loss": loss.detach()}
 
     def predict(self, batch: Batch) -> Prediction:

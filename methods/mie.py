@@ -194,7 +194,7 @@ class MIE(Method):
             self.restored_from = self.best_epoch
         previous = self.order[(stage - 1) % len(self.order)]
         self.proj = self.projections(self.modality_of(epoch), previous)
-        self._h().reset_optimizer()
+        self.step_context.reset_optimizer()
 
     def on_validation_end(self, epoch: int, metrics: dict[str, Any]) -> None:
         score = metrics[self.params.select_metric]
@@ -236,12 +236,12 @@ class MIE(Method):
             return accumulate
 
         handles = [layer.register_forward_hook(hook(name)) for name, layer in self.linear_layers(modality)]
-        was_training = self.training
+        ctx, was_training = self.step_context, self.training
         self.eval()
         try:
-            for batch in self._h().train_batches():
+            for batch in ctx.train_batches():
                 for chunk in batch.inputs[modality].split(self.params.flat_batch_size):
-                    with self.autocast():
+                    with ctx.autocast():
                         head(encoder(chunk))
         finally:
             for handle in handles:
@@ -291,13 +291,14 @@ class MIE(Method):
     def objective(self, m: str, x: torch.Tensor, y: torch.Tensor, lam: float,
                   perm: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         beta = self.params.flat_ratio
-        with self.autocast():
+        with self.step_context.autocast():
             logits = self.heads[m](self.encoders[m](x))
             ori, flat = self.mixup_ce(logits, y, lam, perm), self.cross_entropy(logits, y)
         return (1 - beta) * ori + beta * flat, ori, flat
 
     def training_step(self, batch: Batch) -> dict[str, torch.Tensor]:
-        m = self.modality_of(self._h().epoch)
+        ctx = self.step_context
+        m = self.modality_of(ctx.epoch)
         x, y = batch.inputs[m], batch.labels
         lam, perm = self.mixup(len(y))
         if perm is not None:
@@ -307,32 +308,32 @@ class MIE(Method):
                 perm = perm.pin_memory().to(y.device, non_blocking=True)
             x = lam * x + (1 - lam) * x[perm]
         params = [p for p in (*self.encoders[m].parameters(), *self.heads[m].parameters()) if p.requires_grad]
-        self.zero_grad_()
+        ctx.zero_grad()
         out = (self.code_step if self.params.sam == "code" else self.paper_step)(m, x, y, lam, perm, params)
         self.project_grads(m)
-        self.optimizer_step()
+        ctx.step()
         return {**out, "lam": lam}
 
     def code_step(self, m, x, y, lam, perm, params) -> dict[str, torch.Tensor]:
-        beta = self.params.flat_ratio
-        with self.autocast():
+        beta, ctx = self.params.flat_ratio, self.step_context
+        with ctx.autocast():
             f = self.encoders[m](x)
             loss_ori = self.mixup_ce(self.heads[m](f), y, lam, perm)
-        grads = self._h().grad(loss_ori, params, retain_graph=True, allow_unused=True)
+        grads = ctx.grad(loss_ori, params, retain_graph=True, allow_unused=True)
         for p, g in zip(params, grads):  # as the code: per-tensor ascent, never undone
             if g is not None:
                 # rebound, not added in place, as the code: what the forward saved through a view
                 # or a copy of p (Linear's W^T) keeps theta for the backward of loss_ori
                 p.data = p.data + self.rho * (g / g.norm().clamp_min(1e-12))
-        with self.autocast():  # as the code: the head alone on the same features, un-mixed labels
+        with ctx.autocast():  # as the code: the head alone on the same features, un-mixed labels
             loss_flat = self.cross_entropy(self.heads[m](f), y)
             loss = (1 - beta) * loss_ori + beta * loss_flat
-        self.backward(loss)
+        ctx.backward(loss)
         return {"loss": loss.detach(), "loss_ori": loss_ori.detach(), "loss_flat": loss_flat.detach()}
 
     def paper_step(self, m, x, y, lam, perm, params) -> dict[str, torch.Tensor]:
         loss, loss_ori, loss_flat = self.objective(m, x, y, lam, perm)
-        grads = self._h().grad(loss, params, allow_unused=True)
+        grads = self.step_context.grad(loss, params, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
         norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
         theta = [p.detach().clone() for p in params]
@@ -342,7 +343,7 @@ class MIE(Method):
             for p, g in zip(params, grads):
                 p.add_(g * (self.rho / (norm + 1e-12)))
         loss_sam, _, _ = self.objective(m, x, y, lam, perm)
-        self.backward(loss_sam)
+        self.step_context.backward(loss_sam)
         with torch.no_grad():
             for p, t in zip(params, theta):
                 p.copy_(t)
@@ -359,7 +360,7 @@ class MIE(Method):
         return Prediction(probs.clamp_min(torch.finfo(probs.dtype).tiny).log(), logits)
 
     def epoch_log(self) -> dict[str, Any]:
-        epoch = self._h().epoch
+        epoch = self.step_context.epoch
         return {"stage": self.stage_of(epoch), "modality": self.modality_of(epoch),
                 "restored_from_epoch": self.restored_from}
 

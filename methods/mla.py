@@ -42,6 +42,8 @@ The paper's alpha is not recovered, so the paper variant uses the code's schedul
   0.55 / 0.45 for M = 2 and its a 0.35, v 0.25, t 0.4 for M = 3, given to the
   dataset's modalities by position (the code's order is audio, visual, text).
 Entropies use log_softmax: where the code's log(softmax) underflows to NaN we stay finite.
+Logged per epoch: `fusion_weight.<m>`, lambda_m averaged over the validation samples (each batch's
+mean comes back in `Prediction.logs`; the harness weights the batches by size), and `p_fro`.
 
 `legacy_zero_grad`: zero_grad(set_to_none=False) between the modality
 steps, as torch 1.8 did, so each already-stepped encoder gets an extra momentum + weight-decay step
@@ -144,9 +146,6 @@ class MLA(Method):
         self.fixed = self._fixed_weights(params)
         if params.owm_alpha is not None and params.hgm == "off":
             raise ConfigError("method.owm_alpha applies only to method.hgm=owm_paper|owm_code|additive (hgm is 'off')")
-        self._weight_sums: dict[str, torch.Tensor] = {}  # running fusion weights of the current eval pass
-        self._weight_count = 0
-        self._val_weights: dict[str, float] = {}
 
     def _fixed_weights(self, params: MLAParams) -> dict[str, float]:
         given = params.fixed_weights
@@ -170,8 +169,8 @@ class MLA(Method):
     def alpha(self) -> float:
         if self.params.owm_alpha is not None:
             return self.params.owm_alpha
-        h = self._h()
-        return 0.1 ** (h.batch_index / max(h.num_batches, 1) + 1)
+        ctx = self.step_context
+        return 0.1 ** (ctx.batch_index / max(ctx.num_batches, 1) + 1)
 
     @torch.no_grad()
     def modify_head_grad(self, feats: torch.Tensor) -> None:
@@ -187,22 +186,23 @@ class MLA(Method):
         self.hgm_calls += 1
 
     def training_step(self, batch: Batch) -> dict[str, torch.Tensor]:
-        self.zero_grad_()
-        with self.autocast():
+        ctx = self.step_context
+        ctx.zero_grad()
+        with ctx.autocast():
             feats = self.encode(batch.inputs)  # every encoder forward once, before any update
         losses = {}
         for m in self.order:
-            with self.autocast():  # the head after the previous modality's step, the pre-update f_m
+            with ctx.autocast():  # the head after the previous modality's step, the pre-update f_m
                 loss = self.cross_entropy(self.head(feats[m]), batch.labels)
-            self.backward(loss)
+            ctx.backward(loss)
             if self.params.hgm != "off":
                 self.modify_head_grad(feats[m])
-            self.optimizer_step()
+            ctx.step()
             # torch < 2 zeroed grads in place: stepped encoders then get momentum/wd again later
-            self.zero_grad_(set_to_none=not self.params.legacy_zero_grad)
+            ctx.zero_grad(set_to_none=not self.params.legacy_zero_grad)
             losses[f"loss.{m}"] = loss.detach()
         if self.params.legacy_zero_grad:
-            self.zero_grad_(set_to_none=True)  # the code's `del p.grad` at the end of the batch
+            ctx.zero_grad(set_to_none=True)  # the code's `del p.grad` at the end of the batch
         return {"loss": torch.stack(list(losses.values())).mean(), **losses}
 
     # ---------------------------------------------------------------------------- evaluation
@@ -211,25 +211,9 @@ class MLA(Method):
         logits = {m: self.head(feats[m]) for m in self.order}
         weights = fusion_weights(self.params.fusion_mode, logits, self.fixed)
         fused = sum(weights[m] * logits[m].float() for m in self.order)
-        self._record(weights, len(batch))
-        return Prediction(fused, logits)
-
-    def _record(self, weights: dict[str, torch.Tensor], n: int) -> None:
-        for m, w in weights.items():
-            total = w.detach().sum() if w.ndim else w.detach() * n
-            self._weight_sums[m] = self._weight_sums.get(m, 0) + total
-        self._weight_count += n
-
-    def on_epoch_start(self, epoch: int) -> None:
-        self._weight_sums, self._weight_count = {}, 0
-
-    def on_validation_end(self, epoch: int, metrics: dict) -> None:
-        count = max(self._weight_count, 1)
-        self._val_weights = {m: float(s) / count for m, s in self._weight_sums.items()}
-        self._weight_sums, self._weight_count = {}, 0  # the test pass that follows is not logged
+        # the batch's mean weight per modality; the harness averages them over the split
+        logs = {f"fusion_weight.{m}": w.detach().float().mean() for m, w in weights.items()}
+        return Prediction(fused, logits, logs)
 
     def epoch_log(self) -> dict[str, float]:
-        log = {f"fusion_weight.{m}": w for m, w in self._val_weights.items()}
-        if self.params.hgm != "off":
-            log["p_fro"] = float(torch.linalg.matrix_norm(self.P))
-        return log
+        return {"p_fro": float(torch.linalg.matrix_norm(self.P))} if self.params.hgm != "off" else {}

@@ -222,13 +222,14 @@ class OGMGE(Method):
     # ---- the step
     def training_step(self, batch: Batch) -> dict[str, torch.Tensor]:
         labels = batch.labels
-        self.zero_grad_()
-        with self.autocast():
+        ctx = self.step_context
+        ctx.zero_grad()
+        with ctx.autocast():
             feats = self.encode(batch.inputs)
             loss = self.cross_entropy(self.fusion(feats), labels)
             aux = self.aux_logits(feats) if self.aux_heads is not None else None
             aux_loss = sum(self.cross_entropy(a, labels) for a in aux.values()) if aux is not None else None
-        self.backward(loss if aux_loss is None else loss + aux_loss)
+        ctx.backward(loss if aux_loss is None else loss + aux_loss)
 
         if aux is not None:
             estimates = {m: a.detach() for m, a in aux.items()}
@@ -238,10 +239,10 @@ class OGMGE(Method):
             scores = {m: ground_truth_scores(estimates[m], labels) for m in self.modality_names}
             ratios = discrepancy_ratios(scores, self.order)
             coefs = modulation_coefficients(ratios, self.order, self.params.alpha)
-        active = self.in_window(self._h().epoch)
+        active = self.in_window(ctx.epoch)
         if active:
             self.modulate_(coefs)
-        self.optimizer_step()
+        ctx.step()
 
         out = {"loss": loss.detach()}
         if aux_loss is not None:

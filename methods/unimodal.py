@@ -39,11 +39,12 @@ class Unimodal(Method):
         self.head = linear(setup.encoders[params.modality].out_dim, setup.num_classes)
 
     def training_step(self, batch: Batch) -> dict[str, torch.Tensor]:
-        self.zero_grad_()
-        with self.autocast():
+        ctx = self.step_context
+        ctx.zero_grad()
+        with ctx.autocast():
             loss = self.cross_entropy(self.head(self.encode(batch.inputs)[self.modality]), batch.labels)
-        self.backward(loss)
-        self.optimizer_step()
+        ctx.backward(loss)
+        ctx.step()
         return {"loss": loss.detach()}
 
     def predict(self, batch: Batch) -> Prediction:

@@ -3,9 +3,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import pytest
+import torch
 
 from mmbalance.bench.config import RunConfig, load_config
 from mmbalance.bench.store import Store
+from mmbalance.core.types import Batch
+from mmbalance.methods.base import StepContext
 
 # a fast config: the Gaussian generator, tiny MLPs, a few epochs
 FAST = [
@@ -38,6 +41,13 @@ def stand_in_summary(acc: float = 0.5, epochs: int = 1) -> dict:
     in tests that train nothing."""
     block = {"epoch": epochs - 1, "test": {"acc": acc}}
     return {"epochs": epochs, "best_val": block, "best_test": block, "last": block}
+
+
+def step_context(optimizer: Callable[[], torch.optim.Optimizer], batches: Sequence[Batch] = (),
+                 **position: int) -> StepContext:
+    """A StepContext for a method stepped outside the harness: `optimizer()` (no schedule; called
+    again by reset_optimizer), `batches` as the training split, and the position in the run."""
+    return StepContext(lambda: (optimizer(), None), lambda: iter(batches), **position)
 
 
 TIMING_KEYS = ("seconds", "samples_per_s")

@@ -15,11 +15,11 @@ from mmbalance.models.small import MLPEncoder, MLPParams
 from mmbalance.bench.store import RunDir, Store
 from mmbalance.bench.train import Trainer, run
 from mmbalance.core.types import Modality
-from mmbalance.methods.base import MethodSetup, StepHelpers
+from mmbalance.methods.base import MethodSetup, StepContext
 from mmbalance.core.types import Batch
 from mmbalance.methods.di_mml import DIMML, DIMMLParams, certainty_weights, dimension_accuracy, duc_term, top_dimensions
 from mmbalance.methods.unimodal import Unimodal, UnimodalParams
-from tests.conftest import without_timing
+from tests.conftest import step_context, without_timing
 
 Y6 = torch.tensor([0, 0, 0, 1, 1, 1])
 # columns = dimensions; per-dimension nearest-prototype accuracy worked out below
@@ -46,15 +46,11 @@ def make(encoders: dict[str, nn.Module], classes: int = 2, epochs: int = 4, **pa
     return DIMML(DIMMLParams(**params), setup)
 
 
-def attach(method: nn.Module, lr: float = 0.1, batches=()) -> StepHelpers:
-    def sgd():
-        opt = torch.optim.SGD(method.param_groups(), lr=lr, momentum=0.9, weight_decay=1e-4)
-        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-
-    opt, sched = sgd()
-    helpers = StepHelpers(opt, scheduler=sched, rebuild=sgd, train_batches=lambda: iter(batches))
-    method.attach(helpers)
-    return helpers
+def attach(method: nn.Module, lr: float = 0.1, batches=()) -> StepContext:
+    context = step_context(lambda: torch.optim.SGD(method.param_groups(), lr=lr, momentum=0.9, weight_decay=1e-4),
+                           batches)
+    method.attach(context)
+    return context
 
 
 # ----------------------------------------------------------------------------- dimension selection
@@ -93,6 +89,9 @@ def test_select_dimensions_through_the_method_gives_a_and_v():
     other = make({"audio": Identity(3), "visual": Identity(3)})
     other.load_state_dict(method.state_dict())
     assert other.selected and torch.equal(other.top, method.top)
+    # and the host copies follow the loaded buffers (a load_state_dict post-hook)
+    assert other.has_dimensions and {(t, s): d.tolist() for t, s, d in other.duc_pairs()} == pairs
+    assert other.epoch_log() == method.epoch_log()
 
 
 # ------------------------------------------------------------------------------------------- DUC
@@ -116,8 +115,7 @@ def test_duc_loss_matches_the_code_loop():
     gen = torch.Generator().manual_seed(0)
     a, v = torch.randn(5, 3, generator=gen) * 2, torch.randn(5, 3, generator=gen) * 2
     method = make({"audio": Identity(3), "visual": Identity(3)}, tau=0.7)
-    method.top.copy_(torch.tensor([[True, True, False], [False, True, True]]))
-    method.selected.fill_(True)
+    method.set_dimensions(torch.tensor([[True, True, False], [False, True, True]]))
     got = method.duc_loss({"audio": a, "visual": v})
     expected = code_loop_duc(a, v, [0], [2], 0.7)
     assert got.item() == pytest.approx(expected.item(), rel=1e-5)
@@ -137,7 +135,7 @@ def test_duc_gradient_reaches_the_student_only():
     a = torch.randn(4, 3, generator=gen).requires_grad_()
     v = torch.randn(4, 3, generator=gen).requires_grad_()
     method = make({"audio": Identity(3), "visual": Identity(3)})
-    method.top.copy_(torch.tensor([[True, False, False], [False, False, False]]))
+    method.set_dimensions(torch.tensor([[True, False, False], [False, False, False]]))
     loss = method.duc_loss({"audio": a, "visual": v})
     assert loss.item() == pytest.approx(code_loop_duc(a, v, [0], [], 50.0).item(), rel=1e-5)
     loss.backward()
@@ -149,7 +147,7 @@ def test_three_modalities_duc_over_ordered_pairs():
     gen = torch.Generator().manual_seed(2)
     f = {m: torch.randn(6, 4, generator=gen) for m in ("audio", "visual", "text")}
     method = make({m: Identity(4) for m in f}, classes=3)
-    method.top.copy_(torch.tensor([[1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 0, 1]], dtype=torch.bool))
+    method.set_dimensions(torch.tensor([[1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 0, 1]], dtype=torch.bool))
     # T_t \ T_s by hand, (teacher, student) -> dims
     hand = {("audio", "visual"): [0], ("audio", "text"): [0, 1], ("visual", "audio"): [2],
             ("visual", "text"): [1, 2], ("text", "audio"): [3], ("text", "visual"): [3]}
@@ -174,7 +172,7 @@ def test_certainty_weights_by_hand():
                              (torch.zeros(2, 4), [0.0, 0])]):
         head.weight.data.copy_(w)
         head.bias.data.copy_(torch.tensor(b))
-    method.stage2.fill_(True)
+    method.start_stage2()
     pred = method.predict(Batch({"audio": torch.tensor([[1.0, 1.0]]), "visual": torch.ones(1, 2)}, Y6[:1]))
     # sources: audio [1, 1] (c 1/2), visual [log 3, 0] (c 3/4), h_av [0, 0] (c 1/2); T = 0.5
     e = [math.exp(1.0), math.exp(1.5), math.exp(1.0)]
@@ -245,8 +243,7 @@ def test_stage1_step_with_shared_head_and_duc_equals_the_code(shared_weight):
     for step in range(4):  # DUC from the third step, as from duc_start_epoch
         duc_on = step >= 2
         if duc_on:
-            method.top.copy_(torch.tensor([[1, 0, 1, 1, 0, 0], [0, 1, 1, 0, 0, 1]], dtype=torch.bool))
-            method.selected.fill_(True)
+            method.set_dimensions(torch.tensor([[1, 0, 1, 1, 0, 0], [0, 1, 1, 0, 0, 1]], dtype=torch.bool))
         batch = Batch({"audio": torch.randn(8, 5, generator=gen), "visual": torch.randn(8, 3, generator=gen)},
                       torch.randint(0, 4, (8,), generator=gen))
         out = method.training_step(batch)
@@ -277,16 +274,16 @@ class BNEncoder(nn.Module):
 def test_stage2_trains_only_the_fusion_head_with_frozen_bn():
     torch.manual_seed(0)
     method = make({"audio": BNEncoder(5), "visual": BNEncoder(3)}, classes=3, duc=False)
-    helpers = attach(method, lr=0.5)
+    context = attach(method, lr=0.5)
     gen = torch.Generator().manual_seed(4)
     batches = [Batch({"audio": torch.randn(8, 5, generator=gen), "visual": torch.randn(8, 3, generator=gen)},
                      torch.randint(0, 3, (8,), generator=gen)) for _ in range(3)]
     method.train()
     method.training_step(batches[0])  # stage 1: momentum everywhere
-    first_optimizer = helpers.optimizer
+    first_optimizer = context.optimizer
     method.train()
     method.on_epoch_start(2)  # stage 2 starts
-    assert method.stage2 and helpers.optimizer is not first_optimizer
+    assert method.stage2 and context.optimizer is not first_optimizer
     assert not method.encoders.training and method.fusion.training
     before = copy.deepcopy(method.state_dict())
     for batch in batches:
@@ -331,7 +328,7 @@ def test_harness_selects_stage2_and_resumes_across_the_boundary(fast_config, sto
     assert [r["method"]["stage"] for r in history] == [1, 1, 2, 2]
     assert "dims.audio->visual" not in history[0]["method"] and "dims.audio->visual" in history[1]["method"]
     assert history[0]["train"]["loss.duc"] == 0 and history[1]["train"]["loss.duc"] > 0
-    assert set(history[2]["method"]) >= {"val_weight.audio", "val_weight.visual", "val_weight.fusion"}
+    assert set(history[2]["method"]) >= {"certainty_weight.audio", "certainty_weight.visual", "certainty_weight.fusion"}
     assert reference.summary["best_val"]["epoch"] >= 2
     # the fresh stage-2 optimizer restarts the schedule (StepLR(2) had decayed it to 0.005)
     assert [r["lr"] for r in history] == pytest.approx([0.05, 0.05, 0.05, 0.05])
@@ -361,7 +358,7 @@ def test_three_modalities_run(fast_config, store):
     result = run(cfg, store)
     last = RunDir(result.path).read_metrics()[-1]
     assert len([k for k in last["method"] if "->" in k]) == 6
-    weights = [last["method"][f"val_weight.{m}"] for m in ("audio", "visual", "text", "fusion")]
+    weights = [last["method"][f"certainty_weight.{m}"] for m in ("audio", "visual", "text", "fusion")]
     assert sum(weights) == pytest.approx(1.0, rel=1e-5)
     assert set(result.summary["best_val"]["test"]["modality_acc"]) == {"audio", "visual", "text"}
     assert result.summary["best_val"]["epoch"] == 2

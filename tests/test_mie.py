@@ -18,10 +18,10 @@ from mmbalance.core.errors import ConfigError
 from mmbalance.bench.store import RunDir, Store
 from mmbalance.bench.train import Trainer, run
 from mmbalance.core.types import Modality
-from mmbalance.methods.base import MethodSetup, StepHelpers
+from mmbalance.methods.base import MethodSetup
 from mmbalance.core.types import Batch
 from mmbalance.methods.mie import MIE, MIEParams, flat_projection
-from tests.conftest import FAST, run_interrupted, without_timing
+from tests.conftest import FAST, run_interrupted, step_context, without_timing
 
 C = 4
 MODS = (Modality("audio", "vector", (5,)), Modality("visual", "vector", (3,)))
@@ -54,7 +54,7 @@ def make(epochs: int = 2, out=(6, 6), bn: bool = False, identity: bool = False, 
     def sgd() -> torch.optim.Optimizer:
         return torch.optim.SGD(method.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
 
-    method.attach(StepHelpers(sgd(), torch.device("cpu"), rebuild=lambda: (sgd(), None)))
+    method.attach(step_context(sgd))
     return method
 
 
@@ -114,7 +114,7 @@ def test_accumulation_of_batch_mean_inputs_by_hand(chunk, expected0):
     set_layer(head[0], [[1, 0], [0, 1], [1, 1]], [0, 0, 0])  # h = [x1, x2, x1 + x2] (x >= 0)
     set_layer(head[2], [[1, 0, 0], [0, 1, 1]], [0, 1])      # z = [x1, x1 + 2 x2 + 1]
     xs = [torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([[2.0, 0.0]])]
-    model.helpers.train_batches = lambda: iter(
+    model.step_context.train_batches = lambda: iter(
         Batch({"visual": x, "audio": torch.zeros(len(x), 2)}, torch.zeros(len(x), dtype=torch.long)) for x in xs)
     model.train()
     acc = model.accumulate_inputs("visual")
@@ -141,7 +141,7 @@ def chunk_mean_sum(xs: list[torch.Tensor]) -> torch.Tensor:
 def test_accumulation_covers_encoder_linear_layers_only_for_the_shape_rule(project_layers):
     model = make(depth=2, project_layers=project_layers)
     data = batches_of(2)
-    model.helpers.train_batches = lambda: iter(data)
+    model.step_context.train_batches = lambda: iter(data)
     acc = model.accumulate_inputs("audio")
     heads = ["head.0", "head.2", "head.3"]
     assert sorted(acc) == (heads if project_layers == "head" else ["encoder.net.0", "encoder.net.2", *heads])
@@ -164,7 +164,7 @@ def test_accumulation_of_inputs_with_positions_gives_one_row_per_position():
     model = make(project_layers="shape_match")
     model.encoders["audio"] = PositionEnc(1, 6)
     data = batches_of(2, count=3)
-    model.helpers.train_batches = lambda: iter(data)
+    model.step_context.train_batches = lambda: iter(data)
     acc = model.accumulate_inputs("audio")["encoder.proj"]
     xbars = [b.inputs["audio"].mean(0).view(-1, 1) for b in data]  # 5 positions of 1 feature
     assert torch.allclose(acc, sum(x.T @ x for x in xbars), atol=1e-6)
@@ -175,7 +175,7 @@ def test_which_previous_layers_project_which_gradients(project_layers):
     # MLP encoders of equal hidden sizes and a head of equal widths: (6, 6) weights in both parts
     model = make(depth=2, head_hidden=(6, 6), project_layers=project_layers, epochs=2)
     data = batches_of(2)
-    model.helpers.train_batches = lambda: iter(data)
+    model.step_context.train_batches = lambda: iter(data)
     model.on_epoch_start(1)  # stage 2: visual, with audio's P's
     P = {n: flat_projection(a, 0.4) for n, a in model.accumulate_inputs("audio").items()}
     if project_layers == "head":  # each head layer its counterpart
@@ -192,14 +192,14 @@ def test_which_previous_layers_project_which_gradients(project_layers):
 def test_head_rule_leaves_a_layer_of_another_input_size_unprojected():
     model = make(out=(6, 4), project_layers="head")  # visual's head starts with Linear(4, 7), audio's (6, 7)
     data = batches_of(2)
-    model.helpers.train_batches = lambda: iter(data)
+    model.step_context.train_batches = lambda: iter(data)
     model.on_epoch_start(1)
     assert sorted(model.proj) == ["head.2", "head.3"]
 
 
 def test_weight_gradients_are_multiplied_by_their_Ps_in_order():
     model = make(out=(6, 4), sam="code", rho=0.0, mixup_alpha=0, flat_ratio=0.0)
-    model.helpers.epoch = 1
+    model.step_context.epoch = 1
     gen = torch.Generator().manual_seed(3)
     sym = lambda d: (lambda a: a @ a.T / d)(torch.randn(d, d, generator=gen))  # noqa: E731
     model.proj = {"head.2": [sym(7)], "head.3": [sym(5), sym(5)]}
@@ -387,13 +387,13 @@ def test_code_variant_equals_the_released_step_over_three_stages(rho, project_la
     rho = model.rho
     cfg = {"train": {"noise_ratio": rho, "noise_ratio_cls": rho, "flat_ratio": beta, "temperature1": T}}
     data = batches_of(5)
-    model.helpers.train_batches = lambda: iter(data)
+    model.step_context.train_batches = lambda: iter(data)
     loader = [(b.inputs["audio"], b.inputs["visual"], F.one_hot(b.labels, C).float()) for b in data]
     draws = recording_draws(model)
     optimizer = None
     steps = {0: 6, 1: 12, 2: 6}  # audio, visual (with audio's P's), audio (with visual's)
     for epoch, count in steps.items():
-        model.helpers.epoch = epoch
+        model.step_context.epoch = epoch
         model.on_epoch_start(epoch)
         m, previous = model.modality_of(epoch), model.modality_of(epoch - 1)
         if epoch > 0:  # the code: P's from the previous modality on a fresh model, a fresh optimizer
@@ -423,9 +423,9 @@ def train_code_stages(project_layers: str, rho: float) -> list[torch.Tensor]:
     model = make(depth=2, head_hidden=(6, 6), epochs=2, lr=0.05, momentum=0.9, sam="code", rho=rho,
                  mixup_alpha=0.0, flat_batch_size=6, restart_from_best=False, project_layers=project_layers)
     data = batches_of(5)
-    model.helpers.train_batches = lambda: iter(data)
+    model.step_context.train_batches = lambda: iter(data)
     for epoch, count in ((0, 6), (1, 12)):
-        model.helpers.epoch = epoch
+        model.step_context.epoch = epoch
         model.on_epoch_start(epoch)
         for step in range(count):
             model.training_step(data[step % len(data)])
@@ -499,7 +499,7 @@ def test_paper_sam_steps_with_the_gradient_at_the_perturbed_point_and_restores_t
     g_pert = torch.autograd.grad(mixup_objective(ref, "audio", b, lam, perm), params)
 
     assert out["loss"].item() == pytest.approx(loss.item(), abs=1e-6)
-    assert model.helpers.backward_passes == 2
+    assert model.step_context.backward_passes == 2
     assert out["loss_sam"] > out["loss"]  # the ascent step went uphill
     gap = 0.0
     for p, t, x, e in zip(path_params(model, "audio"), theta, g_pert, g):
@@ -626,7 +626,9 @@ def test_restart_uses_best_validation_epoch_never_test(fast_config, store, spy, 
               ("val", "acc"): [0.1, 0.9, 0.5, 0.5], ("test", "acc"): [0.9, 0.1, 0.5, 0.5]}  # test: the other
 
     def evaluate(self, split):
-        return {**original(self, split), **{k: rigged[split, k][self.helpers.epoch] for k in ("macro_f1", "acc")}}
+        result = original(self, split)
+        result.metrics.update({k: rigged[split, k][self.context.epoch] for k in ("macro_f1", "acc")})
+        return result
 
     monkeypatch.setattr(Trainer, "evaluate", evaluate)
     cfg = fast_config(*CFG, "method.epoch_list=[2,2]", f"method.select_metric={select_metric}",

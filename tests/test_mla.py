@@ -18,11 +18,11 @@ from mmbalance.models.small import MLPEncoder, MLPParams
 from mmbalance.bench.store import RunDir, Store
 from mmbalance.bench.train import run
 from mmbalance.core.types import Modality
-from mmbalance.methods.base import MethodSetup, StepHelpers
+from mmbalance.methods.base import MethodSetup
 from mmbalance.core.types import Batch
 from mmbalance.methods.mla import MLA, MLAParams
 from mmbalance.methods.unimodal import Unimodal, UnimodalParams
-from tests.conftest import run_interrupted, without_timing
+from tests.conftest import run_interrupted, step_context, without_timing
 
 C = 3
 
@@ -44,13 +44,13 @@ def ident_method(names=("audio", "visual"), d: int = 3, lr: float = 0.1, **param
     with torch.no_grad():
         method.head.weight.copy_(torch.eye(C, d))
         method.head.bias.zero_()
-    method.attach(StepHelpers(torch.optim.SGD(method.parameters(), lr=lr), torch.device("cpu"), num_batches=4))
+    method.attach(step_context(lambda: torch.optim.SGD(method.parameters(), lr=lr), num_batches=4))
     return method
 
 
 def call_hgm(method: MLA, feats, grad, batch_index: int = 0) -> tuple[np.ndarray, torch.Tensor]:
     """One head-gradient modification on an explicit weight gradient and features."""
-    method.helpers.batch_index = batch_index
+    method.step_context.batch_index = batch_index
     method.head.weight.grad = torch.tensor(grad, dtype=torch.float32)
     method.head.bias.grad = torch.tensor([1.0, -2.0, 3.0])
     method.modify_head_grad(torch.tensor(feats, dtype=torch.float32))
@@ -143,7 +143,7 @@ def test_one_batch_alternates_through_the_head_by_hand(hgm):
         W, b = W - lr * torch.from_numpy(G), b - lr * bg.grad
         losses.append(loss.item())
     out = method.training_step(Batch(x, y))
-    assert method.helpers.backward_passes == 2
+    assert method.step_context.backward_passes == 2
     assert torch.allclose(method.head.weight.double(), W, atol=1e-6)
     assert torch.allclose(method.head.bias.double(), b, atol=1e-6)
     assert np.allclose(method.P.numpy(), P, atol=1e-6)
@@ -162,11 +162,9 @@ LOGITS = {"audio": torch.tensor([[0.0, 0.0, 0.0], [LN2, 0.0, 0.0]]),
 
 def fused_and_weights(**params) -> tuple[torch.Tensor, dict]:
     method = ident_method(**params)
-    method.on_epoch_start(0)
     pred = method.predict(Batch(LOGITS, torch.tensor([0, 1])))
     assert all(torch.allclose(pred.per_modality[m], LOGITS[m]) for m in LOGITS)
-    method.on_validation_end(0, {})
-    return pred.fused, method.epoch_log()
+    return pred.fused, {**method.epoch_log(), **{k: float(v) for k, v in pred.logs.items()}}
 
 
 def test_entropy_fusion_per_sample_by_hand():
@@ -236,8 +234,10 @@ def batches(n: int, names=("audio", "visual")) -> list[Batch]:
 
 
 def sgd(method, lr=0.1, momentum=0.9, wd=1e-4, num_batches=5) -> MLA:
-    opt = torch.optim.SGD(method.parameters(), lr=lr, momentum=momentum, weight_decay=wd)
-    method.attach(StepHelpers(opt, torch.device("cpu"), num_batches=num_batches))
+    def opt() -> torch.optim.Optimizer:
+        return torch.optim.SGD(method.parameters(), lr=lr, momentum=momentum, weight_decay=wd)
+
+    method.attach(step_context(opt, num_batches=num_batches))
     return method
 
 
@@ -251,7 +251,7 @@ def test_one_modality_with_hgm_off_equals_unimodal():
     sgd(mla), sgd(uni)
     for i, batch in enumerate(batches(5, ("visual",))):
         for method in (mla, uni, projected):
-            method.helpers.batch_index = i
+            method.step_context.batch_index = i
             method.training_step(batch)
     uni_params = dict(uni.named_parameters())
     assert set(uni_params) == {n for n, _ in mla.named_parameters()}

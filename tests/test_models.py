@@ -24,10 +24,11 @@ from mmbalance.models.fusion import (
 from mmbalance.models.resnet import ResNet18Encoder
 from mmbalance.models.small import MLPEncoder, MLPParams, SmallCNNEncoder, SmallCNNParams
 from mmbalance.core.types import Modality
-from mmbalance.methods.base import MethodSetup, StepHelpers
+from mmbalance.methods.base import MethodSetup
 from mmbalance.core.types import Batch
 from mmbalance.methods.joint import Joint, JointParams
 from mmbalance.methods.unimodal import Unimodal, UnimodalParams
+from tests.conftest import step_context
 
 DIMS = {"audio": 5, "visual": 3}
 NUM_CLASSES = 4
@@ -78,13 +79,13 @@ def test_joint_training_step_updates_both_encoders(name):
     mods = (Modality("audio", "vector", (7,)), Modality("visual", "image", (1, 2, 2)))
     encoders = nn.ModuleDict({m.name: MLPEncoder(MLPParams(hidden=16, out_dim=8), m) for m in mods})
     method = Joint(JointParams(), MethodSetup(encoders, NUM_CLASSES, mods, fusion=name))
-    method.attach(StepHelpers(torch.optim.SGD(method.parameters(), lr=0.5), torch.device("cpu")))
+    method.attach(step_context(lambda: torch.optim.SGD(method.parameters(), lr=0.5)))
     before = {k: v.clone() for k, v in method.state_dict().items()}
     batch = Batch({"audio": torch.randn(BATCH, 7), "visual": torch.randn(BATCH, 1, 2, 2)},
                   torch.tensor([0, 1, 2, 3, 0, 1]))
     out = method.training_step(batch)
     assert out["loss"].ndim == 0 and out["loss"].item() > 0
-    assert method.helpers.backward_passes == 1
+    assert method.step_context.backward_passes == 1
     after = method.state_dict()
     for m in ("audio", "visual"):
         changed = [k for k in before if k.startswith(f"encoders.{m}.") and not torch.equal(before[k], after[k])]
@@ -271,7 +272,7 @@ def test_joint_late_loss_matches_hand_computation_and_sgd_update(kind):
     other_kind = hand_late_loss(reference, batch, "fused" if kind == "unimodal" else "unimodal")
     assert abs(other_kind.item() - expected.item()) > 1e-3  # the two definitions really differ here
 
-    method.attach(StepHelpers(torch.optim.SGD(method.parameters(), lr=lr), torch.device("cpu")))
+    method.attach(step_context(lambda: torch.optim.SGD(method.parameters(), lr=lr)))
     out = method.training_step(batch)
     assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
     for n, p in method.named_parameters():
@@ -308,7 +309,7 @@ def test_unimodal_keeps_only_its_encoder():
     assert pred.fused.shape == (BATCH, NUM_CLASSES)
     assert list(pred.per_modality) == ["visual"] and torch.equal(pred.per_modality["visual"], pred.fused)
     # training touches only the visual path
-    method.attach(StepHelpers(torch.optim.SGD(method.parameters(), lr=0.1), torch.device("cpu")))
+    method.attach(step_context(lambda: torch.optim.SGD(method.parameters(), lr=0.1)))
     expected = F.cross_entropy(method.head(visual_encoder(batch.inputs["visual"])), batch.labels)
     assert method.training_step(batch)["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
 

@@ -17,7 +17,7 @@ from mmbalance.models.small import SmallCNNEncoder, SmallCNNParams
 from mmbalance.bench.store import RunDir, Store
 from mmbalance.bench.train import run
 from mmbalance.core.types import Modality
-from mmbalance.methods.base import MethodSetup, StepHelpers
+from mmbalance.methods.base import MethodSetup
 from mmbalance.core.types import Batch
 from mmbalance.methods.joint import Joint, JointParams
 from mmbalance.methods.ogm_ge import (
@@ -29,7 +29,7 @@ from mmbalance.methods.ogm_ge import (
     modulated_modality,
     modulation_coefficients,
 )
-from tests.conftest import run_interrupted, without_timing
+from tests.conftest import run_interrupted, step_context, without_timing
 
 NUM_CLASSES = 3
 BATCH = 8
@@ -221,26 +221,26 @@ def make_batch(names=("audio", "visual"), seed=1) -> Batch:
 
 
 def attach(method, epoch=0, lr=0.1):
-    method.attach(StepHelpers(torch.optim.SGD(method.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4),
-                              torch.device("cpu"), epoch=epoch))
+    method.attach(step_context(lambda: torch.optim.SGD(method.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4),
+                               epoch=epoch))
     return method
 
 
 def step_recording_grads(method, batch):
     """Runs one training step; returns its outputs and every gradient as the optimizer saw it."""
     seen = {}
-    helpers = method.helpers
-    original = helpers.step
+    context = method.step_context
+    original = context.step
 
     def record():
         seen.update({n: p.grad.clone() for n, p in method.named_parameters() if p.grad is not None})
         original()
 
-    helpers.step = record
+    context.step = record
     try:
         out = method.training_step(batch)
     finally:
-        helpers.step = original
+        context.step = original
     return out, seen
 
 

@@ -202,15 +202,15 @@ class Staged(Joint):
 
     def on_epoch_start(self, epoch: int) -> None:
         if epoch == 2:
-            self.helpers.reset_optimizer()
-            self.train_pass_sizes.append(sum(len(b) for b in self.helpers.train_batches()))
+            self.step_context.reset_optimizer()
+            self.train_pass_sizes.append(sum(len(b) for b in self.step_context.train_batches()))
 
     def on_validation_end(self, epoch, metrics):
         assert "acc" in metrics
         self.seen_val.append(epoch)
 
     def epoch_log(self):
-        return {"stage": 2 if self.helpers.epoch >= 2 else 1, "batches": self.helpers.num_batches}
+        return {"stage": 2 if self.step_context.epoch >= 2 else 1, "batches": self.step_context.num_batches}
 
     def selectable(self, epoch: int) -> bool:
         return epoch >= 2

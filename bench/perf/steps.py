@@ -29,7 +29,7 @@ from mmbalance.models import build_encoder
 from mmbalance.core.registry import METHODS
 from mmbalance.bench.train import PassCounter, build_optimizer, build_scheduler
 from mmbalance.core.types import Modality
-from mmbalance.methods.base import Method, MethodSetup, StepHelpers
+from mmbalance.methods.base import Method, MethodSetup, StepContext
 from mmbalance.core.types import Batch
 
 
@@ -92,7 +92,7 @@ class Subject:
 
     variant: Variant
     method: Method
-    helpers: StepHelpers
+    context: StepContext
     passes: PassCounter
     steps: int = 0
     times: list[float] = field(default_factory=list)
@@ -125,16 +125,14 @@ def build_subject(variant: Variant, shapes: Shapes, batch: Batch, train: TrainCo
         optimizer = build_optimizer(cfg, method.param_groups())
         return optimizer, build_scheduler(cfg, optimizer)
 
-    optimizer, scheduler = rebuild()
-    helpers = StepHelpers(optimizer, device, train.amp, scheduler, rebuild=rebuild,
-                          train_batches=lambda: iter([batch, batch]), epoch=variant.epoch, num_batches=1)
-    method.attach(helpers)
+    context = StepContext(rebuild, lambda: iter([batch, batch]), device, train.amp, num_batches=1)
+    method.attach(context)
     method.train()
     for epoch in range(variant.epoch + 1):  # stage starts (MIE's projection, DI-MML's selection)
-        helpers.epoch = epoch
+        context.epoch = epoch
         method.on_epoch_start(epoch)
     passes = PassCounter(method.encoders)
-    return Subject(variant, method, helpers, passes)
+    return Subject(variant, method, context, passes)
 
 
 def sync(device: torch.device) -> None:
@@ -213,7 +211,7 @@ def proc_status_kb(key: str) -> int:
 def state_mb(subject: Subject) -> float:
     """Parameters, buffers and optimiser state of the method, in MB."""
     tensors = [*subject.method.parameters(), *subject.method.buffers()]
-    for state in subject.helpers.optimizer.state.values():
+    for state in subject.context.optimizer.state.values():
         tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
     return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
@@ -232,7 +230,7 @@ def measure_steps(shapes: Shapes, device: torch.device, *, variants: Sequence[Va
                 s.step(batch)
         s.peak_mb = state_mb(s) + peak.mb
     for s in subjects:  # the pass counts are for timed steps only
-        s.passes.calls, s.helpers.backward_passes, s.steps = 0, 0, 0
+        s.passes.calls, s.context.backward_passes, s.steps = 0, 0, 0
     for r in range(rounds):
         for s in subjects:
             s.times.append(timed(s, batch, steps, device))
@@ -252,7 +250,7 @@ def row(s: Subject, joint_s: float, batch: int) -> dict[str, Any]:
         "samples_per_s": batch / seconds,
         "peak_mb": s.peak_mb,
         "forward_passes_per_step": s.passes.calls / (s.steps * s.passes.n_encoders),
-        "backward_passes_per_step": s.helpers.backward_passes / s.steps,
+        "backward_passes_per_step": s.context.backward_passes / s.steps,
         "spread": statistics.median(s.times) / seconds - 1,  # how far the typical round was from the fastest
     }
 
