@@ -22,6 +22,11 @@ Every (point, seed) becomes one validated RunConfig labelled after its cell and 
 labels start with its file name. In `exclude` rows a list matches any of its values (unless
 the config value is itself a list) and `cell` matches the cell name. Run ids are hashes of the
 resolved configs (bench.config.run_id), so the same point always has the same id.
+
+Dotted overrides (`train.epochs=2`) apply to every run, over cells, grid and include rows; two
+forms change the sweep itself, as if the file said so: `seeds=[0]` and
+`cells.<cell>.<key>=value` (one cell's key, e.g. a staged method's stage lengths in a shorter
+budget: `cells.mie.method.epoch_list=[1,1]`).
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from mmbalance.bench.config import (
     assign,
     deep_merge,
     format_errors,
+    parse_override,
     read_yaml,
     validate,
 )
@@ -97,26 +103,57 @@ def is_sweep_file(path: str | Path) -> bool:
     return bool(SWEEP_KEYS & read_yaml(Path(path)).keys())
 
 
+# a cell's overrides from the command line: [({dotted key: value}, "override '...'"), ...]
+CellOverrides = dict[str, list[tuple[dict[str, Any], str]]]
+
+
 def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> tuple[SweepConfig, list[RunConfig]]:
-    """Read a sweep file; `overrides` apply to every run (over cells, grid and include rows)."""
+    """Read a sweep file; `overrides` apply to every run (over cells, grid and include rows),
+    except `seeds=...` and `cells.<cell>.<key>=...`, which change the sweep (module docstring)."""
     origin = f"file {str(path)!r}"
     data = read_yaml(Path(path))
     sources = Sources()
     sources.record(data, origin)
+    run_overrides, by_cell = split_overrides(data, sources, overrides)
     try:
         sweep = SweepConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(format_errors(e, SweepConfig, sources)) from None
-    return sweep, expand(sweep, overrides, origin, Path(path).parent)
+    return sweep, expand(sweep, run_overrides, origin, Path(path).parent, by_cell)
+
+
+def split_overrides(data: dict[str, Any], sources: Sources,
+                    overrides: Sequence[str]) -> tuple[list[str], CellOverrides]:
+    """Set `seeds=...` in the sweep's data; return the overrides of every run and, per cell,
+    those of `cells.<cell>.<key>=...`."""
+    runs: list[str] = []
+    by_cell: CellOverrides = {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        where = f"override {text!r}"
+        if keys == ["seeds"]:
+            assign(data, sources, "seeds", value, where)
+        elif keys[0] == "seeds":
+            raise ConfigError(f"{where}: the seeds are one list; write seeds=[0,1]")
+        elif keys[0] == "cells":
+            cells = data.get("cells") if isinstance(data.get("cells"), dict) else {}
+            if len(keys) < 3 or keys[1] not in cells:
+                raise ConfigError(f"{where}: write cells.<cell>.<key>=value with one of the sweep's cells: "
+                                  f"{', '.join(cells) or '(none)'}")
+            by_cell.setdefault(keys[1], []).append(({".".join(keys[2:]): value}, where))
+        else:
+            runs.append(text)
+    return runs, by_cell
 
 
 def expand(sweep: SweepConfig, overrides: Sequence[str] = (), origin: str = "the sweep",
-           where: Path = Path(".")) -> list[RunConfig]:
+           where: Path = Path("."), by_cell: CellOverrides | None = None) -> list[RunConfig]:
     """Every point x every seed, validated, in file order; two points resolving to the same
     config are an error (they would share a run directory)."""
     configs: list[RunConfig] = []
     seen: dict[str, str | None] = {}
-    for point in points(sweep, origin, where):
+    by_cell = by_cell or {}
+    for point in points(sweep, origin, where, by_cell):
         for seed in sweep.seeds:
             data = json.loads(json.dumps(point.data))
             sources = point.sources
@@ -133,11 +170,11 @@ def expand(sweep: SweepConfig, overrides: Sequence[str] = (), origin: str = "the
                     f"config (run id {rid}); drop one of them with an `exclude` row")
             seen[rid] = point.label
             configs.append(cfg)
-    check_excludes(sweep, origin, where)
+    check_excludes(sweep, origin, where, by_cell)
     return configs
 
 
-def points(sweep: SweepConfig, origin: str, where: Path) -> list[Point]:
+def points(sweep: SweepConfig, origin: str, where: Path, by_cell: CellOverrides) -> list[Point]:
     """Bases x cells x grid, minus `exclude`, plus `include`."""
     found: list[Point] = []
     bases = load_bases(sweep, origin, where)
@@ -149,16 +186,22 @@ def points(sweep: SweepConfig, origin: str, where: Path) -> list[Point]:
             for values in grid:
                 label = make_label([prefix, name, ",".join(f"{leaves[k]}={short(v)}" for k, v in values.items())])
                 point = make_point(base, base_sources, label, name, [
-                    (cell, f"{origin}, cell {name!r}"), (values, f"{origin}, grid")])
+                    *cell_layers(name, cell, origin, by_cell), (values, f"{origin}, grid")])
                 found.append(point)
         for i, row in enumerate(sweep.include):
-            found.append(include_point(sweep, i, row, prefix, base, base_sources, origin))
+            found.append(include_point(sweep, i, row, prefix, base, base_sources, origin, by_cell))
     return [p for p in found if not any(matches(row, p) for row in sweep.exclude)]
 
 
-def check_excludes(sweep: SweepConfig, origin: str, where: Path) -> None:
+def cell_layers(name: str | None, cell: dict[str, Any], origin: str,
+                by_cell: CellOverrides) -> list[tuple[dict[str, Any], str]]:
+    """A cell's overrides as the file gives them, then as the command line changes them."""
+    return [(cell, f"{origin}, cell {name!r}"), *by_cell.get(name, [])]
+
+
+def check_excludes(sweep: SweepConfig, origin: str, where: Path, by_cell: CellOverrides) -> None:
     """An exclude row that matches nothing is a typo (in a key, a value or a cell name)."""
-    found = points(SweepConfig.model_validate({**sweep.model_dump(), "exclude": []}), origin, where)
+    found = points(SweepConfig.model_validate({**sweep.model_dump(), "exclude": []}), origin, where, by_cell)
     for i, row in enumerate(sweep.exclude):
         if not any(matches(row, p) for p in found):
             raise ConfigError(f"{origin}: exclude[{i}] {row} matches no run; check its keys and values")
@@ -199,7 +242,7 @@ def find_recipe(recipe: str, where: Path, origin: str) -> Path:
 
 
 def include_point(sweep: SweepConfig, i: int, row: dict[str, Any], prefix: str | None,
-                  base: dict, base_sources: Sources, origin: str) -> Point:
+                  base: dict, base_sources: Sources, origin: str, by_cell: CellOverrides) -> Point:
     row = dict(row)
     cell_name = row.pop("cell", None)
     cells = sweep.cells or {}
@@ -210,7 +253,7 @@ def include_point(sweep: SweepConfig, i: int, row: dict[str, Any], prefix: str |
         [prefix, cell_name, ",".join(f"{k.split('.')[-1]}={short(v)}" for k, v in row.items())])
     if label and prefix and not label.startswith(prefix):
         label = f"{prefix}/{label}"
-    layers = [(cells.get(cell_name, {}), f"{origin}, cell {cell_name!r}"), (row, f"{origin}, include[{i}]")]
+    layers = [*cell_layers(cell_name, cells.get(cell_name, {}), origin, by_cell), (row, f"{origin}, include[{i}]")]
     return make_point(base, base_sources, label, cell_name, layers)
 
 

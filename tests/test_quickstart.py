@@ -3,6 +3,8 @@ the imbalance it shows."""
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import yaml
 
@@ -17,6 +19,12 @@ MINI_STAGES = {
     "mie": {"method.epoch_list": [1, 1]},
     "di-mml": {"method.stage1_epochs": 1, "method.stage2_epochs": 1, "method.duc_start_epoch": 0},
 }
+
+
+def short_quickstart(*overrides: str) -> list[str]:
+    """The command-line overrides of a 2-epoch quickstart (the stage lengths of its staged cells)."""
+    return ["train.epochs=2", *overrides, *(f"cells.{cell}.{key}={json.dumps(value)}"
+                                            for cell, keys in MINI_STAGES.items() for key, value in keys.items())]
 
 
 def mini_quickstart(path):
@@ -53,6 +61,17 @@ def test_mini_quickstart_end_to_end(tmp_path, capsys):
     # a second invocation skips every finished run and prints the same table
     assert main(["--results", str(results), "run", str(sweep_file), "--report", str(report)]) == 0
     assert pd.read_csv(report / "table.csv").equals(table)
+
+
+def test_a_shorter_quickstart_from_the_command_line(capsys):
+    """Two epochs, one seed: `seeds=[0]`, and the staged cells' stage lengths as
+    `cells.<cell>.<key>=...`; without those, MIE's check names its key."""
+    cells = list(yaml.safe_load(quickstart_config().read_text())["cells"])
+    assert main(["run", "--dry-run", "quickstart", *short_quickstart("seeds=[0]")]) == 0
+    runs = [yaml.safe_load(doc.split("# run id:")[0]) for doc in capsys.readouterr().out.split("---")[:-1]]
+    assert [(r["label"], r["train"]["seed"], r["train"]["epochs"]) for r in runs] == [(c, 0, 2) for c in cells]
+    assert main(["run", "--dry-run", "quickstart", "train.epochs=2", "seeds=[0]"]) == 2
+    assert "run 'mie' seed 0: method.epoch_list=[20, 20] sums to 40" in capsys.readouterr().err
 
 
 def test_quickstart_prints_table_csv(tmp_path, monkeypatch, capsys):

@@ -65,6 +65,36 @@ def test_a_cell_the_method_rejects_stops_the_sweep_before_any_run(tmp_path):
     assert not store.root.exists()
 
 
+def test_seeds_and_a_cells_key_from_the_command_line(tmp_path):
+    """`seeds=` and `cells.<cell>.<key>=` change the sweep as the file would; a cell's key is
+    changed in include rows that start from the cell too, and other overrides still reach every run."""
+    path = write(tmp_path, SWEEP + "  mie: {method.name: mie, method.epoch_list: [1, 1]}\n"
+                                   "include:\n  - {cell: mie, label: mie-again, optim.lr: 0.5}\n")
+    _, configs = load_sweep(path, ["seeds=[3]", "cells.mie.method.epoch_list=[2, 1]", "train.epochs=3"])
+    assert [(c.label, c.train.seed) for c in configs] == [
+        ("concat", 3), ("visual-only", 3), ("mie", 3), ("mie-again", 3)]
+    assert [c.method.get("epoch_list") for c in configs] == [None, None, [2, 1], [2, 1]]
+    assert {c.train.epochs for c in configs} == {3}
+    _, plain = load_sweep(path)
+    assert [c.method.get("epoch_list") for c in plain if c.train.seed == 0] == [None, None, [1, 1], [1, 1]]
+
+
+@pytest.mark.parametrize("override, words", [
+    ("cells.mie.method.epoch_list=oops",
+     ["method.epoch_list: Input should be a valid list", "from override 'cells.mie.method.epoch_list=oops'"]),
+    ("cells.mei.method.alpha=1", ["cells.<cell>.<key>=value", "concat, visual-only, mie"]),
+    ("cells.mie=1", ["cells.<cell>.<key>=value"]),
+    ("seeds=zero", ["seeds: Input should be a valid list", "from override 'seeds=zero'"]),
+    ("seeds.first=0", ["seeds=[0,1]"]),
+])
+def test_sweep_overrides_mistakes_name_the_override(tmp_path, override, words):
+    path = write(tmp_path, SWEEP + "  mie: {method.name: mie, method.epoch_list: [1, 1]}\n")
+    with pytest.raises(ConfigError) as e:
+        load_sweep(path, [override])
+    for word in words:
+        assert word in str(e.value), str(e.value)
+
+
 # ---------------------------------------------------------------- grid, include, exclude, recipe
 
 GRID = """
