@@ -52,8 +52,8 @@ from pydantic import BaseModel, Field
 
 from mmbalance.core.errors import ConfigError, DataError, DataWarning
 from mmbalance.core.registry import DATASETS
-from mmbalance.datasets import audio as fe
 from mmbalance.core.types import ModalityKind
+from mmbalance.datasets import audio as fe
 from mmbalance.datasets.cache import ArraySpec, CacheMeta, read_meta
 from mmbalance.datasets.manifest_csv import FLOAT16_MAX, SPLIT_VALUES, ManifestTable, lines_of, odd_labels, read_table
 from mmbalance.datasets.media import clip_frames, read_audio, read_image, resize_image

@@ -54,7 +54,8 @@ class SpectrogramView:
         return replace(self, half=True), to_float32
 
     def __call__(self, arr: np.ndarray, count: int | None = None) -> torch.Tensor:
-        x = torch.from_numpy(np.array(arr, dtype=np.float16 if self.half else np.float32))  # a copy: rows are read-only maps
+        # a copy: rows are read-only maps
+        x = torch.from_numpy(np.array(arr, dtype=np.float16 if self.half else np.float32))
         if self.crop is not None and x.shape[1] > self.crop:
             slack = x.shape[1] - self.crop
             start = int(torch.randint(0, slack + 1, ())) if self.train else slack // 2
@@ -67,9 +68,10 @@ class FrameClip:
     """(T_slots, H, W, C) uint8 frames with `count` real ones -> (C, k, size, size) float32.
 
     Training: `crop` = random_resized (RandomResizedCrop, the reference repos' choice), random
-    (a plain random crop, DI-MML's UCF) or none (resize only, BalanceBenchmark), one draw for the whole clip so frames stay aligned, then
-    a horizontal flip with p = 0.5. Test: resize (or centre-crop) to `size`. Then optional Gaussian
-    pixel noise of std `noise_std` on the [0, 1] scale (DI-MML's `var`) and normalisation.
+    (a plain random crop, DI-MML's UCF) or none (resize only, BalanceBenchmark), one draw for the
+    whole clip so frames stay aligned, then a horizontal flip with p = 0.5. Test: resize (or
+    centre-crop) to `size`. Then optional Gaussian pixel noise of std `noise_std` on the [0, 1]
+    scale (DI-MML's `var`) and normalisation.
     """
 
     train: bool

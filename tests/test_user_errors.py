@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from mmbalance.bench.cli import main as cli
-from mmbalance.core.errors import DataWarning, PluginWarning
-from mmbalance.core.registry import METHODS, load_plugin
 from mmbalance.bench.selection import best_epoch
 from mmbalance.bench.store import RunDir, Store, strict_json
 from mmbalance.bench.train import run
+from mmbalance.core.errors import DataWarning, PluginWarning
+from mmbalance.core.registry import METHODS, load_plugin
 from mmbalance.datasets.prepare.runner import prepare, split_verdict
 from tests.fixtures.manifest import write_audio_image, write_csv
 
@@ -114,7 +114,8 @@ def test_metrics_with_a_nan_stay_strict_json(tmp_path):
     rd = RunDir(tmp_path / "g" / "r")
     rd.write_metrics([{"epoch": 0, "val": {"loss": float("nan"), "acc": 0.5}, "train": {"loss": float("inf")}}])
     lines = rd.metrics.read_text().splitlines()
-    assert [strict_loads(x) for x in lines] == [{"epoch": 0, "val": {"loss": None, "acc": 0.5}, "train": {"loss": None}}]
+    assert [strict_loads(x) for x in lines] == [{"epoch": 0, "val": {"loss": None, "acc": 0.5},
+                                                 "train": {"loss": None}}]
     assert strict_loads(strict_json({"a": [1.0, float("-inf")]})) == {"a": [1.0, None]}
 
 
