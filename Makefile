@@ -4,9 +4,12 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 PINS := torch==2.14.1 torchvision==0.29.1
+# the linter too: a newer ruff may add findings, and CI must not fail on code nobody changed
+RUFF := ruff==0.17.6
+LINTED := core bench methods datasets models tests mmbalance
 STAMP := $(VENV)/.installed
 
-.PHONY: venv quickstart test test-slow test-slurm clean
+.PHONY: venv quickstart test test-slow test-slurm lint clean
 
 # torchaudio 2.11 beside torch 2.14 on purpose: its wheel declares no torch requirement and its
 # extensions are built on torch's stable ABI (abi3), so it imports and runs against 2.14
@@ -17,7 +20,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(PINS)
 	$(PY) -m pip install -q --no-deps torchaudio==2.11.0
-	$(PY) -m pip install -q -e '.[test]' $(PINS)
+	$(PY) -m pip install -q -e '.[test]' $(PINS) $(RUFF)
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -34,6 +37,9 @@ test-slow: $(STAMP)
 # needs a running SLURM and SLURM_CONF: `eval "$$(bash scripts/slurm-local.sh start)"` (see .ci/run)
 test-slurm: $(STAMP)
 	$(PY) -m pytest -q -m slurm
+
+lint: $(STAMP)
+	$(PY) -m ruff check $(LINTED)
 
 clean:
 	rm -rf $(VENV) results/*/ reports/*/

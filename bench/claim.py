@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mmbalance.core.errors import StoreError
 from mmbalance.bench.store import RunDir
+from mmbalance.core.errors import StoreError
 
 CLAIM_FILE = "claim.lock"
 # a claim attempt waits this long before it gives up: status probes and a launcher marking the
@@ -82,7 +82,9 @@ def try_claim(run_dir: RunDir, patience_s: float | None = None) -> Claim | None:
             time.sleep(0.05)
         except OSError as e:
             os.close(fd)
-            raise no_locks(run_dir, e) if e.errno in NO_LOCKS else e
+            if e.errno in NO_LOCKS:
+                raise no_locks(run_dir, e) from e
+            raise
     claim = Claim(run_dir, fd)
     try:
         os.ftruncate(fd, 0)
@@ -107,7 +109,9 @@ def is_held(run_dir: RunDir) -> bool:
     except BlockingIOError:
         return True
     except OSError as e:
-        raise no_locks(run_dir, e) if e.errno in NO_LOCKS else e
+        if e.errno in NO_LOCKS:
+            raise no_locks(run_dir, e) from e
+        raise
     finally:
         os.close(fd)  # releases the probe's lock, if it got one
     return False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import warnings
 from collections.abc import Sequence
@@ -10,9 +11,11 @@ from pathlib import Path
 
 import yaml
 
-from mmbalance.core.errors import EXIT_INTERRUPTED, MMBalanceError
+from mmbalance.bench.logs import to_stderr
 from mmbalance.bench.resources import config_path, quickstart_config
+from mmbalance.core.errors import EXIT_INTERRUPTED, MMBalanceError
 
+log = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,6 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmark suite for multimodal learning under modality imbalance.",
     )
     parser.add_argument("--results", default="results", help="root of the results store (default: results)")
+    loudness = parser.add_mutually_exclusive_group()
+    loudness.add_argument("-v", "--verbose", dest="log_level", action="store_const", const=logging.DEBUG,
+                          default=logging.INFO, help="also the debug lines (on stderr, with the progress lines)")
+    loudness.add_argument("-q", "--quiet", dest="log_level", action="store_const", const=logging.WARNING,
+                          help="no progress lines, only warnings and errors (results still go to stdout)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     sub.add_parser("list", help="registered methods, datasets, encoders and presets")
@@ -30,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=5 method.alpha=0.8")
     p.add_argument("--report", default=None, help="for a sweep: write its table to this directory")
     p.add_argument("--dry-run", action="store_true",
-                   help="resolve and validate the config(s), print them with their run ids; load no data, train nothing")
+                   help="resolve and validate the config(s), print them with their run ids; load no data, "
+                        "train nothing")
 
     p = sub.add_parser("sweep", help="launch every unfinished run of a sweep file (inline, local processes or SLURM)")
     p.add_argument("file", help="sweep file (configs/sweeps/*.yaml)")
@@ -42,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true", help="slurm: block until every job has ended, then summarise")
     p.add_argument("--report", default=None, help="inline/local: write the sweep's table to this directory")
     p.add_argument("--workers", type=int, help="local: worker processes (default: GPUs here x runs per GPU)")
-    p.add_argument("--runs-per-gpu", type=int, help="runs sharing one GPU at once (local: default 2; slurm: runs per array task, default 1)")
+    p.add_argument("--runs-per-gpu", type=int,
+                   help="runs sharing one GPU at once (local: default 2; slurm: runs per array task, default 1)")
     p.add_argument("--partition")
     p.add_argument("--account")
     p.add_argument("--qos")
@@ -78,10 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
     p.add_argument("--report", default="reports/quickstart", help="where the table goes")
 
-    p = sub.add_parser("report", help="tables, statistics, paper-vs-ours, figures and an HTML page for a results directory")
+    p = sub.add_parser("report",
+                       help="tables, statistics, paper-vs-ours, figures and an HTML page for a results directory")
     p.add_argument("dir", help="a group directory (results/<group>) or the store root")
     p.add_argument("--out", default=None, help="report folder (default: reports/<name of DIR>)")
-    p.add_argument("--by", default="dataset,method", help="row keys, from dataset,method,fusion,group (default: dataset,method)")
+    p.add_argument("--by", default="dataset,method",
+                   help="row keys, from dataset,method,fusion,group (default: dataset,method)")
     p.add_argument("--select", choices=("val", "test", "last"), default="val",
                    help="epoch reported: best validation (default), best test (the papers'), or last")
 
@@ -100,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), to_stderr(args.log_level):
         warnings.showwarning = one_line_warnings(warnings.showwarning)
         try:
             return COMMANDS[args.command](args)
@@ -167,8 +179,8 @@ def run_sweep(path: Path, overrides: Sequence[str], store, report: str | None) -
     from mmbalance.bench.sweep import labels_in_order, load_sweep, run_inline
 
     sweep, configs = load_sweep(path, overrides)
-    print(f"sweep {sweep.group!r}: {len(labels_in_order(configs))} cells x {len(sweep.seeds)} seeds = "
-          f"{len(configs)} runs -> {store.root / sweep.group}")
+    log.info(f"sweep {sweep.group!r}: {len(labels_in_order(configs))} cells x {len(sweep.seeds)} seeds = "
+             f"{len(configs)} runs -> {store.root / sweep.group}")
     run_inline(configs, store)
     print_table(sweep.group, configs, store, report)
     return 0
@@ -202,7 +214,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         flags["name"] = args.launcher
     options = launcher_options(sweep.launcher, flags)
     store = Store(args.results)
-    print(f"sweep {sweep.group!r} ({options.name} launcher) -> {store.root / sweep.group}")
+    log.info(f"sweep {sweep.group!r} ({options.name} launcher) -> {store.root / sweep.group}")
     if args.dry_run:
         planned = plan(configs, store)
         notes = check_runs([p.cfg for p in to_run(planned)], need_data=False)
@@ -236,10 +248,10 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_run_one(args: argparse.Namespace) -> int:
-    from mmbalance.core.errors import EXIT_ELSEWHERE, RunFailed
     from mmbalance.bench.launch.worker import run_one
     from mmbalance.bench.oserror import EXIT_OS_ERROR, os_cause
     from mmbalance.bench.store import RunDir
+    from mmbalance.core.errors import EXIT_ELSEWHERE, RunFailed
 
     try:
         state = run_one(args.run_dir)
@@ -309,9 +321,11 @@ def cmd_show_config(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from mmbalance.bench.perf.bench import run
+    from mmbalance.bench.perf.bench import sections
 
-    return run(args)
+    for text in sections(args):  # each as soon as it is measured: the whole takes minutes
+        print(text, flush=True)
+    return 0
 
 
 def fmt(values: dict[str, float]) -> str:

@@ -17,8 +17,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from mmbalance.bench.config import TrainConfig
-from mmbalance.datasets.base import Dataset, TensorSplit
 from mmbalance.core.types import Batch
+from mmbalance.datasets.base import Dataset, TensorSplit
 
 BatchView = Callable[[torch.Tensor], torch.Tensor]
 

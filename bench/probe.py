@@ -15,8 +15,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from mmbalance.methods.base import Method
 from mmbalance.core.types import Batch
+from mmbalance.methods.base import Method
 
 
 @torch.no_grad()

@@ -11,10 +11,13 @@ a command's config argument is a file when one exists there, else the name of a 
 
 from __future__ import annotations
 
+import logging
 from importlib import resources
 from pathlib import Path
 
 from mmbalance.core.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def _on_disk(package: str, name: str | None = None) -> Path:
@@ -65,6 +68,7 @@ def config_path(arg: str | Path) -> Path:
         return path
     shipped = shipped_config(str(arg))
     if shipped is not None:
+        log.debug(f"config {str(arg)!r}: no such file here, the shipped {shipped}")
         return shipped
     raise ConfigError(f"config file {str(arg)!r} does not exist here ({Path.cwd()}) and is not a shipped "
                       f"config; shipped: {', '.join(shipped_configs())}")

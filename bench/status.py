@@ -10,9 +10,9 @@ import pandas as pd
 
 from mmbalance.bench.cancel import CANCELLED_JOB
 from mmbalance.bench.claim import is_held, process_gone
-from mmbalance.core.errors import DamagedFile, MMBalanceError, StoreError
 from mmbalance.bench.selection import best_epoch, select_metric
 from mmbalance.bench.store import RunDir
+from mmbalance.core.errors import DamagedFile, MMBalanceError, StoreError
 
 
 def find_runs(path: Path) -> list[RunDir]:

@@ -24,8 +24,8 @@ import yaml
 
 from mmbalance.bench import schema
 from mmbalance.bench.cancel import guarded
-from mmbalance.core.errors import DamagedFile, StoreError
 from mmbalance.bench.oserror import naming
+from mmbalance.core.errors import DamagedFile, StoreError
 
 STATES = ("pending", "running", "finished", "failed", "interrupted")
 # where and how a launcher placed the run: kept across the run's own status updates

@@ -34,6 +34,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,15 +56,17 @@ from mmbalance.bench.config import (
     read_yaml,
     validate,
 )
-from mmbalance.core.errors import DataError, RunFailed
 from mmbalance.bench.launch.options import LauncherConfig
-from mmbalance.bench.resources import shipped_config, shipped_configs
 from mmbalance.bench.launch.plan import label
+from mmbalance.bench.resources import shipped_config, shipped_configs
 from mmbalance.bench.store import Store
 from mmbalance.bench.train import DatasetSource, RunResult, build_dataset, build_method, run
+from mmbalance.core.errors import DataError, RunFailed
 from mmbalance.datasets.base import Dataset
 
 SWEEP_KEYS = frozenset({"recipe", "base", "seeds", "cells", "grid", "include", "exclude", "launcher"})
+
+log = logging.getLogger(__name__)
 
 
 class SweepConfig(Strict):
@@ -363,8 +366,8 @@ def check_runs(configs: Sequence[RunConfig], datasets: DatasetSource | None = No
             if need_data:
                 raise DataError(f"{run_name}: {e}") from None
             unchecked.setdefault(str(e), []).append(label(cfg))
-    return [f"not checked here (no data): {len(cells)} cell(s) ({', '.join(cells[:3])}{', ...' if len(cells) > 3 else ''}): "
-            f"{cause}" for cause, cells in unchecked.items()]
+    return [f"not checked here (no data): {len(cells)} cell(s) ({', '.join(cells[:3])}"
+            f"{', ...' if len(cells) > 3 else ''}): {cause}" for cause, cells in unchecked.items()]
 
 
 def run_inline(configs: Sequence[RunConfig], store: Store, *, keep_going: bool = True) -> list[RunResult]:
@@ -379,13 +382,13 @@ def run_inline(configs: Sequence[RunConfig], store: Store, *, keep_going: bool =
         try:
             results.append(run(cfg, store, datasets=datasets))
             if results[-1].note:
-                tqdm.write(f"{cfg.label or cfg.method['name']} seed {cfg.train.seed} {results[-1].run_id}: "
-                           f"{results[-1].note}")
+                log.info(f"{cfg.label or cfg.method['name']} seed {cfg.train.seed} {results[-1].run_id}: "
+                         f"{results[-1].note}")
         except RunFailed as e:
             if not keep_going:
                 raise
             failures.append(str(e))
-            tqdm.write(f"FAILED: {e}")
+            log.warning(f"FAILED: {e}")
     if failures:
         raise RunFailed(f"{len(failures)} of {len(configs)} runs failed:\n  " + "\n  ".join(failures))
     return results

@@ -12,6 +12,7 @@ packages declare under the ``mmbalance.plugins`` entry-point group.
 from __future__ import annotations
 
 import importlib
+import logging
 import pkgutil
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -23,6 +24,8 @@ from mmbalance.core.errors import ConfigError, PluginWarning, allowed_list, clos
 T = TypeVar("T")
 
 _BUILTIN_PACKAGES = ("mmbalance.methods", "mmbalance.datasets", "mmbalance.models")
+
+log = logging.getLogger(__name__)
 
 
 class Registry(Generic[T]):
@@ -109,3 +112,5 @@ def load_plugin(ep: EntryPoint) -> None:
     except Exception as e:  # any error in a third party's module code, not only ImportError
         warnings.warn(f"plugin {ep.name!r} ({ep.value}) of the mmbalance.plugins entry points failed to "
                       f"load and is skipped: {type(e).__name__}: {e}", PluginWarning, stacklevel=2)
+    else:
+        log.debug(f"plugin {ep.name!r} ({ep.value}) loaded")

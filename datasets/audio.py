@@ -44,8 +44,8 @@ ZSCORE_EPS = 1e-9  # DI-MML divides by std + 1e-9
 
 # torchaudio's documented approximation of resampy's "kaiser_best", the resampler behind
 # librosa.load(sr=...) before librosa 0.10 (the version range the reference repos ran with)
-_KAISER_BEST = dict(lowpass_filter_width=64, rolloff=0.9475937167399596,
-                    resampling_method="sinc_interp_kaiser", beta=14.769656459379492)
+_KAISER_BEST = {"lowpass_filter_width": 64, "rolloff": 0.9475937167399596,
+                "resampling_method": "sinc_interp_kaiser", "beta": 14.769656459379492}
 
 
 def resample(wave: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:

@@ -22,11 +22,11 @@ import torch
 import torchaudio
 from pydantic import Field, model_validator
 
-from mmbalance.core.params import Strict
 from mmbalance.core.errors import DataError
+from mmbalance.core.params import Strict
 from mmbalance.core.registry import DATASETS
-from mmbalance.datasets.base import SPLITS, Dataset, TensorSplit
 from mmbalance.core.types import Modality
+from mmbalance.datasets.base import SPLITS, Dataset, TensorSplit
 from mmbalance.datasets.prepare.avdigits_generate import DEFAULT_CACHE, SAMPLE_RATE, WORDS, load_cache
 
 # (audio SNR in dB, image noise std): measured to give the named dominance with the default

@@ -17,8 +17,8 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel
 
-from mmbalance.core.params import NoParams
 from mmbalance.core.errors import DataError
+from mmbalance.core.params import NoParams
 from mmbalance.core.types import Modality
 
 SPLITS = ("train", "val", "test")
@@ -98,7 +98,8 @@ class Dataset(ABC):
             raise DataError(f"dataset {self.registry_name!r}: split {name!r} is empty ({self.describe()})")
         return data
 
-    def loader_split(self, name: str, *, augment: bool, on_device: bool) -> tuple[torch.utils.data.Dataset, dict[str, Any]]:
+    def loader_split(self, name: str, *, augment: bool,
+                     on_device: bool) -> tuple[torch.utils.data.Dataset, dict[str, Any]]:
         """What the harness batches for split `name`, and per modality the batch half of its view,
         which the harness runs on the training device (datasets.batch_views).
 

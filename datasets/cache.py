@@ -74,7 +74,8 @@ class CacheMeta(BaseModel):
 
     def identity(self) -> dict[str, Any]:
         """What must match for a resumed prepare to continue an existing cache."""
-        return {k: getattr(self, k) for k in ("format", "dataset", "pipeline", "pipeline_params", "arrays", "ids", "labels")}
+        keys = ("format", "dataset", "pipeline", "pipeline_params", "arrays", "ids", "labels")
+        return {k: getattr(self, k) for k in keys}
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -4,8 +4,8 @@ Two views of the same digit. `color`: the digit painted in its class's colour pl
 (variance `color_jitter_var`) in train and val, but in a uniformly random colour at test, so the
 colour is a shortcut that stops working. `gray`: the gray digit plus Gaussian noise of std
 `gray_noise_sigma`. The shortcut modality is learned fast and starves the gray encoder
-(on 2 cores, joint training lands below both unimodal models). Val follows the training distribution: selection cannot see the
-shift, as in practice. Splits are AV-Digits' (same images in each split).
+(on 2 cores, joint training lands below both unimodal models). Val follows the training
+distribution: selection cannot see the shift, as in practice. Splits are AV-Digits' (same images in each split).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from pydantic import Field
 
 from mmbalance.core.params import Strict
 from mmbalance.core.registry import DATASETS
-from mmbalance.datasets.base import SPLITS, Dataset, TensorSplit
 from mmbalance.core.types import Modality
+from mmbalance.datasets.base import SPLITS, Dataset, TensorSplit
 from mmbalance.datasets.prepare.avdigits_generate import WORDS, assign_splits, load_digits_arrays
 
 # ten well-separated RGB class colours (tab10)

@@ -93,7 +93,8 @@ class CremaD(AudioVisualDataset):
     def plan(cls, raw: Path, pipeline: CremadPipeline) -> Plan:
         wav_dir = raw / "AudioWAV"
         if not wav_dir.is_dir():
-            raise DataError(f"cremad: {str(wav_dir)!r} does not exist; --raw must be the CREMA-D folder holding AudioWAV/")
+            raise DataError(f"cremad: {str(wav_dir)!r} does not exist; --raw must be the CREMA-D folder holding "
+                            "AudioWAV/")
         order = MLA_ORDER if pipeline.flavour == "mla" else EMOTIONS
         classes = [MLA_NAMES[e] for e in order] if pipeline.flavour == "mla" else list(EMOTIONS)
         flavour = load_manifest("cremad").flavour(pipeline.flavour)
@@ -120,7 +121,8 @@ class CremaD(AudioVisualDataset):
 
     @classmethod
     def load_sample(cls, source: SampleSource, pipeline: CremadPipeline) -> dict[str, np.ndarray]:
-        return {"audio": audio_features(source.files["audio"], pipeline), "visual": clip_frames(source.files["visual"], FRAME_SLOTS, FRAME_SIZE, "spaced")}
+        return {"audio": audio_features(source.files["audio"], pipeline),
+                "visual": clip_frames(source.files["visual"], FRAME_SLOTS, FRAME_SIZE, "spaced")}
 
     # ---- training -----------------------------------------------------------------------------
 

@@ -12,8 +12,8 @@ from pydantic import Field
 
 from mmbalance.core.params import Strict
 from mmbalance.core.registry import DATASETS
-from mmbalance.datasets.base import Dataset, TensorSplit
 from mmbalance.core.types import Modality
+from mmbalance.datasets.base import Dataset, TensorSplit
 
 
 class GaussianParams(Strict):

@@ -84,7 +84,7 @@ class ModelNet40(PreparedDataset):
         test = sorted(objects["test"])
         samples = []
         for split in ("train", "test"):
-            for obj, (c, folder) in objects[split].items():
+            for obj, (_, folder) in objects[split].items():
                 files = {m: folder / f"{obj}.obj.shaded_v{v:03d}.png" for m, v in pipeline.views.items()}
                 samples.append(SampleSource(obj, labels[obj], files))
         notes = [] if len(classes) == NUM_CLASSES else [f"{len(classes)} class folders found (ModelNet40 has 40)"]

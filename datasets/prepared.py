@@ -32,6 +32,7 @@ from mmbalance.core.params import Strict
 from mmbalance.core.errors import ConfigError, DataError
 from mmbalance.datasets.base import Dataset
 from mmbalance.core.types import Modality, ModalityKind
+from mmbalance.datasets.base import Dataset
 from mmbalance.datasets.cache import ArraySpec, Cache
 
 View = Callable[[np.ndarray, "int | None"], torch.Tensor]
@@ -213,4 +214,5 @@ class AudioVisualDataset(PreparedDataset):
 
     MODALITIES: ClassVar[tuple[str, ...]] = ("audio", "visual")
     KINDS: ClassVar[dict[str, ModalityKind]] = {"audio": "audio", "visual": "video"}
-    DEFAULT_ENCODERS: ClassVar[dict[str, dict[str, Any]]] = {"audio": {"name": "resnet18"}, "visual": {"name": "resnet18"}}
+    DEFAULT_ENCODERS: ClassVar[dict[str, dict[str, Any]]] = {"audio": {"name": "resnet18"},
+                                                             "visual": {"name": "resnet18"}}

@@ -101,7 +101,8 @@ def _largest_remainder(shares: np.ndarray, total: int) -> np.ndarray:
 
 
 def read_pinned_list(flavour: Flavour, split: str, directory: Path = MANIFEST_DIR) -> list[str] | None:
-    """The ids of the vendored list of `split` (group 1 of the entry's `id_regex`), checked against its SHA-256; None if not pinned."""
+    """The ids of the vendored list of `split` (group 1 of the entry's `id_regex`), checked against
+    its SHA-256; None if not pinned."""
     entry = flavour.lists.get(split)
     if entry is None:
         return None

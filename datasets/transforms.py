@@ -88,9 +88,10 @@ class FrameClip:
     """(T_slots, H, W, C) uint8 frames with `count` real ones -> (C, k, size, size) float32.
 
     Training: `crop` = random_resized (RandomResizedCrop, the reference repos' choice), random
-    (a plain random crop, DI-MML's UCF) or none (resize only, BalanceBenchmark), one draw for the whole clip so frames stay aligned, then
-    a horizontal flip with p = 0.5. Test: resize (or centre-crop) to `size`. Then optional Gaussian
-    pixel noise of std `noise_std` on the [0, 1] scale (DI-MML's `var`) and normalisation.
+    (a plain random crop, DI-MML's UCF) or none (resize only, BalanceBenchmark), one draw for the
+    whole clip so frames stay aligned, then a horizontal flip with p = 0.5. Test: resize (or
+    centre-crop) to `size`. Then optional Gaussian pixel noise of std `noise_std` on the [0, 1]
+    scale (DI-MML's `var`) and normalisation.
     """
 
     train: bool

@@ -162,7 +162,8 @@ class Ucf101(PreparedDataset):
         s = pipeline.stored_size
         if pipeline.layout == "windows":
             w = pipeline.windows
-            return {"rgb": ArraySpec((w, s, s, 3), "uint8"), "flow": ArraySpec((w, pipeline.clip_len, s, s, 2), "uint8")}
+            return {"rgb": ArraySpec((w, s, s, 3), "uint8"),
+                    "flow": ArraySpec((w, pipeline.clip_len, s, s, 2), "uint8")}
         k = pipeline.candidates
         return {"rgb": ArraySpec((k, s, s, 3), "uint8"), "flow": ArraySpec((k, s, s, 2), "uint8")}
 
@@ -272,7 +273,8 @@ def read_class_ind(path: Path) -> list[str]:
     for n, line in _lines(path):
         parts = line.split()
         if len(parts) != 2 or not parts[0].isdigit() or int(parts[0]) != len(classes) + 1:
-            raise DataError(f"{str(path)!r} line {n}: {line!r} is not '<index> <ClassName>' with index {len(classes) + 1}")
+            raise DataError(f"{str(path)!r} line {n}: {line!r} is not '<index> <ClassName>' with index "
+                            f"{len(classes) + 1}")
         classes.append(parts[1])
     if not classes:
         raise DataError(f"{str(path)!r} names no classes")

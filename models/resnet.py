@@ -13,9 +13,9 @@ import torch.nn as nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
 from mmbalance.core.params import NoParams
-from mmbalance.models.frames import fold_time, mean_over_time, require_image_shape
 from mmbalance.core.registry import ENCODERS
 from mmbalance.core.types import Modality
+from mmbalance.models.frames import fold_time, mean_over_time, require_image_shape
 
 
 @ENCODERS.register("resnet18")

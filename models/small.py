@@ -9,9 +9,9 @@ import torch.nn as nn
 from pydantic import Field
 
 from mmbalance.core.params import Strict
-from mmbalance.models.frames import fold_time, mean_over_time, require_image_shape
 from mmbalance.core.registry import ENCODERS
 from mmbalance.core.types import Modality
+from mmbalance.models.frames import fold_time, mean_over_time, require_image_shape
 
 
 class MLPParams(Strict):

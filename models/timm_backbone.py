@@ -15,11 +15,11 @@ import torch
 import torch.nn as nn
 from pydantic import Field
 
-from mmbalance.core.params import Strict
 from mmbalance.core.errors import ConfigError, closest
-from mmbalance.models.frames import fold_time, mean_over_time
+from mmbalance.core.params import Strict
 from mmbalance.core.registry import ENCODERS
 from mmbalance.core.types import Modality
+from mmbalance.models.frames import fold_time, mean_over_time
 
 
 class TimmParams(Strict):

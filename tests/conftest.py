@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 
 import pytest
@@ -34,6 +35,27 @@ def fast_config() -> Callable[..., RunConfig]:
 @pytest.fixture
 def store(tmp_path) -> Store:
     return Store(tmp_path / "results")
+
+
+class Logged:
+    """What the suite logged (INFO and up), as capsys has what was printed: `read()` returns the
+    messages since the last read, one a line, as the command line shows them without prefixes."""
+
+    def __init__(self, caplog: pytest.LogCaptureFixture) -> None:
+        self.caplog = caplog
+
+    def read(self) -> str:
+        text = "\n".join(r.getMessage() for r in self.caplog.records if r.name.startswith("mmbalance"))
+        self.caplog.clear()
+        return text
+
+
+@pytest.fixture
+def logged(caplog) -> Logged:
+    """The progress lines of library calls (launch, launch_local): a library leaves logging to its
+    caller, so without this (or the command line's -v/-q handling) INFO is not even recorded."""
+    caplog.set_level(logging.INFO, logger="mmbalance")
+    return Logged(caplog)
 
 
 def stand_in_summary(acc: float = 0.5, epochs: int = 1) -> dict:

@@ -115,7 +115,8 @@ def test_params_drawn_before_synthesis_are_deterministic():
     assert a == b
 
 
-@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed; cannot regenerate AV-Digits audio")
+@pytest.mark.skipif(shutil.which("espeak-ng") is None,
+                    reason="espeak-ng not installed; cannot regenerate AV-Digits audio")
 def test_regenerate_matches_checksum(tmp_path, manifest):
     version = gen.espeak_version()
     if version != manifest["espeak_ng"]:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mmbalance.core.errors import DataError
-from mmbalance.datasets.ave import Ave, AveParams, PIPELINES
+from mmbalance.datasets.ave import PIPELINES, Ave, AveParams
 from mmbalance.datasets.cache import Cache
 from mmbalance.datasets.prepare.runner import prepare
 from mmbalance.datasets.splits import compare_with_published, load_manifest

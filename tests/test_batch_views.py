@@ -9,8 +9,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mmbalance.datasets.batch_views import (FrameBatch, crop_resize, fallback_size, normalise_, random_crop_boxes,
-                                  random_resized_boxes)
+from mmbalance.datasets.batch_views import (
+    FrameBatch,
+    crop_resize,
+    fallback_size,
+    normalise_,
+    random_crop_boxes,
+    random_resized_boxes,
+)
 from mmbalance.datasets.transforms import FrameClip
 
 

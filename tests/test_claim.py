@@ -18,19 +18,18 @@ import pytest
 from mmbalance.bench import claim
 from mmbalance.bench.cli import main as cli
 from mmbalance.bench.config import RunConfig
-from mmbalance.bench.launch import launch
-from mmbalance.core.errors import EXIT_ELSEWHERE
-from mmbalance.bench.launch import slurm
+from mmbalance.bench.launch import launch, slurm
 from mmbalance.bench.launch.options import LauncherConfig
-from mmbalance.bench.launch.worker import record_exit
 from mmbalance.bench.launch.plan import PlannedRun, plan
+from mmbalance.bench.launch.worker import record_exit
 from mmbalance.bench.status import status_table
 from mmbalance.bench.store import RunDir, Store
 from mmbalance.bench.train import Trainer, run
+from mmbalance.core.errors import EXIT_ELSEWHERE
 from tests.conftest import run_interrupted
 
 
-def test_two_launchers_released_at_once_train_each_run_exactly_once(fast_config, store, monkeypatch, capsys):
+def test_two_launchers_released_at_once_train_each_run_exactly_once(fast_config, store, monkeypatch, logged):
     """Two inline launchers on one store, released by a barrier: both plan "10 new"; the claims
     let each run be trained by one of them, the other leaves it alone."""
     configs = [fast_config(f"train.seed={seed}") for seed in range(10)]
@@ -50,7 +49,7 @@ def test_two_launchers_released_at_once_train_each_run_exactly_once(fast_config,
     for t in threads:
         t.join(120)
     assert codes == [0, 0]
-    assert capsys.readouterr().out.count("10 runs: 10 new") == 2  # both launchers set out to train all ten
+    assert logged.read().count("10 runs: 10 new") == 2  # both launchers set out to train all ten
     assert Counter(trained) == {c.run_id(): 1 for c in configs}  # each run trained exactly once
     for c in configs:
         rd = store.run_dir(c.group, c.run_id())
@@ -74,7 +73,7 @@ def impatient(monkeypatch):
 
 
 def test_a_claimed_run_is_left_alone_with_one_line_and_its_status_unchanged(fast_config, store, impatient,
-                                                                             monkeypatch, capsys):
+                                                                             monkeypatch, capsys, logged):
     cfg = fast_config()
     rd, held = claimed_run(cfg, store)
     before = rd.status_file.read_text()
@@ -85,15 +84,15 @@ def test_a_claimed_run_is_left_alone_with_one_line_and_its_status_unchanged(fast
                               f"since {claim.holder(rd)['since']}): left alone"
 
         assert cli(["run-one", str(rd.path)]) == 75  # the worker's exit: not a failure
-        out = capsys.readouterr().out
-        assert out == f"{rd.path}: {result.note}\n"
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err == f"{rd.path}: {result.note}\n"
 
         assert plan([cfg], store)[0].state == "running"  # the claim says it is live
         # the claim taken between a launcher's plan and its start: each launcher leaves the run alone
         monkeypatch.setattr("mmbalance.bench.launch.plan", lambda configs, store: [PlannedRun(cfg, rd, "new", "new")])
         for name in ("inline", "local"):
             assert launch([cfg], store, LauncherConfig(name=name)) == 0
-            out = capsys.readouterr().out
+            out = logged.read()
             assert "1 runs: 1 being trained elsewhere" in out and f"by pid {os.getpid()}" in out, out
             assert rd.status_file.read_text() == before and not rd.metrics.exists()
         # a run-one process that exits as left alone, or dies after another process took its run
@@ -118,7 +117,7 @@ def test_a_run_finished_while_its_claim_was_awaited_is_skipped_and_stays_finishe
     assert rd.status()["state"] == "finished" and rd.metrics.read_text() == metrics
 
 
-def test_a_stale_running_record_whose_pid_was_reused_does_not_block_the_run(fast_config, store, monkeypatch, capsys):
+def test_a_stale_running_record_whose_pid_was_reused_does_not_block_the_run(fast_config, store, monkeypatch, logged):
     from mmbalance.bench.launch import jobs
 
     monkeypatch.setattr(jobs, "queued_job_ids", lambda: None)  # a machine without SLURM
@@ -136,7 +135,7 @@ def test_a_stale_running_record_whose_pid_was_reused_does_not_block_the_run(fast
     finally:
         unrelated.kill()
         unrelated.wait()
-    assert "1 runs: 1 finished" in capsys.readouterr().out
+    assert "1 runs: 1 finished" in logged.read()
     assert [r["epoch"] for r in rd.read_metrics()] == [0, 1, 2, 3]
 
 
@@ -160,7 +159,8 @@ def test_leftover_temp_files_are_removed_on_the_next_claim(fast_config, store, m
 def mark_pending_elsewhere(rd: RunDir, cfg: RunConfig) -> subprocess.Popen:
     """A launcher process that marks the run pending (bench.launch.worker.mark_pending), says so
     and waits for its stdin to close."""
-    code = ("import sys; from mmbalance.bench.store import RunDir; from mmbalance.bench.launch.worker import mark_pending; "
+    code = ("import sys; from mmbalance.bench.store import RunDir; "
+            "from mmbalance.bench.launch.worker import mark_pending; "
             f"print(mark_pending(RunDir({str(rd.path)!r}), {cfg.to_dict()!r}), flush=True); sys.stdin.read()")
     launcher = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert launcher.stdout.readline() == "pending\n"

@@ -175,7 +175,8 @@ def test_deferred_views_finish_on_the_device_as_the_per_sample_path_does(ogmge_c
 
 def test_one_epoch_with_augmentation_on_the_device(ogmge_cache, tmp_path, capsys):
     out, _ = ogmge_cache
-    code = train_one_epoch(tmp_path, "cremad", out, ("audio", "visual"), extra=("train.augment=device", "train.workers=1"))
+    code = train_one_epoch(tmp_path, "cremad", out, ("audio", "visual"),
+                           extra=("train.augment=device", "train.workers=1"))
     assert code == 0, capsys.readouterr().err
     assert "finished" in capsys.readouterr().out
 

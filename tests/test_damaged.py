@@ -17,10 +17,10 @@ import torch
 import yaml
 
 from mmbalance.bench.cli import main as cli
-from mmbalance.core.errors import DamagedFile
 from mmbalance.bench.store import RunDir, Store
 from mmbalance.bench.sweep import load_sweep
 from mmbalance.bench.train import Trainer, run
+from mmbalance.core.errors import DamagedFile
 from tests.conftest import run_interrupted, without_timing
 
 SWEEP = """

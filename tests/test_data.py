@@ -45,7 +45,8 @@ def test_tensor_split_batches_follow_the_epoch_generator():
     dropping_pool = SplitLoader(FileLikeSplit(10), 4, CPU, drop_last=True)
     assert [len(x[2]) for x in collect(dropping_pool, epoch_generator(0, 3))] == [4, 4]
     assert [len(x[2]) for x in collect(dropping_pool)] == [4, 4, 2]
-    assert [b.inputs["audio"][:, 0].tolist() for b in loader()] == [[0.0, 1.0, 2.0, 3.0], [4.0, 5.0, 6.0, 7.0], [8.0, 9.0]]
+    assert [b.inputs["audio"][:, 0].tolist() for b in loader()] == [[0.0, 1.0, 2.0, 3.0], [4.0, 5.0, 6.0, 7.0],
+                                                                    [8.0, 9.0]]
 
 
 def test_items_are_the_same_with_any_number_of_persistent_workers():

@@ -68,7 +68,8 @@ def test_white_noise_snr_matches_request():
 
 
 def test_presets_resolve_and_explicit_values_win():
-    assert (AVDigitsParams(preset="strong-audio-dominant").audio_snr_db, AVDigitsParams(preset="strong-audio-dominant").image_noise_sigma) == (10.0, 0.6)
+    strong = AVDigitsParams(preset="strong-audio-dominant")
+    assert (strong.audio_snr_db, strong.image_noise_sigma) == (10.0, 0.6)
     p = AVDigitsParams(preset="visual-dominant", image_noise_sigma=0.1)
     assert (p.audio_snr_db, p.image_noise_sigma) == (-6.0, 0.1)
 

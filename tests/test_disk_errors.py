@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 from mmbalance.bench import store as store_module
-from mmbalance.core.errors import RunFailed, StoreError
 from mmbalance.bench.launch.options import LauncherConfig
 from mmbalance.bench.store import Store
 from mmbalance.bench.sweep import load_sweep
+from mmbalance.core.errors import RunFailed, StoreError
 
 ENOSPC = os.strerror(errno.ENOSPC)  # "No space left on device"
 
@@ -95,7 +95,7 @@ def test_the_failed_write_keeps_the_old_file_and_names_the_target(tmp_path):
     assert target.read_text() == "old" and leftovers(tmp_path) == []
 
 
-def test_a_full_disk_while_marking_runs_pending_puts_every_status_back(tmp_path, monkeypatch, capsys):
+def test_a_full_disk_while_marking_runs_pending_puts_every_status_back(tmp_path, monkeypatch, logged):
     from mmbalance.bench.launch import local
     from mmbalance.bench.launch.plan import plan
 
@@ -120,7 +120,7 @@ def test_a_full_disk_while_marking_runs_pending_puts_every_status_back(tmp_path,
     assert earlier.status_file.read_text() == before
     for c in configs[1:]:
         assert not store.run_dir(c.group, c.run_id()).status_file.exists()
-    out = capsys.readouterr().out
+    out = logged.read()
     assert "3 run(s) not started, left as they were" in out
     assert all(c.run_id() in out for c in configs)
 
@@ -146,10 +146,10 @@ def assert_stopped_after_the_first_run(done: subprocess.CompletedProcess, store:
     assert "Traceback" not in out + err
     status = first.status()
     assert status["state"] == "failed" and status["error"] == f"{message}: {first.checkpoint}", status
-    assert f"[1/3] failed joint seed 0 {first.run_id} " in out
-    assert "2 run(s) not started, left as they were:" in out
-    assert all(f"joint seed {i} {rd.run_id}" in out for i, rd in enumerate(others, 1))
-    assert err.strip().splitlines() == [
+    assert f"warning: [1/3] failed joint seed 0 {first.run_id} " in err  # the launch's progress: stderr
+    assert "warning: stopped: " in err and "2 run(s) not started, left as they were:" in err
+    assert all(f"joint seed {i} {rd.run_id}" in err for i, rd in enumerate(others, 1))
+    assert err.strip().splitlines()[-1:] == [
         f"error: the launch stopped on an OS error: {message}: {first.checkpoint} (run {first.run_id}); fix that "
         "(free space on the results disk, say) and launch the sweep again (finished runs are skipped, started "
         "ones resume)"]
@@ -196,4 +196,4 @@ def test_a_full_disk_stops_the_local_launcher_and_a_relaunch_with_space_finishes
     subprocess.run(["mount", "-o", "remount,size=16m", str(small_disk)], check=True)
     again = launch_sweep(store.root, sweep)
     assert again.returncode == 0, again.stdout + again.stderr
-    assert "3 runs: 3 finished" in again.stdout
+    assert "3 runs: 3 finished" in again.stderr

@@ -102,8 +102,8 @@ def bar_series(ax) -> dict[tuple, tuple[float, float, float]]:
     out = {}
     for bar in (b for c in ax.containers if isinstance(c, BarContainer) for b in c):
         y = bar.get_y() + bar.get_height() / 2
-        err = [np.asarray(l.get_xdata(), float) for l in ax.lines
-               if np.nanmean(np.asarray(l.get_ydata(), float)) == pytest.approx(y) and len(l.get_xdata()) > 2]
+        err = [np.asarray(line.get_xdata(), float) for line in ax.lines
+               if np.nanmean(np.asarray(line.get_ydata(), float)) == pytest.approx(y) and len(line.get_xdata()) > 2]
         low, high = (float(np.nanmin(err[0])), float(np.nanmax(err[0]))) if err else (np.nan, np.nan)
         out[rgb(bar.get_facecolor())] = (bar.get_width(), low, high)
     return out
@@ -120,7 +120,8 @@ def assert_readable(fig) -> None:
         assert ax.get_title(), ax
         assert ax.get_xlabel(), ax.get_title()
         shared = [o for o in fig.axes if ax.get_shared_y_axes().joined(ax, o)]  # a facet row labels y once
-        assert any(o.get_ylabel() or any(t.get_text() for t in o.get_yticklabels()) for o in [ax, *shared]), ax.get_title()
+        assert any(o.get_ylabel() or any(t.get_text() for t in o.get_yticklabels())
+                   for o in [ax, *shared]), ax.get_title()
         for ticks in (ax.get_xticklabels(), ax.get_yticklabels()):
             boxes = [t.get_window_extent(renderer) for t in ticks if t.get_visible() and t.get_text()]
             for a, b in itertools.combinations(boxes, 2):
@@ -165,7 +166,7 @@ def test_fused_accuracy_shows_the_aggregate(drawn):
     colors = label_colors(list(agg["label"]))
     (ax,) = figs["fused_accuracy"].axes
     series = point_series(ax)
-    assert set(series) == {rgb(colors[l]) for l in agg["label"]}  # one series per method, its colour
+    assert set(series) == {rgb(colors[name]) for name in agg["label"]}  # one series per method, its colour
     for r in agg.itertuples():
         mean, low, high = series[rgb(colors[r.label])]
         assert (mean, low, high) == pytest.approx(tuple(agg.loc[r.Index, ["acc:mean", "acc:ci_low", "acc:ci_high"]]))
@@ -180,11 +181,11 @@ def test_probe_figure_shows_the_aggregate_against_the_unimodal_probe(drawn):
     rows = agg.set_index("label")
     for ax, m in zip(axes, ("audio", "visual")):
         bars = bar_series(ax)
-        assert set(bars) == {rgb(colors[l]) for l in MULTIMODAL}  # the unimodal models are the reference line
+        assert set(bars) == {rgb(colors[name]) for name in MULTIMODAL}  # the unimodal models are the reference line
         for label in MULTIMODAL:
             assert bars[rgb(colors[label])] == pytest.approx(tuple(rows.loc[label, [f"probe.{m}:{k}" for k in
                                                                                       ("mean", "ci_low", "ci_high")]]))
-        ref = [l for l in ax.lines if l.get_linestyle() == "--"]
+        ref = [line for line in ax.lines if line.get_linestyle() == "--"]
         assert len(ref) == 1 and ref[0].get_xdata()[0] == pytest.approx(rows.loc[f"unimodal-{m}", f"probe.{m}:mean"])
 
 
@@ -196,7 +197,7 @@ def test_trajectories_show_the_mean_over_seeds_per_epoch(drawn):
     for label in agg["label"]:
         ids = runs.loc[runs["label"] == label, "run_id"]
         expected = np.mean([[r["val"]["acc"] for r in metrics[rid]] for rid in ids], axis=0)
-        lines = [l for l in axes[0].lines if rgb(l.get_color()) == rgb(colors[label])]
+        lines = [line for line in axes[0].lines if rgb(line.get_color()) == rgb(colors[label])]
         assert len(lines) == 1 and np.asarray(lines[0].get_ydata()) == pytest.approx(expected)
 
 
@@ -210,14 +211,15 @@ def test_accuracy_vs_cost_shows_the_aggregate(drawn):
         seg = yerr.get_segments()[0]
         shown[rgb(line.get_color())] = (line.get_ydata()[0], seg[0][1], seg[1][1])
     for r in agg.itertuples():
-        assert shown[rgb(colors[r.label])] == pytest.approx(tuple(agg.loc[r.Index, ["acc:mean", "acc:ci_low", "acc:ci_high"]]))
+        expected = tuple(agg.loc[r.Index, ["acc:mean", "acc:ci_low", "acc:ci_high"]])
+        assert shown[rgb(colors[r.label])] == pytest.approx(expected)
 
 
 def test_one_colour_per_method_across_figures_and_readable_labels(drawn):
     agg, _, _, figs = drawn
     colors = {rgb(c) for c in label_colors(list(agg["label"])).values()}
     for stem, fig in figs.items():
-        used = {rgb(l.get_color()) for ax in fig.axes for l in ax.lines} | {
+        used = {rgb(line.get_color()) for ax in fig.axes for line in ax.lines} | {
             rgb(p.get_facecolor()) for ax in fig.axes for p in ax.patches}
         assert used - colors <= {rgb("black"), rgb("0.5"), rgb(".26")}, stem  # the reference; seaborn's error bars
         assert fig._suptitle.get_text(), stem

@@ -14,8 +14,7 @@ from mmbalance.core.errors import DataError
 from mmbalance.datasets import audio as fe
 from mmbalance.datasets.cache import Cache
 from mmbalance.datasets.kinetics_sounds import CLASSES, PIPELINES, KineticsSounds, KineticsSoundsParams
-from mmbalance.datasets.media import natural_key
-from mmbalance.datasets.media import decode_video_audio
+from mmbalance.datasets.media import decode_video_audio, natural_key
 from mmbalance.datasets.prepare.runner import prepare
 from tests.fixtures.kinetics_sounds import CLASS_INDEX, TONE_HZ, write_kinetics_sounds
 from tests.fixtures.media import read_mark

@@ -48,9 +48,10 @@ def test_local_launcher_finishes_the_sweep_records_a_failure_and_relaunch_does_n
     store = Store(tmp_path / "results")
     failing = write(tmp_path, FAILING)  # 2 cells x 2 seeds; one cell diverges
     code = cli(["--results", str(store.root), "sweep", str(failing)])
-    out = capsys.readouterr().out
+    err = capsys.readouterr().err  # the launch's progress; stdout has the table
     assert code == 1  # not every run finished
-    assert "local: 4 runs on 2 worker process(es)" in out
+    assert "local: 4 runs on 2 worker process(es)" in err
+    assert "warning: not finished:\n" in err
     _, configs = load_sweep(failing)
     bad = next(c for c in configs if c.label == "diverges").run_id()
     st = statuses(store)
@@ -66,13 +67,14 @@ def test_local_launcher_finishes_the_sweep_records_a_failure_and_relaunch_does_n
     assert cli(["status", str(store.root / "two")]) == 0
     out = capsys.readouterr().out
     assert "4 runs: 2 finished, 0 running, 0 pending, 2 failed, 0 interrupted" in out
-    assert f"two/{bad} (diverges, seed {next(c for c in configs if c.run_id() == bad).train.seed}): loss 'loss' became nan at epoch 0, batch 1\n    log: {log}" in out
+    seed = next(c for c in configs if c.run_id() == bad).train.seed
+    assert f"two/{bad} (diverges, seed {seed}): loss 'loss' became nan at epoch 0, batch 1\n    log: {log}" in out
 
     before = {rd.run_id: rd.status_file.stat().st_mtime_ns for rd in store.runs()}
     finished = write(tmp_path, FAILING.replace(DIVERGES, ""), "ok.yaml")
     assert cli(["--results", str(store.root), "sweep", str(finished)]) == 0
-    out = capsys.readouterr().out
-    assert "2 runs: 2 finished" in out and "local:" not in out  # nothing was started
+    err = capsys.readouterr().err
+    assert "2 runs: 2 finished" in err and "local:" not in err  # nothing was started
     assert {rd.run_id: rd.status_file.stat().st_mtime_ns for rd in store.runs()} == before
 
 
@@ -84,8 +86,8 @@ def test_local_workers_split_the_cores_and_gpus(monkeypatch):
     assert env["OMP_NUM_THREADS"] == "4" and env["MKL_NUM_THREADS"] == "4"
     assert env["CUDA_VISIBLE_DEVICES"] == "1"
     assert local.worker_env(slot=0, workers=16, gpus=0)["OMP_NUM_THREADS"] == "1"
-    assert "CUDA_VISIBLE_DEVICES" not in local.worker_env(slot=0, workers=1, gpus=0) or \
-        local.worker_env(slot=0, workers=1, gpus=0)["CUDA_VISIBLE_DEVICES"] == local.os.environ.get("CUDA_VISIBLE_DEVICES")
+    no_gpu = local.worker_env(slot=0, workers=1, gpus=0)
+    assert no_gpu.get("CUDA_VISIBLE_DEVICES") == local.os.environ.get("CUDA_VISIBLE_DEVICES")
 
 
 @pytest.mark.parametrize("k, gpus_of_slots", [
@@ -123,9 +125,12 @@ def test_the_launch_line_names_the_placement(monkeypatch):
     from mmbalance.bench.launch.local import placement_line
 
     monkeypatch.setattr("mmbalance.bench.launch.local.os.cpu_count", lambda: 16)
-    assert placement_line(4, workers=2, gpus=1, runs_per_gpu=2) == "local: 4 runs on 1 GPU x 2 runs per GPU, 8 thread(s) each"
-    assert placement_line(8, workers=4, gpus=2, runs_per_gpu=2) == "local: 8 runs on 2 GPU x 2 runs per GPU, 4 thread(s) each"
-    assert placement_line(3, workers=2, gpus=0, runs_per_gpu=2) == "local: 3 runs on 2 worker process(es) (no GPU), 8 thread(s) each"
+    assert placement_line(4, workers=2, gpus=1, runs_per_gpu=2) == \
+        "local: 4 runs on 1 GPU x 2 runs per GPU, 8 thread(s) each"
+    assert placement_line(8, workers=4, gpus=2, runs_per_gpu=2) == \
+        "local: 8 runs on 2 GPU x 2 runs per GPU, 4 thread(s) each"
+    assert placement_line(3, workers=2, gpus=0, runs_per_gpu=2) == \
+        "local: 3 runs on 2 worker process(es) (no GPU), 8 thread(s) each"
     # an explicit worker count that is not GPUs x K: said, and the runs per GPU shown
     assert placement_line(9, workers=3, gpus=2, runs_per_gpu=2).endswith(
         "(workers=3 is not GPUs x 2: runs at once per GPU [2, 1])")
@@ -154,8 +159,7 @@ def test_a_packed_local_sweep_runs_two_runs_side_by_side_on_one_gpu(tmp_path, mo
     store = Store(tmp_path / "results")
     path = write(tmp_path, SWEEP.replace("seeds: [0, 1]", "seeds: [0]").replace("workers: 2", "runs_per_gpu: 2"))
     assert cli(["--results", str(store.root), "sweep", str(path)]) == 0
-    out = capsys.readouterr().out
-    assert "local: 2 runs on 1 GPU x 2 runs per GPU" in out
+    assert "local: 2 runs on 1 GPU x 2 runs per GPU" in capsys.readouterr().err
     st = statuses(store)
     assert sorted(s["state"] for s in st.values()) == ["finished", "finished"]
     for rid, s in st.items():  # each ran in a worker process of its own, logging to its run.log
@@ -213,7 +217,7 @@ def slurm_world(tmp_path, monkeypatch):
     return configs, store, executor, queue, made
 
 
-def test_slurm_submits_only_what_is_missing_and_records_job_ids(slurm_world, capsys):
+def test_slurm_submits_only_what_is_missing_and_records_job_ids(slurm_world, logged):
     configs, store, executor, queue, made = slurm_world
     code = launch(configs, store, LauncherConfig(name="slurm", partition="gpu"))
     assert code == 0
@@ -227,13 +231,12 @@ def test_slurm_submits_only_what_is_missing_and_records_job_ids(slurm_world, cap
     st = statuses(store)
     assert st[configs[0].run_id()]["state"] == "finished"
     assert st[configs[1].run_id()]["job_id"] == "55_0"
-    out = capsys.readouterr().out
-    assert "submitted 2 run(s) as job array 77 (77_0 .. 77_1)" in out
+    assert "submitted 2 run(s) as job array 77 (77_0 .. 77_1)" in logged.read()
 
     queue |= {"77_0", "77_1"}
     assert launch(configs, store, LauncherConfig(name="slurm")) == 0
     assert len(executor.submitted) == 1  # everything is finished or queued: nothing submitted
-    assert "4 runs: 1 finished, 3 queued" in capsys.readouterr().out
+    assert "4 runs: 1 finished, 3 queued" in logged.read()
 
 
 def test_a_failed_submission_leaves_the_runs_as_they_were(slurm_world):
@@ -312,14 +315,13 @@ def test_checkpoint_marks_the_run_pending_and_requeues_the_same_call(tmp_path):
 
 
 @pytest.mark.slow  # ~20 s: two job processes that import torch; the `slurm` tests cover it on a real SLURM
-def test_submitit_local_executor_runs_the_array_and_records_failures(tmp_path, capsys):
+def test_submitit_local_executor_runs_the_array_and_records_failures(tmp_path, logged):
     """The real submitit path (pickled Checkpointable, array tasks in their own processes, job
     environment), with submitit's local executor standing in for SLURM."""
     store = Store(tmp_path / "results")
     _, configs = load_sweep(write(tmp_path, FAILING.replace("seeds: [0, 1]", "seeds: [0]")))
     code = launch(configs, store, LauncherConfig(name="slurm", time_min=60), wait=True, cluster="local", poll_s=0.5)
-    out = capsys.readouterr().out
-    assert code == 1 and "2 runs: 1 finished, 1 failed" in out
+    assert code == 1 and "2 runs: 1 finished, 1 failed" in logged.read()
     st = statuses(store)
     bad = next(c for c in configs if c.label == "diverges").run_id()
     assert st[bad]["state"] == "failed" and "NonFiniteLoss" in st[bad]["traceback"]
@@ -330,7 +332,7 @@ def test_submitit_local_executor_runs_the_array_and_records_failures(tmp_path, c
     assert json.loads((store.root / "two" / bad / "status.json").read_text())["error"].startswith("loss 'loss'")
 
 
-def test_wait_on_an_earlier_launch_then_jobs_gone_without_an_end_are_interrupted(slurm_world, monkeypatch, capsys):
+def test_wait_on_an_earlier_launch_then_jobs_gone_without_an_end_are_interrupted(slurm_world, monkeypatch, logged):
     from mmbalance.bench.launch import jobs
 
     configs, store, executor, queue, _ = slurm_world
@@ -338,7 +340,7 @@ def test_wait_on_an_earlier_launch_then_jobs_gone_without_an_end_are_interrupted
     answers = iter([{"55_0", "77_0", "77_1"}] * 3)  # plan, then two polls; then the queue is empty
     monkeypatch.setattr(jobs, "queued_job_ids", lambda: next(answers, set()))
     code = launch(configs, store, LauncherConfig(name="slurm"), wait=True, poll_s=0)
-    out = capsys.readouterr().out
+    out = logged.read()
     assert code == 1 and len(executor.submitted) == 1  # waited on the queued jobs, submitted nothing
     assert "waiting: 3 of 3 job(s) queued or running" in out and "waiting: 0 of 3" in out
     assert "4 runs: 1 finished, 3 interrupted" in out
@@ -349,7 +351,7 @@ def test_wait_on_an_earlier_launch_then_jobs_gone_without_an_end_are_interrupted
 # ---------------------------------------------------------------- slurm, K runs per array task
 
 
-def test_packed_slurm_submits_chunks_of_k_runs_one_array_task_each(slurm_world, capsys):
+def test_packed_slurm_submits_chunks_of_k_runs_one_array_task_each(slurm_world, logged):
     configs, store, executor, queue, _ = slurm_world
     assert launch(configs, store, LauncherConfig(name="slurm", runs_per_gpu=2, cpus_per_task=4)) == 0
     todo = [store.run_dir(c.group, c.run_id()) for c in configs[2:]]
@@ -359,10 +361,10 @@ def test_packed_slurm_submits_chunks_of_k_runs_one_array_task_each(slurm_world, 
         assert (st["state"], st["job_id"], st["log"]) == ("pending", "77_0", f"two/{rd.run_id}/run.log")
         assert st["stdout"] == "/logs/77_0.out"
     assert "submitted 2 run(s), 2 per task at once (1 array task(s)) as job array 77 (77_0 .. 77_0)" in \
-        capsys.readouterr().out
+        logged.read()
     queue.add("77_0")  # both runs are held by the one queued task: status and a relaunch see that
     assert launch(configs, store, LauncherConfig(name="slurm", runs_per_gpu=2)) == 0
-    assert len(executor.submitted) == 1 and "4 runs: 1 finished, 3 queued" in capsys.readouterr().out
+    assert len(executor.submitted) == 1 and "4 runs: 1 finished, 3 queued" in logged.read()
 
 
 def test_chunks_are_k_runs_in_order_the_last_one_shorter():
@@ -442,14 +444,14 @@ def test_a_run_process_killed_by_a_signal_in_a_packed_task_is_interrupted_not_fa
     assert record_exit(rd, 0) == "interrupted"  # what the run recorded itself stands
 
 
-def test_packed_slurm_array_runs_each_chunk_together_through_submitit(tmp_path, capsys):
+def test_packed_slurm_array_runs_each_chunk_together_through_submitit(tmp_path, logged):
     """submitit's debug executor runs each array task in this process: 2 runs, 2 per task, make
     one task, which trains both at once in run-one processes of their own."""
     store = Store(tmp_path / "results")
     _, configs = load_sweep(write(tmp_path, SWEEP.replace("seeds: [0, 1]", "seeds: [0]")))
     options = LauncherConfig(name="slurm", runs_per_gpu=2, cpus_per_task=2)
     code = launch(configs, store, options, wait=True, cluster="debug", poll_s=0)
-    out = capsys.readouterr().out
+    out = logged.read()
     assert code == 0 and "2 runs: 2 finished" in out, out
     assert "submitted 2 run(s), 2 per task at once (1 array task(s))" in out
     rds = [store.run_dir(c.group, c.run_id()) for c in configs]
@@ -478,7 +480,7 @@ def assert_one_line_naming_the_bad_cell(err: str) -> None:
 def test_a_cell_the_method_rejects_stops_every_launcher_and_dry_run_before_anything_starts(tmp_path, capsys, command):
     root = tmp_path / "results"
     path = write(tmp_path, BAD_MIE)  # 3 cells x 2 seeds; the good cells come first
-    assert cli(["--results", str(root), command[0], str(path), *command[1:]]) == 2
+    assert cli(["-q", "--results", str(root), command[0], str(path), *command[1:]]) == 2  # -q: no progress lines
     assert_one_line_naming_the_bad_cell(capsys.readouterr().err)
     assert not root.exists()  # no run directory: nothing trained, nothing marked pending
 
@@ -486,7 +488,7 @@ def test_a_cell_the_method_rejects_stops_every_launcher_and_dry_run_before_anyth
 def test_a_cell_the_method_rejects_is_not_submitted_to_slurm(slurm_world, capsys):
     configs, store, executor, _, _ = slurm_world
     path = write(store.root.parent, BAD_MIE, "bad.yaml")
-    assert cli(["--results", str(store.root), "sweep", str(path), "--launcher", "slurm"]) == 2
+    assert cli(["-q", "--results", str(store.root), "sweep", str(path), "--launcher", "slurm"]) == 2
     assert_one_line_naming_the_bad_cell(capsys.readouterr().err)
     assert executor.submitted == []
     for c in configs[2:]:  # the runs slurm_world left to do are as they were: no status, no config
@@ -499,11 +501,12 @@ def test_data_missing_here_stops_a_local_launch_but_not_a_submission_or_a_dry_ru
     no data, so they go on and say which cells were not checked."""
     configs, store, executor, _, _ = slurm_world
     nowhere = str(store.root.parent / "nowhere.npz")
-    path = write(store.root.parent, SWEEP.replace("dataset: {name: gaussian}", f"dataset: {{name: avdigits, cache: {nowhere}}}"),
+    path = write(store.root.parent,
+                 SWEEP.replace("dataset: {name: gaussian}", f"dataset: {{name: avdigits, cache: {nowhere}}}"),
                  "avdigits.yaml")
     _, runs = load_sweep(path)
     for launcher in ("local", "inline"):
-        assert cli(["--results", str(store.root), "sweep", str(path), "--launcher", launcher]) == 2
+        assert cli(["-q", "--results", str(store.root), "sweep", str(path), "--launcher", launcher]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: run 'joint' seed 0: dataset 'avdigits': cache file") and nowhere in err
         assert "\n" not in err and not any(store.run_dir(c.group, c.run_id()).path.exists() for c in runs)
@@ -511,7 +514,7 @@ def test_data_missing_here_stops_a_local_launch_but_not_a_submission_or_a_dry_ru
     note = f"not checked here (no data): 2 cell(s) (joint, audio-only): dataset 'avdigits': cache file {nowhere!r}"
     assert note in capsys.readouterr().out
     assert cli(["--results", str(store.root), "sweep", str(path), "--launcher", "slurm"]) == 0
-    assert note in capsys.readouterr().out and len(executor.submitted[0]) == 4
+    assert f"warning: {note}" in capsys.readouterr().err and len(executor.submitted[0]) == 4
 
 
 # ---------------------------------------------------------------- Ctrl-C stops the local launcher
@@ -553,10 +556,10 @@ def test_ctrl_c_stops_the_local_launcher_nothing_new_starts_and_a_relaunch_finis
     sent = time.monotonic()
     out, err = launcher.communicate(timeout=60)
     assert launcher.returncode == 130 and time.monotonic() - sent < 15
-    assert "Traceback" not in out + err and err.strip() == "interrupted", err
-    assert f"[1/3] interrupted joint seed 0 {first.run_id}" in out
-    assert "interrupted: 2 run(s) not started, left as they were" in out
-    assert all(f"joint seed {i} {rd.run_id}" in out for i, rd in enumerate(queued, 1))
+    assert "Traceback" not in out + err and err.strip().splitlines()[-1] == "interrupted", err
+    assert f"warning: [1/3] interrupted joint seed 0 {first.run_id}" in err  # the launch's progress: stderr
+    assert "warning: interrupted: 2 run(s) not started, left as they were" in err
+    assert all(f"joint seed {i} {rd.run_id}" in err for i, rd in enumerate(queued, 1))
     assert first.status()["state"] == "interrupted"
     for rd in queued:  # never started, and no longer pending: as they were before the launch
         assert rd.status() == {"state": "new"} and not rd.metrics.exists() and not (rd.path / "run.log").exists()
@@ -564,20 +567,20 @@ def test_ctrl_c_stops_the_local_launcher_nothing_new_starts_and_a_relaunch_finis
     assert cli(["status", str(store.root / "ctrlc")]) == 0
     assert "0 running, 0 pending, 0 failed, 1 interrupted, 2 new" in capsys.readouterr().out
     assert cli(["--results", str(store.root), "sweep", str(path), "--launcher", "inline"]) == 0
-    assert "3 runs: 3 finished" in capsys.readouterr().out
+    assert "3 runs: 3 finished" in capsys.readouterr().err
     assert all(len(rd.read_metrics()) == 15 for rd in [first, *queued])
 
 
 def test_a_run_process_interrupted_before_it_recorded_anything_is_interrupted(tmp_path):
-    from mmbalance.core.errors import EXIT_INTERRUPTED
     from mmbalance.bench.launch.worker import record_exit
+    from mmbalance.core.errors import EXIT_INTERRUPTED
 
     rd = Store(tmp_path).run_dir("g", "joint-a")
     rd.set_status("pending")
     assert record_exit(rd, EXIT_INTERRUPTED) == "interrupted" and "SIGINT" in rd.status()["error"]
 
 
-def test_ctrl_c_while_the_runs_are_being_marked_pending_puts_every_status_back(tmp_path, monkeypatch, capsys):
+def test_ctrl_c_while_the_runs_are_being_marked_pending_puts_every_status_back(tmp_path, monkeypatch, logged):
     from mmbalance.bench.launch import local
     from mmbalance.bench.launch.plan import plan
 
@@ -597,7 +600,7 @@ def test_ctrl_c_while_the_runs_are_being_marked_pending_puts_every_status_back(t
     for c in configs[1:]:
         rd = store.run_dir(c.group, c.run_id())
         assert not rd.status_file.exists() and not (rd.path / "run.log").exists()
-    assert "interrupted: 4 run(s) not started, left as they were" in capsys.readouterr().out
+    assert "interrupted: 4 run(s) not started, left as they were" in logged.read()
 
 
 def test_a_run_that_ignores_the_interrupt_is_killed_after_the_grace_period():

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from mmbalance.core.errors import ConfigError
 from mmbalance.bench.perf.packing import format_packing, load_measured_config, measure_packing
+from mmbalance.core.errors import ConfigError
 
 TINY = """
 dataset: {name: gaussian, n_train: 256}

@@ -41,12 +41,13 @@ def test_mini_quickstart_end_to_end(tmp_path, capsys):
     cells = mini_quickstart(sweep_file)
     assert main(["--results", str(results), "run", str(sweep_file), "--report", str(report)]) == 0
     n_runs = 3 * len(cells)
-    assert f"{len(cells)} cells x 3 seeds = {n_runs} runs" in capsys.readouterr().out
+    assert f"{len(cells)} cells x 3 seeds = {n_runs} runs" in capsys.readouterr().err  # progress: on stderr
     table = pd.read_csv(report / "table.csv")
     assert list(table["label"]) == cells
     assert {"joint-concat", "ogm-ge", "mla", "mie", "di-mml", "unimodal-audio", "unimodal-visual"} <= set(cells)
     assert (table["n"] == 3).all() and (table["dataset"] == "avdigits (preset=audio-dominant)").all()
-    assert {"fused acc", "probe audio", "probe visual", "deficit visual (uni − probe)", "own audio"} <= set(table.columns)
+    assert {"fused acc", "probe audio", "probe visual", "deficit visual (uni − probe)",
+            "own audio"} <= set(table.columns)
     runs = pd.read_csv(report / "runs.csv")
     assert len(runs) == n_runs and runs["acc"].between(0, 1).all()
     assert (report / "table.md").read_text().startswith("## Results")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from mmbalance.core.params import Strict
 from mmbalance.core.errors import ConfigError
+from mmbalance.core.params import Strict
 from mmbalance.core.registry import METHODS, Registry
 
 

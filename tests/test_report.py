@@ -107,11 +107,14 @@ def test_aggregate_means_stds_and_missing_runs(store):
     deficits = [0.15, 0.16, 0.17, 0.18]
     assert agg.loc["joint", "deficit.visual:mean"] == pytest.approx(np.mean(deficits))
     assert agg.loc["joint", "deficit.visual:std"] == pytest.approx(np.std(deficits, ddof=1))
-    assert agg.loc["mla", "deficit.audio:mean"] == pytest.approx(np.mean([0.45 + 0.02 * s - 0.55 - 0.01 * s for s in range(3)]))
+    assert agg.loc["mla", "deficit.audio:mean"] == pytest.approx(
+        np.mean([0.45 + 0.02 * s - 0.55 - 0.01 * s for s in range(3)]))
     # ... and exactly 0 for the unimodal-only model against itself (its head acc is not its probe)
     assert (runs.loc[runs["label"] == "unimodal-visual", "deficit.visual"] == 0).all()
-    assert agg.loc["unimodal-visual", "deficit.visual:mean"] == 0 and agg.loc["unimodal-visual", "deficit.visual:std"] == 0
-    assert display(aggregate(runs)).set_index("label").loc["unimodal-visual", "deficit visual (uni − probe)"] == "0.000 ± 0.000"
+    assert agg.loc["unimodal-visual", "deficit.visual:mean"] == 0
+    assert agg.loc["unimodal-visual", "deficit.visual:std"] == 0
+    shown = display(aggregate(runs)).set_index("label")
+    assert shown.loc["unimodal-visual", "deficit visual (uni − probe)"] == "0.000 ± 0.000"
     assert agg.loc["mla", "cpu_hours:mean"] == pytest.approx(7.2 * 10 / 3600)
     # selection rules read the matching summary block
     assert load_runs(store.root / "g", "test")[0].set_index("run_id").loc["joint-s0", "acc"] == pytest.approx(0.61)
@@ -234,7 +237,7 @@ def test_two_presets_of_one_dataset_are_two_blocks_with_their_own_baselines(two_
     runs, _ = load_runs(two_presets.root)
     a, b = "avdigits (preset=a)", "avdigits (preset=b)"
     agg = aggregate(runs).set_index(["dataset", "label"])
-    assert list(agg.index) == [(d, l) for d in (a, b) for l in ("joint", "mla", "unimodal-visual")]
+    assert list(agg.index) == [(d, name) for d in (a, b) for name in ("joint", "mla", "unimodal-visual")]
     assert agg.loc[(a, "mla"), "acc:mean"] == pytest.approx(np.mean(ACC["mla"]))
     assert agg.loc[(b, "mla"), "acc:mean"] == pytest.approx(np.mean(ACC["mla"]) - 0.1)
     # each preset's deficit against its own visual-only model: (0.45 + 0.02 s [+ 0.1]) − (0.38 + 0.01 s)
@@ -255,9 +258,9 @@ def parse_printed(text: str) -> pd.DataFrame:
     for i, line in enumerate(lines):
         if line.startswith("| label"):
             dataset = lines[i - 1].removeprefix("dataset: ")
-            block = [l for l in lines[i:] if l.startswith("|")]
-            block = block[:next((k for k, l in enumerate(block[2:], 2) if l.startswith("| label")), len(block))]
-            rows = [[c.strip() for c in l.strip("|").split("|")] for l in block if not l.startswith("|:")]
+            block = [line for line in lines[i:] if line.startswith("|")]
+            block = block[:next((k for k, line in enumerate(block[2:], 2) if line.startswith("| label")), len(block))]
+            rows = [[c.strip() for c in line.strip("|").split("|")] for line in block if not line.startswith("|:")]
             frames.append(pd.DataFrame(rows[1:], columns=rows[0]).assign(dataset=dataset))
     return pd.concat(frames, ignore_index=True)
 

@@ -206,7 +206,7 @@ def test_relaunching_a_finished_sweep_submits_nothing(finished_sweep):
     before_status = {rd.run_id: rd.status_file.read_text() for rd in runs_of(root, "slurm-methods")}
     done = mmbalance(root, "sweep", str(path), "--launcher", "slurm", "--wait", timeout_s=120)
     assert done.returncode == 0, done.stderr
-    assert "4 finished" in done.stdout
+    assert "4 finished" in done.stderr  # the launch's summary, with its progress on stderr
     assert before_jobs == 4
     assert jobs_named_like(first_job, finished_sweep["since"]) == before_jobs
     assert sorted(p.name for p in (root / "slurm-methods" / ".submitit").iterdir()) == submissions
@@ -308,7 +308,7 @@ def test_a_failing_run_is_marked_failed_with_its_traceback_while_the_others_fini
     assert failed.get("job_id") and failed.get("log")
     log = runs["diverges"].resolve(failed["log"])
     assert not Path(failed["log"]).is_absolute() and log.exists()  # relative to the store
-    assert failed["error"] in done.stdout  # the --wait summary names the failure
+    assert failed["error"] in done.stderr  # the --wait summary names the failure
 
     status = mmbalance(results, "status", str(results / "slurm-failing"), timeout_s=120)
     assert status.returncode == 0
@@ -330,7 +330,7 @@ def test_a_packed_sweep_runs_k_runs_per_array_task(partition, results, tmp_path)
     since = time.strftime("%Y-%m-%dT%H:%M:%S")
     done = mmbalance(results, "sweep", str(path), "--wait")
     assert done.returncode == 0, done.stderr
-    assert "submitted 3 run(s), 2 per task at once (2 array task(s))" in done.stdout
+    assert "submitted 3 run(s), 2 per task at once (2 array task(s))" in done.stderr
     runs = runs_of(results, "slurm-packed")
     assert len(runs) == 3
     jobs: dict[str, list[RunDir]] = {}
@@ -419,7 +419,7 @@ def test_cancel_while_the_job_still_writes_ends_interrupted_and_a_relaunch_resum
 
     again = mmbalance(results, "sweep", str(path), "--wait")
     assert again.returncode == 0, again.stdout + again.stderr
-    assert "1 will resume" in again.stdout
+    assert "1 will resume" in again.stderr
     assert rd.status()["state"] == "finished"
     assert [r["epoch"] for r in rd.read_metrics()] == list(range(16))
 

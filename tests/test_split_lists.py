@@ -26,7 +26,8 @@ PINNED = {
 CLIP = re.compile(r"^\d{4}_[A-Z]{3}_[A-Z]{3}_[A-Z]{2}$")
 MLA_LABEL = {"Anger": "ANG", "Disgust": "DIS", "Fear": "FEA", "Happy": "HAP", "Neutral": "NEU", "Sad": "SAD"}
 # Per-class line counts of both AVE lists, in the lists' class order.
-AVE_CLASS_COUNTS = [18, 17, 17, 18, 18, 17, 17, 18, 17, 16, 18, 13, 10, 9, 18, 17, 16, 18, 10, 8, 6, 16, 6, 6, 18, 10, 15, 15]
+AVE_CLASS_COUNTS = [18, 17, 17, 18, 18, 17, 17, 18, 17, 16, 18, 13, 10, 9,
+                    18, 17, 16, 18, 10, 8, 6, 16, 6, 6, 18, 10, 15, 15]
 
 
 def _lines(name: str) -> list[str]:
@@ -54,7 +55,8 @@ def test_cremad_ogmge_test_list() -> None:
     rows = [line.split(",") for line in _lines("cremad_ogmge_test.csv")]
     assert all(len(r) == 2 and CLIP.match(r[0]) and r[0].split("_")[2] == r[1] for r in rows)
     assert len({name for name, _ in rows}) == 744
-    assert Counter(label for _, label in rows) == {"SAD": 140, "FEA": 133, "DIS": 129, "HAP": 123, "NEU": 114, "ANG": 105}
+    assert Counter(label for _, label in rows) == {"SAD": 140, "FEA": 133, "DIS": 129, "HAP": 123, "NEU": 114,
+                                                   "ANG": 105}
     assert rows[0] == ["1041_TIE_NEU_XX", "NEU"] and rows[-1] == ["1014_TIE_HAP_XX", "HAP"]
 
 

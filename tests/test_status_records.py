@@ -67,7 +67,8 @@ def slurm_down(tmp_path, monkeypatch):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     squeue = bin_dir / "squeue"
-    squeue.write_text("#!/bin/sh\necho 'slurm_load_jobs error: Unable to contact slurm controller (connect failure)' >&2\n"
+    squeue.write_text("#!/bin/sh\n"
+                      "echo 'slurm_load_jobs error: Unable to contact slurm controller (connect failure)' >&2\n"
                       "exit 1\n")
     squeue.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{Path(shutil.which('sh')).parent}")
@@ -106,7 +107,7 @@ def test_a_relaunch_with_slurm_not_answering_fails_in_one_line_and_changes_nothi
                                  "(connect failure)\n")
 
     monkeypatch.setattr(slurm, "make_executor", lambda *a, **k: Refused())
-    assert cli(["--results", str(store.root), "sweep", str(path)]) == 2
+    assert cli(["-q", "--results", str(store.root), "sweep", str(path)]) == 2  # -q: no progress lines
     captured = capsys.readouterr()
     assert captured.err.strip().splitlines() == [
         "error: sbatch failed: sbatch: error: Batch job submission failed: Unable to contact slurm controller "

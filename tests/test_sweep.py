@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from mmbalance.core.errors import ConfigError
 from mmbalance.bench.sweep import is_sweep_file, load_sweep
+from mmbalance.core.errors import ConfigError
 
 SWEEP = """
 group: demo
@@ -129,7 +129,8 @@ def test_grid_crosses_cells_minus_exclude_plus_include(tmp_path):
     by_label = {c.label: c for c in configs if c.train.seed == 1}
     assert by_label["joint/fusion=sum,lr=0.01"].model.fusion == "sum"
     assert by_label["joint/fusion=sum,lr=0.01"].optim.lr == 0.01
-    assert by_label["joint-gated"].model.fusion == "gated" and by_label["joint-gated"].method == {"name": "joint", "late_loss": by_label["joint-gated"].method["late_loss"]}
+    gated = by_label["joint-gated"]
+    assert gated.model.fusion == "gated" and gated.method == {"name": "joint", "late_loss": gated.method["late_loss"]}
     assert by_label["method=unimodal"].method == {"name": "unimodal", "modality": "visual"}
     assert sweep.launcher.name == "inline"
 

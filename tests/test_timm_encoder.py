@@ -10,9 +10,9 @@ import torch
 
 from mmbalance.bench.cli import main
 from mmbalance.core.errors import ConfigError
+from mmbalance.core.types import Modality
 from mmbalance.models import build_encoder
 from mmbalance.models.timm_backbone import TimmEncoder, TimmParams
-from mmbalance.core.types import Modality
 
 # the fastest small timm model here on 2 CPU cores at 32x32, batch 64 (forward + backward):
 # resnet10t 0.074 s, mobilenetv3_small_050 0.085 s
@@ -22,7 +22,8 @@ SMALL = "resnet10t"
 @pytest.mark.parametrize("modality", ["visual", "audio"])  # an 8x8 image; a 24x32 log-mel spectrogram
 def test_one_epoch_on_avdigits(modality, tmp_path):
     config = tmp_path / "run.yaml"
-    config.write_text(f"dataset: {{name: avdigits}}\nmodel: {{encoders: {{{modality}: {{name: timm, model: {SMALL}}}}}}}\n")
+    config.write_text("dataset: {name: avdigits}\n"
+                      f"model: {{encoders: {{{modality}: {{name: timm, model: {SMALL}}}}}}}\n")
     args = ["--results", str(tmp_path), "run", str(config), "method.name=joint", "train.epochs=1",
             "train.progress=false", "eval.probe_c_grid=[1.0]"]
     assert main(args) == 0
@@ -93,4 +94,5 @@ def test_pretrained_without_cached_weights_names_model_and_cache(tmp_path, monke
     msg = str(info.value)
     assert "\n" not in msg
     assert f"timm model {SMALL!r} (model.encoders.visual.pretrained=true)" in msg
-    assert f"timm looks in {tmp_path / 'hf'} (set by HF_HOME / HF_HUB_CACHE) or {tmp_path / 'torch' / 'hub' / 'checkpoints'}" in msg
+    assert (f"timm looks in {tmp_path / 'hf'} (set by HF_HOME / HF_HUB_CACHE) or "
+            f"{tmp_path / 'torch' / 'hub' / 'checkpoints'}") in msg

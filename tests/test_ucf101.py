@@ -13,11 +13,21 @@ from mmbalance.core.errors import ConfigError, DataError
 from mmbalance.datasets.cache import Cache
 from mmbalance.datasets.prepare.runner import prepare
 from mmbalance.datasets.transforms import FrameClip
-from mmbalance.datasets.ucf101 import DIMML_TEST_MEAN, DIMML_TEST_STD, DIMML_TRAIN_MEAN, DIMML_TRAIN_STD, FlowClip
-from mmbalance.datasets.ucf101 import Ucf101, Ucf101Params, read_split_list, segment_centres, window_starts
+from mmbalance.datasets.ucf101 import (
+    DIMML_TEST_MEAN,
+    DIMML_TEST_STD,
+    DIMML_TRAIN_MEAN,
+    DIMML_TRAIN_STD,
+    FlowClip,
+    Ucf101,
+    Ucf101Params,
+    read_split_list,
+    segment_centres,
+    window_starts,
+)
 from tests.fixtures.media import read_mark
-from tests.fixtures.ucf101 import CLASSES, flow_value, write_ucf101
 from tests.fixtures.train import train_one_epoch
+from tests.fixtures.ucf101 import CLASSES, flow_value, write_ucf101
 
 
 @pytest.fixture(scope="module")

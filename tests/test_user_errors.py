@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from mmbalance.bench.cli import main as cli
-from mmbalance.core.errors import DataWarning, PluginWarning
-from mmbalance.core.registry import METHODS, load_plugin
 from mmbalance.bench.selection import best_epoch
 from mmbalance.bench.store import RunDir, Store, strict_json
 from mmbalance.bench.train import run
+from mmbalance.core.errors import DataWarning, PluginWarning
+from mmbalance.core.registry import METHODS, load_plugin
 from mmbalance.datasets.prepare.runner import prepare, split_verdict
 from tests.fixtures.manifest import write_audio_image, write_csv
 

@@ -13,8 +13,8 @@ from mmbalance.datasets.cache import Cache
 from mmbalance.datasets.prepare.runner import prepare
 from mmbalance.datasets.vggsound import PIPELINES, VggSound, VggSoundParams
 from tests.fixtures.media import read_mark
-from tests.fixtures.vggsound import LABELS, TONE_HZ, write_vggsound
 from tests.fixtures.train import train_one_epoch
+from tests.fixtures.vggsound import LABELS, TONE_HZ, write_vggsound
 
 
 @pytest.fixture(scope="module")

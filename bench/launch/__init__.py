@@ -1,10 +1,11 @@
 """Launchers: where a sweep's runs execute. `launch` plans (bench.launch.plan), hands the runs
-still to do to the chosen launcher (inline, local or slurm) and, once they are done, prints
+still to do to the chosen launcher (inline, local or slurm) and, once they are done, logs
 what happened. Re-launching a sweep does only what is missing.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from mmbalance.bench.config import RunConfig
 from mmbalance.bench.launch.options import LauncherConfig
 from mmbalance.bench.launch.plan import PlannedRun, decide, format_plan, label, plan, to_run
 from mmbalance.bench.store import RunDir, Store
+
+log = logging.getLogger(__name__)
 
 
 def launch(configs: Sequence[RunConfig], store: Store, options: LauncherConfig, *, wait: bool = False,
@@ -26,8 +29,8 @@ def launch(configs: Sequence[RunConfig], store: Store, options: LauncherConfig, 
 
         # slurm's jobs may read disks this machine does not see: missing data is a note there
         for note in check_runs([p.cfg for p in todo], need_data=options.name == "local"):
-            print(note)
-    print(format_plan(planned).splitlines()[0], flush=True)
+            log.warning(note)
+    log.info(format_plan(planned).splitlines()[0])
     if not todo:
         active = [p for p in planned if p.state in ("queued", "running")]
         if active and wait and options.name == "slurm":  # a launch that returned early: wait for its jobs
@@ -35,13 +38,13 @@ def launch(configs: Sequence[RunConfig], store: Store, options: LauncherConfig, 
 
             wait_for_ids(active_job_ids(active), poll_s, Progress(len(active)))
         elif active:
-            print(f"nothing to launch: {len(active)} run(s) still queued or running; "
-                  f"see mmbalance status {active[0].run_dir.path.parent}")
+            log.info(f"nothing to launch: {len(active)} run(s) still queued or running; "
+                     f"see mmbalance status {active[0].run_dir.path.parent}")
             return 0
         return outcome(planned)
     if options.name == "inline":
-        from mmbalance.core.errors import RunFailed
         from mmbalance.bench.sweep import run_inline
+        from mmbalance.core.errors import RunFailed
 
         try:
             run_inline([p.cfg for p in todo], store)
@@ -68,10 +71,10 @@ def launch_slurm(todo: list[PlannedRun], planned: list[PlannedRun], store: Store
         return outcome(planned)
     array = str(jobs[0].job_id).split("_")[0]
     packed = f", {k} per task at once ({len(jobs)} array task(s))" if k > 1 else ""
-    print(f"submitted {len(todo)} run(s){packed} as job array {array} ({jobs[0].job_id} .. {jobs[-1].job_id}); "
-          f"logs in {folder}", flush=True)
+    log.info(f"submitted {len(todo)} run(s){packed} as job array {array} ({jobs[0].job_id} .. {jobs[-1].job_id}); "
+             f"logs in {folder}")
     if not wait:
-        print(f"follow with: mmbalance status {store.root / group}   (or: mmbalance sweep ... --wait)")
+        log.info(f"follow with: mmbalance status {store.root / group}   (or: mmbalance sweep ... --wait)")
         return 0
     slurm.wait(jobs, poll_s, on_poll=Progress(len(jobs)))
     earlier = active_job_ids([p for p in planned if p.state in ("queued", "running")])
@@ -87,22 +90,22 @@ def active_job_ids(planned: Sequence[PlannedRun]) -> list[str]:
 
 
 class Progress:
-    """Prints how many jobs are left whenever that number changes (while --wait polls)."""
+    """Logs how many jobs are left whenever that number changes (while --wait polls)."""
 
     def __init__(self, total: int) -> None:
         self.total, self.last = total, -1
 
     def __call__(self, left: int) -> None:
         if left != self.last:
-            print(f"waiting: {left} of {self.total} job(s) queued or running", flush=True)
+            log.info(f"waiting: {left} of {self.total} job(s) queued or running")
             self.last = left
 
 
 def outcome(planned: Sequence[PlannedRun]) -> int:
-    """Print how the runs ended (failed ones with their error and log, those another process
+    """Log how the runs ended (failed ones with their error and log, those another process
     holds with their holder) and return 0 iff every run is finished or held by another process
-    (being trained there is not this launch's failure). A run its job left as pending/running (cancelled, killed) is marked
-    interrupted: launching again resumes it."""
+    (being trained there is not this launch's failure). A run its job left as pending/running
+    (cancelled, killed) is marked interrupted: launching again resumes it."""
     from mmbalance.bench.launch.jobs import have_slurm, queued_job_ids
 
     queued = queued_job_ids()
@@ -124,14 +127,16 @@ def outcome(planned: Sequence[PlannedRun]) -> int:
             state = "interrupted"
         states[state] = states.get(state, 0) + 1
         if state in ("failed", "interrupted"):
+            status = p.run_dir.status()
             failed.append(f"  {label(p.cfg)} seed {p.cfg.train.seed} {p.run_dir.run_id}: "
-                          f"{p.run_dir.status().get('error', '?')}\n    log: {log_of(p.run_dir.status(), p.run_dir.path)}")
-    print(f"{len(planned)} runs: " + ", ".join(f"{n} {s}" for s, n in states.items()))
+                          f"{status.get('error', '?')}\n    log: {log_of(status, p.run_dir.path)}")
+    log.info(f"{len(planned)} runs: " + ", ".join(f"{n} {s}" for s, n in states.items()))
     if elsewhere:
-        print(f"{ELSEWHERE}, left alone (see mmbalance status {planned[0].run_dir.path.parent}):\n" + "\n".join(elsewhere))
+        log.warning(f"{ELSEWHERE}, left alone (see mmbalance status {planned[0].run_dir.path.parent}):\n"
+                    + "\n".join(elsewhere))
     if failed:
-        print("not finished:\n" + "\n".join(failed))
-        print("launch the sweep again to retry them (finished runs are skipped, started ones resume)")
+        log.warning("not finished:\n" + "\n".join(failed)
+                    + "\nlaunch the sweep again to retry them (finished runs are skipped, started ones resume)")
     return 0 if states.get("finished", 0) + states.get(ELSEWHERE, 0) == len(planned) else 1
 
 

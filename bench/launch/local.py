@@ -7,11 +7,11 @@ idle). A run that fails is recorded as failed; the others go on, unless it faile
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -19,11 +19,13 @@ from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 
 from mmbalance.bench.claim import elsewhere_line
-from mmbalance.core.errors import StoreError
 from mmbalance.bench.launch.options import LauncherConfig
 from mmbalance.bench.launch.plan import PlannedRun, label
-from mmbalance.bench.launch.worker import mark_pending, record_exit, restore_status, saved_status
+from mmbalance.bench.launch.worker import mark_pending, record_exit, restore_status, run_one_command, saved_status
 from mmbalance.bench.oserror import EXIT_OS_ERROR, os_message
+from mmbalance.core.errors import StoreError
+
+log = logging.getLogger(__name__)
 
 
 def gpu_count() -> int:
@@ -104,7 +106,7 @@ def launch_local(todo: Sequence[PlannedRun], options: LauncherConfig) -> dict[st
                     marked.pop()
                     report(p, state, 0.0, states, len(todo))
             if marked:
-                print(placement_line(len(marked), workers, gpus, k), flush=True)
+                log.info(placement_line(len(marked), workers, gpus, k))
             futures.update({pool.submit(run_in_process, p, slots, workers, gpus, k, running): p for p in marked})
             for future in as_completed(futures):
                 report(futures[future], *future.result(), states, len(todo))
@@ -126,7 +128,7 @@ def halted_launch(todo: Sequence[PlannedRun], running: Workers, before: dict[str
     had before this launch (one whose old status cannot be written back either is named) and are
     listed; returns the one-line error to exit with."""
     left = [p for p in todo if not running.started(p)]
-    print(f"stopped: {running.halted}; {len(left)} run(s) not started, left as they were:", flush=True)
+    lines = []
     for p in left:
         try:
             if saved_status(p.run_dir) != before[p.run_dir.run_id]:
@@ -134,7 +136,8 @@ def halted_launch(todo: Sequence[PlannedRun], running: Workers, before: dict[str
             kept = ""
         except OSError as e:
             kept = f" (still marked pending: {os_message(e)})"
-        print(f"  {label(p.cfg)} seed {p.cfg.train.seed} {p.run_dir.run_id}{kept}", flush=True)
+        lines.append(f"  {label(p.cfg)} seed {p.cfg.train.seed} {p.run_dir.run_id}{kept}")
+    log.warning("\n".join([f"stopped: {running.halted}; {len(left)} run(s) not started, left as they were:", *lines]))
     return StoreError(f"the launch stopped on an OS error: {running.halted}; fix that (free space on the results "
                       "disk, say) and launch the sweep again (finished runs are skipped, started ones resume)")
 
@@ -152,24 +155,25 @@ def stop_launch(todo: Sequence[PlannedRun], running: Workers, futures: dict[Futu
     left = [p for p in todo if not running.started(p)]
     for p in left:
         restore_status(p.run_dir, before[p.run_dir.run_id])
-    print(f"interrupted: {len(left)} run(s) not started, left as they were; launch the sweep again to run "
-          "them (interrupted runs resume)", flush=True)
-    for p in left:
-        print(f"  {label(p.cfg)} seed {p.cfg.train.seed} {p.run_dir.run_id}", flush=True)
+    log.warning("\n".join([f"interrupted: {len(left)} run(s) not started, left as they were; launch the sweep again "
+                           "to run them (interrupted runs resume)",
+                           *(f"  {label(p.cfg)} seed {p.cfg.train.seed} {p.run_dir.run_id}" for p in left)]))
 
 
 def report(p: PlannedRun, state: str | None, seconds: float, states: dict[str, str], total: int) -> None:
-    """Print how a run ended (state None: the launch stopped before it started: nothing to say)."""
+    """Log how a run ended (state None: the launch stopped before it started: nothing to say); a
+    run that did not finish is a warning."""
     if state is None:
         return
     states[p.run_dir.run_id] = state
     if state == "elsewhere":
-        print(f"[{len(states)}/{total}] {label(p.cfg)} seed {p.cfg.train.seed} {p.run_dir.run_id}: "
-              f"{elsewhere_line(p.run_dir)}", flush=True)
+        log.info(f"[{len(states)}/{total}] {label(p.cfg)} seed {p.cfg.train.seed} {p.run_dir.run_id}: "
+                 f"{elsewhere_line(p.run_dir)}")
         return
     tail = "" if state == "finished" else f": {p.run_dir.status().get('error', '?')} (log {p.run_dir.path / 'run.log'})"
-    print(f"[{len(states)}/{total}] {state} {label(p.cfg)} seed {p.cfg.train.seed} "
-          f"{p.run_dir.run_id} in {seconds:.1f} s{tail}", flush=True)
+    log.log(logging.INFO if state == "finished" else logging.WARNING,
+            f"[{len(states)}/{total}] {state} {label(p.cfg)} seed {p.cfg.train.seed} "
+            f"{p.run_dir.run_id} in {seconds:.1f} s{tail}")
 
 
 class Workers:
@@ -191,10 +195,14 @@ class Workers:
         with self.lock:
             if self.stopped:
                 return None
-            with open(p.run_dir.path / "run.log", "ab") as log:
+            command = run_one_command(p.run_dir.path)
+            log.debug(f"{p.run_dir.run_id}: {' '.join(command)} (CUDA_VISIBLE_DEVICES="
+                      f"{env.get('CUDA_VISIBLE_DEVICES', 'unset')}, {env.get('OMP_NUM_THREADS', 'all')} thread(s)), "
+                      f"log {p.run_dir.path / 'run.log'}")
+            with open(p.run_dir.path / "run.log", "ab") as run_log:
                 self.procs[p.run_dir.run_id] = subprocess.Popen(
-                    [sys.executable, "-m", "mmbalance", "run-one", str(p.run_dir.path)], stdout=log,
-                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+                    command, stdout=run_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                    start_new_session=True)
             return self.procs[p.run_dir.run_id]
 
     def started(self, p: PlannedRun) -> bool:
@@ -221,7 +229,7 @@ def stop_running(running: Workers, grace_s: float = STOP_GRACE_S) -> None:
     by record_exit). The pool's threads reap them."""
     live = [proc for proc in running.stop() if proc.poll() is None]
     if live:
-        print(f"interrupted: stopping {len(live)} running run(s) (up to {grace_s:.0f} s)", flush=True)
+        log.warning(f"interrupted: stopping {len(live)} running run(s) (up to {grace_s:.0f} s)")
     for proc in live:
         proc.send_signal(signal.SIGINT)
     deadline = time.monotonic() + grace_s

@@ -11,10 +11,10 @@ queued are never submitted (bench.launch.plan decides).
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
 from contextlib import suppress
@@ -23,20 +23,37 @@ from typing import Any
 
 import submitit
 
-from mmbalance.core.errors import MMBalanceError, RunFailed
+from mmbalance.bench.claim import elsewhere_line
 from mmbalance.bench.launch import jobs as slurm_queue
 from mmbalance.bench.launch.options import LauncherConfig
 from mmbalance.bench.launch.plan import PlannedRun
-from mmbalance.bench.claim import elsewhere_line
-from mmbalance.bench.launch.worker import mark_pending, place_claimed, record_exit, restore_status, run_one, saved_status
+from mmbalance.bench.launch.worker import (
+    mark_pending,
+    place_claimed,
+    record_exit,
+    restore_status,
+    run_one,
+    run_one_command,
+    saved_status,
+)
+from mmbalance.bench.logs import child_level, to_stderr
 from mmbalance.bench.store import RunDir
+from mmbalance.core.errors import MMBalanceError, RunFailed
+
+log = logging.getLogger(__name__)
 
 
 class SweepJob(submitit.helpers.Checkpointable):
-    """What an array task runs: one run directory, trained (or resumed) to the end."""
+    """What an array task runs: one run directory, trained (or resumed) to the end. The task's
+    process is one the suite starts: its log records go to the task's stderr, at `log_level`
+    (the launching process's: see bench.logs.child_level)."""
+
+    def __init__(self, log_level: int = logging.INFO) -> None:
+        self.log_level = log_level
 
     def __call__(self, run_dir: str) -> str:
-        return run_one(run_dir, **placement())
+        with to_stderr(self.log_level):
+            return run_one(run_dir, **placement())
 
     def checkpoint(self, run_dir: str) -> submitit.helpers.DelayedSubmission:
         mark_requeued(RunDir(Path(run_dir)))
@@ -49,41 +66,46 @@ class PackedSweepJob(submitit.helpers.Checkpointable):
     Each run's status gets the task's job id (so that status, cancel and the summary find it),
     `log` its own run.log (where its process writes) and `stdout` the task's output."""
 
-    def __init__(self, cpus_per_task: int = 1) -> None:
-        self.cpus_per_task = cpus_per_task
+    def __init__(self, cpus_per_task: int = 1, log_level: int = logging.INFO) -> None:
+        self.cpus_per_task, self.log_level = cpus_per_task, log_level
         self.procs: dict[str, subprocess.Popen] = {}  # live run-one processes; never pickled
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"cpus_per_task": self.cpus_per_task}
+        return {"cpus_per_task": self.cpus_per_task, "log_level": self.log_level}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(**state)
 
     def __call__(self, run_dirs: list[str]) -> dict[str, str]:
+        with to_stderr(self.log_level):  # as SweepJob's
+            return self.run_chunk(run_dirs)
+
+    def run_chunk(self, run_dirs: list[str]) -> dict[str, str]:
         where = placement()
         todo = [RunDir(Path(d)) for d in run_dirs]
         todo = [rd for rd in todo if not rd.done()]
         threads = str(max(1, self.cpus_per_task // max(len(run_dirs), 1)))
         env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-        print(f"task {where['job_id']}: {len(todo)} of {len(run_dirs)} run(s) to do at once, "
-              f"{threads} thread(s) each", flush=True)
+        log.info(f"task {where['job_id']}: {len(todo)} of {len(run_dirs)} run(s) to do at once, "
+                 f"{threads} thread(s) each")
         states = {}
         for rd in todo:
             if not place_claimed(rd, job_id=where["job_id"], log=str(rd.path / "run.log"),
                                  **({"stdout": where["stdout"]} if "stdout" in where else {})):
                 states[str(rd.path)] = "elsewhere"  # another process trains it: left alone
-                print(f"task {where['job_id']}: {rd.path}: {elsewhere_line(rd)}", flush=True)
+                log.info(f"task {where['job_id']}: {rd.path}: {elsewhere_line(rd)}")
                 continue
-            with open(rd.path / "run.log", "ab") as log:
+            with open(rd.path / "run.log", "ab") as run_log:
                 self.procs[str(rd.path)] = subprocess.Popen(
-                    [sys.executable, "-m", "mmbalance", "run-one", str(rd.path)], stdout=log,
-                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, preexec_fn=ignore_preemption)
+                    run_one_command(rd.path), stdout=run_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    env=env, preexec_fn=ignore_preemption)
         for rd in todo:
             if str(rd.path) not in self.procs:
                 continue
             code = self.procs[str(rd.path)].wait()
             states[str(rd.path)] = record_exit(rd, code, killed="interrupted")
-            print(f"task {where['job_id']}: {states[str(rd.path)]} {rd.path}", flush=True)
+            log.log(logging.INFO if states[str(rd.path)] in ("finished", "elsewhere") else logging.WARNING,
+                    f"task {where['job_id']}: {states[str(rd.path)]} {rd.path}")
         failed = [f"{Path(d).name} ({state})" for d, state in states.items() if state not in ("finished", "elsewhere")]
         if failed:  # the task fails as a one-run task would; each run's status says why
             raise RunFailed(f"{len(failed)} of {len(todo)} run(s) of this task did not finish: {', '.join(failed)}")
@@ -180,16 +202,17 @@ def submit(todo: Sequence[PlannedRun], executor: submitit.Executor, runs_per_tas
         return []
     previous = {p.run_dir.path: saved_status(p.run_dir) for p in todo}
     # a run taken or finished by another launch since this one planned is not submitted
-    todo = [p for p in todo if mark_pending(p.run_dir, p.cfg.to_dict(), job_id=None, log=None, stdout=None) == "pending"]
+    todo = [p for p in todo
+            if mark_pending(p.run_dir, p.cfg.to_dict(), job_id=None, log=None, stdout=None) == "pending"]
     if not todo:
         return []
     groups = chunks(todo, runs_per_task)
     paths = [[str(p.run_dir.path.resolve()) for p in group] for group in groups]
     try:
         if runs_per_task == 1:
-            jobs = executor.map_array(SweepJob(), [chunk[0] for chunk in paths])
+            jobs = executor.map_array(SweepJob(child_level()), [chunk[0] for chunk in paths])
         else:
-            jobs = executor.map_array(PackedSweepJob(cpus_per_task), paths)
+            jobs = executor.map_array(PackedSweepJob(cpus_per_task, child_level()), paths)
     except BaseException as e:
         for p in todo:
             restore_status(p.run_dir, previous[p.run_dir.path])
@@ -199,9 +222,9 @@ def submit(todo: Sequence[PlannedRun], executor: submitit.Executor, runs_per_tas
         raise
     for group, job in zip(groups, jobs):
         for p in group:
-            log = job.paths.stderr if runs_per_task == 1 else p.run_dir.path / "run.log"
+            run_log = job.paths.stderr if runs_per_task == 1 else p.run_dir.path / "run.log"
             if p.run_dir.status()["state"] == "pending":  # the task may already have started
-                p.run_dir.set_status("pending", job_id=str(job.job_id), log=str(log), stdout=str(job.paths.stdout))
+                p.run_dir.set_status("pending", job_id=str(job.job_id), log=str(run_log), stdout=str(job.paths.stdout))
     return jobs
 
 

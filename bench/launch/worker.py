@@ -6,12 +6,23 @@ failure, with its traceback, in the run's status.json.
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from pathlib import Path
 
 from mmbalance.bench.config import RunConfig, Sources, validate
-from mmbalance.core.errors import EXIT_ELSEWHERE, EXIT_INTERRUPTED, ConfigError, RunFailed
+from mmbalance.bench.logs import child_flags
 from mmbalance.bench.store import RunDir, Store, atomic_write_text
+from mmbalance.core.errors import EXIT_ELSEWHERE, EXIT_INTERRUPTED, ConfigError, RunFailed
+
+log = logging.getLogger(__name__)
+
+
+def run_one_command(run_dir: str | Path) -> list[str]:
+    """The command line of a run-one process (local workers, packed SLURM tasks): with -v when
+    this process logs DEBUG, so that the run's log has the details this process shows."""
+    return [sys.executable, "-m", "mmbalance", *child_flags(), "run-one", str(run_dir)]
 
 
 def load_run(run_dir: str | Path) -> tuple[RunConfig, Store]:
@@ -48,7 +59,7 @@ def run_one(run_dir: str | Path, **placement: str) -> str:
     try:
         result = run(cfg, store, on_claim=lambda claimed: record_placement(claimed, **placement))
         if result.note:
-            print(f"{rd.path}: {result.note}", flush=True)
+            log.info(f"{rd.path}: {result.note}")
         return result.state
     except RunFailed:
         raise

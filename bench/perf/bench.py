@@ -1,18 +1,19 @@
 """`mmbalance bench`: step cost per method, loader speed, the data path and packing, in one run.
 
-Everything is measured in this process (packing: in K child processes) and printed as tables of
-ratios, with the targets they are held to; `--json` keeps the numbers.
+Everything is measured in this process (packing: in K child processes) and returned as tables of
+ratios, with the targets they are held to, which the command prints; `--json` keeps the numbers.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import platform
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ from tabulate import tabulate
 SHAPE_NAMES = ("cremad", "cpu", "quick")  # bench.perf.steps.SHAPES
 LOADER_TARGET = 10.0  # cache vs per-sample decode, per core
 DATA_PATH_TARGET = 1.10  # step with real loading vs on-device data, on a GPU
+
+log = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,13 +39,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clips", type=int, default=None, help="synthetic clips for the loader measurement")
     p.add_argument("--data-path", choices=("auto", "on", "off"), default="auto",
                    help="the step-with-loading check (auto: on a GPU only)")
-    p.add_argument("--workers", type=int, default=None, help="loader workers of the data-path check (default: min(8, cores))")
-    p.add_argument("--compile", action="store_true", help="torch.compile the encoders (train.compile) for the step timing")
+    p.add_argument("--workers", type=int, default=None,
+                   help="loader workers of the data-path check (default: min(8, cores))")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the encoders (train.compile) for the step timing")
     p.add_argument("--packing", default=None, help="also measure K runs sharing the device, e.g. 1,2,4")
     p.add_argument("--json", default=None, help="write every number to this file")
 
 
-def run(args: argparse.Namespace) -> int:
+def sections(args: argparse.Namespace) -> Iterator[str]:
+    """The command's output, a heading or a table at a time, each as soon as it is measured."""
     from mmbalance.bench.device import resolve_device
     from mmbalance.bench.perf.steps import SHAPES, measure_steps, variants_named
 
@@ -53,17 +59,17 @@ def run(args: argparse.Namespace) -> int:
     rounds = args.rounds or (1 if args.quick else 8 if slow else 5)
     steps = args.steps or (1 if args.quick or slow else 3)
     clips = args.clips or (8 if args.quick else 128)
-    print(f"mmbalance bench on {describe(device)}; {shapes.name}{'; encoders compiled' if args.compile else ''}")
+    yield f"mmbalance bench on {describe(device)}; {shapes.name}{'; encoders compiled' if args.compile else ''}"
     results: dict[str, Any] = {"device": describe(device), "shapes": shapes.name}
 
     from mmbalance.bench.config import TrainConfig
 
     rows = measure_steps(shapes, device, variants=variants_named(split_list(args.methods)), rounds=rounds,
                          steps=steps, warmup=1 if args.quick else 2, train=TrainConfig(compile=args.compile),
-                         progress=lambda msg: print(f"  timing steps: {msg}", flush=True))
+                         progress=lambda msg: log.info(f"timing steps: {msg}"))
     results["steps"] = rows
-    print(f"\n## Training step, same encoders and batch (fastest of {rounds} interleaved rounds of {steps} step(s))\n")
-    print(format_steps(rows))
+    yield f"\n## Training step, same encoders and batch (fastest of {rounds} interleaved rounds of {steps} step(s))\n"
+    yield format_steps(rows)
 
     with tempfile.TemporaryDirectory(prefix="mmb-bench-") as tmp:
         from mmbalance.bench.perf.loader import measure_data_path, measure_loaders, setup_loader_data
@@ -71,32 +77,30 @@ def run(args: argparse.Namespace) -> int:
         data = setup_loader_data(Path(tmp), clips)
         loaders = measure_loaders(data, min(16, clips), device)
         results["loaders"] = loaders
-        print(f"\n## Loader, {clips} synthetic CREMA-D clips (ogmge: audio 1x257x188, 1 frame 224x224), one core\n")
-        print(format_loaders(loaders))
+        yield f"\n## Loader, {clips} synthetic CREMA-D clips (ogmge: audio 1x257x188, 1 frame 224x224), one core\n"
+        yield format_loaders(loaders)
         if args.data_path == "on" or (args.data_path == "auto" and device.type == "cuda"):
             workers = args.workers if args.workers is not None else min(8, os.cpu_count() or 1)
             batch = min(shapes.batch, clips)
             check = measure_data_path(data, batch, device, steps=max(steps * rounds, 3), workers=workers,
                                       encoder=shapes.encoder)
             results["data_path"] = check
-            print("\n## Data path: joint step fed by the loader vs on data already on the device\n")
-            print(format_data_path(check, device))
+            yield "\n## Data path: joint step fed by the loader vs on data already on the device\n"
+            yield format_data_path(check, device)
 
     if args.packing:
         from mmbalance.bench.perf.packing import format_packing, measure_packing
 
         ks = [int(k) for k in split_list(args.packing) or []]
-        print(f"\n## Packing: K runs of the quickstart's joint-concat cell (100 epochs) sharing this {device.type}\n",
-              flush=True)
+        yield f"\n## Packing: K runs of the quickstart's joint-concat cell (100 epochs) sharing this {device.type}\n"
         # 100 epochs and 3 interleaved repeats: start-up and noise would swamp shorter runs
         packing = measure_packing(ks, overrides=["train.epochs=100"], repeats=1 if args.quick else 3)
         results["packing"] = packing
-        print(format_packing(packing))
+        yield format_packing(packing)
 
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))
-        print(f"\nnumbers written to {args.json}")
-    return 0
+        log.info(f"numbers written to {args.json}")
 
 
 def split_list(text: str | None) -> list[str] | None:
@@ -108,7 +112,8 @@ def describe(device: Any) -> str:
 
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads (torch {torch.__version__})"
+    return (f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads "
+            f"(torch {torch.__version__})")
 
 
 def verdict(value: float, target: float | None) -> str:
@@ -118,9 +123,10 @@ def verdict(value: float, target: float | None) -> str:
 
 
 def format_steps(rows: Sequence[dict[str, Any]]) -> str:
-    table = [[r["method"], f"{r['step_s'] * 1000:.1f}", f"{r['ratio_to_joint']:.3f}", verdict(r["ratio_to_joint"], r["target"]),
-              f"{r['samples_per_s']:.1f}", f"{r['peak_mb']:.0f}", f"{r['forward_passes_per_step']:.2f}",
-              f"{r['backward_passes_per_step']:.2f}", f"+{r['spread']:.0%}"] for r in rows]
+    table = [[r["method"], f"{r['step_s'] * 1000:.1f}", f"{r['ratio_to_joint']:.3f}",
+              verdict(r["ratio_to_joint"], r["target"]), f"{r['samples_per_s']:.1f}", f"{r['peak_mb']:.0f}",
+              f"{r['forward_passes_per_step']:.2f}", f"{r['backward_passes_per_step']:.2f}", f"+{r['spread']:.0%}"]
+             for r in rows]
     return tabulate(table, headers=["method", "step ms", "vs joint", "target", "samples/s", "peak MB",
                                     "fwd/step", "bwd/step", "median round"], tablefmt="github")
 
@@ -132,8 +138,8 @@ def format_loaders(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def format_data_path(check: dict[str, Any], device: Any) -> str:
-    line = (f"batch {check['batch']}, {check['workers']} workers: {check['loaded_step_s'] * 1000:.1f} ms/step loaded vs "
-            f"{check['resident_step_s'] * 1000:.1f} ms on-device = {check['loaded_vs_resident']:.3f}")
+    line = (f"batch {check['batch']}, {check['workers']} workers: {check['loaded_step_s'] * 1000:.1f} ms/step "
+            f"loaded vs {check['resident_step_s'] * 1000:.1f} ms on-device = {check['loaded_vs_resident']:.3f}")
     if device.type == "cuda":
         line += f" ({verdict(check['loaded_vs_resident'], DATA_PATH_TARGET)})"
     else:

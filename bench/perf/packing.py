@@ -32,8 +32,8 @@ def load_measured_config(config: Path | None, overrides: Sequence[str], cell: st
     """The run to measure: `config` (a run config, or a sweep file's cell `cell`, default its first
     run) with `overrides`; without `config`, the quickstart's joint-concat cell."""
     from mmbalance.bench.config import load_config
-    from mmbalance.core.errors import ConfigError
     from mmbalance.bench.sweep import is_sweep_file, load_sweep
+    from mmbalance.core.errors import ConfigError
 
     overrides = [*MEASURE_OVERRIDES, *overrides]
     if config is None:
@@ -75,9 +75,9 @@ def measure_one(cfg: RunConfig, k: int, root: Path) -> dict[str, Any]:
     """K runs of `cfg` at once; aggregate samples/s = all training samples of the K runs / wall
     seconds from starting the processes to the last one's end (start-up and evaluation included:
     what a sweep gets); per-run samples/s = the runs' own training-loop throughput, averaged."""
-    from mmbalance.core.errors import RunFailed
     from mmbalance.bench.launch.local import gpu_count, threads_per_worker, worker_env
     from mmbalance.bench.store import Store
+    from mmbalance.core.errors import RunFailed
 
     store, gpus = Store(root), gpu_count()
     dirs = []
@@ -131,9 +131,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mmbalance.bench.perf.packing", description=__doc__.splitlines()[0])
     parser.add_argument("--ks", default="1,2,4", help="runs packed at once, comma-separated (default 1,2,4)")
     parser.add_argument("--config", default=None, help="run config or sweep file (default: the quickstart)")
-    parser.add_argument("--cell", default=None, help="the sweep file's cell to measure (default: joint-concat / the first)")
+    parser.add_argument("--cell", default=None,
+                        help="the sweep file's cell to measure (default: joint-concat / the first)")
     parser.add_argument("--epochs", type=int, default=None, help="train.epochs of every run (default: the config's)")
-    parser.add_argument("--repeats", type=int, default=1, help="measure every K this often; report the median (default 1)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="measure every K this often; report the median (default 1)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.batch_size=128")
     args = parser.parse_args(argv)
     overrides = [*args.overrides, *([f"train.epochs={args.epochs}"] if args.epochs else [])]

@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from mmbalance.core.errors import ConfigError
 from mmbalance.bench.report.cells import aggregate, display, printed, to_latex
 from mmbalance.bench.report.collect import DEFICIT_NOTE, SELECTIONS, damaged_runs, load_runs
 from mmbalance.bench.report.figures import make_figures
 from mmbalance.bench.report.paper import paper_vs_ours
-from mmbalance.bench.resources import paper_tables_csv
 from mmbalance.bench.report.stats import CI_NOTE, TEST_NOTE, paired_tests
+from mmbalance.bench.resources import paper_tables_csv
 from mmbalance.bench.store import atomic_write_text
+from mmbalance.core.errors import ConfigError
 
 BY_KEYS = ("dataset", "method", "fusion", "group")  # "method" is the cell label of a sweep
 
@@ -88,7 +88,8 @@ def build_report(results_dir: Path, out: Path, by: str | list[str] = "dataset,me
     write("table.csv", table.to_csv(index=False))
     write("aggregate.csv", agg.to_csv(index=False))
     write("table.tex", to_latex(agg, f"{protocol}; mean $\\pm$ std over seeds; best of a dataset bold, second "
-                                     f"underlined; deficit = the unimodal-only model's probe $-$ this probe, same seed."))
+                                     "underlined; deficit = the unimodal-only model's probe $-$ this probe, same "
+                                     "seed."))
     write("stats.md", md_section("Paired tests against joint", tests, TEST_NOTE))
     write("stats.csv", tests.to_csv(index=False))
     write("paper_vs_ours.md", md_section("Paper vs ours", paper, PAPER_NOTE))
@@ -179,11 +180,13 @@ def md_section(title: str, df: pd.DataFrame, note: str) -> str:
 
 
 def markdown_page(title: str, sections, figures: list[Path], out: Path) -> str:
-    parts = [f"# {title}\n", "Files: table.{md,csv,tex}, aggregate.csv, stats.{md,csv}, paper_vs_ours.{md,csv}, runs.csv, report.html.\n"]
+    parts = [f"# {title}\n", "Files: table.{md,csv,tex}, aggregate.csv, stats.{md,csv}, paper_vs_ours.{md,csv}, "
+                              "runs.csv, report.html.\n"]
     parts += [md_section(*s) for s in sections]
     pngs = [f for f in figures if f.suffix == ".png"]
     if pngs:
-        parts.append("## Figures\n\n" + "\n\n".join(f"![{f.stem}]({f.relative_to(out).as_posix()})" for f in pngs) + "\n")
+        links = (f"![{f.stem}]({f.relative_to(out).as_posix()})" for f in pngs)
+        parts.append("## Figures\n\n" + "\n\n".join(links) + "\n")
     return "\n".join(parts)
 
 

@@ -21,8 +21,8 @@ from typing import Any
 
 import pandas as pd
 
-from mmbalance.core.errors import ConfigError
 from mmbalance.bench.store import RunDir
+from mmbalance.core.errors import ConfigError
 
 # --select value -> the summary.json block it reads, and how the report names it
 SELECTIONS = {

@@ -81,7 +81,7 @@ def _save(fig: Figure, out_dir: Path, stem: str) -> list[Path]:
 
 def _label_legend(fig: Figure, labels: list[str], colors: dict[str, Any], extra: list | None = None) -> None:
     """A figure-level legend of method labels to the right of all panels (never over data)."""
-    handles = [plt.Line2D([], [], color=colors[l], marker="o", linestyle="-", label=l) for l in labels]
+    handles = [plt.Line2D([], [], color=colors[name], marker="o", linestyle="-", label=name) for name in labels]
     fig.legend(handles=handles + (extra or []), loc="center left", bbox_to_anchor=(1.0, 0.5),
                frameon=False, fontsize=9)
 
@@ -173,7 +173,7 @@ def modality_trajectories(agg: pd.DataFrame, runs: pd.DataFrame, metrics: dict[s
         return None
     panels = ["val acc: fused"] + sorted(p for p in data["panel"].unique() if p != "val acc: fused")
     grid = sns.relplot(data=data, x="epoch", y="value", col="panel", col_order=panels, hue="label",
-                       hue_order=[l for l in order if l in set(data["label"])], palette=colors, kind="line",
+                       hue_order=[name for name in order if name in set(data["label"])], palette=colors, kind="line",
                        errorbar=ci_bounds, marker=".", height=3.4, aspect=1.2, legend=False)
     grid.set_titles("{col_name}").set_axis_labels("epoch", "validation accuracy")
     for ax in grid.axes.flat:
@@ -183,7 +183,7 @@ def modality_trajectories(agg: pd.DataFrame, runs: pd.DataFrame, metrics: dict[s
     grid.figure.suptitle(f"{ds}: per-epoch validation accuracy (mean over seeds, band = 95% t-CI)"
                          + small_n_note(agg[agg["dataset"] == ds], []), fontsize=10)
     grid.figure.tight_layout()
-    _label_legend(grid.figure, list(dict.fromkeys(l for l in order if l in set(data["label"]))), colors)
+    _label_legend(grid.figure, list(dict.fromkeys(name for name in order if name in set(data["label"]))), colors)
     return grid.figure
 
 
@@ -219,10 +219,10 @@ def method_diagnostics(agg: pd.DataFrame, runs: pd.DataFrame, metrics: dict[str,
                        colors: dict[str, Any], ds: str) -> Figure | None:
     sub = runs[(runs["dataset"] == ds) & (runs["method"] != "unimodal") & ~runs["method"].str.startswith("joint")]
     data = _long(metrics, sub, _diagnostics)  # joint and unimodal have no method of their own
-    labels = [l for l in _rows(agg, ds) if l in set(data["label"])]
+    labels = [name for name in _rows(agg, ds) if name in set(data["label"])]
     if not labels:
         return None
-    panels = {l: sorted(data.loc[data["label"] == l, "panel"].unique()) for l in labels}
+    panels = {name: sorted(data.loc[data["label"] == name, "panel"].unique()) for name in labels}
     ncols = max(len(p) for p in panels.values())
     fig, axes = plt.subplots(len(labels), ncols, figsize=(3.6 * ncols, 2.7 * len(labels)), squeeze=False)
     for row, label in zip(axes, labels):

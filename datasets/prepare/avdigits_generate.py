@@ -5,7 +5,7 @@ with one espeak-ng utterance of that digit's English name. Splits are
 stratified and fixed; speakers (espeak voice + variant) are disjoint between
 splits, and so are the accents and the variants on their own.
 
-Run ``python -m datasets.prepare.avdigits_generate`` to rebuild the shipped
+Run ``python -m mmbalance.datasets.prepare.avdigits_generate`` to rebuild the shipped
 cache ``datasets/data/avdigits_v1.npz`` and manifest
 ``datasets/manifests/avdigits_v1.json``.
 """
@@ -21,10 +21,11 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 

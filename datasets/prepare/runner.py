@@ -71,12 +71,13 @@ class PrepareReport:
         lines.append("  " + split_verdict(self.split_info))
         for note in self.notes:
             lines.append(f"  note: {note}")
-        for sid, paths in list(self.missing.items())[:10]:
+        for paths in list(self.missing.values())[:10]:
             lines.append(f"  missing: {', '.join(paths)}")
-        for sid, why in list(self.corrupt.items())[:10]:
+        for why in list(self.corrupt.values())[:10]:
             lines.append(f"  corrupt: {why}")
         if len(self.missing) + len(self.corrupt) > 20:
-            lines.append(f"  ... all {len(self.missing)} missing and {len(self.corrupt)} corrupt in {self.out / 'report.json'}")
+            lines.append(f"  ... all {len(self.missing)} missing and {len(self.corrupt)} corrupt in "
+                         f"{self.out / 'report.json'}")
         lines.append(f"  {self.processed} samples decoded in {self.seconds:.1f} s ({self.samples_per_s:.1f} samples/s)")
         return "\n".join(lines)
 
@@ -260,7 +261,8 @@ def _load_one(
         return None, f"{source.id} ({files}): {type(e).__name__}: {e}"
 
 
-def _counts(plan: Plan, done: np.ndarray, row_of: dict[str, int], missing: dict, corrupt: dict) -> dict[str, dict[str, int]]:
+def _counts(plan: Plan, done: np.ndarray, row_of: dict[str, int], missing: dict,
+            corrupt: dict) -> dict[str, dict[str, int]]:
     return {
         split: {
             "listed": len(ids),
