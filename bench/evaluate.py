@@ -11,8 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mmbalance.methods.base import Method
 from mmbalance.core.types import Batch
+from mmbalance.methods.base import Method
 
 
 def average_precision(hits: np.ndarray, scores: np.ndarray) -> float:

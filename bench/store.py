@@ -161,8 +161,8 @@ class RunDir:
             **{k: previous[k] for k in HISTORY_KEYS if k in previous},
             **info,
         }
-        write_checked(self.status_file, strict_json({k: v for k, v in record.items() if v is not None}, indent=2) + "\n",
-                      schema.check_status, json.loads)
+        text = strict_json({k: v for k, v in record.items() if v is not None}, indent=2) + "\n"
+        write_checked(self.status_file, text, schema.check_status, json.loads)
 
     def previous_status(self) -> dict[str, Any]:
         """The record a status update starts from: a damaged status.json is kept aside, and the

@@ -26,19 +26,18 @@ from mmbalance.bench.claim import elsewhere_line, try_claim
 from mmbalance.bench.config import RunConfig
 from mmbalance.bench.data import build_loaders, epoch_generator, seed_everything
 from mmbalance.bench.device import prepare_model, resolve_device
-from mmbalance.core.errors import ConfigError, DamagedFile, MMBalanceError, RunFailed
 from mmbalance.bench.evaluate import Evaluation, evaluate
-from mmbalance.models import build_encoder
 from mmbalance.bench.oserror import os_message
 from mmbalance.bench.probe import probe_all
-from mmbalance.core.registry import DATASETS, METHODS
 from mmbalance.bench.schema import check_checkpoint
 from mmbalance.bench.selection import best_epoch
 from mmbalance.bench.store import RunDir, Store
+from mmbalance.core.errors import ConfigError, DamagedFile, MMBalanceError, RunFailed
+from mmbalance.core.registry import DATASETS, METHODS
+from mmbalance.core.types import Batch
 from mmbalance.datasets.base import Dataset
 from mmbalance.methods.base import Method, MethodSetup, StepContext
-from mmbalance.core.types import Batch
-
+from mmbalance.models import build_encoder
 
 # builds (or hands out an already built) dataset for a config; sweeps share one between runs
 DatasetSource = Callable[[RunConfig], Dataset]
@@ -257,8 +256,9 @@ class Trainer:
         lr = self.context.optimizer.param_groups[0]["lr"]  # after the hook, which may reset it
         losses = LossTally(lazy=self.device.type != "cpu")
         start = time.perf_counter()
-        bar = tqdm(loader(epoch_generator(cfg.seed, epoch)), total=len(loader), desc=f"epoch {epoch}/{cfg.epochs - 1}",
-                   leave=False, disable=True if not cfg.progress else None, dynamic_ncols=True)  # None: off when not a TTY
+        bar = tqdm(loader(epoch_generator(cfg.seed, epoch)), total=len(loader),
+                   desc=f"epoch {epoch}/{cfg.epochs - 1}", leave=False,
+                   disable=True if not cfg.progress else None, dynamic_ncols=True)  # None: off when not a TTY
         for index, batch in enumerate(bar):
             self.context.batch_index = index
             step = self.method.training_step(batch)
@@ -310,8 +310,10 @@ class Trainer:
         probes = {}
         if cfg.eval.probe:
             self.method.load_state_dict(self.dir.load(self.dir.best)["model"])
-            passes = {"train": self.loaders["train_plain"](), "val": self.loaders["val"](), "test": self.loaders["test"]()}
-            probes = probe_all(self.method, passes, self.context.autocast, cfg.eval.probe_c_grid, cfg.eval.probe_max_iter)
+            passes = {"train": self.loaders["train_plain"](), "val": self.loaders["val"](),
+                      "test": self.loaders["test"]()}
+            probes = probe_all(self.method, passes, self.context.autocast, cfg.eval.probe_c_grid,
+                               cfg.eval.probe_max_iter)
         return {
             "run_id": self.dir.run_id,
             "dataset": cfg.dataset["name"],

@@ -280,7 +280,8 @@ class Manifest(PreparedDataset):
     # ---- prepare ------------------------------------------------------------------------------
 
     @classmethod
-    def configure(cls, name: str, pipeline_file: str | Path | None = None, options: Sequence[str] = ()) -> ManifestPipeline:
+    def configure(cls, name: str, pipeline_file: str | Path | None = None,
+                  options: Sequence[str] = ()) -> ManifestPipeline:
         cls.pipeline(name)  # an unknown preset is refused with the allowed names
         return configure(name, pipeline_file, options)
 

@@ -199,7 +199,8 @@ def configure(preset: str, pipeline_file: str | Path | None = None, overrides: S
     try:
         options = PipelineOptions.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(format_errors(e, PipelineOptions, sources, what=f"pipeline options (preset {preset!r})")) from None
+        what = f"pipeline options (preset {preset!r})"
+        raise ConfigError(format_errors(e, PipelineOptions, sources, what=what)) from None
     return base.model_copy(update={"options": options})
 
 

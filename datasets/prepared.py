@@ -28,9 +28,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from mmbalance.core.params import Strict
 from mmbalance.core.errors import ConfigError, DataError
-from mmbalance.datasets.base import Dataset
+from mmbalance.core.params import Strict
 from mmbalance.core.types import Modality, ModalityKind
 from mmbalance.datasets.base import Dataset
 from mmbalance.datasets.cache import ArraySpec, Cache

@@ -72,7 +72,8 @@ class SpectrogramView:
         return replace(self, half=True), Standardise(*self.norm) if self.norm else to_float32
 
     def __call__(self, arr: np.ndarray, count: int | None = None) -> torch.Tensor:
-        x = torch.from_numpy(np.array(arr, dtype=np.float16 if self.half else np.float32))  # a copy: rows are read-only maps
+        # a copy: rows are read-only maps
+        x = torch.from_numpy(np.array(arr, dtype=np.float16 if self.half else np.float32))
         if self.crop is not None and x.shape[self.time_axis] > self.crop:
             real = x.shape[self.time_axis] if count is None else max(int(count), self.crop)
             slack = min(real, x.shape[self.time_axis]) - self.crop

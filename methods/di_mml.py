@@ -62,12 +62,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import Field
 
-from mmbalance.core.params import Strict
 from mmbalance.core.errors import ConfigError
-from mmbalance.models.fusion import linear
+from mmbalance.core.params import Strict
 from mmbalance.core.registry import METHODS
-from mmbalance.methods.base import Method, MethodSetup
 from mmbalance.core.types import Batch, Prediction
+from mmbalance.methods.base import Method, MethodSetup
+from mmbalance.models.fusion import linear
 
 
 class DIMMLParams(Strict):

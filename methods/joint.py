@@ -12,12 +12,12 @@ from typing import Literal
 
 import torch
 
-from mmbalance.core.params import Strict
 from mmbalance.core.errors import ConfigError
-from mmbalance.models.fusion import build_fusion
+from mmbalance.core.params import Strict
 from mmbalance.core.registry import METHODS
-from mmbalance.methods.base import Method, MethodSetup
 from mmbalance.core.types import Batch, Prediction
+from mmbalance.methods.base import Method, MethodSetup
+from mmbalance.models.fusion import build_fusion
 
 
 class JointParams(Strict):

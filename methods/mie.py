@@ -95,11 +95,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import Field
 
-from mmbalance.core.params import Strict
 from mmbalance.core.errors import ConfigError, allowed_list
+from mmbalance.core.params import Strict
 from mmbalance.core.registry import METHODS
-from mmbalance.methods.base import Method, MethodSetup
 from mmbalance.core.types import Batch, Prediction
+from mmbalance.methods.base import Method, MethodSetup
 
 DEFAULT_RHO = {"paper": 0.05, "code": 1e-10}
 DEFAULT_PROJECT_LAYERS = {"paper": "head", "code": "shape_match"}
@@ -337,7 +337,7 @@ class MIE(Method):
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
         norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
         theta = [p.detach().clone() for p in params]
-        buffers = [b for b in (*self.encoders[m].buffers(), *self.heads[m].buffers())]
+        buffers = [*self.encoders[m].buffers(), *self.heads[m].buffers()]
         saved = [b.clone() for b in buffers]  # the second forward must not move BatchNorm statistics
         with torch.no_grad():
             for p, g in zip(params, grads):

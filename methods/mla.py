@@ -63,12 +63,12 @@ import torch
 import torch.nn.functional as F
 from pydantic import PositiveFloat, field_validator
 
-from mmbalance.core.params import Strict
 from mmbalance.core.errors import ConfigError
-from mmbalance.models.fusion import linear
+from mmbalance.core.params import Strict
 from mmbalance.core.registry import METHODS
-from mmbalance.methods.base import Method, MethodSetup
 from mmbalance.core.types import Batch, Prediction
+from mmbalance.methods.base import Method, MethodSetup
+from mmbalance.models.fusion import linear
 
 # the code's fixed fusion weights by number of modalities, given to the modalities by position
 CODE_FIXED_WEIGHTS = {1: (1.0,), 2: (0.55, 0.45), 3: (0.35, 0.25, 0.4)}
@@ -117,12 +117,12 @@ def entropy(logits: torch.Tensor, dim: int) -> torch.Tensor:
 def fusion_weights(mode: str, logits: dict[str, torch.Tensor], fixed: dict[str, float]) -> dict[str, torch.Tensor]:
     """lambda per modality: (B, 1) per sample ("entropy"), else 0-dim tensors."""
     if mode == "fixed":
-        return {m: torch.tensor(fixed[m], device=l.device) for m, l in logits.items()}
+        return {m: torch.tensor(fixed[m], device=z.device) for m, z in logits.items()}
     if mode == "entropy":  # paper: per-sample class entropy, softmax(-e) over modalities
-        ent = torch.stack([entropy(l, dim=1) for l in logits.values()])  # M x B
+        ent = torch.stack([entropy(z, dim=1) for z in logits.values()])  # M x B
         lam = F.softmax(-ent, dim=0).unsqueeze(-1)
     else:  # the code: softmax over the batch, entropy of the whole B x C matrix
-        ent = torch.stack([entropy(l, dim=0).sum() for l in logits.values()])  # M
+        ent = torch.stack([entropy(z, dim=0).sum() for z in logits.values()])  # M
         lam = F.softmax(-ent, dim=0)
     return dict(zip(logits, lam))
 

@@ -60,10 +60,10 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from mmbalance.core.params import Strict
-from mmbalance.models.fusion import ConcatFusion, LateFusion, SumFusion, build_fusion, linear
 from mmbalance.core.registry import METHODS
-from mmbalance.methods.base import Method, MethodSetup
 from mmbalance.core.types import Batch, Prediction
+from mmbalance.methods.base import Method, MethodSetup
+from mmbalance.models.fusion import ConcatFusion, LateFusion, SumFusion, build_fusion, linear
 
 NOISE_EPS = 1e-8  # added to the noise std, as the reference code does
 
@@ -135,7 +135,8 @@ def modulation_masks(ratios: dict[str, torch.Tensor], order: Sequence[str]) -> d
     return masks
 
 
-def modulation_coefficients(ratios: dict[str, torch.Tensor], order: Sequence[str], alpha: float) -> dict[str, torch.Tensor]:
+def modulation_coefficients(ratios: dict[str, torch.Tensor], order: Sequence[str],
+                            alpha: float) -> dict[str, torch.Tensor]:
     """k_m for every modality: 1 - tanh(alpha rho_m) for the modulated one, 1 for the others.
     The reference code's ReLU around rho is left out: rho > 0."""
     masks = modulation_masks(ratios, order)

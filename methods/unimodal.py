@@ -9,12 +9,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from mmbalance.core.params import Strict
 from mmbalance.core.errors import ConfigError, allowed_list, closest
-from mmbalance.models.fusion import linear
+from mmbalance.core.params import Strict
 from mmbalance.core.registry import METHODS
-from mmbalance.methods.base import Method, MethodSetup
 from mmbalance.core.types import Batch, Prediction
+from mmbalance.methods.base import Method, MethodSetup
+from mmbalance.models.fusion import linear
 
 
 class UnimodalParams(Strict):

@@ -10,15 +10,14 @@ import pytest
 import torch
 import torch.nn as nn
 
-from mmbalance.core.errors import ConfigError
-from mmbalance.models.small import MLPEncoder, MLPParams
 from mmbalance.bench.store import RunDir, Store
 from mmbalance.bench.train import Trainer, run
-from mmbalance.core.types import Modality
+from mmbalance.core.errors import ConfigError
+from mmbalance.core.types import Batch, Modality
 from mmbalance.methods.base import MethodSetup, StepContext
-from mmbalance.core.types import Batch
 from mmbalance.methods.di_mml import DIMML, DIMMLParams, certainty_weights, dimension_accuracy, duc_term, top_dimensions
 from mmbalance.methods.unimodal import Unimodal, UnimodalParams
+from mmbalance.models.small import MLPEncoder, MLPParams
 from tests.conftest import step_context, without_timing
 
 Y6 = torch.tensor([0, 0, 0, 1, 1, 1])

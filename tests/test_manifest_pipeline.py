@@ -147,7 +147,7 @@ def test_a_run_may_change_only_the_load_time_options(own):
     with pytest.raises(ConfigError, match=r"unknown key 'dataset.options.audio.binz'.*did you mean 'bins'"):
         load_config(None, ["dataset.name=manifest", root, "dataset.options.audio.binz=3"])
     with pytest.raises(ConfigError, match=r"dataset.options.audio.feature.*'fbank', 'logmel' or 'stft'"):
-        Manifest(ManifestParams(root=str(own[1]), options={"audio": {"feature": "mfcc"}})).cache
+        _ = Manifest(ManifestParams(root=str(own[1]), options={"audio": {"feature": "mfcc"}})).cache
 
 
 def test_flip_is_off_by_default_and_switchable(own):

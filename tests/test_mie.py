@@ -14,12 +14,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mmbalance.bench.config import load_config
-from mmbalance.core.errors import ConfigError
 from mmbalance.bench.store import RunDir, Store
 from mmbalance.bench.train import Trainer, run
-from mmbalance.core.types import Modality
+from mmbalance.core.errors import ConfigError
+from mmbalance.core.types import Batch, Modality
 from mmbalance.methods.base import MethodSetup
-from mmbalance.core.types import Batch
 from mmbalance.methods.mie import MIE, MIEParams, flat_projection
 from tests.conftest import FAST, run_interrupted, step_context, without_timing
 
@@ -287,7 +286,7 @@ def compute_P_matrix(model, train_loader, config, state):
     handles = []
     for m in modules:
         handles.append(m.register_forward_hook(hook=model.compute_cov))
-    for step, (spectrogram, image, y) in enumerate(train_loader):
+    for spectrogram, image, _ in train_loader:
         model.forward([spectrogram, image, state])
     model.get_P_matrix(modules, model.fea_in, config)
     for h in handles:

@@ -13,15 +13,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mmbalance.bench.config import load_config
-from mmbalance.core.errors import ConfigError
-from mmbalance.models.small import MLPEncoder, MLPParams
 from mmbalance.bench.store import RunDir, Store
 from mmbalance.bench.train import run
-from mmbalance.core.types import Modality
+from mmbalance.core.errors import ConfigError
+from mmbalance.core.types import Batch, Modality
 from mmbalance.methods.base import MethodSetup
-from mmbalance.core.types import Batch
 from mmbalance.methods.mla import MLA, MLAParams
 from mmbalance.methods.unimodal import Unimodal, UnimodalParams
+from mmbalance.models.small import MLPEncoder, MLPParams
 from tests.conftest import run_interrupted, step_context, without_timing
 
 C = 3

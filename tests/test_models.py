@@ -10,8 +10,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from mmbalance.core.params import NoParams
 from mmbalance.core.errors import ConfigError
+from mmbalance.core.params import NoParams
+from mmbalance.core.types import Batch, Modality
+from mmbalance.methods.base import MethodSetup
+from mmbalance.methods.joint import Joint, JointParams
+from mmbalance.methods.unimodal import Unimodal, UnimodalParams
 from mmbalance.models.fusion import (
     FUSIONS,
     ConcatFusion,
@@ -23,11 +27,6 @@ from mmbalance.models.fusion import (
 )
 from mmbalance.models.resnet import ResNet18Encoder
 from mmbalance.models.small import MLPEncoder, MLPParams, SmallCNNEncoder, SmallCNNParams
-from mmbalance.core.types import Modality
-from mmbalance.methods.base import MethodSetup
-from mmbalance.core.types import Batch
-from mmbalance.methods.joint import Joint, JointParams
-from mmbalance.methods.unimodal import Unimodal, UnimodalParams
 from tests.conftest import step_context
 
 DIMS = {"audio": 5, "visual": 3}

@@ -12,13 +12,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mmbalance.bench.config import load_config
-from mmbalance.core.errors import ConfigError
-from mmbalance.models.small import SmallCNNEncoder, SmallCNNParams
 from mmbalance.bench.store import RunDir, Store
 from mmbalance.bench.train import run
-from mmbalance.core.types import Modality
+from mmbalance.core.errors import ConfigError
+from mmbalance.core.types import Batch, Modality
 from mmbalance.methods.base import MethodSetup
-from mmbalance.core.types import Batch
 from mmbalance.methods.joint import Joint, JointParams
 from mmbalance.methods.ogm_ge import (
     OGMGE,
@@ -29,6 +27,7 @@ from mmbalance.methods.ogm_ge import (
     modulated_modality,
     modulation_coefficients,
 )
+from mmbalance.models.small import SmallCNNEncoder, SmallCNNParams
 from tests.conftest import run_interrupted, step_context, without_timing
 
 NUM_CLASSES = 3
@@ -358,7 +357,7 @@ def test_noise_on_modulated_only_leaves_the_k1_modality_untouched():
     assert out["coef.audio"].item() < 1 and out["coef.visual"].item() == 1.0
     audio_convs = [n for n, p in method.named_parameters()
                    if n.startswith("encoders.audio.") and p.dim() == 4]
-    expected = expected_noisy(raw, audio_convs, {n: out["coef.audio"] for n in audio_convs}, seed=7)
+    expected = expected_noisy(raw, audio_convs, dict.fromkeys(audio_convs, out["coef.audio"]), seed=7)
     for name, g in raw.items():
         if name in expected:
             assert torch.equal(seen[name], expected[name]), name

@@ -106,4 +106,5 @@ def test_spectrogram_view_time_first_with_frame_count_and_normalisation():
     assert starts == {0, 1, 2}  # within the real frames only
     half, batch = view.deferred()
     assert torch.equal(batch(half(spec, 6)[None]), view(spec, 6)[None])  # the device path, same numbers
-    assert torch.equal(SpectrogramView(train=False, norm=(3.0, 0.0))(spec), torch.from_numpy(spec.astype(np.float32) - 3)[None])
+    shifted = torch.from_numpy(spec.astype(np.float32) - 3)[None]
+    assert torch.equal(SpectrogramView(train=False, norm=(3.0, 0.0))(spec), shifted)

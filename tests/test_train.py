@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from mmbalance.core.errors import RunFailed
-from mmbalance.core.registry import METHODS
 from mmbalance.bench.store import RunDir, atomic_write_text
 from mmbalance.bench.train import run
+from mmbalance.core.errors import RunFailed
+from mmbalance.core.registry import METHODS
 from mmbalance.methods.joint import Joint
 from tests.conftest import run_interrupted, without_timing
 
@@ -187,7 +187,8 @@ def test_status_marks_a_killed_run_stale(fast_config, store, tmp_path):
     assert shown_state(rd.status()) == "running (stale: process gone)"
     with try_claim(rd):
         assert shown_state(rd.status(), held=True) == "running"
-        assert "1 running" in status_table(store.root / cfg.group) and "stale" not in status_table(store.root / cfg.group)
+        table = status_table(store.root / cfg.group)
+        assert "1 running" in table and "stale" not in table
 
 
 @METHODS.register("test_staged")

@@ -25,12 +25,11 @@ from pydantic import ValidationError
 
 from mmbalance.bench.config import RunConfig, TrainConfig
 from mmbalance.bench.device import prepare_model
-from mmbalance.models import build_encoder
-from mmbalance.core.registry import METHODS
 from mmbalance.bench.train import PassCounter, build_optimizer, build_scheduler
-from mmbalance.core.types import Modality
+from mmbalance.core.registry import METHODS
+from mmbalance.core.types import Batch, Modality
 from mmbalance.methods.base import Method, MethodSetup, StepContext
-from mmbalance.core.types import Batch
+from mmbalance.models import build_encoder
 
 
 @dataclass(frozen=True)
@@ -49,10 +48,12 @@ class Shapes:
 
 
 SHAPES = {
-    "cremad": Shapes("CREMA-D ogmge: audio 1x257x188, 1 frame 3x224x224, batch 64", (1, 257, 188), (3, 1, 224, 224), 64),
+    "cremad": Shapes("CREMA-D ogmge: audio 1x257x188, 1 frame 3x224x224, batch 64",
+                     (1, 257, 188), (3, 1, 224, 224), 64),
     # half the side, same batch: per-step costs that scale with the parameters (OGM-GE's noise,
     # optimiser steps) weigh against the convolutions as they do at full size, not 4x more
-    "cpu": Shapes("CREMA-D ogmge at half size: audio 1x128x94, 1 frame 3x112x112, batch 64", (1, 128, 94), (3, 1, 112, 112), 64),
+    "cpu": Shapes("CREMA-D ogmge at half size: audio 1x128x94, 1 frame 3x112x112, batch 64",
+                  (1, 128, 94), (3, 1, 112, 112), 64),
     "quick": Shapes("tiny, small CNNs: audio 1x32x24, 1 frame 3x32x32, batch 8", (1, 32, 24), (3, 1, 32, 32), 8,
                     encoder="small_cnn"),
 }
