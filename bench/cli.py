@@ -230,7 +230,8 @@ def launcher_options(from_file, flags: dict):
     """The file's launcher section with the command-line flags over it."""
     from pydantic import ValidationError
 
-    from mmbalance.bench.config import ConfigError, Sources, format_errors
+    from mmbalance.core.errors import ConfigError
+    from mmbalance.core.overrides import Sources, format_errors
 
     sources = Sources()
     sources.record({f"launcher.{k}": v for k, v in flags.items()}, "the command line")

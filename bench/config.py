@@ -22,16 +22,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError
 
 from mmbalance.core.errors import ConfigError, allowed_list, closest
-from mmbalance.core.overrides import (  # noqa: F401 (parse_override, assign, allowed_keys: part of this module's API)
-    Sources,
-    allowed_keys,
-    apply_overrides,
-    assign,
-    deep_merge,
-    format_errors,
-    parse_override,
-    read_yaml,
-)
+from mmbalance.core.overrides import Sources, apply_overrides, deep_merge, format_errors, read_yaml
 from mmbalance.core.params import Strict
 
 

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from mmbalance.bench.cli import main
-from mmbalance.bench.config import load_config, parse_override, validate
+from mmbalance.bench.config import load_config, validate
 from mmbalance.core.errors import ConfigError
+from mmbalance.core.overrides import parse_override
 
 
 def write(tmp_path: Path, text: str, name: str = "run.yaml") -> Path:

@@ -11,10 +11,11 @@ import os
 import sys
 from pathlib import Path
 
-from mmbalance.bench.config import RunConfig, Sources, validate
+from mmbalance.bench.config import RunConfig, validate
 from mmbalance.bench.logs import child_flags
 from mmbalance.bench.store import RunDir, Store, atomic_write_text
 from mmbalance.core.errors import EXIT_ELSEWHERE, EXIT_INTERRUPTED, ConfigError, RunFailed
+from mmbalance.core.overrides import Sources
 
 log = logging.getLogger(__name__)
 
