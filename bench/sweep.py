@@ -43,25 +43,23 @@ from typing import Any
 from pydantic import Field, ValidationError, model_validator
 from tqdm.auto import tqdm
 
-from mmbalance.bench.config import (
-    ConfigError,
-    RunConfig,
+from mmbalance.bench.config import RunConfig, validate
+from mmbalance.bench.launch.options import LauncherConfig
+from mmbalance.bench.launch.plan import label
+from mmbalance.bench.resources import shipped_config, shipped_configs
+from mmbalance.bench.store import Store
+from mmbalance.bench.train import DatasetSource, RunResult, build_dataset, build_method, run
+from mmbalance.core.errors import ConfigError, DataError, RunFailed
+from mmbalance.core.overrides import (
     Sources,
-    Strict,
     apply_overrides,
     assign,
     deep_merge,
     format_errors,
     parse_override,
     read_yaml,
-    validate,
 )
-from mmbalance.bench.launch.options import LauncherConfig
-from mmbalance.bench.launch.plan import label
-from mmbalance.bench.resources import shipped_config, shipped_configs
-from mmbalance.bench.store import Store
-from mmbalance.bench.train import DatasetSource, RunResult, build_dataset, build_method, run
-from mmbalance.core.errors import DataError, RunFailed
+from mmbalance.core.params import Strict
 from mmbalance.datasets.base import Dataset
 
 SWEEP_KEYS = frozenset({"recipe", "base", "seeds", "cells", "grid", "include", "exclude", "launcher"})

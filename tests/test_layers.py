@@ -109,3 +109,30 @@ def test_lower_layers_import_without_the_harness(package):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]", done.stdout
+
+
+def is_submodule(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # the parent is a module, not a package
+        return False
+
+
+def test_every_import_of_the_suite_names_something_that_exists():
+    """`from mmbalance.x import name` anywhere in the code or the tests names a module or an
+    attribute that exists (a move between layers can leave an import behind that only a late
+    import or a subprocess would trip on)."""
+    import importlib
+
+    missing = []
+    for path in sorted([*(p for _, p in modules()), *(ROOT / "tests").rglob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not (isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("mmbalance")):
+                continue
+            module = importlib.import_module(node.module)
+            for alias in node.names:
+                if not hasattr(module, alias.name) and not is_submodule(f"{node.module}.{alias.name}"):
+                    missing.append(f"{path.name}:{node.lineno} {node.module}.{alias.name}")
+    assert not missing, "\n".join(missing)
