@@ -61,7 +61,7 @@ class RangeTest:
         the minimum (the whole curve up to it when that is shorter)."""
         end = int(np.argmin(self.smoothed)) + 1
         start = SKIP_START if end - SKIP_START >= 3 else 0
-        if end - start < 3:
+        if end - start < 3 or self.lrs[start] == self.lrs[end - 1]:  # no ramp to read (lr_min == lr_max)
             return self.lrs[start]
         slope = np.gradient(np.asarray(self.smoothed[start:end]), np.log(self.lrs[start:end]))
         return self.lrs[start + int(np.argmin(slope))]
