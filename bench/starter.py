@@ -207,15 +207,15 @@ class Plan:
     budget_minutes: float = 0.0
 
     def sweep_data(self, cells: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
-        return {"group": self.group, "base": self.base(self.epochs), "seeds": self.seeds,
+        return {"group": self.group, "base": self.base(), "seeds": self.seeds,
                 "cells": self.cells if cells is None else cells, "launcher": {"name": "inline"}}
 
-    def base(self, epochs: int) -> dict[str, Any]:
+    def base(self) -> dict[str, Any]:
         return {"dataset": dict(self.info.dataset),
                 "model": {"encoders": {m: dict(c.section) for m, c in self.encoders.items()}, "fusion": "concat"},
                 "optim": {**OPTIMISER, "lr": self.lr},
                 "schedule": {"name": "constant"},
-                "train": {"epochs": epochs, "batch_size": self.batch_size}}
+                "train": {"epochs": self.epochs, "batch_size": self.batch_size}}
 
 
 def plan_sweep(cache: str | Path, *, budget_minutes: float, seeds: int = SEEDS, methods: Sequence[str] | None = None,
@@ -231,8 +231,9 @@ def plan_sweep(cache: str | Path, *, budget_minutes: float, seeds: int = SEEDS, 
     chosen = choose_encoders(info.modalities, info.sizes["train"], where.type == "cuda")
     wanted = list(methods) if methods is not None else METHODS.names()
     # until the range test has spoken, the rate is a placeholder that only the test's configs see
-    plan = Plan(info, f"{group_prefix}-{info.name}", str(where), chosen, batch_size_for(info.sizes["train"]),
-                lr or PLACEHOLDER_LR, None, epochs or min_epochs(names), None, [], {}, list(range(seeds)),
+    plan = Plan(info=info, group=f"{group_prefix}-{info.name}", device=str(where), encoders=chosen,
+                batch_size=batch_size_for(info.sizes["train"]), lr=lr or PLACEHOLDER_LR, lr_test=None,
+                epochs=epochs or min_epochs(names), fit=None, costs=[], cells={}, seeds=list(range(seeds)),
                 budget_minutes=budget_minutes)
     plan.cells = buildable_cells(plan, wanted, datasets, device)
     if lr is None:
@@ -282,12 +283,12 @@ def flow(value: Any) -> str:
     return yaml.safe_dump(json.loads(json.dumps(value)), default_flow_style=True, width=10**6, sort_keys=False).strip()
 
 
-def render(plan: Plan, command: str) -> str:
-    """The sweep file: the plan's data with comments that say why each value is what it is."""
-    info, base = plan.info, plan.base(plan.epochs)
+def render(plan: Plan, command: str, out: Path) -> str:
+    """The sweep file `out`: the plan's data with comments that say why each value is what it is."""
+    info, base = plan.info, plan.base()
     runs = len(plan.cells) * len(plan.seeds)
     lines = [f"# Starter sweep written by `{command}`: edit freely.",
-             "# Run it with:  mmbalance sweep THIS_FILE      (then: mmbalance report results/" + plan.group + ")",
+             f"# Run it with `mmbalance sweep {out}`, then `mmbalance report results/{plan.group}`.",
              "#", "# Data: " + info.lines()[0], *["#" + line for line in info.lines()[1:]], "#",
              f"# Encoders (measured on {plan.device}). Rule: small encoders unless a GPU is here, the data has at least",
              f"# {MANY_SAMPLES:,} training samples and an input's smaller side is at least {LARGE_SIDE} pixels; then ResNet18",
@@ -351,7 +352,7 @@ def write_plan(plan: Plan, out: str | Path, command: str, *, force: bool = False
     out = Path(out)
     if out.exists() and not force:
         raise ConfigError(f"{str(out)!r} exists; choose another --out or pass --force to overwrite it")
-    atomic_write_text(out, render(plan, command))
+    atomic_write_text(out, render(plan, command, out))
     load_sweep(out)
     return out
 
