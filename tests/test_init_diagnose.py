@@ -18,11 +18,14 @@ from mmbalance.core.registry import METHODS
 from mmbalance.datasets.prepare.runner import prepare
 from tests.fixtures.imbalanced import DOMINANT, SLOW, write_imbalanced
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     root = tmp_path_factory.mktemp("imbalanced")
-    return prepare("manifest", write_imbalanced(root / "raw"), root / "cache", "small", progress=False) and root / "cache"
+    prepare("manifest", write_imbalanced(root / "raw"), root / "cache", "small", progress=False)
+    return root / "cache"
 
 
 def test_init_writes_a_commented_sweep_that_dry_runs_and_trains(cache, tmp_path, capsys):
@@ -77,7 +80,7 @@ def test_init_refuses_to_overwrite_and_says_what_was_given(cache, tmp_path, caps
 def test_diagnose_names_the_dominant_and_the_under_trained_modality(cache, tmp_path, capsys):
     out = tmp_path / "diagnosis"
     assert cli(["--results", str(tmp_path / "results"), "diagnose", str(cache), "--out", str(out),
-                "--epochs", "6", "--lr", "0.01"]) == 0
+                "--epochs", "4", "--lr", "0.01"]) == 0
     printed = capsys.readouterr().out
     verdict = json.loads((out / "verdict.json").read_text())
     assert verdict["imbalance"] is True
@@ -93,5 +96,5 @@ def test_diagnose_names_the_dominant_and_the_under_trained_modality(cache, tmp_p
     assert "![diagnosis](diagnosis.png)" in (out / "verdict.md").read_text()
     # the runs are ordinary runs of the store: a second diagnosis reuses them
     assert cli(["--results", str(tmp_path / "results"), "diagnose", str(cache), "--out", str(out),
-                "--epochs", "6", "--lr", "0.01"]) == 0
+                "--epochs", "4", "--lr", "0.01"]) == 0
     assert json.loads((out / "verdict.json").read_text())["modalities"] == verdict["modalities"]

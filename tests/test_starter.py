@@ -106,7 +106,7 @@ def test_suggestion_is_the_lower_of_a_tenth_of_the_minimum_and_the_steepest_desc
     assert late.suggested == pytest.approx(late.lr_at_minimum / BELOW_MINIMUM)
 
 
-def test_range_test_is_deterministic_stops_on_divergence_and_its_rate_trains():
+def test_range_test_is_deterministic_stops_on_divergence_and_its_rate_trains(one_torch_thread):
     cfg = load_config(None, [*GAUSSIAN, "method.name=joint"])
     first, again = range_test(cfg, steps=60), range_test(cfg, steps=60)
     assert first.losses == again.losses and first.lrs == again.lrs

@@ -1,7 +1,8 @@
 """`mmbalance diagnose`: does a dataset have a modality imbalance, and which way? Read from the
 store's joint and unimodal-only runs of one dataset (paired by seed).
 
-Per modality m, four numbers, each a mean over seeds with its 95% t-interval (stats.describe):
+Per modality m, each number a mean over seeds with its 95% t-interval (stats.describe), the
+test split at the best-validation epoch (LEGEND says the same in the files written):
 
 * unimodal acc: test accuracy of the unimodal-only model of m (m trained alone, same backbone and
   budget) -- what m can do;
@@ -46,6 +47,14 @@ from mmbalance.bench.store import atomic_write_json, atomic_write_text  # noqa: 
 from mmbalance.core.errors import ConfigError  # noqa: E402
 
 DEFICIT_MIN = 0.05  # single seed: a deficit above this is reported (as a sign, without an interval)
+LEGEND = ("Numbers: mean [95% CI] over seeds; test split at each run's selected epoch (the first with the best "
+          "validation accuracy: a joint model that a fast modality solves at once is probed early). unimodal acc: the model "
+          "of that modality alone (same backbone and budget). probe: logistic regression on the frozen encoder's "
+          "features, of the unimodal-only model (alone) and of the joint model (in joint). deficit = probe alone − "
+          "probe in joint, paired by seed: how much less the encoder learned inside the joint model; a deficit "
+          "whose interval lies above 0 makes the modality under-trained. own acc in joint head: the modality's "
+          "block of the joint model's concat head alone; the highest dominates the fused prediction. speed: "
+          "validation accuracy gained over chance per epoch in the first quarter of training.")
 JOINT = "joint"
 
 
@@ -236,8 +245,7 @@ def markdown(result: Diagnosis) -> str:
     return (f"# Modality imbalance diagnosis: {result.dataset}\n\n"
             f"{result.seeds} seed(s), {result.epochs} epochs; joint test accuracy {fmt(result.joint_acc)}.\n\n"
             f"{result.table().to_markdown(index=False)}\n\n## Verdict\n\n{result.verdict()}\n\n"
-            "Numbers: mean [95% CI] over seeds, test split at the best-validation epoch. " + __doc__.split("\n\n")[1]
-            + f"\n\n{CI_NOTE}.\n\n![diagnosis](diagnosis.png)\n")
+            f"{LEGEND}\n\n{CI_NOTE}.\n\n![diagnosis](diagnosis.png)\n")
 
 
 def figure(result: Diagnosis, finished: pd.DataFrame, curve: pd.DataFrame) -> plt.Figure:
