@@ -296,9 +296,11 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def starter_plan(args: argparse.Namespace, **options):
     from mmbalance.bench.starter import plan_sweep
 
-    if args.seeds < 1 or args.budget_minutes <= 0 or (args.epochs is not None and args.epochs < 1) or args.lr_steps < 2:
+    if (args.seeds < 1 or args.budget_minutes <= 0 or (args.epochs is not None and args.epochs < 1)
+            or args.lr_steps < 2 or (args.lr is not None and args.lr <= 0)):
         raise MMBalanceError(f"--seeds ({args.seeds}) and --epochs ({args.epochs}) must be at least 1, --lr-steps "
-                             f"({args.lr_steps}) at least 2 and --budget-minutes ({args.budget_minutes:g}) above 0")
+                             f"({args.lr_steps}) at least 2, --budget-minutes ({args.budget_minutes:g}) and --lr "
+                             f"({args.lr}) above 0")
     return plan_sweep(args.cache, budget_minutes=args.budget_minutes, seeds=args.seeds, lr=args.lr, epochs=args.epochs,
                       lr_steps=args.lr_steps, **options)
 

@@ -77,6 +77,15 @@ def test_init_refuses_to_overwrite_and_says_what_was_given(cache, tmp_path, caps
     assert yaml.safe_load(text)["base"]["train"]["epochs"] == 4
 
 
+def test_init_bad_arguments_and_a_folder_that_is_no_cache_are_one_line_errors(cache, tmp_path, capsys):
+    assert cli(["init", str(cache), "--out", str(tmp_path / "s.yaml"), "--seeds", "0"]) == 2
+    assert "--seeds (0) and --epochs (None) must be at least 1" in capsys.readouterr().err
+    assert cli(["init", str(tmp_path), "--out", str(tmp_path / "s.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "is not a prepared cache (no meta.json)" in err and "mmbalance prepare" in err and "Traceback" not in err
+    assert not (tmp_path / "s.yaml").exists()
+
+
 def test_diagnose_names_the_dominant_and_the_under_trained_modality(cache, tmp_path, capsys):
     out = tmp_path / "diagnosis"
     assert cli(["--results", str(tmp_path / "results"), "diagnose", str(cache), "--out", str(out),
