@@ -38,6 +38,7 @@ matplotlib.use("Agg")  # files only
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from mmbalance.bench.report.cells import aggregate  # noqa: E402
 from mmbalance.bench.report.collect import load_runs  # noqa: E402
@@ -274,6 +275,7 @@ def figure(result: Diagnosis, finished: pd.DataFrame, curve: pd.DataFrame) -> pl
                  errorbar=ci_bounds, marker="o", ax=axes[2])
     axes[2].set(title="Learning speed: validation accuracy per epoch", ylabel="validation accuracy", ylim=(0, 1.05))
     axes[2].legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    axes[2].xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in axes:
         ax.grid(axis="y", alpha=0.3)
     verdict = "imbalance: " + (f"{result.dominant} dominates, {', '.join(result.under_trained)} under-trained"
