@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from mmbalance.bench.budget import EpochFit, RunCost, fit_epochs, time_run
+from mmbalance.bench.budget import EpochFit, RunCost, fit_epochs, time_overhead, time_run
 from mmbalance.bench.config import RunConfig, validate
 from mmbalance.bench.device import resolve_device
 from mmbalance.bench.lr_range import RangeTest, range_test
@@ -241,7 +241,9 @@ def plan_sweep(cache: str | Path, *, budget_minutes: float, seeds: int = SEEDS, 
         plan.lr_test = range_test(joint, steps=lr_steps, datasets=datasets)
         plan.lr = float(f"{plan.lr_test.suggested:.2g}")
     if epochs is None:
-        plan.costs = [time_run(cfg, info.sizes, datasets) for cfg in run_configs(plan, device=device)]
+        (joint,) = run_configs(plan, {"joint": {"method.name": "joint"}}, device)
+        overhead = time_overhead(joint, datasets)
+        plan.costs = [time_run(cfg, info.sizes, datasets, overhead) for cfg in run_configs(plan, device=device)]
         plan.fit = fit_epochs(plan.costs, seeds, budget_minutes * 60, min_epochs(names), MAX_EPOCHS)
         plan.epochs = plan.fit.epochs
         plan.cells = buildable_cells(plan, wanted, datasets, device)
@@ -331,8 +333,8 @@ def epoch_lines(plan: Plan, runs: int) -> list[str]:
     lines = [f"# Epochs {plan.epochs}: the most that fit the {plan.budget_minutes:g}-minute budget for all {runs} runs one "
              f"after another ({plan.fit.describe()}),",
              f"# between {min_epochs([m.name for m in plan.info.modalities])} (the staged methods' minimum) and "
-             f"{MAX_EPOCHS}. Timed here on a few batches: per run, epochs x (training + evaluating val and test)",
-             "# + the probes' feature passes:"]
+             f"{MAX_EPOCHS}. Timed here on a few batches: per run, epochs x (training + evaluating val and test +",
+             "# checkpoints and records) + the probes + start-up:"]
     lines += [f"#   {c.label}: {c.train_samples_per_s:,.0f} training samples/s, {c.epoch_s:.1f} s/epoch" for c in plan.costs]
     if not plan.fit.fits:
         lines.append(f"# WARNING: even {plan.epochs} epochs exceed the budget: allow more minutes, or fewer seeds or cells.")

@@ -1,7 +1,7 @@
 """The parts of `mmbalance init` one by one, on the in-memory Gaussian data where a model is needed:
 the encoder and batch rules, each method's stages fitted to any epoch budget (the models build),
 the learning-rate range test (its reading of a curve, its determinism, a rate that trains), the
-timing of a run on its first rows and the epochs that fit a budget."""
+timing of a run on a few rows and the epochs that fit a budget."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmbalance.bench.budget import FirstRows, RunCost, fit_epochs, time_run
+from mmbalance.bench.budget import FewRows, RunCost, fit_epochs, time_overhead, time_run
 from mmbalance.bench.config import load_config
 from mmbalance.bench.lr_range import BELOW_MINIMUM, RangeTest, range_test, schedule, smooth
 from mmbalance.bench.starter import (MAX_BATCH, MIN_BATCH, batch_size_for, choose_encoders, epoch_settings,
@@ -124,25 +124,30 @@ def test_range_test_is_deterministic_stops_on_divergence_and_its_rate_trains(one
 # ---- timing and the epoch budget ----------------------------------------------------------------
 
 
-def test_first_rows_keeps_views_classes_and_in_memory_splits():
-    cfg = load_config(None, GAUSSIAN)
+def test_few_rows_are_spread_over_the_split_and_keep_views_classes_and_in_memory_splits():
+    cfg = load_config(None, GAUSSIAN)  # 128 training rows
     full = build_dataset(cfg)
-    few = FirstRows(full, 10)
+    few = FewRows(full, 10)
     data, finish = few.loader_split("train", augment=True, on_device=False)
     assert isinstance(data, TensorSplit) and len(data) == 10 and finish == {}
-    assert torch.equal(data.labels, full.split("train").labels[:10])
+    spread = [round(i * 127 / 9) for i in range(10)]  # first, last and evenly between
+    assert torch.equal(data.labels, full.split("train").labels[spread])
     assert few.modalities == full.modalities and few.num_classes == full.num_classes
-    assert len(FirstRows(full, 10**6).split("val")) == len(full.split("val"))
+    assert len(FewRows(full, 10**6).split("val")) == len(full.split("val"))
 
 
-def test_time_run_extrapolates_from_the_measured_rates():
+def test_time_run_extrapolates_from_the_measured_rates_and_the_overhead(tmp_path, monkeypatch, one_torch_thread):
+    monkeypatch.chdir(tmp_path)  # nothing may be written outside the scratch stores
     cfg = load_config(None, [*GAUSSIAN, "method.name=joint"])
     sizes = {"train": 1000, "val": 100, "test": 300}
-    cost = time_run(cfg, sizes)
+    overhead = time_overhead(cfg)
+    assert overhead.epoch_s >= 0 and overhead.run_s > 0  # a run's start-up and probes take time
+    cost = time_run(cfg, sizes, overhead=overhead)
     assert cost.train_samples_per_s > 0 and cost.eval_s_per_sample > 0
-    assert cost.epoch_s == pytest.approx(1000 / cost.train_samples_per_s + 400 * cost.eval_s_per_sample)
-    assert cost.fixed_s == pytest.approx(1400 * cost.eval_s_per_sample)
+    assert cost.epoch_s == pytest.approx(1000 / cost.train_samples_per_s + 400 * cost.eval_s_per_sample + overhead.epoch_s)
+    assert cost.fixed_s == pytest.approx(1400 * cost.eval_s_per_sample + overhead.run_s)
     assert cost.run_s(3) == pytest.approx(3 * cost.epoch_s + cost.fixed_s)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_epochs_fit_the_budget():
