@@ -84,6 +84,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-error", choices=("skip", "fail"), default="skip",
                    help="missing or corrupt files: leave those samples out (default) or stop")
 
+    p = sub.add_parser("init", help="write a starter sweep for a prepared cache: encoders, learning rate and "
+                                    "epochs fitted to it and to a time budget, every method, 3 seeds")
+    p.add_argument("cache", help="a cache made by `mmbalance prepare` (its folder)")
+    p.add_argument("--out", default="my_sweep.yaml", help="the sweep file to write (default: my_sweep.yaml)")
+    add_starter_arguments(p, budget=60.0, seeds=3)
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+
+    p = sub.add_parser("diagnose", help="does a prepared dataset have a modality imbalance, and which way? "
+                                        "(short joint and unimodal runs, then a verdict with numbers and a figure)")
+    p.add_argument("cache", help="a cache made by `mmbalance prepare` (its folder)")
+    p.add_argument("--out", default=None, help="where the verdict, figure and sweep go (default: reports/diagnose-<cache>)")
+    add_starter_arguments(p, budget=10.0, seeds=3)
+
     p = sub.add_parser("quickstart", help="the main job on the embedded data, then its table")
     p.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
     p.add_argument("--report", default="reports/quickstart", help="where the table goes")
@@ -108,6 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", default=None)
     p.add_argument("overrides", nargs="*")
     return parser
+
+
+def add_starter_arguments(p: argparse.ArgumentParser, budget: float, seeds: int) -> None:
+    p.add_argument("--budget-minutes", type=float, default=budget,
+                   help=f"time for all the runs, one after another here; epochs are fitted to it (default: {budget:g})")
+    p.add_argument("--seeds", type=int, default=seeds, help=f"seeds per cell (default: {seeds})")
+    p.add_argument("--lr", type=float, default=None, help="use this learning rate (default: a range test chooses)")
+    p.add_argument("--epochs", type=int, default=None, help="use this many epochs (default: fitted to the budget)")
+    p.add_argument("--lr-steps", type=int, default=200, help="steps of the learning-rate range test (default: 200)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -291,6 +313,46 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def starter_plan(args: argparse.Namespace, **options):
+    from mmbalance.bench.starter import plan_sweep
+
+    if (args.seeds < 1 or args.budget_minutes <= 0 or (args.epochs is not None and args.epochs < 1)
+            or args.lr_steps < 2 or (args.lr is not None and args.lr <= 0)):
+        raise MMBalanceError(f"--seeds ({args.seeds}) and --epochs ({args.epochs}) must be at least 1, --lr-steps "
+                             f"({args.lr_steps}) at least 2, --budget-minutes ({args.budget_minutes:g}) and --lr "
+                             f"({args.lr}) above 0")
+    return plan_sweep(args.cache, budget_minutes=args.budget_minutes, seeds=args.seeds, lr=args.lr, epochs=args.epochs,
+                      lr_steps=args.lr_steps, **options)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from mmbalance.bench.starter import summary, write_plan
+
+    plan = starter_plan(args)
+    out = write_plan(plan, args.out, f"mmbalance init {args.cache} --budget-minutes {args.budget_minutes:g}", force=args.force)
+    print(summary(plan, out))
+    return 0
+
+
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from mmbalance.bench.report.diagnosis import diagnose
+    from mmbalance.bench.starter import DIAGNOSE_METHODS, write_plan
+    from mmbalance.bench.store import Store
+    from mmbalance.bench.sweep import load_sweep, run_inline
+
+    store = Store(args.results).ensure_writable()
+    plan = starter_plan(args, methods=DIAGNOSE_METHODS, group_prefix="diagnose")
+    out = Path(args.out) if args.out else Path("reports") / plan.group
+    out.mkdir(parents=True, exist_ok=True)
+    sweep_file = write_plan(plan, out / "sweep.yaml", f"mmbalance diagnose {args.cache}", force=True)
+    _, configs = load_sweep(sweep_file)
+    print(f"diagnose: {len(configs)} runs ({', '.join(plan.cells)} x {len(plan.seeds)} seeds, {plan.epochs} epochs, "
+          f"lr {plan.lr:g}) -> {store.root / plan.group}")
+    run_inline(configs, store)
+    print(diagnose(store.root / plan.group, {c.run_id() for c in configs}, out, len(plan.info.classes)).text)
+    return 0
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from mmbalance.bench.store import Store
 
@@ -337,6 +399,8 @@ COMMANDS = {
     "list": cmd_list,
     "run": cmd_run,
     "prepare": cmd_prepare,
+    "init": cmd_init,
+    "diagnose": cmd_diagnose,
     "quickstart": cmd_quickstart,
     "status": cmd_status,
     "report": cmd_report,

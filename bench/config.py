@@ -66,7 +66,8 @@ class TrainConfig(Strict):
     workers: int | None = Field(None, ge=0)
     prefetch: int = Field(4, ge=1)  # batches each loader worker reads ahead
     # where per-pixel augmentation (crops, flips, noise, normalisation) runs: per sample in the
-    # loader, or per batch on the training device; auto = device on CUDA, loader elsewhere
+    # loader, or per batch on the training device; auto = device on CUDA and on a CPU without loader
+    # workers (bench.data.augment_on_device), loader otherwise
     augment: Literal["auto", "loader", "device"] = "auto"
     channels_last: bool = True  # CUDA only: NHWC model and image batches
     cudnn_benchmark: bool = True  # CUDA only: autotune convolutions (shapes are fixed per run)

@@ -33,6 +33,19 @@ def fast_config() -> Callable[..., RunConfig]:
 
 
 @pytest.fixture
+def one_torch_thread():
+    """Tiny models at small batches: a second torch thread buys little on a quiet machine, and on
+    a shared one whose cores other processes keep busy it can cost several times the run
+    (bench/perf/train_speed.py --threads)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def store(tmp_path) -> Store:
     return Store(tmp_path / "results")
 

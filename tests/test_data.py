@@ -88,3 +88,17 @@ def test_loader_workers_default_to_the_process_cpu_share_on_cuda_only(monkeypatc
     assert loader_workers(TrainConfig(), cuda) == 3
     monkeypatch.setenv("OMP_NUM_THREADS", "32")
     assert loader_workers(TrainConfig(), cuda) == 8
+
+
+def test_auto_augments_per_batch_on_a_gpu_and_on_a_cpu_without_loader_workers():
+    """On a CPU without workers both halves of a view run in the training process, where the batch
+    half is the cheaper (issue 15); with CPU workers the per-sample views run beside the model."""
+    from mmbalance.bench.config import TrainConfig
+    from mmbalance.bench.data import augment_on_device
+
+    cuda = torch.device("cuda")  # a device object only: nothing runs on it
+    assert augment_on_device(TrainConfig(), CPU)
+    assert not augment_on_device(TrainConfig(workers=1), CPU)
+    assert augment_on_device(TrainConfig(), cuda) and augment_on_device(TrainConfig(workers=2), cuda)
+    assert not augment_on_device(TrainConfig(augment="loader"), cuda)
+    assert augment_on_device(TrainConfig(augment="device", workers=1), CPU)

@@ -401,6 +401,32 @@ def test_small_cnn_image_and_video(plain_conv):
         SmallCNNEncoder(params, Modality("x", "vector", (8,)))
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_small_cnn_stem_stride(plain_conv, stride):
+    """stem_stride=2 (the default) halves each side in the first conv, before any full-size work;
+    1 is the network as it was. Parameters are the same either way."""
+    enc = SmallCNNEncoder(SmallCNNParams(stem_stride=stride), Modality("image", "image", (3, 32, 32)))
+    assert SmallCNNParams().stem_stride == 2
+    first_block = enc.features[:4]  # conv, BN, ReLU, 2x2 max-pool
+    assert first_block(torch.randn(2, 3, 32, 32)).shape == (2, 16, 16 // stride, 16 // stride)
+    assert enc(torch.randn(2, 3, 32, 32)).shape == (2, 64)
+    other = SmallCNNEncoder(SmallCNNParams(stem_stride=3 - stride), Modality("image", "image", (3, 32, 32)))
+    assert [p.shape for p in enc.parameters()] == [p.shape for p in other.parameters()]
+
+
+def test_small_cnn_runs_channels_last_on_cpu_with_the_same_numbers():
+    torch.manual_seed(0)
+    enc = SmallCNNEncoder(SmallCNNParams(), Modality("image", "image", (3, 20, 24))).eval()
+    seen = []
+    enc.features[0].register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    x = torch.randn(3, 3, 20, 24)
+    with torch.no_grad():
+        out, plain = enc(x), enc.features(x)  # the forward's NHWC input, and the same net on NCHW
+    assert seen[0].is_contiguous(memory_format=torch.channels_last) and not seen[1].is_contiguous(
+        memory_format=torch.channels_last)
+    torch.testing.assert_close(out, plain, atol=1e-5, rtol=1e-5)
+
+
 def test_mlp_encoder_shape_and_parameter_count():
     enc = MLPEncoder(MLPParams(hidden=7, out_dim=3), Modality("visual", "image", (1, 8, 8)))
     assert enc(torch.randn(2, 1, 8, 8)).shape == (2, 3)
