@@ -64,9 +64,11 @@ class FewRows(Dataset):
 
     def few(self, data: torch.utils.data.Dataset) -> torch.utils.data.Dataset:
         total = len(data)  # type: ignore[arg-type]
-        picked = torch.linspace(0, total - 1, min(self.rows, total)).round().long() if total else torch.zeros(0, dtype=torch.long)
+        picked = (torch.linspace(0, total - 1, min(self.rows, total)).round().long() if total
+                  else torch.zeros(0, dtype=torch.long))
         if isinstance(data, TensorSplit):  # kept in memory, so that it is batched as the run batches it
-            return TensorSplit({m: t[picked.to(t.device)] for m, t in data.inputs.items()}, data.labels[picked.to(data.labels.device)])
+            return TensorSplit({m: t[picked.to(t.device)] for m, t in data.inputs.items()},
+                               data.labels[picked.to(data.labels.device)])
         return torch.utils.data.Subset(data, picked.tolist())
 
 

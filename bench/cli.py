@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("diagnose", help="does a prepared dataset have a modality imbalance, and which way? "
                                         "(short joint and unimodal runs, then a verdict with numbers and a figure)")
     p.add_argument("cache", help="a cache made by `mmbalance prepare` (its folder)")
-    p.add_argument("--out", default=None, help="where the verdict, figure and sweep go (default: reports/diagnose-<cache>)")
+    p.add_argument("--out", default=None,
+                   help="where the verdict, figure and sweep go (default: reports/diagnose-<cache>)")
     add_starter_arguments(p, budget=10.0, seeds=3)
 
     p = sub.add_parser("quickstart", help="the main job on the embedded data, then its table")
@@ -329,7 +330,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     from mmbalance.bench.starter import summary, write_plan
 
     plan = starter_plan(args)
-    out = write_plan(plan, args.out, f"mmbalance init {args.cache} --budget-minutes {args.budget_minutes:g}", force=args.force)
+    command = f"mmbalance init {args.cache} --budget-minutes {args.budget_minutes:g}"
+    out = write_plan(plan, args.out, command, force=args.force)
     print(summary(plan, out))
     return 0
 

@@ -76,7 +76,8 @@ class CacheInfo:
 
     def lines(self) -> list[str]:
         sizes = " / ".join(f"{self.sizes[s]:,} {s}" for s in SPLITS)
-        return [f"{self.dataset['name']} cache {str(self.root)!r} (pipeline {self.dataset['pipeline']}): {sizes} samples, "
+        return [f"{self.dataset['name']} cache {str(self.root)!r} (pipeline {self.dataset['pipeline']}): "
+                f"{sizes} samples, "
                 f"{len(self.classes)} classes",
                 *[f"  {m.name}: {m.kind}, input {tuple(m.shape)}" for m in self.modalities]]
 
@@ -94,7 +95,8 @@ def inspect_cache(root: str | Path, datasets: DatasetCache) -> CacheInfo:
     sizes = {s: len(meta.splits.get(s, [])) for s in SPLITS}
     empty = [s for s, n in sizes.items() if n == 0]
     if empty:
-        raise DataError(f"cache {str(root)!r} has no {' and no '.join(empty)} samples; a sweep needs train, val and test")
+        raise DataError(f"cache {str(root)!r} has no {' and no '.join(empty)} samples; "
+                        "a sweep needs train, val and test")
     return CacheInfo(root, section, dataset.modalities, dataset.class_names, sizes)
 
 
@@ -146,7 +148,8 @@ def batch_size_for(n_train: int) -> int:
 # ---- methods and their stages -------------------------------------------------------------------
 
 
-def epoch_settings(method: str, epochs: int, modalities: Sequence[str], encoders: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def epoch_settings(method: str, epochs: int, modalities: Sequence[str],
+                   encoders: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The method's settings that depend on the epoch budget and the encoders, as the papers (or
     the suite's quickstart) split their budgets; {} for a method that has none."""
     if method == "ogm_ge":  # modulation over the first half, as the paper's epochs 0-50 of 100
@@ -159,7 +162,8 @@ def epoch_settings(method: str, epochs: int, modalities: Sequence[str], encoders
         return {"epoch_list": [epochs // k + (1 if i < epochs % k else 0) for i in range(k)]}
     if method == "di_mml":  # a quarter for the fusion head (stage 2), DUC from a third of stage 1
         stage2 = max(1, epochs // 4)
-        settings = {"stage1_epochs": epochs - stage2, "stage2_epochs": stage2, "duc_start_epoch": (epochs - stage2) // 3}
+        stage1 = epochs - stage2
+        settings = {"stage1_epochs": stage1, "stage2_epochs": stage2, "duc_start_epoch": stage1 // 3}
         if all(e.get("out_dim") == SMALL_FEATURES for e in encoders.values()):
             settings["tau"] = 1.0  # the paper's 50 is for 512-d ResNet features; 1 suits 64-d ones (quickstart)
         return settings
@@ -258,7 +262,8 @@ def run_configs(plan: Plan, cells: dict[str, dict[str, Any]] | None = None, devi
     return expand(SweepConfig.model_validate({**data, "seeds": list(seeds)}), origin="the starter sweep")
 
 
-def buildable_cells(plan: Plan, wanted: Sequence[str], datasets: DatasetCache, device: str) -> dict[str, dict[str, Any]]:
+def buildable_cells(plan: Plan, wanted: Sequence[str], datasets: DatasetCache,
+                    device: str) -> dict[str, dict[str, Any]]:
     """The cells of the `wanted` methods whose model can be built for this data at the plan's
     epochs; the others go to `plan.skipped` with the method's own reason."""
     encoders = {m: c.section for m, c in plan.encoders.items()}
@@ -292,16 +297,18 @@ def render(plan: Plan, command: str, out: Path) -> str:
     lines = [f"# Starter sweep written by `{command}`: edit freely.",
              f"# Run it with `mmbalance sweep {out}`, then `mmbalance report results/{plan.group}`.",
              "#", "# Data: " + info.lines()[0], *["#" + line for line in info.lines()[1:]], "#",
-             f"# Encoders (measured on {plan.device}). Rule: small encoders unless a GPU is here, the data has at least",
-             f"# {MANY_SAMPLES:,} training samples and an input's smaller side is at least {LARGE_SIDE} pixels; then ResNet18",
-             f"# (11M parameters: slow on a CPU, and it overfits smaller data). small_cnn for images, spectrograms and",
+             f"# Encoders (measured on {plan.device}). Rule: small encoders unless a GPU is here, the data has"
+             f" at least",
+             f"# {MANY_SAMPLES:,} training samples and an input's smaller side is at least {LARGE_SIDE} pixels;"
+             " then ResNet18",
+             "# (11M parameters: slow on a CPU, and it overfits smaller data). small_cnn for images, spectrograms and",
              f"# videos (wider from {MANY_SAMPLES:,} samples), mlp for vectors; one feature size for every encoder",
              "# (MLA's shared head and DI-MML compare features across modalities).",
              *[f"#   {m}: {c.why}" for m, c in plan.encoders.items()],
              f"# Batch {plan.batch_size}: {MAX_BATCH}, halved until an epoch has at least {MIN_STEPS} steps "
              f"({info.sizes['train']:,} training samples).",
              "#", *lr_lines(plan), "#", *epoch_lines(plan, runs), "#",
-             f"# Cells: every registered method that can be built for these modalities, with its stages fitted to the",
+             "# Cells: every registered method that can be built for these modalities, with its stages fitted to the",
              f"# {plan.epochs} epochs, and a unimodal-only model per modality (the references of the probe deficit);",
              f"# {len(plan.seeds)} seeds each: {runs} runs.",
              *[f"#   left out {name}: {why}" for name, why in plan.skipped.items()],
@@ -321,8 +328,10 @@ def lr_lines(plan: Plan) -> list[str]:
                 "# weight decay 1e-4 (the reference repos'), constant: every method and stage sees this rate."]
     t = plan.lr_test
     return [f"# Learning rate {plan.lr:g}: a range test of the joint model on the training split: {t.describe()}.",
-            f"# The rate is the lower of a tenth of the rate at the smoothed minimum ({t.lr_at_minimum / 10:.3g}; there the",
-            f"# loss is about to blow up) and the rate of steepest descent ({t.steepest:.3g}), fastai's lr_find readings.",
+            f"# The rate is the lower of a tenth of the rate at the smoothed minimum ({t.lr_at_minimum / 10:.3g};"
+            " there the",
+            f"# loss is about to blow up) and the rate of steepest descent ({t.steepest:.3g}),"
+            " fastai's lr_find readings.",
             "# SGD with momentum 0.9 and weight decay 1e-4 (the reference repos'), constant: every method and stage",
             "# sees this rate."]
 
@@ -330,14 +339,17 @@ def lr_lines(plan: Plan) -> list[str]:
 def epoch_lines(plan: Plan, runs: int) -> list[str]:
     if plan.fit is None:
         return [f"# Epochs {plan.epochs}: given on the command line (no timing)."]
-    lines = [f"# Epochs {plan.epochs}: the most that fit the {plan.budget_minutes:g}-minute budget for all {runs} runs one "
+    lines = [f"# Epochs {plan.epochs}: the most that fit the {plan.budget_minutes:g}-minute budget for all"
+             f" {runs} runs one "
              f"after another ({plan.fit.describe()}),",
              f"# between {min_epochs([m.name for m in plan.info.modalities])} (the staged methods' minimum) and "
              f"{MAX_EPOCHS}. Timed here on a few batches: per run, epochs x (training + evaluating val and test +",
              "# checkpoints and records) + the probes + start-up:"]
-    lines += [f"#   {c.label}: {c.train_samples_per_s:,.0f} training samples/s, {c.epoch_s:.1f} s/epoch" for c in plan.costs]
+    lines += [f"#   {c.label}: {c.train_samples_per_s:,.0f} training samples/s, {c.epoch_s:.1f} s/epoch"
+              for c in plan.costs]
     if not plan.fit.fits:
-        lines.append(f"# WARNING: even {plan.epochs} epochs exceed the budget: allow more minutes, or fewer seeds or cells.")
+        lines.append(f"# WARNING: even {plan.epochs} epochs exceed the budget: allow more minutes,"
+                     " or fewer seeds or cells.")
     return lines
 
 

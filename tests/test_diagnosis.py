@@ -36,7 +36,8 @@ def write_run(store: Store, label: str, seed: int, probes: dict[str, float], acc
     block = {"epoch": EPOCHS - 1, "test": {"acc": acc, "macro_f1": acc, "map": acc, "modality_acc": own}}
     rd.write_summary({"epochs": EPOCHS, "best_val": block, "best_test": block, "last": block,
                       "probes": {m: {"test_acc": v} for m, v in probes.items()}})
-    rd.write_metrics([{"epoch": e, "val": {"acc": curves[""][e], "modality_acc": {m: c[e] for m, c in curves.items() if m}},
+    per_modality = {e: {m: c[e] for m, c in curves.items() if m} for e in range(len(curves[""]))}
+    rd.write_metrics([{"epoch": e, "val": {"acc": curves[""][e], "modality_acc": per_modality[e]},
                        "test": {"acc": acc}} for e in range(EPOCHS)])
 
 

@@ -39,7 +39,8 @@ def test_init_writes_a_commented_sweep_that_dry_runs_and_trains(cache, tmp_path,
     for words in ("# Encoders", "Rule: small encoders unless a GPU", "# Learning rate", "range test",
                   "# Epochs", "budget", "# Cells: every registered method"):
         assert words in text, words
-    assert {m: e["name"] for m, e in data["base"]["model"]["encoders"].items()} == {"image": "small_cnn", "sensor": "mlp"}
+    encoders = data["base"]["model"]["encoders"]
+    assert {m: e["name"] for m, e in encoders.items()} == {"image": "small_cnn", "sensor": "mlp"}
     assert data["base"]["train"]["batch_size"] == 8  # 84 training rows: 64 halved until 8 steps an epoch
     assert data["seeds"] == [0, 1, 2]
     lr, epochs = data["base"]["optim"]["lr"], data["base"]["train"]["epochs"]

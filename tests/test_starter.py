@@ -14,8 +14,15 @@ import torch
 from mmbalance.bench.budget import FewRows, RunCost, fit_epochs, time_overhead, time_run
 from mmbalance.bench.config import load_config
 from mmbalance.bench.lr_range import BELOW_MINIMUM, RangeTest, range_test, schedule, smooth
-from mmbalance.bench.starter import (MAX_BATCH, MIN_BATCH, batch_size_for, choose_encoders, epoch_settings,
-                                     method_cells, min_epochs)
+from mmbalance.bench.starter import (
+    MAX_BATCH,
+    MIN_BATCH,
+    batch_size_for,
+    choose_encoders,
+    epoch_settings,
+    method_cells,
+    min_epochs,
+)
 from mmbalance.bench.train import build_dataset, build_method
 from mmbalance.core.registry import METHODS
 from mmbalance.core.types import Modality
@@ -31,7 +38,8 @@ IMAGE, SPEC, VECTOR = Modality("image", "image", (3, 1, 96, 96)), Modality("audi
 
 def test_small_encoders_on_cpu_whatever_the_inputs():
     chosen = choose_encoders([IMAGE, SPEC, VECTOR], n_train=50_000, gpu=False)
-    assert {m: c.section["name"] for m, c in chosen.items()} == {"image": "small_cnn", "audio": "small_cnn", "feat": "mlp"}
+    names = {m: c.section["name"] for m, c in chosen.items()}
+    assert names == {"image": "small_cnn", "audio": "small_cnn", "feat": "mlp"}
     assert {c.section["out_dim"] for c in chosen.values()} == {64}  # one feature size: MLA, DI-MML
     assert chosen["image"].section["channels"] == [32, 64]  # many samples: the wider small CNN
     assert "96x96 input on a CPU" in chosen["image"].why
@@ -59,7 +67,7 @@ def test_every_method_builds_at_any_epoch_budget(epochs):
     encoders = {m: {"name": "mlp", "hidden": 32, "out_dim": 16} for m in ("audio", "visual")}
     cells = method_cells(METHODS.names(), epochs, ["audio", "visual"], encoders)
     assert list(cells)[0] == "joint" and {"unimodal-audio", "unimodal-visual"} <= set(cells)
-    for label, cell in cells.items():
+    for cell in cells.values():
         overrides = [f"{k}={v}" for k, v in cell.items()]
         cfg = load_config(None, [*GAUSSIAN, f"train.epochs={epochs}", "model.encoders.audio.name=mlp",
                                  "model.encoders.visual.name=mlp", *overrides])
@@ -96,7 +104,8 @@ def curve(losses: list[float]) -> RangeTest:
 
 def test_suggestion_is_the_lower_of_a_tenth_of_the_minimum_and_the_steepest_descent():
     # flat, then a descent from step 20 to 40 steepest at 25, a plateau near zero, then divergence
-    losses = [2.0] * 20 + [2.0 - 1.9 * (1 - math.exp(-(i - 20) / 3)) for i in range(20, 45)] + [0.1 + 0.5 * i for i in range(10)]
+    drop = [2.0 - 1.9 * (1 - math.exp(-(i - 20) / 3)) for i in range(20, 45)]
+    losses = [2.0] * 20 + drop + [0.1 + 0.5 * i for i in range(10)]
     t = curve(losses)
     assert t.lr_at_minimum == t.lrs[int(np.argmin(t.smoothed))]
     assert 20 <= t.lrs.index(t.steepest) <= 26  # where the smoothed loss falls fastest
@@ -144,7 +153,8 @@ def test_time_run_extrapolates_from_the_measured_rates_and_the_overhead(tmp_path
     assert overhead.epoch_s >= 0 and overhead.run_s > 0  # a run's start-up and probes take time
     cost = time_run(cfg, sizes, overhead=overhead)
     assert cost.train_samples_per_s > 0 and cost.eval_s_per_sample > 0
-    assert cost.epoch_s == pytest.approx(1000 / cost.train_samples_per_s + 400 * cost.eval_s_per_sample + overhead.epoch_s)
+    expected = 1000 / cost.train_samples_per_s + 400 * cost.eval_s_per_sample + overhead.epoch_s
+    assert cost.epoch_s == pytest.approx(expected)
     assert cost.fixed_s == pytest.approx(1400 * cost.eval_s_per_sample + overhead.run_s)
     assert cost.run_s(3) == pytest.approx(3 * cost.epoch_s + cost.fixed_s)
     assert list(tmp_path.iterdir()) == []

@@ -59,7 +59,8 @@ def write_cache(root: Path, n: int) -> Path:
     pipe = PIPELINES["small"]
     specs = {"audio": ArraySpec((SIDE, SIDE), "float16"), "image": ArraySpec((1, SIDE, SIDE, 3), "uint8", frames=True)}
     labels = [i % CLASSES for i in range(n)]
-    meta = CacheMeta(dataset="manifest", pipeline="small", pipeline_params=pipe.model_dump(), classes=[str(c) for c in range(CLASSES)],
+    meta = CacheMeta(dataset="manifest", pipeline="small", pipeline_params=pipe.model_dump(),
+                     classes=[str(c) for c in range(CLASSES)],
                      arrays={m: s.to_dict() for m, s in specs.items()}, kinds={"audio": "audio", "image": "image"},
                      ids=[f"s{i}" for i in range(n)], labels=labels,
                      splits={"train": list(range(n)), "val": list(range(8)), "test": list(range(8))})
@@ -72,7 +73,8 @@ def write_cache(root: Path, n: int) -> Path:
     return root
 
 
-def trainer_for(cache: Path, encoder: dict[str, Any], run_dir: Path, batch_size: int, overrides: Sequence[str]) -> Trainer:
+def trainer_for(cache: Path, encoder: dict[str, Any], run_dir: Path, batch_size: int,
+                overrides: Sequence[str]) -> Trainer:
     base = {"dataset": {"name": "manifest", "root": str(cache), "pipeline": "small", "frame_size": SIDE},
             "model": {"encoders": {"audio": encoder, "image": encoder}},
             "method": {"name": "joint"}, "optim": {"lr": 0.01},
@@ -96,7 +98,10 @@ def measure(trainer: Trainer, rounds: int) -> dict[str, float]:
     loader_rate = best_rate(n, lambda: [None for _ in loader(epoch_generator(0, 0))], rounds)
     batch = next(iter(loader(epoch_generator(0, 0))))
     steps = 10
-    step_rate = best_rate(steps * len(batch), lambda: [trainer.method.training_step(batch) for _ in range(steps)], rounds)
+    def train_steps() -> list:
+        return [trainer.method.training_step(batch) for _ in range(steps)]
+
+    step_rate = best_rate(steps * len(batch), train_steps, rounds)
     return {"epoch_samples_per_s": epoch, "loader_samples_per_s": loader_rate, "step_samples_per_s": step_rate}
 
 

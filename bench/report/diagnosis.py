@@ -49,7 +49,8 @@ from mmbalance.core.errors import ConfigError  # noqa: E402
 
 DEFICIT_MIN = 0.05  # single seed: a deficit above this is reported (as a sign, without an interval)
 LEGEND = ("Numbers: mean [95% CI] over seeds; test split at each run's selected epoch (the first with the best "
-          "validation accuracy: a joint model that a fast modality solves at once is probed early). unimodal acc: the model "
+          "validation accuracy: a joint model that a fast modality solves at once is probed early). "
+          "unimodal acc: the model "
           "of that modality alone (same backbone and budget). probe: logistic regression on the frozen encoder's "
           "features, of the unimodal-only model (alone) and of the joint model (in joint). deficit = probe alone − "
           "probe in joint, paired by seed: how much less the encoder learned inside the joint model; a deficit "
@@ -105,11 +106,13 @@ class Diagnosis:
                          f"deficit {fmt(d)}{' (under-trained)' if m in self.under_trained else ''}")
         if self.dominant is not None and self.head_margin is not None:
             others = ", ".join(f"{m} {fmt(ms[m]['own_joint'])}" for m in ms if m != self.dominant)
-            lines.append(f"- the joint head leans on {self.dominant}: its own accuracy {fmt(ms[self.dominant]['own_joint'])} "
+            lines.append(f"- the joint head leans on {self.dominant}: its own accuracy "
+                         f"{fmt(ms[self.dominant]['own_joint'])} "
                          f"vs {others} (margin over the next {fmt(self.head_margin)})")
         if self.faster is not None:
             lines.append(f"- {self.faster} learns fastest alone: " + ", ".join(
-                f"{m} {fmt(ms[m]['speed_alone'], signed=True)}/epoch" for m in ms) + " (validation accuracy gained per epoch "
+                f"{m} {fmt(ms[m]['speed_alone'], signed=True)}/epoch" for m in ms)
+            + " (validation accuracy gained per epoch "
                 "over chance in the first quarter of training)")
         return "\n".join(lines)
 
@@ -159,7 +162,8 @@ def curves(runs: pd.DataFrame, metrics: dict[str, list[dict]]) -> pd.DataFrame:
         for rec in metrics.get(r.run_id, []):
             val = rec.get("val") or {}
             if r.label == JOINT:
-                rows += [(m, "in joint (own logits)", r.seed, rec["epoch"], acc) for m, acc in (val.get("modality_acc") or {}).items()]
+                rows += [(m, "in joint (own logits)", r.seed, rec["epoch"], acc)
+                         for m, acc in (val.get("modality_acc") or {}).items()]
             elif r.method == "unimodal":
                 rows.append((r.unimodal_modality, "alone", r.seed, rec["epoch"], val.get("acc")))
     return pd.DataFrame(rows, columns=["modality", "model", "seed", "epoch", "acc"]).dropna()
@@ -195,6 +199,7 @@ def diagnose(group_dir: Path, only: set[str] | None, out: Path, num_classes: int
     agg = aggregate(finished)
     modalities = sorted(finished["unimodal_modality"].dropna().unique())
     curve = curves(finished, metrics)
+    chance = 1 / num_classes
     per = {}
     for m in modalities:
         per[m] = {"unimodal_acc": stat(agg, unimodal_label(m), "acc"),
@@ -202,9 +207,10 @@ def diagnose(group_dir: Path, only: set[str] | None, out: Path, num_classes: int
                   "probe_joint": stat(agg, JOINT, f"probe.{m}"),
                   "deficit": stat(agg, JOINT, f"deficit.{m}"),
                   "own_joint": stat(agg, JOINT, f"own.{m}"),
-                  "speed_alone": describe(speeds(curve[(curve.modality == m) & (curve.model == "alone")], 1 / num_classes)),
-                  "speed_joint": describe(speeds(curve[(curve.modality == m) & (curve.model != "alone")], 1 / num_classes))}
-    owned = {m: v["own_joint"]["mean"] for m, v in per.items() if v["own_joint"] and math.isfinite(v["own_joint"]["mean"])}
+                  "speed_alone": describe(speeds(curve[(curve.modality == m) & (curve.model == "alone")], chance)),
+                  "speed_joint": describe(speeds(curve[(curve.modality == m) & (curve.model != "alone")], chance))}
+    owned = {m: v["own_joint"]["mean"] for m, v in per.items()
+             if v["own_joint"] and math.isfinite(v["own_joint"]["mean"])}
     dominant = max(owned, key=owned.get) if owned else None
     fast = {m: v["speed_alone"]["mean"] for m, v in per.items() if math.isfinite(v["speed_alone"]["mean"])}
     result = Diagnosis(
