@@ -253,7 +253,7 @@ def test_short_quickstart_and_its_report_from_the_wheel(wheel, tmp_path):
     run = from_the_wheel(finished(mmbalance(tmp_path, [wheel.site], "--results", "R", "quickstart",
                                             *SHORT_QUICKSTART)), wheel)
     cells = list(yaml.safe_load((wheel.site / "mmbalance/configs/quickstart.yaml").read_text())["cells"])
-    assert f"{len(cells)} cells x 1 seeds = {len(cells)} runs" in run.stdout
+    assert f"{len(cells)} cells x 1 seeds = {len(cells)} runs" in run.stderr  # progress: the log
     assert (tmp_path / "reports/quickstart/table.csv").is_file()  # quickstart's own --report default
 
     from_the_wheel(finished(mmbalance(tmp_path, [wheel.site], "report", "R/quickstart", "--out", "rep")), wheel)
