@@ -19,20 +19,19 @@ augmentation come from seeded generators.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 import torch.nn.functional as F
 
 from mmbalance.bench.config import RunConfig
 from mmbalance.bench.data import build_loaders, epoch_generator, seed_everything
 from mmbalance.bench.device import prepare_model, resolve_device
 from mmbalance.bench.train import DatasetSource, build_dataset, build_method, build_optimizer
+from mmbalance.methods.base import StepContext
 
 log = logging.getLogger(__name__)
 
@@ -97,13 +96,14 @@ def range_test(cfg: RunConfig, steps: int = 200, lr_min: float = 1e-4, lr_max: f
     device = resolve_device(cfg.train.device)
     seed_everything(cfg.train.seed)
     dataset = datasets(cfg)
-    train = build_loaders(dataset, cfg.train, device)["train"]
+    loaders = build_loaders(dataset, cfg.train, device)
+    train = loaders["train"]
     method = build_method(cfg, dataset)
     prepare_model(method, method.encoders, cfg.train, device)
-    optimizer = build_optimizer(cfg, method.param_groups())
-    # the harness's precision policy (methods.base.StepHelpers.autocast): bf16 on CUDA when train.amp
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cfg.train.amp and device.type == "cuda" \
-        else contextlib.nullcontext
+    # the harness's step context: its precision policy (bf16 autocast on CUDA when train.amp)
+    context = StepContext(lambda: (build_optimizer(cfg, method.param_groups()), None), loaders["train_plain"],
+                          device, cfg.train.amp)
+    optimizer = context.optimizer
     method.train()
     result = RangeTest()
     for step, batch in enumerate(batches(train, cfg.train.seed)):
@@ -113,7 +113,7 @@ def range_test(cfg: RunConfig, steps: int = 200, lr_min: float = 1e-4, lr_max: f
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
-        with autocast():
+        with context.autocast():
             logits = method.predict(batch).fused
         loss = F.cross_entropy(logits.float(), batch.labels)
         loss.backward()
