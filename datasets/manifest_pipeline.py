@@ -57,7 +57,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mmbalance.core.errors import ConfigError, DataError
-from mmbalance.core.overrides import Sources, apply_overrides, deep_merge, format_errors, read_yaml
+from mmbalance.core.overrides import Sources, apply_overrides, deep_merge, flat, format_errors, read_yaml
 from mmbalance.datasets import audio as fe
 from mmbalance.datasets.prepared import Pipeline
 
@@ -202,17 +202,6 @@ def configure(preset: str, pipeline_file: str | Path | None = None, overrides: S
         what = f"pipeline options (preset {preset!r})"
         raise ConfigError(format_errors(e, PipelineOptions, sources, what=what)) from None
     return base.model_copy(update={"options": options})
-
-
-def flat(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'audio': {'bins': 64}} -> {'audio.bins': 64}."""
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, Mapping):
-            out.update(flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 # ---- a run: the cache's options, checked against the config's -----------------------------------

@@ -12,9 +12,10 @@ import yaml
 from mmbalance.bench.cli import main as cli
 from mmbalance.bench.config import load_config
 from mmbalance.core.errors import ConfigError, DataError
+from mmbalance.core.overrides import flat
 from mmbalance.datasets.cache import Cache
 from mmbalance.datasets.manifest import Manifest, ManifestParams
-from mmbalance.datasets.manifest_pipeline import AudioOptions, PipelineOptions, audio_features, flat
+from mmbalance.datasets.manifest_pipeline import AudioOptions, PipelineOptions, audio_features
 from mmbalance.datasets.prepare.runner import prepare
 from tests.fixtures.manifest import CLIP_SECONDS, LOW_SR, write_short_clips
 from tests.fixtures.media import tone

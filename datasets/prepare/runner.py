@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mmbalance.core.errors import DataError
+from mmbalance.core.overrides import flat
 from mmbalance.core.registry import DATASETS
 from mmbalance.datasets.cache import CacheMeta, CacheWriter, write_json_atomic
 from mmbalance.datasets.prepared import Pipeline, Plan, PreparedDataset, SampleSource
@@ -48,6 +49,7 @@ class PrepareReport:
     seconds: float
     processed: int  # samples decoded by this call (0 when everything was already done)
     notes: list[str] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)  # every pipeline option, dotted, as the cache records it
 
     @property
     def samples_per_s(self) -> float:
@@ -57,11 +59,13 @@ class PrepareReport:
         return {
             "dataset": self.dataset, "pipeline": self.pipeline, "counts": self.counts,
             "missing": self.missing, "corrupt": self.corrupt, "split_info": self.split_info,
-            "seconds": self.seconds, "processed": self.processed, "notes": self.notes,
+            "seconds": self.seconds, "processed": self.processed, "notes": self.notes, "options": self.options,
         }
 
     def summary(self) -> str:
         lines = [f"{self.dataset} / {self.pipeline} -> {self.out}"]
+        if self.options:
+            lines.append("  pipeline options: " + ", ".join(f"{k}={v}" for k, v in self.options.items()))
         published = self.split_info.get("splits", {})
         for split, c in self.counts.items():
             expected = published.get(split, {}).get("published_count")
@@ -80,6 +84,12 @@ class PrepareReport:
                          f"{self.out / 'report.json'}")
         lines.append(f"  {self.processed} samples decoded in {self.seconds:.1f} s ({self.samples_per_s:.1f} samples/s)")
         return "\n".join(lines)
+
+
+def recorded_options(pipeline_params: dict[str, Any]) -> dict[str, Any]:
+    """The pipeline's options as dotted keys, the way `--set` names them (`manifest` records its
+    options under "options"; the other datasets record their pipeline's parameters directly)."""
+    return flat(pipeline_params.get("options", pipeline_params))
 
 
 def split_verdict(split_info: dict[str, Any]) -> str:
@@ -148,7 +158,8 @@ def prepare(
         writer.flush()  # an interrupt keeps every finished sample
 
     report = PrepareReport(out, name, pipe_name, _counts(plan, writer.done, row_of, missing, corrupt),
-                           missing, corrupt, split_info, time.perf_counter() - start, processed, plan.notes)
+                           missing, corrupt, split_info, time.perf_counter() - start, processed, plan.notes,
+                           recorded_options(meta.pipeline_params))
     write_json_atomic(out / "report.json", report.to_dict())
     if (missing or corrupt) and on_error == "fail":
         raise DataError(
