@@ -39,6 +39,7 @@ from PIL import Image
 
 from mmbalance.bench.config import TrainConfig
 from mmbalance.bench.data import SplitLoader, build_loaders
+from mmbalance.bench.perf import reference
 from mmbalance.bench.perf.steps import Shapes, Variant, build_subject, sync, timed
 from mmbalance.datasets.cache import CacheMeta, CacheWriter
 from mmbalance.datasets.cremad import EMOTIONS, PIPELINES, CremaD, CremadParams, audio_features
@@ -116,27 +117,24 @@ class DecodeSplit(torch.utils.data.Dataset):
 class ReferenceSplit(torch.utils.data.Dataset):
     """The reference loader's items as the suite's loaders batch them: ({modality: tensor}, label)."""
 
-    def __init__(self, reference: torch.utils.data.Dataset) -> None:
-        self.reference = reference
+    def __init__(self, dataset: reference.CramedDataset) -> None:
+        self.dataset = dataset
 
     def __len__(self) -> int:
-        return len(self.reference)  # type: ignore[arg-type]
+        return len(self.dataset)
 
     def __getitem__(self, i: int) -> tuple[dict[str, torch.Tensor], int]:
-        spectrogram, images, label = self.reference[i]
+        spectrogram, images, label = self.dataset[i]
         return {"audio": torch.from_numpy(spectrogram)[None], "visual": images}, label
 
 
 def reference_split(sources: list[SampleSource]) -> ReferenceSplit | None:
     """OGM-GE's own loader over `sources` (training mode, 1 frame), or None without librosa."""
-    try:
-        from mmbalance.bench.perf.reference import CramedDataset
-    except ModuleNotFoundError as e:
-        if e.name != "librosa":
-            raise
+    if reference.librosa is None:
         return None
-    return ReferenceSplit(CramedDataset([str(s.files["audio"]) for s in sources],
-                                        [str(s.files["visual"]) for s in sources], [s.label for s in sources]))
+    return ReferenceSplit(reference.CramedDataset([str(s.files["audio"]) for s in sources],
+                                                  [str(s.files["visual"]) for s in sources],
+                                                  [s.label for s in sources]))
 
 
 @dataclass
@@ -174,9 +172,9 @@ def measure_loaders(data: LoaderSetup, batch_size: int, device: torch.device, ro
     dataset = data.dataset()
     per_sample, _ = dataset.loader_split("train", augment=True, on_device=False)
     deferred, finish = dataset.loader_split("train", augment=True, on_device=True)
-    reference = reference_split(data.sources)
+    copy = reference_split(data.sources)
     loaders = {
-        "reference": SplitLoader(reference, batch_size, cpu) if reference is not None else None,
+        "reference": SplitLoader(copy, batch_size, cpu) if copy is not None else None,
         "decode": SplitLoader(DecodeSplit(data.sources), batch_size, cpu),
         "cache_loader": SplitLoader(per_sample, batch_size, cpu),
         "cache_loader_half": SplitLoader(deferred, batch_size, cpu),
