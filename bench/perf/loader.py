@@ -196,7 +196,8 @@ def loader_row(key: str, seconds: dict[str, list[float]] | None, clips: int, dev
     label, target = LOADER_PATHS[key]
     # the device half on a GPU runs mostly outside this process's CPU time: timed by the wall clock
     clock = "wall" if key == "device_half" and device.type == "cuda" else "cpu"
-    row: dict[str, Any] = {"key": key, "path": label.format(device=device.type), "target": target, "clock": clock}
+    label = label.format(device=device.type) + (", wall clock" if clock == "wall" else "")
+    row: dict[str, Any] = {"key": key, "path": label, "target": target, "clock": clock}
     if seconds is None:
         return row | {"samples_per_s_per_core": None, "note": REFERENCE_MISSING}
     return row | {"samples_per_s_per_core": clips / min(seconds[clock]), "round_cpu_s": seconds["cpu"],
