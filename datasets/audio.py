@@ -61,7 +61,13 @@ def resample(wave: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
 
 @lru_cache(maxsize=16)
 def _resampler(orig_sr: int, new_sr: int, dtype: torch.dtype, device: torch.device) -> T.Resample:
-    # torchaudio.functional.resample computes its sinc kernel on every call; the module keeps it
+    # torchaudio.functional.resample computes its sinc kernel on every call (16 -> 22.05 kHz:
+    # ~10 ms, against under 1 ms to apply it to a 2.5 s clip); the module computes it once.
+    # Memoised per process rather than owned by an object: the callers are the datasets'
+    # load_sample classmethods, which prepare's workers (and the bench's decode path) call clip
+    # by clip with no dataset instance to hold it. The cached module is a pure function of the
+    # key and never leaves this file, so the cache changes how fast resample runs, never what it
+    # returns; 16 rate pairs bound its memory.
     return T.Resample(orig_sr, new_sr, dtype=dtype, **_KAISER_BEST).to(device)
 
 

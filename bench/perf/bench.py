@@ -21,7 +21,7 @@ from tabulate import tabulate
 
 # torch and the measuring modules are imported when the command runs: `mmbalance --help` stays fast
 SHAPE_NAMES = ("cremad", "cpu", "quick")  # bench.perf.steps.SHAPES
-LOADER_TARGET = 10.0  # cache vs per-sample decode, per core
+SECTIONS = ("steps", "loader", "packing")
 DATA_PATH_TARGET = 1.10  # step with real loading vs on-device data, on a GPU
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="tiny sizes and few repetitions (the test suite's run)")
+    p.add_argument("--only", default=None,
+                   help=f"comma-separated sections to run, of {', '.join(SECTIONS)} (default: all; loader includes "
+                        "the data-path check, packing needs --packing)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: auto)")
     p.add_argument("--shapes", choices=SHAPE_NAMES, default=None,
                    help="input sizes: cremad (full CREMA-D; default on a GPU), cpu (half size, batch 64; "
@@ -52,6 +55,7 @@ def sections(args: argparse.Namespace) -> Iterator[str]:
     from mmbalance.bench.device import resolve_device
     from mmbalance.bench.perf.steps import SHAPES, measure_steps, variants_named
 
+    only = chosen_sections(args.only)
     device = resolve_device(args.device)
     shapes = SHAPES[args.shapes or ("quick" if args.quick else "cremad" if device.type == "cuda" else "cpu")]
     slow = device.type == "cpu"  # seconds per step: fewer repetitions
@@ -62,33 +66,39 @@ def sections(args: argparse.Namespace) -> Iterator[str]:
     yield f"mmbalance bench on {describe(device)}; {shapes.name}{'; encoders compiled' if args.compile else ''}"
     results: dict[str, Any] = {"device": describe(device), "shapes": shapes.name}
 
-    from mmbalance.bench.config import TrainConfig
+    if "steps" in only:
+        from mmbalance.bench.config import TrainConfig
 
-    rows = measure_steps(shapes, device, variants=variants_named(split_list(args.methods)), rounds=rounds,
-                         steps=steps, warmup=1 if args.quick else 2, train=TrainConfig(compile=args.compile),
-                         progress=lambda msg: log.info(f"timing steps: {msg}"))
-    results["steps"] = rows
-    yield f"\n## Training step, same encoders and batch (fastest of {rounds} interleaved rounds of {steps} step(s))\n"
-    yield format_steps(rows)
+        variants = variants_named(split_list(args.methods))
+        rows = measure_steps(shapes, device, variants=variants, rounds=rounds, steps=steps,
+                             warmup=1 if args.quick else 2, train=TrainConfig(compile=args.compile),
+                             progress=lambda msg: log.info(f"timing steps: {msg}"))
+        results["steps"] = rows
+        yield (f"\n## Training step, same encoders and batch (fastest of {rounds} interleaved rounds of "
+               f"{steps} step(s))\n")
+        yield format_steps(rows)
 
-    with tempfile.TemporaryDirectory(prefix="mmb-bench-") as tmp:
-        from mmbalance.bench.perf.loader import measure_data_path, measure_loaders, setup_loader_data
+    if "loader" in only:
+        with tempfile.TemporaryDirectory(prefix="mmb-bench-") as tmp:
+            from mmbalance.bench.perf.loader import measure_data_path, measure_loaders, setup_loader_data
 
-        data = setup_loader_data(Path(tmp), clips)
-        loaders = measure_loaders(data, min(16, clips), device)
-        results["loaders"] = loaders
-        yield f"\n## Loader, {clips} synthetic CREMA-D clips (ogmge: audio 1x257x188, 1 frame 224x224), one core\n"
-        yield format_loaders(loaders)
-        if args.data_path == "on" or (args.data_path == "auto" and device.type == "cuda"):
-            workers = args.workers if args.workers is not None else min(8, os.cpu_count() or 1)
-            batch = min(shapes.batch, clips)
-            check = measure_data_path(data, batch, device, steps=max(steps * rounds, 3), workers=workers,
-                                      encoder=shapes.encoder)
-            results["data_path"] = check
-            yield "\n## Data path: joint step fed by the loader vs on data already on the device\n"
-            yield format_data_path(check, device)
+            data = setup_loader_data(Path(tmp), clips)
+            log.info(f"timing loaders: {rounds} interleaved round(s) over {clips} clips")
+            loaders = measure_loaders(data, min(16, clips), device, rounds)
+            results["loaders"] = loaders
+            yield (f"\n## Loader, {clips} synthetic CREMA-D clips (ogmge: audio 1x257x188, 1 frame 224x224), "
+                   f"one core, fastest of {rounds} interleaved round(s)\n")
+            yield format_loaders(loaders)
+            if args.data_path == "on" or (args.data_path == "auto" and device.type == "cuda"):
+                workers = args.workers if args.workers is not None else min(8, os.cpu_count() or 1)
+                batch = min(shapes.batch, clips)
+                check = measure_data_path(data, batch, device, steps=max(steps * rounds, 3), workers=workers,
+                                          encoder=shapes.encoder)
+                results["data_path"] = check
+                yield "\n## Data path: joint step fed by the loader vs on data already on the device\n"
+                yield format_data_path(check, device)
 
-    if args.packing:
+    if args.packing and "packing" in only:
         from mmbalance.bench.perf.packing import format_packing, measure_packing
 
         ks = [int(k) for k in split_list(args.packing) or []]
@@ -101,6 +111,17 @@ def sections(args: argparse.Namespace) -> Iterator[str]:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))
         log.info(f"numbers written to {args.json}")
+
+
+def chosen_sections(text: str | None) -> tuple[str, ...]:
+    """--only's sections (all by default); an unknown one is refused with the allowed ones."""
+    names = split_list(text) or list(SECTIONS)
+    unknown = sorted(set(names) - set(SECTIONS))
+    if unknown:
+        from mmbalance.core.errors import ConfigError
+
+        raise ConfigError(f"bench --only: unknown section(s) {', '.join(unknown)}; allowed: {', '.join(SECTIONS)}")
+    return tuple(names)
 
 
 def split_list(text: str | None) -> list[str] | None:
@@ -132,9 +153,23 @@ def format_steps(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def format_loaders(rows: Sequence[dict[str, Any]]) -> str:
-    table = [[r["path"], f"{r['samples_per_s_per_core']:.1f}", f"{r['vs_decode']:.1f}x"] for r in rows]
-    note = f"\ntarget: the cache's loader >= {LOADER_TARGET:.0f}x the decode path per core"
-    return tabulate(table, headers=["path", "samples/s/core", "vs decode"], tablefmt="github") + note
+    """The loader table: each path's rate and its ratio to the reference (or the line saying how
+    to install it) and to the decode path, then each target's verdict against the reference."""
+    def ratio(value: float | None) -> str:
+        return "" if value is None else f"{value:.1f}x"
+
+    table = [[r["path"], r.get("note") or f"{r['samples_per_s_per_core']:.1f}", ratio(r["vs_reference"]),
+              ratio(r["vs_decode"])] for r in rows]
+    text = tabulate(table, headers=["path", "samples/s/core", "vs reference", "vs decode"], tablefmt="github")
+    for r in rows:
+        if r["target"] is None:
+            continue
+        if r["vs_reference"] is None:
+            check = "not checked, no reference (librosa not installed)"
+        else:
+            check = f"{r['vs_reference']:.1f}x {'yes' if r['vs_reference'] >= r['target'] else 'NO'}"
+        text += f"\ntarget: {r['path'].strip()} >= {r['target']:.0f}x the reference per core: {check}"
+    return text
 
 
 def format_data_path(check: dict[str, Any], device: Any) -> str:

@@ -1,12 +1,22 @@
-"""How fast batches reach the model: the prepared cache against decoding every sample every epoch.
+"""How fast batches reach the model: the prepared cache against the reference loader, which
+decodes every sample every epoch.
 
 Synthetic CREMA-D clips (16 kHz wavs and 480x360 jpg frames, as OGM-GE extracts them) are
-written once. The decode path is the reference repos' loader: each read decodes the wav
-(resample to 22,050 Hz, tile to 3 s, STFT 512/353, log) and one random frame (jpg, random
-resized crop to 224, flip, normalise). The cache path reads the same clips from a cache made by
-the `ogmge` pipeline: with the views per sample (`train.augment: loader`), or with only their
-per-sample half in the loader (`train.augment: device`), the rest timed separately on the device.
-Loader rates are per CPU core: one process, one thread.
+written once and read by:
+
+- the reference: OGM-GE's own `CramedDataset.__getitem__` (bench/perf/reference.py; librosa
+  load and resample, STFT, PIL, torchvision transforms), when librosa is installed;
+- the suite's decode path: the same per-sample computation built from the suite's parts, the
+  wav through the `ogmge` front-end that prepare runs (resample to 22,050 Hz, tile to 3 s, STFT
+  512/353, log) and one random frame (jpg, random resized crop to 224, flip, normalise). It
+  stands for the reference where librosa is missing, so it must cost what the reference costs;
+- the cache made by the `ogmge` pipeline: with the views per sample (`train.augment: loader`),
+  or with only their per-sample half in the loader (`train.augment: device`), and that half
+  followed by the batch half on the device.
+
+All paths are timed in the same interleaved rounds, one process, one thread: samples per
+CPU-second, i.e. per core (the device half on a GPU: per second of wall clock), the fastest round
+of each.
 
 The data-path check trains joint ResNet18s on the cache through the real loader (persistent
 workers, pinned memory, augmentation on the device) and compares the step time with steps on a
@@ -17,6 +27,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +39,7 @@ from PIL import Image
 
 from mmbalance.bench.config import TrainConfig
 from mmbalance.bench.data import SplitLoader, build_loaders
+from mmbalance.bench.perf import reference
 from mmbalance.bench.perf.steps import Shapes, Variant, build_subject, sync, timed
 from mmbalance.datasets.cache import CacheMeta, CacheWriter
 from mmbalance.datasets.cremad import EMOTIONS, PIPELINES, CremaD, CremadParams, audio_features
@@ -84,7 +96,8 @@ def build_cache(sources: list[SampleSource], out: Path) -> Path:
 
 
 class DecodeSplit(torch.utils.data.Dataset):
-    """The reference repos' loader: every read decodes the clip's wav and one random frame."""
+    """The suite's decode path: every read decodes the clip's wav through the `ogmge` front-end
+    (as prepare computes it: datasets.cremad.audio_features) and one random frame (FrameClip)."""
 
     def __init__(self, sources: list[SampleSource]) -> None:
         self.sources = sources
@@ -99,6 +112,29 @@ class DecodeSplit(torch.utils.data.Dataset):
         audio = torch.from_numpy(audio_features(source.files["audio"], PIPELINES[PIPELINE]).astype(np.float32))
         frame = read_image(self.frames[i][int(torch.randint(len(self.frames[i]), ()))])[None]  # (1, H, W, 3)
         return {"audio": audio[None], "visual": self.view(frame, 1)}, source.label
+
+
+class ReferenceSplit(torch.utils.data.Dataset):
+    """The reference loader's items as the suite's loaders batch them: ({modality: tensor}, label)."""
+
+    def __init__(self, dataset: reference.CramedDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[dict[str, torch.Tensor], int]:
+        spectrogram, images, label = self.dataset[i]
+        return {"audio": torch.from_numpy(spectrogram)[None], "visual": images}, label
+
+
+def reference_split(sources: list[SampleSource]) -> ReferenceSplit | None:
+    """OGM-GE's own loader over `sources` (training mode, 1 frame), or None without librosa."""
+    if reference.librosa is None:
+        return None
+    return ReferenceSplit(reference.CramedDataset([str(s.files["audio"]) for s in sources],
+                                                  [str(s.files["visual"]) for s in sources],
+                                                  [s.label for s in sources]))
 
 
 @dataclass
@@ -117,42 +153,92 @@ def setup_loader_data(workdir: Path, n: int) -> LoaderSetup:
     return LoaderSetup(sources, build_cache(sources, workdir / "cache"))
 
 
-def rate(loader: SplitLoader, device: torch.device) -> float:
-    """Samples per second of one shuffled pass, after a first pass that warms the page cache and
-    lazy imports (the device's queued work counted)."""
-    for _ in loader(torch.Generator().manual_seed(0)):
-        pass
-    start, n = time.perf_counter(), 0
-    for batch in loader(torch.Generator().manual_seed(1)):
-        n += len(batch)
-    sync(device)
-    return n / (time.perf_counter() - start)
+# the loader paths, reference first: key -> (row label, target as a multiple of the reference's rate)
+LOADER_PATHS: dict[str, tuple[str, float | None]] = {
+    "reference": ("reference: OGM-GE CramedDataset (librosa, PIL, torchvision)", None),
+    "decode": ("decode per sample (wav -> STFT, jpg -> crop)", None),
+    "cache_loader": ("cache, views per sample (augment: loader)", 10.0),
+    "cache_loader_half": ("cache, loader half (augment: device)", 30.0),
+    "device_half": ("  its device half on {device} (crop, flip, normalise per batch)", None),
+}
+REFERENCE_MISSING = "librosa not installed: pip install mmbalance[reference]"
 
 
-def measure_loaders(data: LoaderSetup, batch_size: int, device: torch.device) -> list[dict[str, Any]]:
-    """Samples/s per CPU core of each path, and the cache's speed-up over the decode path."""
+def measure_loaders(data: LoaderSetup, batch_size: int, device: torch.device, rounds: int) -> list[dict[str, Any]]:
+    """One row per LOADER_PATHS entry: samples/s per CPU core (None for the reference without
+    librosa), the fastest of `rounds` interleaved rounds, and its ratios to the reference and to
+    the decode path (None where either is missing)."""
     cpu = torch.device("cpu")
     dataset = data.dataset()
     per_sample, _ = dataset.loader_split("train", augment=True, on_device=False)
     deferred, finish = dataset.loader_split("train", augment=True, on_device=True)
-    paths = {
-        "decode per sample (wav -> STFT, jpg -> crop)": SplitLoader(DecodeSplit(data.sources), batch_size, cpu),
-        "cache, views per sample (augment: loader)": SplitLoader(per_sample, batch_size, cpu),
-        "cache, loader half (augment: device)": SplitLoader(deferred, batch_size, cpu),
+    copy = reference_split(data.sources)
+    loaders = {
+        "reference": SplitLoader(copy, batch_size, cpu) if copy is not None else None,
+        "decode": SplitLoader(DecodeSplit(data.sources), batch_size, cpu),
+        "cache_loader": SplitLoader(per_sample, batch_size, cpu),
+        "cache_loader_half": SplitLoader(deferred, batch_size, cpu),
+        "device_half": SplitLoader(deferred, batch_size, device, finish=finish),
     }
+    with one_thread():
+        seconds = interleaved_rounds({k: v for k, v in loaders.items() if v is not None}, rounds, device)
+    rows = [loader_row(key, seconds.get(key), len(data.sources), device) for key in loaders]
+    rates = {r["key"]: r["samples_per_s_per_core"] for r in rows}
+    for r in rows:
+        for basis in ("reference", "decode"):
+            ok = r["samples_per_s_per_core"] is not None and rates[basis] is not None
+            r[f"vs_{basis}"] = r["samples_per_s_per_core"] / rates[basis] if ok else None
+    return rows
+
+
+def loader_row(key: str, seconds: dict[str, list[float]] | None, clips: int, device: torch.device) -> dict[str, Any]:
+    """A path's row from its rounds' seconds (None: not timed, the reference without librosa)."""
+    label, target = LOADER_PATHS[key]
+    # the device half on a GPU runs mostly outside this process's CPU time: timed by the wall clock
+    clock = "wall" if key == "device_half" and device.type == "cuda" else "cpu"
+    label = label.format(device=device.type) + (", wall clock" if clock == "wall" else "")
+    row: dict[str, Any] = {"key": key, "path": label, "target": target, "clock": clock}
+    if seconds is None:
+        return row | {"samples_per_s_per_core": None, "note": REFERENCE_MISSING}
+    return row | {"samples_per_s_per_core": clips / min(seconds[clock]), "round_cpu_s": seconds["cpu"],
+                  "round_wall_s": seconds["wall"]}
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Torch's intra-op threads set to 1 inside (per-core rates), restored after."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        rows = [{"path": label, "samples_per_s_per_core": rate(loader, cpu)} for label, loader in paths.items()]
+        yield
     finally:
         torch.set_num_threads(threads)
-    device_half = SplitLoader(deferred, batch_size, device, finish=finish)
-    rows.append({"path": f"  its device half on {device.type} (crop, flip, normalise per batch)",
-                 "samples_per_s_per_core": rate(device_half, device)})
-    decode = rows[0]["samples_per_s_per_core"]
-    for r in rows:
-        r["vs_decode"] = r["samples_per_s_per_core"] / decode
-    return rows
+
+
+def interleaved_rounds(loaders: dict[str, SplitLoader], rounds: int,
+                       device: torch.device) -> dict[str, dict[str, list[float]]]:
+    """CPU and wall seconds of one shuffled pass (every clip) of each loader per round, the
+    loaders taking turns in an order rotated every round, after a first pass of each that warms
+    the page cache and lazy imports. Every loader reads the same shuffle in a round."""
+    for loader in loaders.values():
+        timed_pass(loader, torch.Generator().manual_seed(0), device)
+    seconds: dict[str, dict[str, list[float]]] = {key: {"cpu": [], "wall": []} for key in loaders}
+    keys = list(loaders)
+    for r in range(rounds):
+        for key in keys[r % len(keys):] + keys[:r % len(keys)]:
+            cpu, wall = timed_pass(loaders[key], torch.Generator().manual_seed(1 + r), device)
+            seconds[key]["cpu"].append(cpu)
+            seconds[key]["wall"].append(wall)
+    return seconds
+
+
+def timed_pass(loader: SplitLoader, generator: torch.Generator, device: torch.device) -> tuple[float, float]:
+    """(CPU seconds of this process, wall seconds) of one pass, the device's queued work counted."""
+    cpu, wall = time.process_time(), time.perf_counter()
+    for _ in loader(generator):
+        pass
+    sync(device)
+    return time.process_time() - cpu, time.perf_counter() - wall
 
 
 def measure_data_path(data: LoaderSetup, batch_size: int, device: torch.device, steps: int, workers: int,
