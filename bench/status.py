@@ -134,7 +134,9 @@ def status_table(path: Path) -> str:
             problems.append(problem_line(rd, rows[-1], st))
     if not any(row["job"] for row in rows):
         rows = [{k: v for k, v in row.items() if k != "job"} for row in rows]
-    table = tabulate(rows, headers="keys", tablefmt="pipe")  # as pandas' to_markdown, without pandas
+    # pandas' to_markdown without pandas; floatfmt: tabulate reads '0.810' as a number and would
+    # print it as 0.81
+    table = tabulate(rows, headers="keys", tablefmt="pipe", floatfmt=".3f")
     return "\n\n".join([table, count_line([row["state"] for row in rows])] + (
         ["failed, interrupted or damaged:\n" + "\n".join(problems)] if problems else []))
 
