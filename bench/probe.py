@@ -11,9 +11,6 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
-from sklearn.preprocessing import StandardScaler
-from threadpoolctl import threadpool_limits
 
 from mmbalance.core.types import Batch
 from mmbalance.methods.base import Method
@@ -41,6 +38,12 @@ def fit_probe(
     max_iter: int = 500,
 ) -> dict[str, float]:
     """Fit one probe per C on `train`, choose C on `val` (the smallest best C wins), report on `test`."""
+    # scikit-learn adds ~1.2 s of CPU to an import of torch: only a run's probes need it, not
+    # every command that imports the training module
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
+
     scaler = StandardScaler().fit(train[0])
     xs = {name: scaler.transform(x) for name, (x, _) in {"train": train, "val": val, "test": test}.items()}
     best: dict[str, float] | None = None

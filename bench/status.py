@@ -3,10 +3,12 @@ status files (and, for SLURM jobs, from squeue)."""
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
+from tabulate import tabulate
 
 from mmbalance.bench.cancel import CANCELLED_JOB
 from mmbalance.bench.claim import is_held, process_gone
@@ -26,6 +28,40 @@ def find_runs(path: Path) -> list[RunDir]:
         if found:
             return [RunDir(p.parent) for p in found]
     return []
+
+
+class Snapshot(RunDir):
+    """A run directory whose records are read once each: `status` looks at a run's files three
+    times (its damage check, `done`, its row), and a store of 1,000 runs is read within a second
+    or two only when each file is parsed once. A damaged record is remembered and raised again.
+    For reading only: a write through it would not be seen by its later reads."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self._read: dict[str, Any] = {}
+
+    def _once(self, name: str, read: Callable[[], Any]) -> Any:
+        if name not in self._read:
+            try:
+                self._read[name] = read()
+            except DamagedFile as e:
+                self._read[name] = e
+        found = self._read[name]
+        if isinstance(found, DamagedFile):
+            raise found.with_traceback(None)
+        return found
+
+    def read_config(self) -> dict[str, Any]:
+        return self._once("config", super().read_config)
+
+    def status(self) -> dict[str, Any]:
+        return self._once("status", super().status)
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        return self._once("metrics", super().read_metrics)
+
+    def read_summary(self) -> dict[str, Any] | None:
+        return self._once("summary", super().read_summary)
 
 
 def shown_state(status: dict[str, Any], queued: set[str] | None = None, held: bool = False) -> str:
@@ -64,7 +100,7 @@ COUNTED = ("finished", "running", "pending", "failed", "interrupted")
 def status_table(path: Path) -> str:
     """One line per run, then the counts, then every failed, interrupted or damaged run with the first
     line of its error, its log and its job id."""
-    runs = find_runs(path)
+    runs = [Snapshot(rd.path) for rd in find_runs(path)]
     if not runs:
         return f"{path}: no runs (no */config.yaml below it)"
     from mmbalance.bench.launch.jobs import queued_job_ids
@@ -96,20 +132,22 @@ def status_table(path: Path) -> str:
         })
         if st["state"] in ("failed", "interrupted") or "stale" in rows[-1]["state"]:
             problems.append(problem_line(rd, rows[-1], st))
-    table = pd.DataFrame(rows)
-    if not table["job"].astype(bool).any():
-        table = table.drop(columns="job")
-    return "\n\n".join([table.to_markdown(index=False), count_line(table["state"])] + (
+    if not any(row["job"] for row in rows):
+        rows = [{k: v for k, v in row.items() if k != "job"} for row in rows]
+    # pandas' to_markdown without pandas; floatfmt: tabulate reads '0.810' as a number and would
+    # print it as 0.81
+    table = tabulate(rows, headers="keys", tablefmt="pipe", floatfmt=".3f")
+    return "\n\n".join([table, count_line([row["state"] for row in rows])] + (
         ["failed, interrupted or damaged:\n" + "\n".join(problems)] if problems else []))
 
 
-def count_line(states: pd.Series) -> str:
-    """'N runs: a finished, b running, c pending, d failed, e interrupted' (stale ones named)."""
-    base = states.str.split(" ").str[0]
-    counts = {s: int((base == s).sum()) for s in COUNTED}
-    stale = int(states.str.contains("stale").sum())
-    other = {s: int(n) for s, n in base[~base.isin(COUNTED)].value_counts().items()}
-    parts = [f"{n} {s}" for s, n in {**counts, **other}.items()]
+def count_line(states: Sequence[str]) -> str:
+    """'N runs: a finished, b running, c pending, d failed, e interrupted' (stale ones named), then
+    any other state ('damaged', 'new'), most frequent first."""
+    base = Counter(state.split(" ")[0] for state in states)
+    stale = sum("stale" in state for state in states)
+    other = Counter({s: n for s, n in base.items() if s not in COUNTED}).most_common()
+    parts = [f"{base[s]} {s}" for s in COUNTED] + [f"{n} {s}" for s, n in other]
     return f"{len(states)} runs: " + ", ".join(parts) + (f" ({stale} stale: launch again to resume)" if stale else "")
 
 

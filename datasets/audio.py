@@ -25,7 +25,6 @@ import warnings
 from functools import lru_cache
 from typing import Literal
 
-import scipy.signal
 import torch
 import torchaudio.compliance.kaldi as kaldi
 import torchaudio.functional as AF
@@ -120,6 +119,8 @@ def scipy_spectrogram_log(wave: torch.Tensor, fs: float, nperseg: int = 512, nov
     if wave.numel() < nperseg:
         raise DataError(f"a spectrogram with nperseg={nperseg} needs at least that many samples; "
                         f"got {wave.numel()}")
+    import scipy.signal  # here: its import takes ~0.8 s, and only the DI-MML pipelines need it
+
     # the window comes from scipy itself so its edge convention is scipy's exactly
     window = torch.as_tensor(scipy.signal.get_window(("tukey", 0.25), nperseg), dtype=wave.dtype,
                              device=wave.device)

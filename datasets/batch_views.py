@@ -24,7 +24,6 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torchvision.ops import roi_align
 
 BatchView = Callable[[torch.Tensor], torch.Tensor]
 
@@ -83,6 +82,9 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def crop_resize(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
     """(N, C, H, W) float, (N, 4) boxes -> (N, C, size, size): each image's box resampled."""
+    # late: importing torchvision loads torch._dynamo (~1.5 s), which `mmbalance list` need not pay
+    from torchvision.ops import roi_align
+
     rois = to_device(torch.cat([torch.arange(len(x), dtype=boxes.dtype)[:, None], boxes], dim=1), x.device)
     return roi_align(x, rois.to(x.dtype), output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
 

@@ -13,7 +13,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from torchvision.transforms import v2
 
 from mmbalance.datasets.batch_views import (
     IMAGENET_MEAN,
@@ -130,6 +129,9 @@ class FrameClip:
         return normalise_(x, self.mean, self.std).permute(1, 0, 2, 3).contiguous()  # C, T, H, W
 
     def _augment(self, x: torch.Tensor) -> torch.Tensor:
+        # late: importing torchvision loads torch._dynamo (~1.5 s), which `mmbalance list` need not pay
+        from torchvision.transforms import v2
+
         if self.crop == "random_resized":
             x = v2.RandomResizedCrop(self.size, antialias=True)(x)
         elif self.crop == "random":
@@ -141,6 +143,8 @@ class FrameClip:
         return x
 
     def _fit(self, x: torch.Tensor) -> torch.Tensor:
+        from torchvision.transforms import v2  # late: see _augment
+
         if self.test_crop == "center":
             return v2.CenterCrop(self.size)(x)
         if x.shape[-2:] == (self.size, self.size):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from torchvision.models.resnet import BasicBlock, ResNet
 
 from mmbalance.core.params import NoParams
 from mmbalance.core.registry import ENCODERS
@@ -25,6 +24,9 @@ class ResNet18Encoder(nn.Module):
     def __init__(self, params: NoParams, modality: Modality) -> None:
         super().__init__()
         require_image_shape("resnet18", modality)
+        # late: importing torchvision loads torch._dynamo (~1.5 s), which `mmbalance list` need not pay
+        from torchvision.models.resnet import BasicBlock, ResNet
+
         net = ResNet(BasicBlock, [2, 2, 2, 2])
         in_channels = modality.shape[0]
         if in_channels != 3:  # audio: 1 channel; optical flow: 2
