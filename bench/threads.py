@@ -7,11 +7,11 @@ process each), and the local launcher sizes its workers by it.
 
 - a number: that many threads, whatever the device;
 - `auto` on CPU: one thread per run (CPU_THREADS); runs in parallel (the local launcher's
-  workers, one per core) use the other cores. Measured on this project's 2-core machine
-  (README, "Threads"), epoch by epoch in interleaved rounds: the quickstart's MLPs train
-  *slower* with 2 threads even on idle cores (0.030 against 0.021 s per epoch, 2.8x the CPU
-  time), and on cores other processes keep busy torch's spinning OpenMP threads cost 10x the
-  wall time; ResNet18 gains 1.7x from a second idle core but loses 3x on busy ones;
+  workers, one per core) use the other cores. Measured on this project's shared 2-core machine
+  (README, "Threads"; bench/perf/thread_speed.py, epochs in interleaved rounds): the
+  quickstart's MLPs train slower with 2 threads even at their fastest (0.051 against 0.025 s per
+  epoch), 4.8x slower in the median, at 4.9x the CPU time; ResNet18 gains 1.6x at its fastest
+  (an idle second core) but is 2.2x slower in the median, at 2.7x the CPU time;
 - `auto` on an accelerator: the share of the cores this process was given (a launcher's
   OMP_NUM_THREADS: cores / workers locally, cpus_per_task / K on SLURM), else the cores it may
   run on, at most CUDA_THREADS: the model runs on the device, and the loader's workers are

@@ -169,9 +169,11 @@ class PassCounter:
             self.calls += 1
 
 
-# checkpoint_every=auto: writing checkpoints takes at most this share of a run's time. Measured
-# (README, "Checkpoints"): every epoch costs the ResNet18 pair on CPU about 2% of an epoch, so CPU
-# runs still write every epoch; a short accelerator epoch writes every few epochs instead.
+# checkpoint_every=auto: writing checkpoints takes about this share of a run's time. Measured on
+# CPU (README, "Checkpoints"; bench/perf/checkpoint_cost.py): a checkpoint after every epoch took
+# 9.8% of a 10-epoch run of the ResNet18 pair and 12.3% of the quickstart's 40 epochs; auto, 6.1%
+# (its compulsory first and last writes weigh in 10 epochs) and 4.4%. Shorter (GPU) epochs write
+# less often.
 CHECKPOINT_SHARE = 0.05
 
 
