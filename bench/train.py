@@ -18,6 +18,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -185,8 +186,8 @@ class CheckpointSchedule:
     - "<S>s": once S seconds have passed since the last write (or since training started in this
       process);
     - auto: once the time since the last write is at least (1 - share) / share times what that
-      write took, so that writing takes at most CHECKPOINT_SHARE of the time; the first epoch
-      writes (and so measures the write).
+      write took, so that writing takes about CHECKPOINT_SHARE of the time between the first
+      write (after the first epoch, which measures the write) and the last.
 
     Which epochs are written never changes what a run computes: a resume retrains from the last
     one (Trainer.resume), so a crash costs at most the epochs since."""
@@ -340,7 +341,7 @@ class Trainer:
             raise DamagedFile(best, f"holds epoch {held}, not epoch {selected['epoch']}, which checkpoint.pt's "
                                     "history selects")
 
-    def best_epoch_in(self, path: Any, damaged_ok: bool = True) -> int | None:
+    def best_epoch_in(self, path: Path, damaged_ok: bool = True) -> int | None:
         """The epoch of a best.pt(.next); None for a damaged one where `damaged_ok`."""
         try:
             state = self.dir.load(path)
@@ -398,9 +399,11 @@ class Trainer:
             record["selectable"] = self.method.selectable(epoch)
             history.append(record)
             self.dir.write_metrics(history)  # the whole (small) file rewritten: an atomic append
-            if best_epoch(history, select) is record:
-                self.new_best = {"epoch": epoch, "model": snapshot(self.method.state_dict())}
-            if self.schedule.due(epoch):
+            due = self.schedule.due(epoch)
+            if best_epoch(history, select) is record:  # kept until the next checkpoint: a copy, unless now
+                state = self.method.state_dict()
+                self.new_best = {"epoch": epoch, "model": state if due else snapshot(state)}
+            if due:
                 with self.schedule.writing():
                     self.save_checkpoint(epoch, history)
             self.dir.set_status("running", epochs_done=epoch + 1, epochs=cfg.train.epochs)
