@@ -33,7 +33,7 @@ PATIENCE_S = 1.0
 # files only the claim holder writes: their temp files (atomic_write's `.<name>.*.tmp`) are
 # leftovers of a killed holder; status.json and config.yaml are written by launchers too, without
 # the claim, so their temp files count as leftovers only once they are this old
-OWNED = ("metrics.jsonl", "summary.json", "checkpoint.pt", "best.pt")
+OWNED = ("metrics.jsonl", "summary.json", "checkpoint.pt", "best.pt", "best.pt.next")
 STALE_TEMP_S = 60.0
 NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
 

@@ -14,12 +14,14 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 from mmbalance.core.errors import ConfigError, allowed_list, closest
 from mmbalance.core.overrides import Sources, apply_overrides, deep_merge, format_errors, read_yaml
@@ -73,6 +75,30 @@ class TrainConfig(Strict):
     cudnn_benchmark: bool = True  # CUDA only: autotune convolutions (shapes are fixed per run)
     compile: bool = False  # torch.compile the encoders (first epoch pays the compilation)
     progress: bool = True
+    # torch's intra-op threads: a number, or auto (bench.threads: 1 per run on CPU, the process's
+    # share of the cores, at most 8, on an accelerator)
+    threads: int | Literal["auto"] = "auto"
+    # when checkpoint.pt (and best.pt) are written: every N epochs, "<S>s" once S seconds have
+    # passed since the last write, or auto (bench.train.CheckpointSchedule: while writing takes
+    # at most 5% of the run); always after the last epoch. A resume retrains from the last one.
+    checkpoint_every: int | str = "auto"
+
+    @field_validator("threads", mode="before")
+    @classmethod
+    def _threads(cls, value: object) -> object:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise PydanticCustomError("threads", "must be a whole number >= 1 or 'auto'")
+
+    @field_validator("checkpoint_every", mode="before")
+    @classmethod
+    def _checkpoint_every(cls, value: object) -> object:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        if isinstance(value, str) and checkpoint_seconds(value) is not None:
+            return value.strip()
+        raise PydanticCustomError("checkpoint_every", "must be a number of epochs >= 1, seconds such as '300s' "
+                                  "(> 0), or 'auto'")
 
 
 class EvalConfig(Strict):
@@ -105,7 +131,19 @@ DEFAULT_NAMES = {"dataset": "avdigits", "method": "joint"}
 # Keys that say how a run executes, not what it computes, so they stay out of the run id:
 # changing them keeps a run's directory and results.
 HASH_EXCLUDED = ("group", "label", "train.workers", "train.progress", "train.prefetch", "train.channels_last",
-                 "train.cudnn_benchmark", "train.compile")
+                 "train.cudnn_benchmark", "train.compile", "train.threads", "train.checkpoint_every")
+
+
+def checkpoint_seconds(every: str) -> float | None:
+    """The seconds of a `train.checkpoint_every` such as '300s' or '1.5s'; None if it is not one."""
+    text = every.strip()
+    if not text.endswith("s"):
+        return None
+    try:
+        seconds = float(text[:-1])
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds > 0 else None
 
 
 def run_id(cfg: RunConfig) -> str:

@@ -72,6 +72,9 @@ class Cost(Record):
     backward_passes_per_step: Amount = None
     peak_gpu_mem_mb: Amount = None
     peak_rss_mb: Amount = None
+    threads: PositiveInt | None = None  # torch's intra-op threads (bench.threads)
+    checkpoints: NonNegativeInt | None = None  # written by the process that finished the run
+    checkpoint_s: Amount = None  # their seconds
 
 
 class Summary(Record):

@@ -114,6 +114,8 @@ class RunDir:
         self.status_file = self.path / "status.json"
         self.checkpoint = self.path / "checkpoint.pt"  # state after the last finished epoch
         self.best = self.path / "best.pt"  # model weights at the best validation epoch
+        # a new best.pt, written with the checkpoint that selects it and then renamed over best.pt
+        self.best_next = self.path / "best.pt.next"
 
     @property
     def run_id(self) -> str:

@@ -1,19 +1,24 @@
 """The one training loop that every method shares.
 
-It owns seeding, devices, autocast, batching, per-epoch evaluation on val and test, model
-selection on val, checkpoints after every epoch with resume, metrics.jsonl, probes, cost and the
-run's status. The method owns only what happens inside one step.
+It owns threads, seeding, devices, autocast, batching, per-epoch evaluation on val and test, model
+selection on val, checkpoints (CheckpointSchedule) with exact resume, metrics.jsonl, probes, cost and
+the run's status. The method owns only what happens inside one step.
 """
 
 from __future__ import annotations
 
+import copy
+import logging
 import math
+import os
 import random
 import resource
 import time
 import traceback
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,7 +28,7 @@ from tqdm.auto import tqdm
 
 from mmbalance.bench.cancel import RunCancelled
 from mmbalance.bench.claim import elsewhere_line, try_claim
-from mmbalance.bench.config import RunConfig
+from mmbalance.bench.config import RunConfig, checkpoint_seconds
 from mmbalance.bench.data import build_loaders, epoch_generator, seed_everything
 from mmbalance.bench.device import prepare_model, resolve_device
 from mmbalance.bench.evaluate import Evaluation, evaluate
@@ -32,12 +37,15 @@ from mmbalance.bench.probe import probe_all
 from mmbalance.bench.schema import check_checkpoint
 from mmbalance.bench.selection import best_epoch
 from mmbalance.bench.store import RunDir, Store
+from mmbalance.bench.threads import apply_threads
 from mmbalance.core.errors import ConfigError, DamagedFile, MMBalanceError, RunFailed
 from mmbalance.core.registry import DATASETS, METHODS
 from mmbalance.core.types import Batch
 from mmbalance.datasets.base import Dataset
 from mmbalance.methods.base import Method, MethodSetup, StepContext
 from mmbalance.models import build_encoder
+
+log = logging.getLogger(__name__)
 
 # builds (or hands out an already built) dataset for a config; sweeps share one between runs
 DatasetSource = Callable[[RunConfig], Dataset]
@@ -162,6 +170,62 @@ class PassCounter:
             self.calls += 1
 
 
+# checkpoint_every=auto: writing checkpoints takes about this share of a run's time. Measured on
+# CPU (README, "Checkpoints"; bench/perf/checkpoint_cost.py): a checkpoint after every epoch took
+# 9.8% of a 10-epoch run of the ResNet18 pair and 12.3% of the quickstart's 40 epochs; auto, 6.1%
+# (its compulsory first and last writes weigh in 10 epochs) and 4.4%. Shorter (GPU) epochs write
+# less often.
+CHECKPOINT_SHARE = 0.05
+
+
+class CheckpointSchedule:
+    """When the trainer writes checkpoint.pt (with best.pt): after the epochs `train.checkpoint_every`
+    names, and always after the last one.
+
+    - N (epochs): after epochs N-1, 2N-1, ... (counted from 0);
+    - "<S>s": once S seconds have passed since the last write (or since training started in this
+      process);
+    - auto: once the time since the last write is at least (1 - share) / share times what that
+      write took, so that writing takes about CHECKPOINT_SHARE of the time between the first
+      write (after the first epoch, which measures the write) and the last.
+
+    Which epochs are written never changes what a run computes: a resume retrains from the last
+    one (Trainer.resume), so a crash costs at most the epochs since."""
+
+    def __init__(self, every: int | str, epochs: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.every, self.epochs, self.clock = every, epochs, clock
+        self.seconds = checkpoint_seconds(every) if isinstance(every, str) and every != "auto" else None
+        self.since = clock()  # when the last write ended (or training started here)
+        self.last_s = 0.0  # what the last write took
+        self.writes, self.write_s = 0, 0.0  # this process's writes and their seconds (the run's cost)
+
+    def due(self, epoch: int) -> bool:
+        if epoch == self.epochs - 1:
+            return True
+        if isinstance(self.every, int):
+            return (epoch + 1) % self.every == 0
+        elapsed = self.clock() - self.since
+        if self.seconds is not None:
+            return elapsed >= self.seconds
+        return elapsed * CHECKPOINT_SHARE >= self.last_s * (1 - CHECKPOINT_SHARE)
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """Time one write (the block)."""
+        start = self.clock()
+        yield
+        self.since = self.clock()
+        self.last_s = self.since - start
+        self.writes += 1
+        self.write_s += self.last_s
+
+
+def snapshot(state: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a state dict that later training steps do not change (on the model's device:
+    a copy there is cheap; it is serialised only when a checkpoint is written)."""
+    return {k: v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in state.items()}
+
+
 class Trainer:
     """Trains one run config into one run directory."""
 
@@ -169,6 +233,7 @@ class Trainer:
         self.cfg = cfg
         self.dir = run_dir
         self.device = resolve_device(cfg.train.device)
+        self.threads, self.threads_why = apply_threads(cfg.train.threads, self.device.type)
         seed_everything(cfg.train.seed)
         self.dataset = datasets(cfg)
         self.loaders = build_loaders(self.dataset, cfg.train, self.device)
@@ -178,6 +243,9 @@ class Trainer:
         self.method.attach(self.context)
         self.passes = PassCounter(self.method.encoders)
         self.steps = 0
+        self.schedule = CheckpointSchedule(cfg.train.checkpoint_every, cfg.train.epochs)
+        # the best-val epoch's weights since the last checkpoint, written with the next one
+        self.new_best: dict[str, Any] | None = None
 
     def build_optimizer(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
         optimizer = build_optimizer(self.cfg, self.method.param_groups())
@@ -188,6 +256,12 @@ class Trainer:
 
     # ---- checkpoints
     def save_checkpoint(self, epoch: int, history: list[dict[str, Any]]) -> None:
+        """checkpoint.pt after `epoch`, with best.pt when a better epoch came since the last one.
+        The new best goes to best.pt.next first and over best.pt only once checkpoint.pt is
+        written, so that best.pt always holds the epoch the last checkpoint's history selects
+        (or best.pt.next does, when a crash came between the two renames: see settle_best)."""
+        if self.new_best is not None:
+            self.dir.save(self.dir.best_next, self.new_best)
         self.dir.save(
             self.dir.checkpoint,
             {
@@ -202,6 +276,9 @@ class Trainer:
                 "history": history,
             },
         )
+        if self.new_best is not None:
+            os.replace(self.dir.best_next, self.dir.best)
+            self.new_best = None
 
     def resume(self) -> int:
         """Restore the last checkpoint if there is a usable one; returns the first epoch still to train."""
@@ -223,9 +300,11 @@ class Trainer:
 
     def restorable(self) -> dict[str, Any] | None:
         """checkpoint.pt with its metrics history, or None: there is none, or it or best.pt is
-        damaged. A damaged one is kept aside (listed in status.json), the other one removed, and
-        the run starts again from scratch."""
+        damaged (best.pt: unreadable, or not the epoch the checkpoint's history selects). A
+        damaged one is kept aside (listed in status.json), the other one removed, and the run
+        starts again from scratch."""
         if not self.dir.checkpoint.exists():
+            self.dir.best_next.unlink(missing_ok=True)  # a best written before any checkpoint
             return None
         epochs = self.cfg.train.epochs
         try:
@@ -235,16 +314,42 @@ class Trainer:
                 if len(state["history"]) != state["epoch"] + 1:
                     raise DamagedFile(self.dir.checkpoint, f"holds no metrics history, and metrics.jsonl has "
                                       f"{len(state['history'])} of its {state['epoch'] + 1} epochs")
-            if best_epoch(state["history"], self.cfg.eval.select_metric) is not None:
-                if not self.dir.best.exists():
-                    raise DamagedFile(self.dir.best, "missing, though an epoch was selected")
-                check_checkpoint(self.dir.load(self.dir.best), self.dir.best, epochs, keys=("epoch", "model"))
+            self.settle_best(best_epoch(state["history"], self.cfg.eval.select_metric))
         except DamagedFile as e:
             self.dir.record_damage(self.dir.set_aside(e))
-            for stale in (self.dir.checkpoint, self.dir.best):
+            for stale in (self.dir.checkpoint, self.dir.best, self.dir.best_next):
                 stale.unlink(missing_ok=True)
             return None
         return state
+
+    def settle_best(self, selected: dict[str, Any] | None) -> None:
+        """Leave best.pt holding the `selected` epoch (the checkpoint's history's best-val
+        record; None: no epoch selectable yet). A best.pt.next of that epoch was written with the
+        checkpoint but not yet renamed over best.pt; any other one is of epochs retrained now."""
+        best, pending = self.dir.best, self.dir.best_next
+        if pending.exists():
+            if selected is not None and self.best_epoch_in(pending) == selected["epoch"]:
+                os.replace(pending, best)
+            else:
+                pending.unlink()
+        if selected is None:
+            return
+        if not best.exists():
+            raise DamagedFile(best, "missing, though an epoch was selected")
+        held = self.best_epoch_in(best, damaged_ok=False)
+        if held != selected["epoch"]:
+            raise DamagedFile(best, f"holds epoch {held}, not epoch {selected['epoch']}, which checkpoint.pt's "
+                                    "history selects")
+
+    def best_epoch_in(self, path: Path, damaged_ok: bool = True) -> int | None:
+        """The epoch of a best.pt(.next); None for a damaged one where `damaged_ok`."""
+        try:
+            state = self.dir.load(path)
+            return check_checkpoint(state, path, self.cfg.train.epochs, keys=("epoch", "model"))["epoch"]
+        except DamagedFile:
+            if damaged_ok:
+                return None
+            raise
 
     # ---- one epoch
     def train_epoch(self, epoch: int) -> dict[str, float]:
@@ -294,9 +399,13 @@ class Trainer:
             record["selectable"] = self.method.selectable(epoch)
             history.append(record)
             self.dir.write_metrics(history)  # the whole (small) file rewritten: an atomic append
-            if best_epoch(history, select) is record:
-                self.dir.save(self.dir.best, {"epoch": epoch, "model": self.method.state_dict()})
-            self.save_checkpoint(epoch, history)
+            due = self.schedule.due(epoch)
+            if best_epoch(history, select) is record:  # kept until the next checkpoint: a copy, unless now
+                state = self.method.state_dict()
+                self.new_best = {"epoch": epoch, "model": state if due else snapshot(state)}
+            if due:
+                with self.schedule.writing():
+                    self.save_checkpoint(epoch, history)
             self.dir.set_status("running", epochs_done=epoch + 1, epochs=cfg.train.epochs)
         return self.summarise()
 
@@ -344,6 +453,10 @@ class Trainer:
             "forward_passes_per_step": self.passes.calls / (steps * self.passes.n_encoders),
             "backward_passes_per_step": self.context.backward_passes / steps,
             **peak,
+            "threads": self.threads,
+            # in the process that finished the run: checkpoints written and the seconds they took
+            "checkpoints": self.schedule.writes,
+            "checkpoint_s": self.schedule.write_s,
         }
 
 
@@ -393,6 +506,8 @@ def run(cfg: RunConfig, store: Store, datasets: DatasetSource = build_dataset,
         record_start(run_dir, cfg)
         if isinstance(trainer, Exception):
             raise record_failure(run_dir, trainer) from trainer
+        log.info(f"{run_dir.run_id}: {trainer.device}, {trainer.threads} thread(s) ({trainer.threads_why}), "
+                 f"checkpoint every {cfg.train.checkpoint_every}")
         return train_claimed(cfg, run_dir, trainer)
 
 

@@ -11,10 +11,12 @@ from mmbalance.bench.store import Store
 from mmbalance.core.types import Batch
 from mmbalance.methods.base import StepContext
 
-# a fast config: the Gaussian generator, tiny MLPs, a few epochs
+# a fast config: the Gaussian generator, tiny MLPs, a few epochs, a checkpoint after each (tests
+# interrupt runs at chosen epochs; the default, auto, writes by time)
 FAST = [
     "dataset.name=gaussian",
     "train.epochs=4",
+    "train.checkpoint_every=1",
     "train.batch_size=32",
     "train.progress=false",
     "optim.lr=0.05",

@@ -27,7 +27,7 @@ SWEEP = """
 group: dmg
 base:
   dataset: {name: gaussian}
-  train: {epochs: 3, batch_size: 32, progress: false}
+  train: {epochs: 3, batch_size: 32, progress: false, checkpoint_every: 1}
   optim: {lr: 0.05}
   eval: {probe_c_grid: [1.0]}
 seeds: [0, 1]
@@ -109,8 +109,9 @@ def damage(path: Path, way: str) -> bytes:
     data = path.read_bytes()
     if way == "empty":
         path.write_bytes(b"")
-    elif way == "truncated":
-        path.write_bytes(data[: len(data) * 2 // 3])
+    elif way == "truncated":  # two thirds, then back to 3 bytes into that line: a YAML file cut at
+        cut = data.rfind(b"\n", 0, len(data) * 2 // 3) + 4  # a value's end can still parse
+        path.write_bytes(data[:cut])
     elif way == "garbage":
         path.write_bytes(GARBAGE)
     else:

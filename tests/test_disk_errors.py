@@ -78,7 +78,8 @@ def test_a_full_disk_fails_the_run_with_the_os_message_and_leaves_no_temp_file(f
     # not torch's "[enforce fail at inline_container.cc]" with the OS error only in its chain
     assert status["state"] == "failed" and status["error"] == f"{ENOSPC}: {rd.checkpoint}", status["error"]
     assert f"{ENOSPC}: {rd.checkpoint}" in str(failed.value)
-    assert not rd.checkpoint.exists() and rd.best.exists()  # each file whole or absent
+    # each file whole or absent: the new best goes to best.pt.next before checkpoint.pt is written
+    assert not rd.checkpoint.exists() and not rd.best.exists() and rd.load(rd.best_next)["epoch"] == 0
     assert leftovers(store.root) == []
     assert [r["epoch"] for r in rd.read_metrics()] == [0]
 

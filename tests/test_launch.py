@@ -81,7 +81,7 @@ def test_local_launcher_finishes_the_sweep_records_a_failure_and_relaunch_does_n
 def test_local_workers_split_the_cores_and_gpus(monkeypatch):
     from mmbalance.bench.launch import local
 
-    monkeypatch.setattr(local.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(local, "cpu_share", lambda: 8)
     env = local.worker_env(slot=3, workers=2, gpus=2)
     assert env["OMP_NUM_THREADS"] == "4" and env["MKL_NUM_THREADS"] == "4"
     assert env["CUDA_VISIBLE_DEVICES"] == "1"
@@ -98,14 +98,18 @@ def test_local_workers_split_the_cores_and_gpus(monkeypatch):
 def test_packed_workers_fill_each_gpu_k_at_a_time_and_split_the_cores(monkeypatch, k, gpus_of_slots):
     from mmbalance.bench.launch import local
 
-    monkeypatch.setattr(local.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(local, "cpu_share", lambda: 8)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     envs = [local.worker_env(slot, workers=4, gpus=2, runs_per_gpu=k) for slot in range(4)]
     assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == gpus_of_slots
     assert {e["OMP_NUM_THREADS"] for e in envs} == {"2"}  # 8 cores / 4 workers, whatever K
-    # the default worker count: GPUs x K, never more than there are runs
+    # the default worker count: GPUs x K, never more than there are runs; without a GPU, K if
+    # given, else one per core a run uses (the thread policy's threads per run)
     assert local.worker_count(LauncherConfig(name="local", runs_per_gpu=k), gpus=2, runs=100) == 2 * k
     assert local.worker_count(LauncherConfig(name="local", runs_per_gpu=k), gpus=0, runs=100) == k
+    assert local.worker_count(LauncherConfig(name="local"), gpus=0, runs=100) == 8
+    assert local.worker_count(LauncherConfig(name="local"), gpus=0, runs=100, threads=3) == 2
+    assert local.worker_count(LauncherConfig(name="local"), gpus=0, runs=5) == 5
     assert local.worker_count(LauncherConfig(name="local", runs_per_gpu=k), gpus=2, runs=3) == min(2 * k, 3)
     assert local.worker_count(LauncherConfig(name="local", runs_per_gpu=k, workers=3), gpus=2, runs=100) == 3
     # a CPU-only machine: K processes split the cores, no GPU is named
@@ -124,18 +128,33 @@ def test_packed_gpus_respect_an_inherited_cuda_visible_devices(monkeypatch):
 def test_the_launch_line_names_the_placement(monkeypatch):
     from mmbalance.bench.launch.local import placement_line
 
-    monkeypatch.setattr("mmbalance.bench.launch.local.os.cpu_count", lambda: 16)
-    assert placement_line(4, workers=2, gpus=1, runs_per_gpu=2) == \
+    assert placement_line(4, workers=2, gpus=1, runs_per_gpu=2, threads=8) == \
         "local: 4 runs on 1 GPU x 2 runs per GPU, 8 thread(s) each"
-    assert placement_line(8, workers=4, gpus=2, runs_per_gpu=2) == \
+    assert placement_line(8, workers=4, gpus=2, runs_per_gpu=2, threads=4) == \
         "local: 8 runs on 2 GPU x 2 runs per GPU, 4 thread(s) each"
-    assert placement_line(3, workers=2, gpus=0, runs_per_gpu=2) == \
-        "local: 3 runs on 2 worker process(es) (no GPU), 8 thread(s) each"
+    assert placement_line(3, workers=2, gpus=0, runs_per_gpu=2, threads=1) == \
+        "local: 3 runs on 2 worker process(es) (no GPU), 1 thread(s) each"
     # an explicit worker count that is not GPUs x K: said, and the runs per GPU shown
-    assert placement_line(9, workers=3, gpus=2, runs_per_gpu=2).endswith(
+    assert placement_line(9, workers=3, gpus=2, runs_per_gpu=2, threads=1).endswith(
         "(workers=3 is not GPUs x 2: runs at once per GPU [2, 1])")
-    assert placement_line(9, workers=6, gpus=2, runs_per_gpu=2).endswith(
+    assert placement_line(9, workers=6, gpus=2, runs_per_gpu=2, threads=1).endswith(
         "(workers=6 is not GPUs x 2: runs at once per GPU [4, 2])")
+
+
+def test_the_launch_line_has_the_threads_the_runs_will_use(monkeypatch, fast_config):
+    """run_thread_count: the thread policy (bench.threads) with each worker's share of the cores."""
+    from mmbalance.bench.launch import local
+    from mmbalance.bench.launch.plan import PlannedRun
+
+    monkeypatch.setattr(local, "cpu_share", lambda: 16)
+    planned = [PlannedRun(cfg, None, "new", "") for cfg in (fast_config(), fast_config("train.seed=1"))]
+    assert local.run_thread_count(planned, gpus=0, workers=16) == 1  # auto on CPU: one each
+    assert local.run_thread_count(planned, gpus=1, workers=2) == 8  # auto on a GPU: the share (16 / 2)
+    assert local.run_thread_count(planned, gpus=1, workers=8) == 2
+    planned.append(PlannedRun(fast_config("train.seed=2", "train.threads=3"), None, "new", ""))
+    assert local.run_thread_count(planned, gpus=0, workers=16) == 3
+    cpu = PlannedRun(fast_config("train.device=cpu"), None, "new", "")
+    assert local.run_thread_count([cpu], gpus=1, workers=2) == 1  # device cpu on a GPU machine
 
 
 def test_runs_per_gpu_defaults_per_launcher_and_is_validated():

@@ -275,3 +275,183 @@ def test_compiled_encoders_train_like_eager_ones(fast_config, tmp_path):
     b = run(compiled, Store(tmp_path / "compiled"))
     for key in ("acc", "loss"):
         assert b.summary["last"]["val"][key] == pytest.approx(a.summary["last"]["val"][key], abs=0.02)
+
+
+# ---- checkpoint_every and best.pt
+
+
+def assert_same_run(rd: RunDir, reference: RunDir, summary: dict, ref_summary: dict) -> None:
+    """`rd` ended exactly as the uninterrupted `reference`: metrics, reported blocks, probes,
+    final parameters and best.pt (epoch and weights)."""
+    assert without_timing(rd.read_metrics()) == without_timing(reference.read_metrics())
+    for key in ("best_val", "best_test", "last", "probes"):
+        assert summary[key] == ref_summary[key], key
+    for name in ("checkpoint", "best"):
+        final, ref_final = rd.load(getattr(rd, name)), reference.load(getattr(reference, name))
+        assert final["epoch"] == ref_final["epoch"], name
+        for key, tensor in ref_final["model"].items():
+            assert torch.equal(final["model"][key], tensor), (name, key)
+    assert not rd.best_next.exists()
+
+
+def test_checkpoint_every_2_resumes_from_the_last_checkpoint_to_identical_results(fast_config, store, tmp_path,
+                                                                                   monkeypatch):
+    from mmbalance.bench.store import Store
+
+    cfg = fast_config("train.epochs=5", "train.checkpoint_every=2")
+    reference = run(cfg, Store(tmp_path / "ref"))
+    assert reference.summary["cost"]["checkpoints"] == 3  # after epochs 1, 3 and the last, 4
+
+    run_interrupted(cfg, store, monkeypatch, at_epoch=3)  # epoch 2 trained, not checkpointed
+    rd = store.run_dir(cfg.group, cfg.run_id())
+    assert [r["epoch"] for r in rd.read_metrics()] == [0, 1, 2]
+    assert rd.load(rd.checkpoint)["epoch"] == 1
+    resumed = run(cfg, store)  # drops epoch 2's line and trains it again
+    assert resumed.summary["cost"]["checkpoints"] == 2  # 3 and 4, in this process
+    assert_same_run(rd, RunDir(reference.path), resumed.summary, reference.summary)
+
+
+def latest_even_epoch(history, metric, split="val"):
+    """A selection rule for the tests below: the latest even epoch, so that the best changes at
+    epochs 0, 2, 4 whatever the accuracies (the real rule's choice depends on the data)."""
+    return next((r for r in reversed(history) if r["epoch"] % 2 == 0), None)
+
+
+@pytest.fixture
+def best_at_even_epochs(monkeypatch):
+    monkeypatch.setattr("mmbalance.bench.train.best_epoch", latest_even_epoch)
+
+
+def test_a_best_epoch_that_was_not_checkpointed_is_retrained_and_the_checkpoints_best_kept(
+        fast_config, store, tmp_path, monkeypatch, best_at_even_epochs):
+    """Epoch 2 is the best when the run stops before epoch 3 (checkpoints after 1 and 3): best.pt
+    still holds epoch 0, the best of checkpoint.pt's history, for the resume to start from."""
+    from mmbalance.bench.store import Store
+
+    cfg = fast_config("train.epochs=5", "train.checkpoint_every=2")
+    reference = run(cfg, Store(tmp_path / "ref"))
+    assert reference.summary["best_val"]["epoch"] == 4
+
+    run_interrupted(cfg, store, monkeypatch, at_epoch=3)
+    rd = store.run_dir(cfg.group, cfg.run_id())
+    assert rd.load(rd.checkpoint)["epoch"] == 1 and rd.load(rd.best)["epoch"] == 0  # not epoch 2's
+    resumed = run(cfg, store)
+    assert_same_run(rd, RunDir(reference.path), resumed.summary, reference.summary)
+
+
+class Crash(KeyboardInterrupt):
+    """A kill at a chosen point of a checkpoint write (raised as a Ctrl-C would be)."""
+
+
+@pytest.mark.parametrize("at", ["before the checkpoint", "between the renames"])
+def test_a_crash_while_best_pt_and_checkpoint_pt_are_written_resumes_to_identical_results(
+        fast_config, store, tmp_path, monkeypatch, best_at_even_epochs, at):
+    """The write after epoch 3 (a new best, epoch 2): best.pt.next, then checkpoint.pt, then the
+    rename of best.pt.next over best.pt. Killed after best.pt.next: the resume drops it (it is
+    of epochs retrained); killed before the rename: the resume finishes it."""
+    import os
+
+    from mmbalance.bench.store import RunDir as Dir
+    from mmbalance.bench.store import Store
+
+    cfg = fast_config("train.epochs=5", "train.checkpoint_every=2")
+    reference = run(cfg, Store(tmp_path / "ref"))
+    save, replace = Dir.save, os.replace
+
+    def save_or_crash(self, path, state):
+        if at == "before the checkpoint" and path == self.checkpoint and state["epoch"] == 3:
+            raise Crash
+        save(self, path, state)
+
+    def replace_or_crash(src, dst):
+        if at == "between the renames" and str(src).endswith("best.pt.next"):
+            with_epoch = torch.load(src, weights_only=False)["epoch"]
+            if with_epoch == 2:
+                raise Crash
+        replace(src, dst)
+
+    monkeypatch.setattr(Dir, "save", save_or_crash)
+    monkeypatch.setattr(os, "replace", replace_or_crash)
+    rd = store.run_dir(cfg.group, cfg.run_id())
+    with pytest.raises(Crash):
+        run(cfg, store)
+    monkeypatch.setattr(Dir, "save", save)
+    monkeypatch.setattr(os, "replace", replace)
+    assert rd.load(rd.best_next)["epoch"] == 2 and rd.load(rd.best)["epoch"] == 0
+    assert rd.load(rd.checkpoint)["epoch"] == (1 if at == "before the checkpoint" else 3)
+
+    resumed = run(cfg, store)
+    assert_same_run(rd, RunDir(reference.path), resumed.summary, reference.summary)
+    assert "damaged" not in rd.status()
+
+
+def test_a_best_pt_of_another_epoch_than_the_checkpoint_selects_restarts_the_run(fast_config, store, tmp_path,
+                                                                               monkeypatch, best_at_even_epochs):
+    from mmbalance.bench.store import Store
+
+    cfg = fast_config("train.epochs=5", "train.checkpoint_every=2")
+    reference = run(cfg, Store(tmp_path / "ref"))
+    run_interrupted(cfg, store, monkeypatch, at_epoch=4)  # checkpoint after 3, which selects epoch 2
+    rd = store.run_dir(cfg.group, cfg.run_id())
+    rd.save(rd.best, {**rd.load(rd.best), "epoch": 0})
+    resumed = run(cfg, store)
+    damaged = rd.status()["damaged"]
+    assert [(d["file"], d["why"]) for d in damaged] == [
+        ("best.pt", "holds epoch 0, not epoch 2, which checkpoint.pt's history selects")]
+    assert_same_run(rd, RunDir(reference.path), resumed.summary, reference.summary)
+
+
+def test_checkpoint_schedule_epochs_seconds_and_auto():
+    from mmbalance.bench.train import CHECKPOINT_SHARE, CheckpointSchedule
+
+    now = [0.0]
+    clock = lambda: now[0]  # noqa: E731
+
+    every3 = CheckpointSchedule(3, epochs=8, clock=clock)
+    assert [e for e in range(8) if every3.due(e)] == [2, 5, 7]  # and always the last
+
+    seconds = CheckpointSchedule("10s", epochs=100, clock=clock)
+    now[0] = 9.9
+    assert not seconds.due(0)
+    now[0] = 10.0
+    assert seconds.due(1)
+    with seconds.writing():
+        now[0] = 12.0  # a 2 s write; the next 10 s count from its end
+    now[0] = 21.9
+    assert not seconds.due(2)
+    assert seconds.due(99)  # the last epoch always
+    now[0] = 22.0
+    assert seconds.due(3) and (seconds.writes, seconds.write_s) == (1, 2.0)
+
+    now[0] = 0.0
+    auto = CheckpointSchedule("auto", epochs=100, clock=clock)
+    assert auto.due(0)  # nothing measured yet: the first epoch writes, and measures the write
+    with auto.writing():
+        now[0] += 1.0
+    wait = 1.0 * (1 - CHECKPOINT_SHARE) / CHECKPOINT_SHARE  # 19 s for a 1 s write: 5% of the time
+    now[0] = 1.0 + wait - 0.01
+    assert not auto.due(1)
+    now[0] = 1.0 + wait + 0.01
+    assert auto.due(2)
+
+
+def test_checkpoint_every_auto_writes_the_first_and_last_epochs_and_records_its_writes(fast_config, store):
+    result = run(fast_config("train.checkpoint_every=auto", "train.epochs=3"), store)
+    cost = result.summary["cost"]
+    assert 2 <= cost["checkpoints"] <= 3 and cost["checkpoint_s"] > 0
+    rd = RunDir(result.path)
+    assert rd.load(rd.checkpoint)["epoch"] == 2
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "5m", "0s", "-3s", "1.5", "false"])
+def test_a_bad_checkpoint_every_is_one_line_naming_key_value_and_what_is_allowed(value):
+    from mmbalance.bench.config import load_config
+    from mmbalance.core.errors import ConfigError
+
+    with pytest.raises(ConfigError) as error:
+        load_config(None, [f"train.checkpoint_every={value}"])
+    line = next(ln for ln in str(error.value).splitlines() if "train.checkpoint_every" in ln)
+    assert "must be a number of epochs >= 1, seconds such as '300s' (> 0), or 'auto'" in line
+    assert f"from override 'train.checkpoint_every={value}'" in line
+    for good, parsed in (("3", 3), ("300s", "300s"), ("2.5s", "2.5s"), ("auto", "auto")):
+        assert load_config(None, [f"train.checkpoint_every={good}"]).train.checkpoint_every == parsed

@@ -1,8 +1,9 @@
 """The local launcher: N worker processes on this machine, each running one run at a time
 (`python -m mmbalance run-one RUN_DIR`), with the cores (and GPUs) split between them so that they
 do not oversubscribe. K = runs_per_gpu workers share each GPU (small runs leave one GPU mostly
-idle). A run that fails is recorded as failed; the others go on, unless it failed on an OS error
-(a full disk): then no more runs start (halted_launch).
+idle); without a GPU, one worker per core a run uses (the thread policy, bench.threads: one per
+run on CPU unless train.threads says more). A run that fails is recorded as failed; the others
+go on, unless it failed on an OS error (a full disk): then no more runs start (halted_launch).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from mmbalance.bench.launch.options import LauncherConfig
 from mmbalance.bench.launch.plan import PlannedRun, label
 from mmbalance.bench.launch.worker import mark_pending, record_exit, restore_status, run_one_command, saved_status
 from mmbalance.bench.oserror import EXIT_OS_ERROR, os_message
+from mmbalance.bench.threads import cpu_share, run_threads
 from mmbalance.core.errors import StoreError
 
 log = logging.getLogger(__name__)
@@ -34,13 +36,30 @@ def gpu_count() -> int:
     return torch.cuda.device_count()
 
 
-def worker_count(options: LauncherConfig, gpus: int, runs: int) -> int:
-    """GPUs x K workers (K on a machine without GPUs, splitting its cores), or the explicit
-    `workers`, and never more than there are runs. An explicit count that is not GPUs x K is
-    honoured, not refused: slots fill the GPUs K at a time (see gpu_of), so the last GPU gets
-    fewer runs, or, past GPUs x K, the next K slots start again at GPU 0; placement_line says so."""
-    k = options.packing()
-    return min(options.workers or max(gpus, 1) * k, max(runs, 1))
+def worker_count(options: LauncherConfig, gpus: int, runs: int, threads: int = 1) -> int:
+    """GPUs x K workers; on a machine without GPUs, one per `threads` cores (the threads each run
+    uses there, run_threads: by default one, so one worker per core), or K processes sharing
+    the cores where runs_per_gpu is given; or the explicit `workers`; never more than there are
+    runs. An explicit count that is not GPUs x K is honoured, not refused: slots fill the GPUs K
+    at a time (see gpu_of), so the last GPU gets fewer runs, or, past GPUs x K, the next K
+    slots start again at GPU 0; placement_line says so."""
+    if options.workers:
+        count = options.workers
+    elif gpus:
+        count = gpus * options.packing()
+    else:
+        count = options.runs_per_gpu or max(1, cpu_share() // threads)
+    return min(count, max(runs, 1))
+
+
+def run_thread_count(todo: Sequence[PlannedRun], gpus: int, workers: int) -> int:
+    """The intra-op threads the runs will use in their worker processes (the most of them), by
+    the one thread policy (bench.threads.run_threads) with each worker's share of the cores."""
+    def device(name: str) -> str:
+        return "cpu" if name == "cpu" or (name == "auto" and not gpus) else "cuda"
+
+    share = threads_per_worker(workers)
+    return max((run_threads(p.cfg.train.threads, device(p.cfg.train.device), share)[0] for p in todo), default=1)
 
 
 def gpu_of(slot: int, gpus: int, runs_per_gpu: int) -> int:
@@ -56,7 +75,8 @@ def visible_gpu(index: int) -> str:
 
 
 def threads_per_worker(workers: int) -> int:
-    return max(1, (os.cpu_count() or 1) // workers)
+    """Each worker's share of the cores (its OMP_NUM_THREADS): what an accelerator run uses by default."""
+    return max(1, cpu_share() // workers)
 
 
 def worker_env(slot: int, workers: int, gpus: int, runs_per_gpu: int = 1) -> dict[str, str]:
@@ -69,9 +89,10 @@ def worker_env(slot: int, workers: int, gpus: int, runs_per_gpu: int = 1) -> dic
     return env
 
 
-def placement_line(runs: int, workers: int, gpus: int, runs_per_gpu: int) -> str:
-    """The launch line: where the runs go, e.g. '4 runs on 1 GPU x 2 runs per GPU, 8 thread(s) each'."""
-    threads = f"{threads_per_worker(workers)} thread(s) each"
+def placement_line(runs: int, workers: int, gpus: int, runs_per_gpu: int, threads: int) -> str:
+    """The launch line: where the runs go and the threads each uses (run_thread_count), e.g.
+    '4 runs on 1 GPU x 2 runs per GPU, 8 thread(s) each'."""
+    threads = f"{threads} thread(s) each"
     if not gpus:
         return f"local: {runs} runs on {workers} worker process(es) (no GPU), {threads}"
     used = min(gpus, -(-workers // runs_per_gpu))
@@ -87,7 +108,7 @@ def launch_local(todo: Sequence[PlannedRun], options: LauncherConfig) -> dict[st
 
     Ctrl-C (KeyboardInterrupt) stops the launch (see stop_launch), then goes on up."""
     gpus, k = gpu_count(), options.packing()
-    workers = worker_count(options, gpus, len(todo))
+    workers = worker_count(options, gpus, len(todo), run_thread_count(todo, gpus, workers=1))  # threads: CPU only
     slots: queue.Queue[int] = queue.Queue()
     for slot in range(workers):
         slots.put(slot)
@@ -106,7 +127,7 @@ def launch_local(todo: Sequence[PlannedRun], options: LauncherConfig) -> dict[st
                     marked.pop()
                     report(p, state, 0.0, states, len(todo))
             if marked:
-                log.info(placement_line(len(marked), workers, gpus, k))
+                log.info(placement_line(len(marked), workers, gpus, k, run_thread_count(marked, gpus, workers)))
             futures.update({pool.submit(run_in_process, p, slots, workers, gpus, k, running): p for p in marked})
             for future in as_completed(futures):
                 report(futures[future], *future.result(), states, len(todo))

@@ -62,7 +62,8 @@ class SweepJob(submitit.helpers.Checkpointable):
 
 class PackedSweepJob(submitit.helpers.Checkpointable):
     """What an array task runs with K > 1: its chunk of run directories, all at once, each in a
-    `python -m mmbalance run-one` process with cpus_per_task // K threads, sharing the task's GPU.
+    `python -m mmbalance run-one` process with cpus_per_task // K cores (OMP_NUM_THREADS: the share
+    the thread policy, bench.threads, gives a GPU run), sharing the task's GPU.
     Each run's status gets the task's job id (so that status, cancel and the summary find it),
     `log` its own run.log (where its process writes) and `stdout` the task's output."""
 
@@ -87,7 +88,7 @@ class PackedSweepJob(submitit.helpers.Checkpointable):
         threads = str(max(1, self.cpus_per_task // max(len(run_dirs), 1)))
         env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
         log.info(f"task {where['job_id']}: {len(todo)} of {len(run_dirs)} run(s) to do at once, "
-                 f"{threads} thread(s) each")
+                 f"{threads} core(s) each (their threads: the thread policy, in each run's log)")
         states = {}
         for rd in todo:
             if not place_claimed(rd, job_id=where["job_id"], log=str(rd.path / "run.log"),

@@ -1,7 +1,8 @@
 """One run in a process of its own: what a local worker (`python -m mmbalance run-one RUN_DIR`) and a
 SLURM job execute. The launcher has written the run's config.yaml; this trains it into the store
 (bench.train.run skips it if finished, resumes it from checkpoint.pt if started) and records any
-failure, with its traceback, in the run's status.json.
+failure, with its traceback, in the run's status.json. Its threads follow the one thread policy
+(bench.threads, applied by the trainer), with the launcher's OMP_NUM_THREADS as its share of the cores.
 """
 
 from __future__ import annotations
@@ -40,21 +41,11 @@ def load_run(run_dir: str | Path) -> tuple[RunConfig, Store]:
     return cfg, Store(rd.path.parent.parent)
 
 
-def set_threads() -> None:
-    """Use the CPU share the launcher gave this process (OMP_NUM_THREADS), not every core."""
-    threads = os.environ.get("OMP_NUM_THREADS")
-    if threads and threads.isdigit() and int(threads) > 0:
-        import torch
-
-        torch.set_num_threads(int(threads))
-
-
 def run_one(run_dir: str | Path, **placement: str) -> str:
     """Train the run; returns its final state. Raises RunFailed (after recording it) on failure.
     `placement` (job_id, log) is written into its status first."""
     from mmbalance.bench.train import record_failure, run
 
-    set_threads()
     cfg, store = load_run(run_dir)
     rd = store.run_dir(cfg.group, cfg.run_id())
     try:

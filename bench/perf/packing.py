@@ -77,6 +77,7 @@ def measure_one(cfg: RunConfig, k: int, root: Path) -> dict[str, Any]:
     what a sweep gets); per-run samples/s = the runs' own training-loop throughput, averaged."""
     from mmbalance.bench.launch.local import gpu_count, threads_per_worker, worker_env
     from mmbalance.bench.store import Store
+    from mmbalance.bench.threads import run_threads
     from mmbalance.core.errors import RunFailed
 
     store, gpus = Store(root), gpu_count()
@@ -100,7 +101,7 @@ def measure_one(cfg: RunConfig, k: int, root: Path) -> dict[str, Any]:
     return {
         "K": k,
         "device": costs[0]["device"],
-        "threads/run": threads_per_worker(k),
+        "threads/run": run_threads(cfg.train.threads, costs[0]["device"].split(":")[0], threads_per_worker(k))[0],
         "epochs": cfg.train.epochs,
         "wall s": wall,
         "aggregate samples/s": samples / wall,

@@ -15,9 +15,9 @@ cache's views, the loader, the method's step) and three numbers are taken:
 Rates are best-of-`rounds` (other work on a shared machine only ever adds time). The issue's
 target: >= 1,000 samples/s for the epoch on 2 cores. Data paths: the CPU default (the views'
 batch halves on the batch, bench.data.augment_on_device), the per-sample views, and the batch
-path fed by one loader worker. On a machine whose cores other processes keep busy, compare
-`--threads 1` with the default: torch's two spinning OpenMP threads per process can then cost
-several times what one thread does.
+path fed by one loader worker. The default is the thread policy's one thread per run on CPU
+(bench.threads); on a machine whose cores other processes keep busy, `--threads 2` shows what
+torch's two spinning OpenMP threads per process cost: several times what one thread does.
 """
 
 from __future__ import annotations
@@ -107,15 +107,15 @@ def measure(trainer: Trainer, rounds: int) -> dict[str, float]:
 
 def run(samples: int, threads: int | None, rounds: int, batch_size: int,
         settings: Sequence[tuple[str, Sequence[str]]]) -> list[dict[str, Any]]:
-    """One row per (encoder, setting): the three rates, with the torch thread count used."""
-    if threads:
-        torch.set_num_threads(threads)
+    """One row per (encoder, setting): the three rates, with the torch thread count used (the
+    thread policy's, bench.threads, unless `threads` sets train.threads)."""
     rows = []
     with tempfile.TemporaryDirectory(prefix="mmb-train-speed-") as tmp:
         cache = write_cache(Path(tmp) / "cache", samples)
         for label, encoder in ENCODERS:
             for setting, overrides in settings:
-                trainer = trainer_for(cache, encoder, Path(tmp) / "run", batch_size, overrides)
+                trainer = trainer_for(cache, encoder, Path(tmp) / "run", batch_size,
+                                      [*overrides, *([f"train.threads={threads}"] if threads else [])])
                 rows.append({"encoder": label, "setting": setting, "threads": torch.get_num_threads(),
                              **measure(trainer, rounds)})
     return rows
@@ -139,7 +139,7 @@ def format_rows(rows: Sequence[dict[str, Any]]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mmbalance.bench.perf.train_speed", description=__doc__.split("\n\n")[0])
     p.add_argument("--samples", type=int, default=2048, help="training rows of the synthetic cache")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=None, help="train.threads (default: the thread policy's)")
     p.add_argument("--rounds", type=int, default=3, help="repetitions; the fastest is taken")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--json", default=None, help="also write the rows to this file")
