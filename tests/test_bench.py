@@ -20,6 +20,9 @@ from mmbalance.bench.perf.loader import LOADER_PATHS, REFERENCE_MISSING, DecodeS
 from mmbalance.bench.perf.steps import SHAPES, VARIANTS
 from mmbalance.datasets import audio as fe
 
+# the bench sets torch's threads by the runs' policy; the fixture puts them back afterwards
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def positive_finite(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
@@ -61,6 +64,16 @@ def test_quick_bench_reports_every_method_loader_and_the_data_path(tmp_path, cap
     assert all(positive_finite(check[k]) for k in ("resident_step_s", "loaded_step_s", "loaded_vs_resident"))
     for heading in ("Training step", "Loader", "Data path"):
         assert heading in printed
+    # the steps were timed under the runs' thread policy, and the bench says which
+    assert results["threads"]["per_run"] == 1
+    assert "thread policy: 1 intra-op thread(s) per run (auto: 1 per run" in printed
+
+
+def test_threads_other_than_the_policy_are_given_explicitly(capsys):
+    assert cli(["bench", "--quick", "--only", "steps", "--methods", "ogm_ge", "--threads", "2", "--device", "cpu"]) == 0
+    assert "thread policy: 2 intra-op thread(s) per run (train.threads)" in capsys.readouterr().out
+    assert cli(["bench", "--quick", "--threads", "0"]) == 2
+    assert "--threads must be 'auto' or a whole number >= 1, got '0'" in capsys.readouterr().err
 
 
 def test_shape_choices_match_the_presets():

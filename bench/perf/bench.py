@@ -47,6 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the encoders (train.compile) for the step timing")
     p.add_argument("--packing", default=None, help="also measure K runs sharing the device, e.g. 1,2,4")
+    p.add_argument("--threads", default="auto",
+                   help="torch intra-op threads for the step timing: auto (the runs' policy, train.threads) or N")
     p.add_argument("--json", default=None, help="write every number to this file")
 
 
@@ -54,6 +56,7 @@ def sections(args: argparse.Namespace) -> Iterator[str]:
     """The command's output, a heading or a table at a time, each as soon as it is measured."""
     from mmbalance.bench.device import resolve_device
     from mmbalance.bench.perf.steps import SHAPES, measure_steps, variants_named
+    from mmbalance.bench.threads import apply_threads
 
     only = chosen_sections(args.only)
     device = resolve_device(args.device)
@@ -63,8 +66,12 @@ def sections(args: argparse.Namespace) -> Iterator[str]:
     rounds = args.rounds or (1 if args.quick else 8 if slow else 5)
     steps = args.steps or (1 if args.quick or slow else 3)
     clips = args.clips or (8 if args.quick else 128)
+    # the steps are timed with the threads a run of the suite would use (bench.threads)
+    threads, why = apply_threads(parse_threads(args.threads), device.type)
     yield f"mmbalance bench on {describe(device)}; {shapes.name}{'; encoders compiled' if args.compile else ''}"
-    results: dict[str, Any] = {"device": describe(device), "shapes": shapes.name}
+    yield f"thread policy: {threads} intra-op thread(s) per run ({why})"
+    results: dict[str, Any] = {"device": describe(device), "shapes": shapes.name,
+                               "threads": {"per_run": threads, "why": why}}
 
     if "steps" in only:
         from mmbalance.bench.config import TrainConfig
@@ -122,6 +129,17 @@ def chosen_sections(text: str | None) -> tuple[str, ...]:
 
         raise ConfigError(f"bench --only: unknown section(s) {', '.join(unknown)}; allowed: {', '.join(SECTIONS)}")
     return tuple(names)
+
+
+def parse_threads(text: str) -> int | str:
+    """--threads: 'auto' or a whole number >= 1."""
+    from mmbalance.core.errors import ConfigError
+
+    if text == "auto":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise ConfigError(f"--threads must be 'auto' or a whole number >= 1, got {text!r}")
+    return int(text)
 
 
 def split_list(text: str | None) -> list[str] | None:
