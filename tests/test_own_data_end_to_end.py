@@ -73,7 +73,8 @@ def test_the_starter_sweep_carries_the_cache_options_and_trains_every_cell(prepa
     capsys.readouterr()
 
     # the file as written (two epochs), one of its seeds: every cell trains to the end
-    assert cli(["--results", str(results), "sweep", str(sweep), "seeds=[0]", "train.progress=false", "--report", str(tmp_path / "report")]) == 0
+    assert cli(["--results", str(results), "sweep", str(sweep), "seeds=[0]", "train.progress=false",
+                "--report", str(tmp_path / "report")]) == 0
     runs = list(Store(results).runs(data["group"]))
     assert len(runs) == len(data["cells"]) and all(r.status()["state"] == "finished" for r in runs)
     assert (tmp_path / "report" / "table.md").stat().st_size > 0
