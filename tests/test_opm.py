@@ -429,6 +429,31 @@ def test_q_grad_none_is_a_constant_drop_written_by_hand(variant):
     assert largest_difference([(made["code"], ref)]) > 1e-4
 
 
+@pytest.mark.parametrize("variant,eps,sequential", [("bml", 0.0, False), ("balancebenchmark", 1e-5, True)])
+def test_each_variant_hands_its_guards_to_the_ratio_and_the_rescaling(monkeypatch, variant, eps, sequential):
+    """BalanceBenchmark's 1e-5 guards move parameters by about 1e-6 over a few steps, below the
+    equality test's tolerance, so their wiring is checked here."""
+    import mmbalance.methods.opm as opm
+
+    seen = {}
+
+    def spy(name):
+        original = getattr(opm, name)
+
+        def wrapped(*args, **kwargs):
+            seen[name] = (args, kwargs)
+            return original(*args, **kwargs)
+        return wrapped
+
+    for name in ("score_ratios", "drop_features"):
+        monkeypatch.setattr(opm, name, spy(name))
+    method = attached(OPM(OPMParams(variant=variant, p_exe=1.0, modulation_starts=0), setup()))
+    method.training_step(make_batches(n=1)[0])
+    (_, ratio_eps), kwargs = seen["score_ratios"]
+    assert ratio_eps == eps and kwargs == {"sequential": sequential}
+    assert seen["drop_features"][0][3] == eps
+
+
 def test_variants_differ_on_the_same_steps():
     def final(variant):
         method = attached(OPM(OPMParams(variant=variant, modulation_starts=0), setup()))
