@@ -589,3 +589,15 @@ def test_resume_is_exact(fast_config, store, tmp_path, monkeypatch):
     assert without_timing(rd.read_metrics()) == without_timing(RunDir(reference.path).read_metrics())
     for key in ("best_val", "best_test", "last", "probes"):
         assert resumed.summary[key] == reference.summary[key]
+
+
+def test_bench_times_opm_inside_its_window(tmp_path):
+    import json
+
+    from mmbalance.bench.cli import main as cli
+
+    out = tmp_path / "bench.json"
+    assert cli(["bench", "--quick", "--only", "steps", "--device", "cpu", "--methods", "opm", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["steps"]
+    assert [r["method"] for r in rows] == ["joint", "opm (window open)"]
+    assert rows[1]["forward_passes_per_step"] == rows[1]["backward_passes_per_step"] == 1.0
