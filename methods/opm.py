@@ -1,5 +1,6 @@
-"""OPM: on-the-fly prediction modulation (Wei, Hu, Du & Wen, TPAMI 2024, "On-the-fly Modulation for
-Balanced Multimodal Learning", BML).
+"""OPM: on-the-fly prediction modulation (Wei, Hu, Du & Wen, TPAMI 2024; the BML release).
+
+The paper: "On-the-fly Modulation for Balanced Multimodal Learning" (BML).
 
 Joint training (one fused cross-entropy, one backward, one step), except that in the forward pass
 the features of the modality that leads are dropped, sample by sample, with a probability that
