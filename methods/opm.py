@@ -124,7 +124,7 @@ EPS = {"bml": 0.0, "balancebenchmark": 1e-5}
 class OPMParams(Strict):
     # the release's argparse defaults (main.py L42-44), as scripts/train_opm.sh runs them
     q_base: float = Field(0.5, ge=0, le=1)
-    lam: float = Field(0.5, ge=0)
+    lam: float = Field(0.5, ge=0)  # lambda; BalanceBenchmark calls it alpha
     p_exe: float = Field(0.7, ge=0, le=1)
     # the release's hard-coded warm-up: no drop in epochs 0-5, no end
     modulation_starts: int = Field(6, ge=0)
@@ -265,7 +265,7 @@ class OPM(Method):
         bml = self.params.variant == "bml"
         dropped = drop_features(feats, masks, theta.detach() if bml else theta, self.eps)
         loss = kept_cross_entropy(self.fusion(dropped), labels, masks.amax(dim=0))
-        if bml and theta.requires_grad:
+        if bml and self.params.q_grad == "code":
             # custom_autograd.backward returns theta itself as theta's gradient: the gradient of
             # theta_bar * theta, theta_bar held constant
             return loss, loss + theta.detach() * theta, masks
@@ -292,7 +292,7 @@ class OPM(Method):
         for k, m in enumerate(self.modality_names):
             out[f"ratio.{m}"] = ratios[m].detach()
             out[f"drop_prob.{m}"] = q[m].detach()
-            out[f"dropped.{m}"] = 1 - masks[k].mean() if executed else torch.zeros(())
+            out[f"dropped.{m}"] = 1 - masks[k].mean() if executed else torch.zeros((), device=labels.device)
         out["executed"] = torch.tensor(float(executed))
         out["modulated"] = torch.tensor(float(active))
         return out
