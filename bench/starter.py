@@ -157,6 +157,8 @@ def epoch_settings(method: str, epochs: int, modalities: Sequence[str],
         if any(e["name"] == "mlp" for e in encoders.values()):  # an MLP has no conv kernels to modulate
             settings["param_filter"] = "all_encoder"
         return settings
+    if method == "opm":  # no drop in the first 6% of the epochs, as the release's 0-5 of 100
+        return {"modulation_starts": epochs * 6 // 100}
     if method == "mie":  # one stage per modality, the epochs shared as evenly as they go
         k = len(modalities)
         return {"epoch_list": [epochs // k + (1 if i < epochs % k else 0) for i in range(k)]}

@@ -34,11 +34,27 @@ step, a per-modality rescaling of the encoders' gradients:
    checkpoints, so resume is exact; tensors are visited in the dataset's modality order, then
    in `encoders[m].parameters()` order.
 
+The journal version (Wei, Hu, Du & Wen, TPAMI 2024, "On-the-fly Modulation for Balanced
+Multimodal Learning"; release GeWu-Lab/BML_TPAMI2024 @ 4b3aa4f, code/main.py L116-169 with the
+scores of code/models/Classifier.py L112-143) computes the same scores (concat split, bias/2), the
+same k = 1 - tanh(alpha rho), the same conv-only selection (by module: its model is not wrapped
+in DataParallel) and the same noise, but decides the modulated modality the other way round:
+`radio_1 = s_a / s_v`; if radio_1 > 1 audio gets 1 - tanh(alpha radio_1), else visual gets
+1 - tanh(alpha s_v / s_a), each ratio computed directly. It differs from the CVPR rule above only
+when s_a = s_v exactly (CVPR modulates audio, TPAMI visual) and in the last bit of the reciprocal
+ratio; `ratio_rule=tpami` gives it: modalities checked in the dataset's order, the last one the
+default, each rho_m = s_m / (sum of the others) computed directly (for M >= 3 the same
+generalisation as the CVPR rule's; the release defines two modalities). Its other differences are
+settings, not rules: a hard-coded warm-up (main.py L91, no modulation in epochs 0-5, i.e.
+modulation_starts=6), AdamW, and the `--use_OGM_plus` branch (L128-136: a constant 4 for the
+weaker modality's gradients; no script sets it, and it is not implemented here).
+
 Paper vs code switches. The paper does not say which parameters are modulated; the default is
 the code's, as everywhere the paper is silent:
 - `param_filter`: `conv_only` (code) modulates only 4-D tensors (Conv2d kernels; BN, linear
   layers, the fusion head are never touched); `all_encoder` modulates every parameter of the
   encoders.
+- `ratio_rule`: `cvpr` (the CVPR release, default) or `tpami` (the journal's release), above.
 - `noise_on`: `both` (code) adds the GE noise to every modality's selected gradients, also the
   one whose k = 1; `modulated_only` adds it only to the modality whose k < 1. It applies only to
   `modulation=ogm_ge`.
@@ -76,6 +92,8 @@ class OGMGEParams(Strict):
     modulation_ends: int = Field(50, ge=0)
     param_filter: Literal["conv_only", "all_encoder"] = "conv_only"
     noise_on: Literal["both", "modulated_only"] = "both"
+    # which modality is checked first and how the two-modality ratios are computed (docstring)
+    ratio_rule: Literal["cvpr", "tpami"] = "cvpr"
 
     @model_validator(mode="after")
     def _consistent(self) -> OGMGEParams:
@@ -95,13 +113,14 @@ class OGMGEParams(Strict):
 # ------------------------------------------------------------------ the coefficient (pure functions)
 
 
-def check_order(modalities: Sequence[str]) -> tuple[str, ...]:
+def check_order(modalities: Sequence[str], rule: str = "cvpr") -> tuple[str, ...]:
     """The order in which modalities are checked for rho > 1; the last one is the default.
 
-    The dataset's modalities from the second on, then the first: (audio, visual, text) ->
+    cvpr: the dataset's modalities from the second on, then the first: (audio, visual, text) ->
     (visual, text, audio), the MLA repo's order; (audio, visual) -> (visual, audio), Eq. 10.
+    tpami: the dataset's order, (audio, visual) as main.py L138-148 checks them.
     """
-    return (*modalities[1:], modalities[0])
+    return tuple(modalities) if rule == "tpami" else (*modalities[1:], modalities[0])
 
 
 def ground_truth_scores(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -109,13 +128,15 @@ def ground_truth_scores(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     return F.softmax(logits.float(), dim=1).gather(1, labels[:, None]).sum()
 
 
-def discrepancy_ratios(scores: dict[str, torch.Tensor], order: Sequence[str]) -> dict[str, torch.Tensor]:
+def discrepancy_ratios(scores: dict[str, torch.Tensor], order: Sequence[str],
+                       reciprocal: bool = True) -> dict[str, torch.Tensor]:
     """rho_m = s_m / sum of the other modalities' scores.
 
-    For two modalities this is computed as the reference code does (rho_first = s_first /
-    s_last, rho_last = 1 / rho_first), so that it reproduces Eq. 10 bit for bit.
+    For two modalities with `reciprocal` (the CVPR code) rho_first = s_first / s_last and
+    rho_last = 1 / rho_first, so that it reproduces Eq. 10 bit for bit; without it (the TPAMI
+    code) each ratio is computed directly.
     """
-    if len(order) == 2:
+    if len(order) == 2 and reciprocal:
         first, last = order
         ratio = scores[first] / scores[last]
         return {first: ratio, last: 1 / ratio}
@@ -160,7 +181,7 @@ class OGMGE(Method):
         super().__init__(params, setup)
         self.fusion_name = setup.fusion
         self.fusion = build_fusion(setup.fusion, setup.feature_dims(), setup.num_classes, setup.conditioning)
-        self.order = check_order(self.modality_names)
+        self.order = check_order(self.modality_names, params.ratio_rule)
         # FiLM/gated have no per-modality split: auxiliary heads on detached features give the
         # unimodal estimates (built after the fusion, so encoders and fusion start as joint's)
         self.aux_heads: nn.ModuleDict | None = None
@@ -238,7 +259,7 @@ class OGMGE(Method):
             estimates = self.unimodal_estimates(feats)
         with torch.no_grad():
             scores = {m: ground_truth_scores(estimates[m], labels) for m in self.modality_names}
-            ratios = discrepancy_ratios(scores, self.order)
+            ratios = discrepancy_ratios(scores, self.order, reciprocal=self.params.ratio_rule == "cvpr")
             coefs = modulation_coefficients(ratios, self.order, self.params.alpha)
         active = self.in_window(ctx.epoch)
         if active:

@@ -590,3 +590,101 @@ def test_ogm_ge_resume_is_exact(fast_config, store, tmp_path, monkeypatch):
     assert without_timing(rd.read_metrics()) == without_timing(RunDir(reference.path).read_metrics())
     for key in ("best_val", "best_test", "last", "probes"):
         assert resumed.summary[key] == reference.summary[key]
+
+
+# ---------------------------------------------------- the journal's rule (ratio_rule=tpami)
+
+
+def bml_pairwise(s_a: torch.Tensor, s_v: torch.Tensor, alpha: float):
+    """main.py L119-148 of the BML release (GeWu-Lab/BML_TPAMI2024 @ 4b3aa4f), as written there."""
+    radio_1 = s_a / s_v
+    radio_2 = s_v / s_a
+    if radio_1 > 1:
+        coeff_1, coeff_2 = 1 - torch.tanh(alpha * torch.relu(radio_1)), torch.ones(())
+    else:
+        coeff_1, coeff_2 = torch.ones(()), 1 - torch.tanh(alpha * torch.relu(radio_2))
+    return radio_1, radio_2, coeff_1, coeff_2
+
+
+def rule_of(rule: str, s_a, s_v, alpha):
+    order = check_order(("audio", "visual"), rule)
+    ratios = discrepancy_ratios({"audio": s_a, "visual": s_v}, order, reciprocal=rule == "cvpr")
+    return ratios, modulation_coefficients(ratios, order, alpha), modulated_modality(ratios, order)
+
+
+def test_tpami_rule_is_the_bml_release_bit_for_bit():
+    assert check_order(("audio", "visual"), "tpami") == ("audio", "visual")
+    assert check_order(("audio", "visual", "text"), "tpami") == ("audio", "visual", "text")
+    gen = torch.Generator().manual_seed(0)
+    branches = set()
+    for alpha in (0.1, 0.8, 2.6):
+        for s_a, s_v in torch.rand(2000, 2, generator=gen) * 64:
+            ratios, coefs, chosen = rule_of("tpami", s_a, s_v, alpha)
+            radio_1, radio_2, coeff_1, coeff_2 = bml_pairwise(s_a, s_v, alpha)
+            assert torch.equal(ratios["audio"], radio_1) and torch.equal(ratios["visual"], radio_2)
+            assert torch.equal(coefs["audio"], coeff_1) and torch.equal(coefs["visual"], coeff_2)
+            branches.add(chosen)
+    assert branches == {"audio", "visual"}
+
+
+def test_cvpr_and_tpami_rules_differ_only_on_a_tie():
+    s = torch.tensor(5.0)
+    for rule, chosen in (("cvpr", "audio"), ("tpami", "visual")):
+        ratios, coefs, who = rule_of(rule, s, s, 0.8)
+        assert who == chosen and coefs[chosen].item() == pytest.approx(1 - math.tanh(0.8), rel=1e-6)
+    # off a tie the same modality, the same coefficient up to the last bit of the reciprocal
+    for s_a, s_v in ((3.0, 7.0), (7.0, 3.0)):
+        (_, kc, wc), (_, kt, wt) = (rule_of(r, torch.tensor(s_a), torch.tensor(s_v), 0.8) for r in ("cvpr", "tpami"))
+        assert wc == wt and all(kc[m].item() == pytest.approx(kt[m].item(), rel=1e-6) for m in kc)
+
+
+def test_tpami_three_modalities_check_in_dataset_order_last_by_default():
+    order = check_order(("audio", "visual", "text"), "tpami")
+    s = {"audio": torch.tensor(10.0), "visual": torch.tensor(10.0), "text": torch.tensor(10.0)}
+    ratios = discrepancy_ratios(s, order, reciprocal=False)
+    assert modulated_modality(ratios, order) == "text"  # nobody > 1: the last one
+    s["visual"] = torch.tensor(40.0)
+    assert modulated_modality(discrepancy_ratios(s, order, reciprocal=False), order) == "visual"
+
+
+@pytest.mark.parametrize("modulation", ["ogm_ge", "ogm"])
+def test_tpami_rule_equals_the_bml_release_over_steps(modulation):
+    """The method beside tests/bml_release.py's transcription of main.py L86-171 (OGM branch):
+    small conv encoders, SGD with momentum and weight decay, warm-up and modulated epochs; the
+    release's hard-coded warm-up (epochs 0-5) is modulation_starts=6."""
+    from tests import bml_release as bml
+
+    alpha, epochs = 0.8, [5, 6, 6, 7, 7]
+    params = OGMGEParams(alpha=alpha, modulation=modulation, ratio_rule="tpami", modulation_starts=6,
+                         modulation_ends=60)
+    method = attach(OGMGE(params, conv_setup(seed=4)))
+    cfg = bml.bml_config(use_modulation=True, modulation=modulation.upper(), alpha=alpha, modulation_ends=60)
+    ref = bml.Classifier(cfg, copy.deepcopy(method.encoders["audio"]), copy.deepcopy(method.encoders["visual"]),
+                         copy.deepcopy(method.fusion.fc_out))
+    optimizer = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    batches = [make_batch(seed=s) for s in range(len(epochs))]
+    torch.manual_seed(9)
+    outs = []
+    for epoch, batch in zip(epochs, batches):
+        method.step_context.epoch = epoch
+        outs.append(method.training_step(batch))
+    torch.manual_seed(9)
+    refs = [bml.train_iteration(cfg, e, ref, optimizer, b.inputs["audio"], b.inputs["visual"], b.labels)
+            for e, b in zip(epochs, batches)]
+    chosen = set()
+    for epoch, out, r in zip(epochs, outs, refs):
+        assert out["loss"].item() == pytest.approx(r["loss"].item(), abs=1e-5)
+        assert out["modulated"].item() == float(epoch > 5)
+        if epoch > 5:
+            radio_1, radio_2 = r["radio"]
+            assert out["ratio.audio"].item() == pytest.approx(radio_1.item(), abs=1e-5)
+            assert out["ratio.visual"].item() == pytest.approx(radio_2.item(), abs=1e-5)
+            for m, k in zip(("audio", "visual"), r["coeff"]):
+                assert out[f"coef.{m}"].item() == pytest.approx(float(torch.as_tensor(k).detach()), abs=1e-5)
+            chosen.add("audio" if out["coef.audio"].item() < 1 else "visual")
+    pairs = [(method.encoders["audio"], ref.encoder_1), (method.encoders["visual"], ref.encoder_2),
+             (method.fusion.fc_out, ref.fusion_model.fxy)]
+    diff = max((a.double() - b.double()).abs().max().item() for x, y in pairs
+               for a, b in zip(x.state_dict().values(), y.state_dict().values(), strict=True))
+    assert diff <= 1e-5, diff
+    assert chosen  # modulation ran
