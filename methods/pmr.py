@@ -22,15 +22,15 @@ Per step (R:120-271, B:107-199):
    is the code's bit for bit. For M >= 3 (the code defines two modalities; this is the suite's
    extension) r_m = s_m / max of the others' s: every modality behind the leader gets alpha.
 
-Prototypes (R:377-431, B:200-251): per modality the class means of the encoders' features, in
+Prototypes (R:383-441, B:200-251): per modality the class means of the encoders' features, in
 eval mode, without gradients, over a subset of the training split; then an EMA
-c <- (1 - momentum_coef) c_new + momentum_coef c_old. They are computed before epoch 0 (R:510-515,
-`on_epoch_start(0)`) and after every training epoch (R:548-555, `on_epoch_end`), so the
+c <- (1 - momentum_coef) c_new + momentum_coef c_old. They are computed before epoch 0 (R:534-539,
+`on_epoch_start(0)`) and after every training epoch (R:551-557, `on_epoch_end`), so the
 evaluation of an epoch uses the prototypes of the next one, as the code's `valid` does.
 
 Variants (`variant`), where the two references differ:
 - "release" (default): the EMA is skipped at the end of epoch 0 (the code's `epoch <= 0` test,
-  R:425, is called with the epoch just trained), so the EMA chain starts from the prototypes after
+  R:435, is called with the epoch just trained), so the EMA chain starts from the prototypes after
   epoch 0; the initial ones are discarded. M >= 3: the extension above.
 - "balancebenchmark": BalanceBenchmark recomputes at every epoch start with `current_epoch <= 0`
   (B:61-65, 241-248), so the EMA runs from epoch 1 on and the initial prototypes enter it. For two
@@ -52,14 +52,14 @@ constant is used.
 
 Departures from the code, and documented choices:
 - The subset: the code takes the first len(loader) // 10 batches of the SHUFFLED training loader
-  (R:412-416; B:233-234), i.e. a random ~10%. The suite's public pass over the training split
+  (R:425-430; B:231-234), i.e. a random ~10%. The suite's public pass over the training split
   (`step_context.train_batches()`) is unshuffled, so each sample is kept with probability
   `proto_fraction` (default 0.1) drawn from a generator seeded by the run's seed and the
   computation's index (resume-exact, and the global RNG is left alone), plus the first sample of
   every class not yet seen in the pass, so that no class is left without a prototype (the code
   divides by a zero count, NaN, when a class misses its subset). The whole split is loaded, and
   only the kept samples are encoded.
-- AVE and CG-MNIST: the code computes prototypes on the validation split (R:510-513, 548-552;
+- AVE and CG-MNIST: the code computes prototypes on the validation split (R:534-537, 551-555;
   CG-MNIST's "val" is its test set) over all of it. The suite always uses the training split:
   selection data never shape training. The AVE recipe sets proto_fraction 1.0.
 - The code's train-mode views (random crops) feed its prototype pass; so do the suite's

@@ -139,7 +139,7 @@ class AVClassifier(nn.Module):
         return {rename[k.split(".")[0]] + k[len(k.split(".")[0]):]: v for k, v in named.items()}
 
 
-def calculate_prototype(args, model, dataloader, epoch, a_proto=None, v_proto=None):  # R:377-431
+def calculate_prototype(args, model, dataloader, epoch, a_proto=None, v_proto=None):  # R:383-441
     n_classes = C
     audio_prototypes = torch.zeros(n_classes, args["embed_dim"])
     visual_prototypes = torch.zeros(n_classes, args["embed_dim"])
@@ -211,7 +211,7 @@ def train_epoch(args, epoch, model, dataloader, optimizer, audio_proto, visual_p
 
 
 def release_run(method: PMR, split: list[Batch], epochs: int, args: dict):
-    """main() (R:441-560): prototypes before the loop, then train_epoch and calculate_prototype."""
+    """main() (R:444-560): prototypes before the loop, then train_epoch and calculate_prototype."""
     model = AVClassifier(method, args["fusion"])
     optimizer = sgd(model.parameters())
     loader = [(b.inputs["audio"], b.inputs["visual"], b.labels) for b in split]
