@@ -76,7 +76,7 @@ the harness's per-step pass counts leave out (they count training-mode forwards)
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
@@ -215,16 +215,23 @@ class PMR(Joint):
         self.prototypes = nn.Module()  # one C x d_m buffer per modality, saved with the checkpoints
         for m, d in setup.feature_dims().items():
             self.prototypes.register_buffer(m, torch.zeros(setup.num_classes, d))
-        self.register_buffer("computed", torch.zeros((), dtype=torch.bool))
-        # the subsets' generator seed: the run's seed (the harness seeds torch before building)
-        self.register_buffer("subset_seed", torch.tensor(torch.initial_seed() % 2**62))
+        # host-side state (no device sync per step), saved through get_extra_state: whether the
+        # prototypes exist, and the subsets' seed, the run's (the harness seeds torch before building)
+        self.computed = False
+        self.subset_seed = torch.initial_seed() % 2**62
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"computed": self.computed, "subset_seed": self.subset_seed}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.computed, self.subset_seed = bool(state["computed"]), int(state["subset_seed"])
 
     def prototype(self, m: str) -> torch.Tensor:
         return self.prototypes.get_buffer(m)
 
     # ---- prototypes
     def on_epoch_start(self, epoch: int) -> None:
-        if not bool(self.computed):  # before epoch 0 (a resume past it loads them)
+        if not self.computed:  # before epoch 0 (a resume past it loads them)
             self.update_prototypes(self.class_means(index=0), ema=False)
 
     def on_epoch_end(self, epoch: int) -> None:
@@ -237,7 +244,7 @@ class PMR(Joint):
         for m, new in means.items():
             old = self.prototype(m)
             old.copy_((1 - m_coef) * new + m_coef * old if ema else new)
-        self.computed.fill_(True)
+        self.computed = True
 
     @torch.no_grad()
     def class_means(self, index: int) -> dict[str, torch.Tensor]:
@@ -245,9 +252,9 @@ class PMR(Joint):
         training split (see the module docstring); `index` seeds the subset."""
         ctx, was_training = self.step_context, self.training
         self.eval()
-        generator = torch.Generator().manual_seed(int(self.subset_seed) * 1_000_003 + index)
+        generator = torch.Generator().manual_seed(self.subset_seed * 1_000_003 + index)
         sums = {m: torch.zeros_like(self.prototype(m)) for m in self.modality_names}
-        counts = torch.zeros(self.num_classes, device=self.computed.device)
+        counts = torch.zeros(self.num_classes, device=sums[self.modality_names[0]].device)
         seen = torch.zeros(self.num_classes, dtype=torch.bool)
         for batch in ctx.train_batches():
             keep, seen = subset_mask(batch.labels.cpu(), seen, self.params.proto_fraction, generator)
@@ -278,7 +285,7 @@ class PMR(Joint):
                 for m in self.modality_names}
 
     def training_step(self, batch: Batch) -> dict[str, torch.Tensor]:
-        if not bool(self.computed):
+        if not self.computed:
             raise RuntimeError("PMR.training_step before its prototypes were computed: the harness calls "
                                "on_epoch_start(0) first (a test must do the same)")
         ctx, labels, p = self.step_context, batch.labels, self.params
@@ -318,7 +325,7 @@ class PMR(Joint):
     def predict(self, batch: Batch) -> Prediction:
         feats = self.encode(batch.inputs)
         logs = {}
-        if bool(self.computed):  # the nearest prototype's accuracy per modality (the code's acc_a_p, acc_v_p)
+        if self.computed:  # the nearest prototype's accuracy per modality (the code's acc_a_p, acc_v_p)
             logs = {f"proto_acc.{m}": nearest_prototype_accuracy(feats[m], self.prototype(m), batch.labels)
                     for m in self.modality_names}
         return Prediction(self.fusion(feats), self.fusion.per_modality(feats), logs)
