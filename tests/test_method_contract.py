@@ -199,7 +199,13 @@ SECTIONS = [
     {"name": "mla", "fusion_mode": "fixed"},
     DI_MML,
     {"name": "mie", "epoch_list": [1, 1]},
+    {"name": "opm", "modulation_starts": 0},
+    {"name": "pmr"},
 ]
+
+
+def test_every_registered_method_is_checked_for_side_effect_free_predict():
+    assert {s["name"] for s in SECTIONS} == set(METHODS.names())
 
 
 @pytest.mark.parametrize("section", SECTIONS, ids=lambda s: "-".join(map(str, s.values())))

@@ -79,6 +79,7 @@ VARIANTS = (
     Variant("mie (code SAM, stage 2)", {"name": "mie", "epoch_list": [1, 1], "sam": "code"}, epoch=1, target=1.30),
     # the release's window opens at epoch 6; timed inside it (p_exe 0.7: drop steps and plain ones)
     Variant("opm (window open)", {"name": "opm", "modulation_starts": 0}, target=1.10),
+    Variant("pmr", {"name": "pmr"}, target=1.10),
 )
 
 

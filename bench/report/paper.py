@@ -24,7 +24,7 @@ DATASETS = {"cremad": "cremad", "ks": "kinetics_sounds", "ucf101": "ucf101", "vg
 # its OGM-GE implementation, so both map to ours.
 METHODS = {"baseline": ("joint", None), "concat": ("joint", None), "joint": ("joint", None),
            "ogm": ("ogm_ge", None), "ogm-ge": ("ogm_ge", None), "mla": ("mla", None),
-           "mie": ("mie", None), "di-mml": ("di_mml", None),
+           "mie": ("mie", None), "di-mml": ("di_mml", None), "opm": ("opm", None), "pmr": ("pmr", None),
            "unimodal-audio": ("unimodal", "audio"), "unimodal-visual": ("unimodal", "visual")}
 # paper_tables.csv selection -> our --select value
 PROTOCOLS = {"best-test-epoch": "test", "best-val-epoch": "val"}
