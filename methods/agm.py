@@ -14,10 +14,10 @@ EVAL mode (BatchNorm's running statistics, no dropout) for every S but the full 
 1. Mono-modal responses, Shapley style (`mono_modal_responses`):
    m_i = sum over non-empty S in N \\ {i} of w(|S|) (v(S + i) - v(S)) + w(0) v({i}),
    w(k) = k! (M-k-1)! / M!. This is the Shapley value of modality i plus v(empty)/M, which is how
-   the code writes it (v(empty) cancels out of m_i; CREMAD_net.py:15-19 for M = 2,
-   URFunny_net.py:9-31 for M = 3), so that sum_i m_i = v(N): the fused output.
+   the code writes it (v(empty) cancels out of m_i; CREMAD_net.py:6-17 for M = 2,
+   URFunny_net.py:6-31 for M = 3), so that sum_i m_i = v(N): the fused output.
 2. Scores: s_i = mean over the batch of -log softmax(m_i)[y], a probability below 1e-8 counted as
-   1e-8 (CREMAD_main.py:128-143).
+   1e-8 (CREMAD_main.py:130-143).
 3. Discrepancy ratios: r_i = exp(M/(M-1) (mean_j s_j - s_i)), i.e. exp(mean of the others' s - s_i)
    (CREMAD_main.py:145-146 writes exp(s_v - s_a); URFunny_main.py:117-121 the 3/2 form), and the
    same from the running scores before this step, the "optimal" ratio r*_i (lines 148-149).
@@ -26,8 +26,8 @@ EVAL mode (BatchNorm's running statistics, no dropout) for every S but the full 
    s*_i <- s*_i (t-1)/t + s_i/t, t the 1-based global step (line 154-155). They persist across
    epochs, and are updated at every step, inside the modulation window or not.
 5. Inside the window, the gradient that reaches m_i is multiplied by kappa_i: the loss is the
-   cross-entropy of sum_i m_i, each m_i behind a backward hook scaling its gradient (GradMod.hooka,
-   CREMAD_net.py:41-47). The gradient therefore flows through the eval-mode passes too. Outside the
+   cross-entropy of sum_i m_i, each m_i behind a backward hook scaling its gradient (GradMod,
+   CREMAD_net.py:25-69, hooks at 45-51). The gradient therefore flows through the eval-mode passes too. Outside the
    window the code does not reset the hooks' scale: before the window it is 1 (its initial value),
    after it the LAST coefficient of the window stays in force (`hold_after_window`, default True
    as the code; False: 1 after the window).
@@ -42,7 +42,7 @@ alpha = 0 without clipping is joint training.
 `variant` (default "release"):
 - "release": as above.
 - "balancebenchmark": BalanceBenchmark's AGMTrainer (GeWu-Lab/BalanceBenchmark at 4c1482fca5aa,
-  balancemm/trainer/AGM_trainer.py, `newGrad` lines 196-250 and `training_step` lines 507-555). It
+  balancemm/trainer/AGM_trainer.py, `newGrad` lines 221-275 and `training_step` lines 535-589). It
   differs in every step: (1) the responses are Shapley values WITHOUT the S = empty term
   (generate_all_combinations(..., include_empty=False)): m_i = sum over non-empty S of
   w(|S|) (v(S + i) - v(S)), all v (v(N) included) in eval mode under no_grad; (3) the ratios have
