@@ -19,7 +19,7 @@ EVAL mode (BatchNorm's running statistics, no dropout) for every S but the full 
 2. Scores: s_i = mean over the batch of -log softmax(m_i)[y], a probability below 1e-8 counted as
    1e-8 (CREMAD_main.py:130-143).
 3. Discrepancy ratios: r_i = exp(M/(M-1) (mean_j s_j - s_i)), i.e. exp(mean of the others' s - s_i)
-   (CREMAD_main.py:145-146 writes exp(s_v - s_a); URFunny_main.py:117-121 the 3/2 form), and the
+   (CREMAD_main.py:145-146 writes exp(s_v - s_a); URFunny_main.py:117-126 the 3/2 form), and the
    same from the running scores before this step, the "optimal" ratio r*_i (lines 148-149).
 4. Coefficients kappa_i = exp(alpha min(r*_i - r_i, cap)) (line 151-152; cap 10 on CREMA-D, 7 on
    UR-Funny, none on AVE/AV-MNIST); then the running scores are updated,
@@ -27,10 +27,10 @@ EVAL mode (BatchNorm's running statistics, no dropout) for every S but the full 
    epochs, and are updated at every step, inside the modulation window or not.
 5. Inside the window, the gradient that reaches m_i is multiplied by kappa_i: the loss is the
    cross-entropy of sum_i m_i, each m_i behind a backward hook scaling its gradient (GradMod,
-   CREMAD_net.py:25-69, hooks at 45-51). The gradient therefore flows through the eval-mode passes too. Outside the
-   window the code does not reset the hooks' scale: before the window it is 1 (its initial value),
-   after it the LAST coefficient of the window stays in force (`hold_after_window`, default True
-   as the code; False: 1 after the window).
+   CREMAD_net.py:25-69, hooks at 45-51), so the gradient flows through the eval-mode passes too.
+   Outside the window the code does not reset the hooks' scale: before the window it is 1 (its
+   initial value), after it the LAST coefficient of the window stays in force
+   (`hold_after_window`, default True as the code; False: 1 after the window).
 6. Gradient clipping, at every step: if any entry of the fusion head's output weights' gradient
    is above `clip_threshold` in absolute value, all gradients are clipped to total norm
    `clip_threshold` (CREMAD_main.py:232-243: threshold 1; URFunny_main.py:203-207: 5).
@@ -43,9 +43,11 @@ alpha = 0 without clipping is joint training.
 - "release": as above.
 - "balancebenchmark": BalanceBenchmark's AGMTrainer (GeWu-Lab/BalanceBenchmark at 4c1482fca5aa,
   balancemm/trainer/AGM_trainer.py, `newGrad` lines 221-275 and `training_step` lines 535-589). It
-  differs in every step: (1) the responses are Shapley values WITHOUT the S = empty term
-  (generate_all_combinations(..., include_empty=False)): m_i = sum over non-empty S of
-  w(|S|) (v(S + i) - v(S)), all v (v(N) included) in eval mode under no_grad; (3) the ratios have
+  differs in every step but the scores (numbered as the steps above): (1) the responses are
+  Shapley values WITHOUT the S = empty term (generate_all_combinations(..., include_empty=False)):
+  m_i = sum over non-empty S of w(|S|) (v(S + i) - v(S)), all v (v(N) included) in eval mode
+  under no_grad, computed BEFORE the train-mode pass (so with the BatchNorm statistics of the
+  previous step; the release's come after it); (3) the ratios have
   the opposite sign: r_i = exp(M/(M-1) (s_i - mean_j s_j)), and r*_i likewise; (4) cap 7; (5) the
   loss is the plain cross-entropy of the train-mode output, and after its backward every encoder
   parameter of modality i with more than one dimension (not biases, not BatchNorm) has its
@@ -72,10 +74,15 @@ Departures, none of which changes a number beyond rounding (the tests check 1e-5
   late); the code's late fusion reads `fusion_module.fc_out`, its early fusion `head.fc`.
 - BalanceBenchmark selects the scaled parameters by the modality's name inside the parameter name;
   here by module membership (`encoders[m]`), which is the same set without the substring pitfall.
+- Under bf16 autocast the responses are summed, and their gradients scaled, in float32.
+
+Cost per step: each encoder is called three times (once in training mode, once in eval mode on
+the batch, once on one zero sample; the harness counts 3 forward passes), the fusion head 2^M - 1
+times, one backward pass (through the eval-mode graphs too, for the release) and one step.
 
 Logged per step (averaged per epoch): `score.<m>` (s_m), `ratio.<m>` (r_m), `optimal_ratio.<m>`
 (r*_m), `coef.<m>` (kappa_m, computed at every step), `modulated` (1 inside the window) and
-`clipped` (1 when the gradients were clipped). `predict` gives v(N) (eval mode) as the fused
+`clipped` (1 when the gradients were clipped; with a threshold only). `predict` gives v(N) (eval mode) as the fused
 output and the variant's responses m_i as each modality's own logits. M >= 2 modalities.
 """
 
@@ -336,7 +343,8 @@ class AGM(Method):
         with ctx.autocast():
             if self.release:
                 scales = self.hook_scales(found["coef"], active)
-                fused = sum(ScaleGrad.apply(responses[m], scales[k]) for k, m in enumerate(self.modality_names))
+                # in float32, so that kappa scales the gradient unrounded under bf16 autocast
+                fused = sum(ScaleGrad.apply(responses[m].float(), scales[k]) for k, m in enumerate(self.modality_names))
             else:
                 fused = self.fusion(feats)
             loss = self.cross_entropy(fused, batch.labels)
