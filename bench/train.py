@@ -157,16 +157,28 @@ class LossTally:
 
 
 class PassCounter:
-    """Counts encoder forward calls in training mode, to report forward passes per step."""
+    """Counts encoder forward calls, to report forward passes per step: every call inside a training
+    step (`with counter.step()`), in whatever mode (a method's eval-mode or no-grad passes cost a
+    step as much: AGM's masked passes, DI-MML's frozen stage-2 encoders), and training-mode calls
+    outside one."""
 
     def __init__(self, encoders: nn.ModuleDict) -> None:
         self.calls = 0
         self.n_encoders = len(encoders)
+        self.in_step = False
         for encoder in encoders.values():
             encoder.register_forward_hook(self._hook)
 
+    @contextmanager
+    def step(self) -> Iterator[None]:
+        self.in_step = True
+        try:
+            yield
+        finally:
+            self.in_step = False
+
     def _hook(self, module: nn.Module, args: Any, output: Any) -> None:
-        if module.training:
+        if module.training or self.in_step:
             self.calls += 1
 
 
@@ -366,7 +378,8 @@ class Trainer:
                    disable=True if not cfg.progress else None, dynamic_ncols=True)  # None: off when not a TTY
         for index, batch in enumerate(bar):
             self.context.batch_index = index
-            step = self.method.training_step(batch)
+            with self.passes.step():
+                step = self.method.training_step(batch)
             losses.add(step, len(batch), index)
             self.steps += 1
             if not bar.disable and index % PROGRESS_EVERY == 0:  # a host sync: rarely, and only when shown

@@ -47,8 +47,8 @@ Differences from the released code, and documented choices:
 - h_av exists from construction (the optimizer's param groups never change) but gets no gradient
   in stage 1, and the other parameters get none in stage 2, so SGD (weight decay included) skips
   them, as the code's stage-2 optimizer over h_av alone.
-- The cost report counts only training-mode encoder forwards, so stage 2's frozen forwards do
-  not count.
+- The cost report counts every encoder forward inside a step, so stage 2's frozen (no-grad,
+  eval-mode) forwards count too; the selection pass at a stage start does not.
 - CREMA-D's fixed-pattern frame noise `--var` belongs to the CREMA-D pipeline, not to
   the method: it is a dataset parameter.
 """

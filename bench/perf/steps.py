@@ -103,7 +103,8 @@ class Subject:
     peak_mb: float = float("nan")
 
     def step(self, batch: Batch) -> None:
-        self.method.training_step(batch)
+        with self.passes.step():
+            self.method.training_step(batch)
         self.steps += 1
 
 
