@@ -107,13 +107,11 @@ class MMParetoParams(Strict):
 # ------------------------------------------------------------------------ the update (pure)
 
 
-def gram(g_mm: Sequence[torch.Tensor], g_u: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    """<g_mm, g_mm>, <g_mm, g_u>, <g_u, g_u> of two gradients given as lists of tensors (one flat
-    vector each)."""
-    def dot(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> torch.Tensor:
-        return torch.stack([torch.vdot(x.flatten(), y.flatten()) for x, y in zip(xs, ys)]).sum()
-
-    return dot(g_mm, g_mm), dot(g_mm, g_u), dot(g_u, g_u)
+def gram(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """<a, a>, <a, b>, <b, b> of two flat vectors."""
+    # mul-sum, as the code's solver: a BLAS dot (torch.dot) with several threads can spin for
+    # milliseconds per call on a busy CPU
+    return (a * a).sum(), (a * b).sum(), (b * b).sum()
 
 
 def min_norm_weight(mm: torch.Tensor, mu: torch.Tensor, uu: torch.Tensor) -> torch.Tensor:
@@ -137,14 +135,21 @@ def multimodal_weight(mm: torch.Tensor, mu: torch.Tensor, uu: torch.Tensor, pare
     return torch.where(cosine(mm, mu, uu) > 0, half, min_norm_weight(mm, mu, uu))
 
 
-def combine(g_mm: torch.Tensor, g_u: torch.Tensor, w_mm: torch.Tensor, gamma: float) -> torch.Tensor:
-    """One tensor's final gradient: gamma h, h = 2 w g_mm + 2 (1 - w) g_u scaled up to the norm of
-    g_mm + g_u where it is shorter (MMPareto.py l.190-197)."""
+def segment_norms(x: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+    """The norm of each consecutive segment of flat `x`, `sizes` elements each (one per tensor)."""
+    return torch.stack([torch.linalg.vector_norm(s) for s in x.split(list(sizes))])
+
+
+def combine(g_mm: torch.Tensor, g_u: torch.Tensor, w_mm: torch.Tensor, gamma: float,
+            sizes: Sequence[int]) -> torch.Tensor:
+    """An encoder's final gradient, its tensors flat one after another (`sizes` elements each): per
+    tensor gamma h, h = 2 w g_mm + 2 (1 - w) g_u scaled up to the norm of that tensor's g_mm + g_u
+    where it is shorter (MMPareto.py l.190-197)."""
     h = 2 * w_mm * g_mm + 2 * (1 - w_mm) * g_u
-    plain, new = torch.linalg.vector_norm(g_mm + g_u), torch.linalg.vector_norm(h)
+    plain, new = segment_norms(g_mm + g_u, sizes), segment_norms(h, sizes)
     # the code divides unguarded: x/0 would give a NaN gradient; h (= 0) is kept instead
     scale = torch.where((new > 0) & (plain > new), plain / new, torch.ones_like(new))
-    return h * scale * gamma
+    return h * torch.cat([k.expand(n) for k, n in zip(scale, sizes)]) * gamma
 
 
 # ------------------------------------------------------------------------------------ the method
@@ -194,26 +199,30 @@ class MMPareto(Method):
     def integrate(self, params: list[nn.Parameter], g_mm: Sequence[torch.Tensor | None],
                   g_u: Sequence[torch.Tensor | None]) -> tuple[list[torch.Tensor | None], dict[str, torch.Tensor]]:
         """The gradient each parameter is stepped with, and the per-encoder diagnostics."""
-        plain = [add(a, b) for a, b in zip(g_mm, g_u)]
-        if self.params.grads == "accumulated":  # BalanceBenchmark reads g_mm + g_u for both
-            g_mm = g_u = plain
-        grads: list[torch.Tensor | None] = list(plain)  # heads: the gradient of L_mm + sum_m L_m
         position = {id(p): i for i, p in enumerate(params)}
+        owned = {m: [position[id(p)] for p in self.encoders[m].parameters()
+                     if id(p) in position and (g_mm[position[id(p)]] is not None or g_u[position[id(p)]] is not None)]
+                 for m in self.modality_names}
+        in_encoders = {i for own in owned.values() for i in own}
+        # the heads': the gradient of L_mm + sum_m L_m
+        grads = [None if i in in_encoders else add(a, b) for i, (a, b) in enumerate(zip(g_mm, g_u))]
         stats = {}
-        for m in self.modality_names:
-            own = [position[id(p)] for p in self.encoders[m].parameters()
-                   if id(p) in position and plain[position[id(p)]] is not None]
+        for m, own in owned.items():
             if not own:  # a frozen encoder, or one no loss reaches: nothing to integrate
                 continue
-            a = [zeros_if_none(g_mm[i], params[i]) for i in own]
-            b = [zeros_if_none(g_u[i], params[i]) for i in own]
+            sizes = [params[i].numel() for i in own]
+            a, b = (torch.cat([flat(g[i], params[i]) for i in own]) for g in (g_mm, g_u))
+            plain = a + b
+            if self.params.grads == "accumulated":  # BalanceBenchmark reads g_mm + g_u for both
+                a = b = plain
             mm, mu, uu = gram(a, b)
             w = multimodal_weight(mm, mu, uu, self.params.pareto)
-            for i, x, y in zip(own, a, b):
-                grads[i] = combine(x, y, w, self.params.gamma)
+            final = combine(a, b, w, self.params.gamma, sizes)
+            for i, g in zip(own, final.split(sizes)):
+                grads[i] = g.view_as(params[i])
             cos = cosine(mm, mu, uu)
             stats |= {f"cos.{m}": cos, f"conflict.{m}": (cos <= 0).float(), f"w_mm.{m}": w,
-                      f"boost.{m}": ratio(norm_of([grads[i] for i in own]), norm_of([plain[i] for i in own]))}
+                      f"boost.{m}": ratio(torch.linalg.vector_norm(final), torch.linalg.vector_norm(plain))}
         return grads, stats
 
     def predict(self, batch: Batch) -> Prediction:
@@ -227,14 +236,11 @@ def add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
     return a + b
 
 
-def zeros_if_none(g: torch.Tensor | None, p: nn.Parameter) -> torch.Tensor:
-    return torch.zeros_like(p) if g is None else g
+def flat(g: torch.Tensor | None, p: nn.Parameter) -> torch.Tensor:
+    """g as a flat vector; zeros for a tensor one of the two losses does not reach."""
+    return (torch.zeros_like(p) if g is None else g).flatten()
 
 
 def ratio(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """x / y, and 1 where y = 0 (no gradient at all: nothing was enhanced)."""
     return torch.where(y > 0, x / y, torch.ones_like(y))
-
-
-def norm_of(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors]))

@@ -69,32 +69,43 @@ def step_recording_grads(method: MMPareto, batch: Batch):
 
 def test_min_norm_weight_three_cases_by_hand():
     a, b = torch.tensor([2.0, 0.0]), torch.tensor([-1.0, 1.0])
-    mm, mu, uu = gram([a], [b])
+    mm, mu, uu = gram(a, b)
     assert (mm.item(), mu.item(), uu.item()) == (4.0, -2.0, 2.0)
     # min over w of ||w a + (1-w) b||^2 = ||(3w - 1, 1 - w)||^2: derivative 20w - 8 = 0 -> w = 0.4
     assert min_norm_weight(mm, mu, uu).item() == pytest.approx(0.4, abs=1e-7)
     # <a,b> >= ||a||^2: the solver's end 0.999; <a,b> >= ||b||^2: 0.001
     x, y = torch.tensor([1.0, 0.0]), torch.tensor([3.0, 1.0])
-    assert min_norm_weight(*gram([x], [y])).item() == pytest.approx(0.999, abs=1e-7)
-    assert min_norm_weight(*gram([y], [x])).item() == pytest.approx(0.001, abs=1e-7)
+    assert min_norm_weight(*gram(x, y)).item() == pytest.approx(0.999, abs=1e-7)
+    assert min_norm_weight(*gram(y, x)).item() == pytest.approx(0.001, abs=1e-7)
     assert cosine(mm, mu, uu).item() == pytest.approx(-2 / (2 * 2**0.5), rel=1e-6)
-    assert cosine(*gram([torch.zeros(2)], [b])).item() == 0.0  # the norms clamped, as F.cosine_similarity
+    assert cosine(*gram(torch.zeros(2), b)).item() == 0.0  # the norms clamped, as F.cosine_similarity
 
 
 def test_combine_scales_up_only_a_shorter_direction_by_hand():
     g_mm, g_u = torch.tensor([3.0, 0.0]), torch.tensor([0.0, 4.0])
+    one = [2]  # one tensor of two elements
     # w = 1/2: h = g_mm + g_u, as long as the plain sum: only gamma
-    assert torch.allclose(combine(g_mm, g_u, torch.tensor(0.5), 1.5), torch.tensor([4.5, 6.0]))
+    assert torch.allclose(combine(g_mm, g_u, torch.tensor(0.5), 1.5, one), torch.tensor([4.5, 6.0]))
     # w = 0.9: h = (5.4, 0.8), |h| = 5.459 > |plain| = 5: kept, times gamma
-    assert torch.allclose(combine(g_mm, g_u, torch.tensor(0.9), 2.0), torch.tensor([10.8, 1.6]))
+    assert torch.allclose(combine(g_mm, g_u, torch.tensor(0.9), 2.0, one), torch.tensor([10.8, 1.6]))
     # w = 0.1: h = (0.6, 7.2), |h| = 7.225 > 5: kept
-    assert torch.allclose(combine(g_mm, g_u, torch.tensor(0.1), 1.0), torch.tensor([0.6, 7.2]))
+    assert torch.allclose(combine(g_mm, g_u, torch.tensor(0.1), 1.0, one), torch.tensor([0.6, 7.2]))
     # opposed: g_u = (-1, 0), w = 0.25: h = (1.5 - 1.5, 0) = 0 -> kept at 0 (the code: NaN)
-    assert torch.equal(combine(g_mm, torch.tensor([-1.0, 0.0]), torch.tensor(0.25), 1.5), torch.zeros(2))
+    assert torch.equal(combine(g_mm, torch.tensor([-1.0, 0.0]), torch.tensor(0.25), 1.5, one), torch.zeros(2))
     # w = 0.4, g_u = (-1, 1): h = (2.4 - 1.2, 1.2) = (1.2, 1.2), |h| = 1.697 < |plain| = |(2, 1)| = 2.236
     h = torch.tensor([1.2, 1.2])
     expected = h * (5**0.5 / h.norm()) * 1.5
-    assert torch.allclose(combine(g_mm, torch.tensor([-1.0, 1.0]), torch.tensor(0.4), 1.5), expected)
+    assert torch.allclose(combine(g_mm, torch.tensor([-1.0, 1.0]), torch.tensor(0.4), 1.5, one), expected)
+
+
+def test_combine_rescales_each_tensor_on_its_own():
+    # two tensors in one flat vector: the first's h is shorter than its plain sum (scaled up),
+    # the second's longer (kept); one weight for both, as the code's per-encoder weights
+    g_mm, g_u, w = torch.tensor([3.0, 0.0, 1.0]), torch.tensor([-1.0, 1.0, 1.0]), torch.tensor(0.4)
+    h1, h2 = torch.tensor([1.2, 1.2]), torch.tensor([2.0])
+    expected = torch.cat([h1 * (5**0.5 / h1.norm()), h2]) * 1.5
+    assert torch.allclose(combine(g_mm, g_u, w, 1.5, [2, 1]), expected)
+    assert not torch.allclose(combine(g_mm, g_u, w, 1.5, [3]), expected)
 
 
 # ---------------------------------------------------- the release's step, transcribed (MMPareto)
