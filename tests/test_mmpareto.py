@@ -24,6 +24,7 @@ from mmbalance.methods.base import MethodSetup
 from mmbalance.methods.mmpareto import MMPareto, MMParetoParams, combine, cosine, gram, min_norm_weight
 from mmbalance.models.small import MLPEncoder, MLPParams
 from tests.conftest import step_context
+from tests.test_method_contract import same
 
 C = 4
 BATCH = 12
@@ -657,18 +658,23 @@ def test_cost_diagnostics_and_bench_listing(fast_config, store):
     assert [v.label for v in variants_named(["mmpareto"])] == ["joint", "mmpareto"]
 
 
-def test_predict_uses_the_variant_s_unimodal_logits():
+def without_context(method: MMPareto) -> dict:
+    return {k: v for k, v in vars(method).items() if k != "_step_context"}
+
+
+def test_predict_uses_the_variant_s_unimodal_logits_and_has_no_side_effect():
     batch = make_batch()
     for heads in ("private", "fusion_split"):
-        method = make(unimodal_heads=heads)
-        before = copy.deepcopy(method.state_dict())
+        method = make(unimodal_heads=heads).eval()
+        method.training_step(make_batch(seed=5))  # some state to keep: moved weights, momentum
+        before = copy.deepcopy(without_context(method))
         with torch.no_grad():
             pred, feats = method.predict(batch), method.encode(batch.inputs)
+        assert same(without_context(method), before)  # the contract's check: every attribute, submodule
         assert torch.equal(pred.fused, method.fusion(feats))
         expected = (method.fusion.per_modality(feats) if heads == "fusion_split"
                     else {m: method.heads[m](feats[m]) for m in AV})
         assert all(torch.equal(pred.per_modality[m], expected[m]) for m in AV)
-        assert all(torch.equal(v, method.state_dict()[k]) for k, v in before.items())
     assert make(unimodal_heads="fusion_split").heads is None
 
 
