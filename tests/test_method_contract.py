@@ -201,6 +201,9 @@ SECTIONS = [
     {"name": "mie", "epoch_list": [1, 1]},
     {"name": "opm", "modulation_starts": 0},
     {"name": "pmr"},
+    {"name": "agm"},
+    {"name": "agm", "variant": "balancebenchmark"},
+    {"name": "mmpareto"},
 ]
 
 

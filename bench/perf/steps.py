@@ -80,6 +80,9 @@ VARIANTS = (
     # the release's window opens at epoch 6; timed inside it (p_exe 0.7: drop steps and plain ones)
     Variant("opm (window open)", {"name": "opm", "modulation_starts": 0}, target=1.10),
     Variant("pmr", {"name": "pmr"}, target=1.10),
+    # no bound stated: AGM runs every encoder three times (train, eval, zero sample), MMPareto backs twice
+    Variant("agm", {"name": "agm"}),
+    Variant("mmpareto", {"name": "mmpareto"}),
 )
 
 
