@@ -185,13 +185,11 @@ def natural_key(path: Path) -> list[str | int]:
     return [int(t) if i % 2 else t for i, t in enumerate(re.split(r"(\d+)", path.name))]
 
 
-def clip_frames(source: str | Path, slots: int, size: int | tuple[int, int],
-                overflow: Literal["first", "spaced"] = "first", start_s: float | None = None,
-                end_s: float | None = None) -> np.ndarray:
-    """A clip's 1-fps frames (source_frames) as a (T <= slots, H, W, 3) uint8 stack, each resized
-    to `size`: a square side or (height, width), whatever the frames' own aspect."""
-    hw = (size, size) if isinstance(size, int) else size
-    return np.stack([resize_image(f, hw) for f in source_frames(source, slots, overflow, start_s, end_s)])
+def clip_frames(source: str | Path, slots: int, size: int, overflow: Literal["first", "spaced"] = "first",
+                start_s: float | None = None, end_s: float | None = None) -> np.ndarray:
+    """A clip's 1-fps frames (source_frames) as a (T <= slots, size, size, 3) uint8 stack,
+    squashed to the square whatever their aspect."""
+    return np.stack([resize_image(f, (size, size)) for f in source_frames(source, slots, overflow, start_s, end_s)])
 
 
 def sized_clip_frames(source: str | Path, slots: int, stored: tuple[int, int],

@@ -261,5 +261,6 @@ class FrameSelect(BatchedView):
     def gather(self, arrs: Sequence[np.ndarray], draws: Sequence[FrameDraws]) -> Drawn:
         out = np.empty((len(arrs), self.clip.frames, *arrs[0].shape[1:]), dtype=arrs[0].dtype)
         for o, arr, d in zip(out, arrs, draws):
-            np.take(arr, d.indices, axis=0, out=o)
+            for slot, index in zip(o, d.indices):
+                slot[...] = arr[index]  # one copy, straight into the batch
         return Drawn(torch.from_numpy(out), torch.tensor([[*d.region, float(d.flip)] for d in draws]))

@@ -169,7 +169,8 @@ def test_deferred_views_finish_on_the_device_as_the_per_sample_path_does(ogmge_c
     # the stored frames shrink to 224: the per-sample view resizes uint8 (rounds), the batch one floats
     assert torch.allclose(finish["visual"](batch.inputs["visual"], batch.inputs["visual.draws"]), reference,
                           atol=1.5 / 255 / 0.224)
-    assert torch.equal(finish["audio"](batch.inputs["audio"]), torch.stack([per_sample[i][0]["audio"] for i in range(3)]))
+    audio = torch.stack([per_sample[i][0]["audio"] for i in range(3)])
+    assert torch.equal(finish["audio"](batch.inputs["audio"]), audio)
     # training: the two halves crop the same regions (drawn on the 64 x 48 source, per sample)
     train_side, train_finish = ds.loader_split("train", augment=True, on_device=True)
     train_full, _ = ds.loader_split("train", augment=True, on_device=False)
