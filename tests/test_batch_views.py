@@ -203,3 +203,29 @@ def test_frame_batch_random_resized_resamples_the_drawn_regions():
     out = view(clips, draws)
     expected = crop_resize(clips[:, 0].permute(0, 3, 1, 2).float() / 255, draws[:, :4], 10)
     assert torch.allclose(out[:, :, 0], expected, atol=1e-6)
+
+
+def test_frames_not_resized_get_torchvisions_crop_and_flip_exactly():
+    # without a source size the stored frame is the original: the view is torchvision's
+    # RandomResizedCrop + horizontal flip on the uint8 frames, draw for draw and value for value
+    arr = np.random.default_rng(1).integers(0, 256, (3, 40, 56, 3), dtype=np.uint8)
+    clip = FrameClip(train=True, frames=2, size=24)
+    mean, std = torch.tensor(clip.mean).view(3, 1, 1), torch.tensor(clip.std).view(3, 1, 1)
+    for seed in range(30):
+        torch.manual_seed(seed)
+        ours = clip(arr, 3)
+        torch.manual_seed(seed)
+        frames = torch.from_numpy(arr[clip.indices(3)]).permute(0, 3, 1, 2)
+        x = v2.RandomResizedCrop(24, antialias=True)(frames)
+        if float(torch.rand(())) < 0.5:
+            x = x.flip(-1)
+        expected = ((x.float() / 255 - mean) / std).permute(1, 0, 2, 3)
+        assert torch.equal(ours, expected), seed
+
+
+def test_resize_uint8_is_torchvisions_antialiased_resize_also_when_it_enlarges_without_antialiasing():
+    from mmbalance.datasets.transforms import resize_uint8
+
+    for h, w in ((30, 40), (12, 20), (20, 33), (64, 64), (7, 90)):
+        x = torch.randint(0, 256, (2, h, w, 3), dtype=torch.uint8).permute(0, 3, 1, 2)  # channels last, as cropped
+        assert torch.equal(resize_uint8(x, 32), v2.functional.resize(x, [32, 32], antialias=True)), (h, w)
