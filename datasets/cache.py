@@ -262,8 +262,8 @@ class Cache:
     @property
     def arrays(self) -> dict[str, np.ndarray]:
         if self._arrays is None:
-            # plain ndarrays over the maps: indexing a row of an np.memmap costs ~10 us of subclass
-            # bookkeeping, a tenth of a loaded sample's time
+            # plain ndarrays over the maps: every row taken from an np.memmap pays its subclass
+            # bookkeeping (memmap.__getitem__, __array_finalize__), several microseconds a sample
             self._arrays = {m: np.load(self.root / f"{m}.npy", mmap_mode="r").view(np.ndarray) for m in self.specs}
         return self._arrays
 
