@@ -17,6 +17,7 @@ A subclass supplies the two halves of its life:
 
 from __future__ import annotations
 
+import sys
 from abc import abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -35,7 +36,7 @@ from mmbalance.core.types import Batch, Modality, ModalityKind
 from mmbalance.datasets.base import Dataset
 from mmbalance.datasets.batch_views import Drawn, draws_key
 from mmbalance.datasets.cache import ArraySpec, Cache, SizedFrames
-from mmbalance.datasets.transforms import BatchedView
+from mmbalance.datasets.transforms import BatchedView, Empty
 
 # (row, frame count) -> tensor; the views of resized frames also take source=(height, width)
 View = Callable[..., "torch.Tensor | Drawn"]
@@ -109,8 +110,35 @@ class PerSample(BatchedView):
     def draw(self, arr: np.ndarray, count: int | None = None, source: tuple[int, int] | None = None) -> torch.Tensor:
         return self.view(arr, count) if source is None else self.view(arr, count, source=source)
 
-    def gather(self, arrs: Sequence[np.ndarray], draws: Sequence[torch.Tensor]) -> torch.Tensor:
+    def gather(self, arrs: Sequence[np.ndarray], draws: Sequence[torch.Tensor],
+               empty: Empty = np.empty) -> torch.Tensor:
         return torch.stack(list(draws))
+
+
+class Buffers:
+    """Batch arrays for a split's views, each handed out again once no batch uses it any more.
+
+    A batch is tens of MB; allocated afresh, glibc's malloc returns it to the system when it is
+    freed and the next batch faults its pages in one by one, which measured 40% of the cached
+    loader's CPU time (bench/perf/loader.py's CREMA-D clips). An array is free again when its
+    only holders are this pool: the tensors made from it (torch.from_numpy), and every view of
+    them, hold a reference to it until they are gone. At most `keep` arrays of each shape are
+    kept; beyond them (a consumer holding many batches) arrays are made and dropped as usual.
+    """
+
+    def __init__(self, keep: int = 4) -> None:
+        self.keep = keep
+        self.kept: dict[tuple[tuple[int, ...], str], list[np.ndarray]] = {}
+
+    def empty(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        kept = self.kept.setdefault((tuple(shape), np.dtype(dtype).str), [])
+        for arr in kept:
+            if sys.getrefcount(arr) == 3:  # held by `kept`, by `arr` here and by getrefcount's argument
+                return arr
+        arr = np.empty(shape, dtype)
+        if len(kept) < self.keep:
+            kept.append(arr)
+        return arr
 
 
 class CachedSplit(torch.utils.data.Dataset):
@@ -121,9 +149,14 @@ class CachedSplit(torch.utils.data.Dataset):
         self.rows = np.asarray(rows, dtype=np.int64)
         self.views = views
         self.labels = torch.tensor([cache.meta.labels[r] for r in rows], dtype=torch.long)
+        self.buffers = Buffers()
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a loader worker keeps its own batch arrays
+        return {**self.__dict__, "buffers": Buffers(self.buffers.keep)}
 
     def __getitem__(self, i: int) -> tuple[dict[str, torch.Tensor], int]:
         batch = self.batch([i])
@@ -144,7 +177,7 @@ class CachedSplit(torch.utils.data.Dataset):
                     draws[m].append(view.draw(cache.arrays[m][row], count, source))
         inputs = {}
         for m, view in views.items():
-            out = view.gather([cache.arrays[m][r] for r in rows], draws[m])
+            out = view.gather([cache.arrays[m][r] for r in rows], draws[m], self.buffers.empty)
             if isinstance(out, Drawn):  # a per-sample half's draws travel to its batch half
                 inputs[m], inputs[draws_key(m)] = out
             else:

@@ -6,15 +6,17 @@ RNG, which the harness seeds per sample.
 
 A view works in two steps (BatchedView): `draw` makes a sample's random choices (frames, crop,
 flip, noise) under that sample's seed, and `gather` reads and transforms the rows of a whole
-batch at once, writing each into the batch's own tensor: one copy out of the cache per batch
-rather than one per sample and another to stack them. Calling a view on one row does both.
+batch at once, writing each into the batch's own array: one copy out of the cache per batch
+rather than one per sample and another to stack them. The batch arrays come from `empty`
+(np.empty's signature; a split passes a pool that hands out arrays again once no batch uses
+them). Calling a view on one row does both steps.
 """
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal, NamedTuple
 
@@ -37,6 +39,8 @@ from mmbalance.datasets.batch_views import (
     standardise_,
     to_float32,
 )
+
+Empty = Callable[[tuple[int, ...], Any], np.ndarray]  # (shape, dtype) -> an uninitialised array
 
 
 def segment_indices(count: int, k: int, train: bool) -> list[int]:
@@ -67,8 +71,8 @@ class BatchedView(ABC):
         """A sample's random choices for its row `arr` (`count` real frames; frames resized from `source`)."""
 
     @abstractmethod
-    def gather(self, arrs: Sequence[np.ndarray], draws: Sequence[Any]) -> torch.Tensor | Drawn:
-        """The batch of rows `arrs` under their `draws`."""
+    def gather(self, arrs: Sequence[np.ndarray], draws: Sequence[Any], empty: Empty = np.empty) -> torch.Tensor | Drawn:
+        """The batch of rows `arrs` under their `draws`, in arrays from `empty`."""
 
     def __call__(self, arr: np.ndarray, count: int | None = None,
                  source: tuple[int, int] | None = None) -> torch.Tensor | Drawn:
@@ -110,17 +114,18 @@ class SpectrogramView(BatchedView):
         slack = min(real, length) - self.crop
         return int(torch.randint(0, slack + 1, ())) if self.train else slack // 2
 
-    def gather(self, arrs: Sequence[np.ndarray], draws: Sequence[int | None]) -> torch.Tensor:
+    def gather(self, arrs: Sequence[np.ndarray], draws: Sequence[int | None],
+               empty: Empty = np.empty) -> torch.Tensor:
         windows = [self._window(a, start) for a, start in zip(arrs, draws)]
         # one copy of the windows (rows are read-only maps), widened by torch, whose float16
         # conversion is ten times numpy's
-        out = np.empty((len(windows), 1, *windows[0].shape), dtype=np.float16 if self.half else arrs[0].dtype)
-        for o, w in zip(out, windows):
+        shape = (len(windows), 1, *windows[0].shape)
+        stored = torch.from_numpy(empty(shape, np.float16 if self.half else arrs[0].dtype))
+        for o, w in zip(stored.numpy(), windows):
             o[0] = w
-        x = torch.from_numpy(out)
         if self.half:
-            return x
-        x = x.float()
+            return stored
+        x = torch.from_numpy(empty(shape, np.float32)).copy_(stored)
         return standardise_(x, *self.norm) if self.norm is not None else x
 
     def _window(self, arr: np.ndarray, start: int | None) -> np.ndarray:
@@ -207,8 +212,8 @@ class FrameClip(BatchedView):
             return chosen._replace(noise=noise)
         return chosen
 
-    def gather(self, arrs: Sequence[np.ndarray], draws: Sequence[FrameDraws]) -> torch.Tensor:
-        out = torch.empty((len(arrs), arrs[0].shape[3], self.frames, self.size, self.size))
+    def gather(self, arrs: Sequence[np.ndarray], draws: Sequence[FrameDraws], empty: Empty = np.empty) -> torch.Tensor:
+        out = torch.from_numpy(empty((len(arrs), arrs[0].shape[3], self.frames, self.size, self.size), np.float32))
         mean, std = torch.tensor([self.mean, self.std]).view(2, -1, 1, 1, 1)
         for o, arr, d in zip(out, arrs, draws):
             # crop and resize while still uint8: the float conversion then touches only the output
@@ -261,8 +266,8 @@ class FrameSelect(BatchedView):
     def draw(self, arr: np.ndarray, count: int | None = None, source: tuple[int, int] | None = None) -> FrameDraws:
         return self.clip.choices(arr, count, source)
 
-    def gather(self, arrs: Sequence[np.ndarray], draws: Sequence[FrameDraws]) -> Drawn:
-        out = np.empty((len(arrs), self.clip.frames, *arrs[0].shape[1:]), dtype=arrs[0].dtype)
+    def gather(self, arrs: Sequence[np.ndarray], draws: Sequence[FrameDraws], empty: Empty = np.empty) -> Drawn:
+        out = empty((len(arrs), self.clip.frames, *arrs[0].shape[1:]), arrs[0].dtype)
         for o, arr, d in zip(out, arrs, draws):
             for slot, index in zip(o, d.indices):
                 slot[...] = arr[index]  # one copy, straight into the batch

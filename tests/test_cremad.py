@@ -195,6 +195,28 @@ def test_a_batch_is_its_items_drawn_one_by_one_under_their_seeds(ogmge_cache):
             assert all(torch.equal(item[k], batch.inputs[k][j]) for k in item), (on_device, i)
 
 
+def test_batches_from_reused_arrays_never_overwrite_a_batch_in_use(ogmge_cache):
+    from mmbalance.bench.data import SplitLoader, epoch_generator
+
+    ds = CremaD(CremadParams(root=str(ogmge_cache[0])))
+    for on_device in (False, True):
+        split, _ = ds.loader_split("train", augment=True, on_device=on_device)
+        first = split.batch([0, 1, 2, 3], seeds=[1, 2, 3, 4])
+        kept = {m: x.clone() for m, x in first.inputs.items()}
+        second = split.batch([4, 5, 6, 7], seeds=[5, 6, 7, 8])
+        assert all(torch.equal(first.inputs[m], kept[m]) for m in kept)  # the second batch has its own arrays
+        address = first.inputs["visual"].data_ptr()
+        del first
+        third = split.batch([0, 1, 2, 3], seeds=[1, 2, 3, 4])
+        assert third.inputs["visual"].data_ptr() == address  # the first batch's arrays, free again
+        assert all(torch.equal(third.inputs[m], kept[m]) for m in kept) and second.labels.shape == (4,)
+        # loader workers keep their own arrays: the same batches with 0 or 2 workers, pass after pass
+        inline, pooled = (SplitLoader(split, 4, torch.device("cpu"), workers=w) for w in (0, 2))
+        for epoch in (0, 1):
+            for a, b in zip(inline(epoch_generator(0, epoch)), pooled(epoch_generator(0, epoch)), strict=True):
+                assert all(torch.equal(a.inputs[m], b.inputs[m]) for m in a.inputs)
+
+
 def test_an_old_cache_names_the_command_that_prepares_it_again(ogmge_cache, tmp_path):
     old = tmp_path / "old"
     old.mkdir()

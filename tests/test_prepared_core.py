@@ -124,3 +124,21 @@ def test_resized_frames_are_stored_with_the_size_they_had(tmp_path):
     cache = Cache(tmp_path / "c")
     assert cache.sources["v"].tolist() == [[30, 45], [12, 18]] and cache.counts["v"].tolist() == [1, 2]
     assert ArraySpec.from_dict(spec.to_dict()) == spec
+
+
+def test_buffers_hand_an_array_out_again_only_when_nothing_uses_it():
+    from mmbalance.datasets.prepared import Buffers
+
+    pool = Buffers(keep=2)
+    first = torch.from_numpy(pool.empty((4, 3), np.float32))
+    view = first[1:]  # a view keeps the array in use after the tensor is gone
+    del first
+    second = pool.empty((4, 3), np.float32)
+    assert not np.shares_memory(second, view.numpy())
+    held = torch.from_numpy(second)
+    del view
+    again = pool.empty((4, 3), np.float32)  # the first array, free again
+    assert not np.shares_memory(again, held.numpy()) and len(pool.kept[(4, 3), "<f4"]) == 2
+    extra = [pool.empty((4, 3), np.float32) for _ in range(3)]  # beyond `keep`: made, not kept
+    assert len(pool.kept[(4, 3), "<f4"]) == 2 and len({a.ctypes.data for a in extra}) == 3
+    assert pool.empty((4, 3), np.float64).dtype == np.float64  # arrays are kept per shape and dtype
