@@ -19,8 +19,10 @@ from torch.utils.data import DataLoader
 from mmbalance.bench.config import TrainConfig
 from mmbalance.core.types import Batch
 from mmbalance.datasets.base import Dataset, TensorSplit
+from mmbalance.datasets.batch_views import draws_key
+from mmbalance.datasets.prepared import seeded
 
-BatchView = Callable[[torch.Tensor], torch.Tensor]
+BatchView = Callable[..., torch.Tensor]
 
 
 def seed_everything(seed: int) -> None:
@@ -43,7 +45,9 @@ def seed_worker(worker_id: int) -> None:
     random.seed(worker_seed)
 
 
-def collate(items: Sequence[tuple[dict[str, torch.Tensor], int]]) -> Batch:
+def collate(items: Batch | Sequence[tuple[dict[str, torch.Tensor], int]]) -> Batch:
+    if isinstance(items, Batch):  # made whole by the split (SeededItems.__getitems__)
+        return items
     modalities = items[0][0].keys()
     inputs = {m: torch.stack([torch.as_tensor(x[m]) for x, _ in items]) for m in modalities}
     return Batch(inputs, torch.tensor([y for _, y in items], dtype=torch.long))
@@ -67,7 +71,8 @@ def num_batches(n: int, batch_size: int, drop_last: bool) -> int:
 class SeededItems(torch.utils.data.Dataset):
     """`split` addressed by (seed, index): the item is computed under torch's RNG seeded with
     `seed`, so a sample's random augmentation depends on (run seed, epoch, index) alone, not on
-    which worker made it, whether workers persist across epochs, or where a run resumed."""
+    which worker made it, whether workers persist across epochs, or where a run resumed. A split
+    that makes batches itself (CachedSplit.batch) is asked for the whole batch at once."""
 
     def __init__(self, split: torch.utils.data.Dataset) -> None:
         self.split = split
@@ -77,15 +82,14 @@ class SeededItems(torch.utils.data.Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[dict[str, torch.Tensor], int]:
         seed, index = key
-        # the CPU generator only (torch.manual_seed also queues seeds for every accelerator
-        # backend, recording a stack trace each time: most of a cached sample's cost)
-        generator = torch.default_generator
-        state = generator.get_state()
-        generator.manual_seed(seed)
-        try:
+        with seeded(seed):
             return self.split[index]
-        finally:
-            generator.set_state(state)
+
+    def __getitems__(self, keys: Sequence[tuple[int, int]]) -> Batch | list[tuple[dict[str, torch.Tensor], int]]:
+        batch = getattr(self.split, "batch", None)
+        if batch is None:
+            return [self[key] for key in keys]
+        return batch([index for _, index in keys], [seed for seed, _ in keys])
 
 
 class PassSampler(torch.utils.data.Sampler):
@@ -161,7 +165,10 @@ class SplitLoader:
             yield self.finished(batch.to(self.device))
 
     def finished(self, batch: Batch) -> Batch:
-        inputs = {m: self.finish[m](x) if m in self.finish else x for m, x in batch.inputs.items()}
+        inputs = dict(batch.inputs)
+        for m in [m for m in self.finish if m in inputs]:
+            draws = inputs.pop(draws_key(m), None)  # the per-sample draws (crops, flips) of frame views
+            inputs[m] = self.finish[m](inputs[m]) if draws is None else self.finish[m](inputs[m], draws)
         if self.channels_last:
             inputs = {m: x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
                       for m, x in inputs.items()}
@@ -184,14 +191,14 @@ def loader_workers(cfg: TrainConfig, device: torch.device) -> int:
 
 
 def augment_on_device(cfg: TrainConfig, device: torch.device) -> bool:
-    """Whether the batch halves of the views run on the training device. `auto`: on a GPU, and on
-    a CPU whose loader has no workers: there both halves run in this process, where one
-    vectorised pass over the batch costs a third of the per-sample views (bench/perf/train_speed:
-    5,300 vs 1,600 samples/s of 32x32 frames and spectrograms on one core). With CPU workers the
-    per-sample views run beside the model instead, in the workers."""
+    """Whether the batch halves of the views run on the training device. `auto`: on a GPU only.
+    On a CPU the views run in the loader, which reads and crops a batch at a time and resizes on
+    uint8 (datasets.transforms), faster there than the batch halves' float roi_align: one core,
+    CREMA-D's 341 x 256 frames to 224, 2,900 vs 400 samples/s; 32x32 frames and spectrograms,
+    12,000 vs 8,900."""
     if cfg.augment != "auto":
         return cfg.augment == "device"
-    return device.type == "cuda" or loader_workers(cfg, device) == 0
+    return device.type == "cuda"
 
 
 def build_loaders(dataset: Dataset, cfg: TrainConfig, device: torch.device) -> dict[str, SplitLoader]:

@@ -44,7 +44,12 @@ Deliberate differences from the reference code:
   - DI-MML fixes the frame choice with np.random.seed(999) inside __getitem__; frames here are
     drawn from the run's torch RNG;
   - DI-MML's feature files are keyed by video id, so a video with two events carries the segment
-    of whichever row its preprocessing loop met last; here each sample uses its own row's segment.
+    of whichever row its preprocessing loop met last; here each sample uses its own row's segment;
+  - frames are stored at 341 x 256 with the size they were decoded at: training crops are drawn
+    on that original size as torchvision's RandomResizedCrop(224) draws them and cut from the
+    stored frame at the same place in the picture, test frames are the whole frame resized to
+    224 x 224; what remains is interpolation and the 4:3 storage of other aspects, as for
+    Kinetics-Sounds (datasets/kinetics_sounds.py).
 """
 
 from __future__ import annotations
@@ -60,8 +65,8 @@ from pydantic import Field
 from mmbalance.core.errors import DataError
 from mmbalance.core.registry import DATASETS
 from mmbalance.datasets import audio as fe
-from mmbalance.datasets.cache import ArraySpec
-from mmbalance.datasets.media import clip_frames, decode_video_audio
+from mmbalance.datasets.cache import ArraySpec, SizedFrames
+from mmbalance.datasets.media import STORED_FRAME_HW, decode_video_audio, sized_clip_frames
 from mmbalance.datasets.prepared import AudioVisualDataset, CachedParams, Pipeline, Plan, SampleSource, View
 from mmbalance.datasets.splits import MANIFEST_DIR, load_manifest
 from mmbalance.datasets.transforms import FrameClip, SpectrogramView
@@ -70,7 +75,7 @@ SPLIT_FILES = {"train": "trainSet.txt", "val": "valSet.txt", "test": "testSet.tx
 FLAVOUR = "official"
 CLIP_SECONDS = 10
 FRAME_SLOTS = 10  # 1 fps of a 10-s clip
-FRAME_SIZE = 224
+FRAME_SIZE = 224  # the crop (and test resize) the encoder sees
 
 
 class AvePipeline(Pipeline):
@@ -134,7 +139,7 @@ class Ave(AudioVisualDataset):
             audio = (pipeline.fbank_frames, pipeline.fbank_bins)
         return {
             "audio": ArraySpec(audio, "float16"),
-            "visual": ArraySpec((FRAME_SLOTS, FRAME_SIZE, FRAME_SIZE, 3), "uint8", frames=True),
+            "visual": ArraySpec((FRAME_SLOTS, *STORED_FRAME_HW, 3), "uint8", frames=True, resized=True),
         }
 
     @classmethod
@@ -258,6 +263,6 @@ def audio_features(video: Path, start: int, end: int, pipeline: AvePipeline) -> 
     return spec.numpy().astype(np.float16)
 
 
-def event_frames(video: Path, start: int, end: int) -> np.ndarray:
-    """The video's 1-fps frames at seconds start <= t < end, FRAME_SIZE square, (T, H, W, 3) uint8."""
-    return clip_frames(video, FRAME_SLOTS, FRAME_SIZE, start_s=start, end_s=end)
+def event_frames(video: Path, start: int, end: int) -> SizedFrames:
+    """The video's 1-fps frames at seconds start <= t < end, stored at STORED_FRAME_HW, with their size."""
+    return sized_clip_frames(video, FRAME_SLOTS, STORED_FRAME_HW, start_s=start, end_s=end)

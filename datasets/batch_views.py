@@ -1,17 +1,25 @@
-"""The batch halves of the views, run once per batch on the training device (GPU augmentation).
+"""Crop geometry shared by the two halves of the frame views, and the batch halves, run once per
+batch on the training device (GPU augmentation).
+
+Crops are drawn per sample, under the sample's own seed, by torchvision's own procedure
+(`RandomResizedCrop.get_params`, `RandomCrop`'s offsets, `CenterCrop`'s rounding) on the frame
+size the reference code crops from: the size the frames had before the prepare stored them
+(the cache keeps it per row). The box is then scaled onto the stored frame, so the crop covers
+the region of the picture the reference's crop covers, whatever size the cache stores.
 
 With `train.augment: device` (the default on a GPU), a split's per-sample views stop at what is
-cheap on the loader's side: frame selection, the spectrogram crop and the uint8 / float16 arrays
-as tensors (half the bytes of float32 to pin and copy). What costs per pixel runs here on the
-whole batch, where the model is: random resized crop (or random crop), horizontal flip, Gaussian
-pixel noise, normalisation. Crops and flips are drawn from torch's CPU generator, which the
-harness seeds per run, so they are the same whichever device applies them; pixel noise is drawn
-on the device from a seed the CPU generator gives.
+cheap on the loader's side: frame selection, the crop and flip draws, the spectrogram crop and
+the uint8 / float16 arrays as tensors (half the bytes of float32 to pin and copy). What costs
+per pixel runs here on the whole batch, where the model is: the crops, horizontal flips,
+Gaussian pixel noise, normalisation. The draws travel beside the frames (`draws_key`), so a
+sample is cropped the same whichever device applies it; pixel noise is drawn on the device from
+a seed the CPU generator gives.
 
 The crops resample with `torchvision.ops.roi_align` (aligned, adaptive sampling): for a box the
 size of the output it returns the pixels exactly, and when it shrinks it averages
 ceil(box / output) samples per output pixel in each direction, which plays the part of the
-per-sample path's antialiasing. The two paths agree on every geometric choice (box sampling,
+per-sample path's antialiasing; it samples the box's exact (fractional) edges, where the
+per-sample path crops whole stored pixels. The two paths agree on every geometric choice (box,
 flip, noise, normalisation); their interpolation differs, so `train.augment` is part of the run id.
 """
 
@@ -20,56 +28,81 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-BatchView = Callable[[torch.Tensor], torch.Tensor]
+BatchView = Callable[..., torch.Tensor]
+Box = tuple[int, int, int, int]  # top, left, height, width in pixels, as torchvision's crop params
+Region = tuple[float, float, float, float]  # x1, y1, x2, y2 on the stored frame (fractional pixels)
 
 SCALE = (0.08, 1.0)  # torchvision RandomResizedCrop's defaults, as the reference repos use them
 RATIO = (3 / 4, 4 / 3)
+LOG_RATIO = tuple(torch.log(torch.tensor(RATIO)).tolist())  # as get_params computes them (float32)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def random_resized_boxes(n: int, height: int, width: int, scale: tuple[float, float] = SCALE,
-                         ratio: tuple[float, float] = RATIO, attempts: int = 10) -> torch.Tensor:
-    """(n, 4) boxes [x1, y1, x2, y2] in pixels, drawn as torchvision's RandomResizedCrop.get_params
-    draws one: up to `attempts` (area, log-aspect) tries, the first that fits wins, else a central
-    crop at the aspect ratio clamped to `ratio`."""
+def draws_key(modality: str) -> str:
+    """The batch input under which a modality's per-sample draws (Drawn.draws) travel to its batch half."""
+    return f"{modality}.draws"
+
+
+class Drawn(NamedTuple):
+    """A per-sample half's output: the chosen frames as stored, and (5,) draws: the crop region
+    [x1, y1, x2, y2] on the stored frame and 1.0 for a horizontal flip (0.0 for none)."""
+
+    frames: torch.Tensor
+    draws: torch.Tensor
+
+
+def resized_crop_box(height: int, width: int, scale: tuple[float, float] = SCALE,
+                     ratio: tuple[float, float] = RATIO) -> Box:
+    """torchvision's RandomResizedCrop.get_params on a height x width image, line for line: the
+    same draws from torch's RNG, so a seed gives torchvision's box. Up to 10 (area, log-aspect)
+    tries, the first that fits wins, else a central crop at the aspect ratio clamped to `ratio`."""
     area = height * width
-    target = area * torch.empty(n, attempts).uniform_(*scale)
-    aspect = torch.exp(torch.empty(n, attempts).uniform_(math.log(ratio[0]), math.log(ratio[1])))
-    w = torch.round(torch.sqrt(target * aspect))
-    h = torch.round(torch.sqrt(target / aspect))
-    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = fits.int().argmax(dim=1, keepdim=True)  # the first attempt that fits (0 if none does)
-    w, h, found = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0], fits.any(dim=1)
-    fw, fh = fallback_size(height, width, ratio)
-    w, h = torch.where(found, w, float(fw)), torch.where(found, h, float(fh))
-    top = torch.floor(torch.rand(n) * (height - h + 1))
-    left = torch.floor(torch.rand(n) * (width - w + 1))
-    top = torch.where(found, top, torch.div(height - h, 2, rounding_mode="floor"))
-    left = torch.where(found, left, torch.div(width - w, 2, rounding_mode="floor"))
-    return torch.stack([left, top, left + w, top + h], dim=1)
-
-
-def fallback_size(height: int, width: int, ratio: tuple[float, float]) -> tuple[int, int]:
-    """torchvision's fallback crop (width, height): the whole image, its aspect clamped to `ratio`."""
+    log_ratio = LOG_RATIO if ratio == RATIO else tuple(torch.log(torch.tensor(ratio)).tolist())
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
+        aspect_ratio = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])).item()
+        w = int(round(math.sqrt(target_area * aspect_ratio)))
+        h = int(round(math.sqrt(target_area / aspect_ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, size=(1,)).item())
+            left = int(torch.randint(0, width - w + 1, size=(1,)).item())
+            return top, left, h, w
     in_ratio = width / height
     if in_ratio < min(ratio):
-        return width, int(round(width / min(ratio)))
-    if in_ratio > max(ratio):
-        return int(round(height * max(ratio))), height
-    return width, height
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
 
 
-def random_crop_boxes(n: int, height: int, width: int, size: int) -> torch.Tensor:
-    """(n, 4) boxes of size x size at uniform integer offsets (the image is padded to `size` first)."""
-    top = torch.floor(torch.rand(n) * (max(height, size) - size + 1))
-    left = torch.floor(torch.rand(n) * (max(width, size) - size + 1))
-    return torch.stack([left, top, left + size, top + size], dim=1)
+def random_crop_box(height: int, width: int, size: int) -> Box:
+    """torchvision's RandomCrop(size, pad_if_needed=True) offsets, with its draws: a side shorter
+    than `size` is padded by the shortfall on both ends first, so `top` / `left` can be negative."""
+    pad_h, pad_w = max(size - height, 0), max(size - width, 0)
+    top = int(torch.randint(0, height + 2 * pad_h - size + 1, size=())) if height + 2 * pad_h > size else 0
+    left = int(torch.randint(0, width + 2 * pad_w - size + 1, size=())) if width + 2 * pad_w > size else 0
+    return top - pad_h, left - pad_w, size, size
+
+
+def centre_crop_box(height: int, width: int, size: int) -> Box:
+    """torchvision's CenterCrop(size) box (its rounding; negative offsets where it pads)."""
+    return int(round((height - size) / 2.0)), int(round((width - size) / 2.0)), size, size
+
+
+def on_stored(box: Box, source: tuple[int, int], stored: tuple[int, int]) -> Region:
+    """A box on the source frame -> the same part of the picture on the stored frame, which the
+    prepare resized from source=(height, width) to stored=(height, width)."""
+    top, left, h, w = box
+    sy, sx = stored[0] / source[0], stored[1] / source[1]
+    return left * sx, top * sy, (left + w) * sx, (top + h) * sy
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -81,12 +114,13 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def crop_resize(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
-    """(N, C, H, W) float, (N, 4) boxes -> (N, C, size, size): each image's box resampled."""
+    """(N, C, H, W) float, (N, 4) boxes [x1, y1, x2, y2] -> (N, C, size, size): each image's box resampled."""
     # late: importing torchvision loads torch._dynamo (~1.5 s), which `mmbalance list` need not pay
     from torchvision.ops import roi_align
 
-    rois = to_device(torch.cat([torch.arange(len(x), dtype=boxes.dtype)[:, None], boxes], dim=1), x.device)
-    return roi_align(x, rois.to(x.dtype), output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    index = torch.arange(len(x), dtype=boxes.dtype, device=boxes.device)[:, None]
+    rois = torch.cat([index, boxes], dim=1).to(x.device, x.dtype)
+    return roi_align(x, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
 
 
 def normalise_(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -106,8 +140,8 @@ def gaussian_noise(shape: torch.Size, device: torch.device) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class FrameBatch:
-    """(B, C, T, H, W) uint8 frames (as FrameSelect leaves them) -> (B, C, T, size, size) float32,
-    with FrameClip's augmentation drawn once per clip (all T frames share a crop and a flip)."""
+    """(B, T, H, W, C) uint8 frames and (B, 5) draws (as FrameSelect leaves them) ->
+    (B, C, T, size, size) float32: FrameClip's augmentation, one crop and flip per clip."""
 
     train: bool
     size: int
@@ -119,35 +153,22 @@ class FrameBatch:
     noise_std: float = 0.0
     noise_at_test: bool = False
 
-    def __call__(self, clips: torch.Tensor) -> torch.Tensor:
-        b, c, t, h, w = clips.shape
-        x = clips.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w).float().div_(255.0)
-        x = self._augment(x, b, t) if self.train else self._fit(x)
+    def __call__(self, clips: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+        b, t, h, w, c = clips.shape
+        # the stored layout to (B*T, C, H, W) here, on the device, rather than per sample in the loader
+        x = clips.reshape(b * t, h, w, c).permute(0, 3, 1, 2).float().div_(255.0).contiguous()
+        cropped = self.crop != "none" if self.train else self.test_crop == "center"
+        x = crop_resize(x, draws[:, :4].repeat_interleave(t, dim=0), self.size) if cropped else self._fit(x)
+        if self.train and self.flip:
+            flips = (draws[:, 4] > 0.5).to(x.device).repeat_interleave(t)
+            x = torch.where(flips[:, None, None, None], x.flip(-1), x)
         if self.noise_std > 0 and (self.train or self.noise_at_test):
             x = x + gaussian_noise(x.shape, x.device) * self.noise_std
         x = normalise_(x, self.mean, self.std)
         return x.reshape(b, t, c, self.size, self.size).permute(0, 2, 1, 3, 4).contiguous()
 
-    def _augment(self, x: torch.Tensor, b: int, t: int) -> torch.Tensor:
-        h, w = x.shape[-2:]
-        if self.crop == "random_resized":
-            x = crop_resize(x, random_resized_boxes(b, h, w).repeat_interleave(t, dim=0), self.size)
-        elif self.crop == "random":
-            x = F.pad(x, (0, max(self.size - w, 0), 0, max(self.size - h, 0)))  # pad_if_needed
-            x = crop_resize(x, random_crop_boxes(b, h, w, self.size).repeat_interleave(t, dim=0), self.size)
-        else:
-            x = self._fit(x)
-        if self.flip:
-            flips = to_device((torch.rand(b) < 0.5).repeat_interleave(t), x.device)
-            x = torch.where(flips[:, None, None, None], x.flip(-1), x)
-        return x
-
     def _fit(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
-        if self.test_crop == "center":
-            top, left = max((h - self.size) // 2, 0), max((w - self.size) // 2, 0)
-            return x[..., top : top + self.size, left : left + self.size]
-        if (h, w) == (self.size, self.size):
+        if x.shape[-2:] == (self.size, self.size):
             return x
         return F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
 

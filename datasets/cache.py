@@ -5,6 +5,8 @@ Layout of a cache directory::
     meta.json               what is in it (dataset, pipeline, classes, ids, labels, splits, skipped)
     <modality>.npy          (N, *shape) float16 spectrograms or uint8 frames, opened with mmap
     <modality>.count.npy    (N,) int16: for frame modalities, how many of the T slots are real
+    <modality>.source.npy   (N, 2) int32: for resized frame modalities, each row's frames' (height,
+                            width) before the prepare resized them (the crops are drawn on that size)
     done.npy                (N,) bool: rows fully written (an interrupted prepare resumes from it)
     report.json             the last prepare's report (missing and corrupt files by path)
 
@@ -26,7 +28,8 @@ from pydantic import BaseModel, Field
 
 from mmbalance.core.errors import DataError
 
-FORMAT_VERSION = 1
+# 2: frames kept at their aspect with the size they were resized from (<modality>.source.npy)
+FORMAT_VERSION = 2
 FLUSH_EVERY = 64
 
 
@@ -35,18 +38,29 @@ class ArraySpec:
     """The per-sample array of one modality in the cache.
 
     `frames` marks a (T, H, W, C) stack padded to T slots; its real length is stored beside it.
+    `resized` marks frames resized at prepare time from frames of another size, which is stored
+    beside them per row (each sample then comes as SizedFrames).
     """
 
     shape: tuple[int, ...]
     dtype: Literal["float16", "float32", "uint8"]
     frames: bool = False
+    resized: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return {"shape": list(self.shape), "dtype": self.dtype, "frames": self.frames}
+        return {"shape": list(self.shape), "dtype": self.dtype, "frames": self.frames, "resized": self.resized}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ArraySpec:
-        return cls(tuple(d["shape"]), d["dtype"], bool(d.get("frames", False)))
+        return cls(tuple(d["shape"]), d["dtype"], bool(d.get("frames", False)), bool(d.get("resized", False)))
+
+
+@dataclass(frozen=True)
+class SizedFrames:
+    """A sample's frames as the cache stores them, and the (height, width) they were resized from."""
+
+    frames: np.ndarray
+    source: tuple[int, int]
 
 
 class CacheMeta(BaseModel):
@@ -95,9 +109,16 @@ def read_meta(root: Path) -> CacheMeta:
             f"make one with `mmbalance prepare NAME --raw DIR --out {root}`"
         )
     try:
-        return CacheMeta.model_validate_json(path.read_text())
+        meta = CacheMeta.model_validate_json(path.read_text())
     except ValueError as e:
         raise DataError(f"cache metadata {str(path)!r} is unreadable: {e}") from e
+    if meta.format != FORMAT_VERSION:
+        raise DataError(
+            f"cache {str(root)!r} has format {meta.format}, and this version of mmbalance reads format "
+            f"{FORMAT_VERSION} (frames are stored at their own aspect since format 2); delete it and prepare it "
+            f"again: `mmbalance prepare {meta.dataset} --pipeline {meta.pipeline} --raw DIR --out {root}`"
+        )
+    return meta
 
 
 class CacheWriter:
@@ -114,6 +135,7 @@ class CacheWriter:
             self.done = np.load(root / "done.npy")
             self.arrays = {m: np.load(root / f"{m}.npy", mmap_mode="r+") for m in self.specs}
             self.counts = {m: np.load(root / f"{m}.count.npy") for m, s in self.specs.items() if s.frames}
+            self.sources = {m: np.load(root / f"{m}.source.npy") for m, s in self.specs.items() if s.resized}
         else:
             self.done = np.zeros(n, dtype=bool)
             self.arrays = {
@@ -121,6 +143,7 @@ class CacheWriter:
                 for m, s in self.specs.items()
             }
             self.counts = {m: np.zeros(n, dtype=np.int16) for m, s in self.specs.items() if s.frames}
+            self.sources = {m: np.zeros((n, 2), dtype=np.int32) for m, s in self.specs.items() if s.resized}
             self.flush()
         self._since_flush = 0
 
@@ -136,12 +159,12 @@ class CacheWriter:
     def pending(self) -> list[int]:
         return [int(i) for i in np.flatnonzero(~self.done)]
 
-    def write(self, row: int, sample: dict[str, np.ndarray]) -> None:
+    def write(self, row: int, sample: dict[str, np.ndarray | SizedFrames]) -> None:
         """Store one sample's arrays; raises DataError if they do not fit the declared specs."""
         for m, spec in self.specs.items():
             if m not in sample:
                 raise DataError(f"sample {self.meta.ids[row]!r}: modality {m!r} was not produced")
-            arr = np.asarray(sample[m])
+            arr = self._array_of(row, m, spec, sample[m])
             if spec.frames:
                 t = min(len(arr), spec.shape[0])
                 if arr.shape[1:] != spec.shape[1:] or t == 0:
@@ -159,12 +182,24 @@ class CacheWriter:
         if self._since_flush >= FLUSH_EVERY:
             self.flush()
 
+    def _array_of(self, row: int, m: str, spec: ArraySpec, value: np.ndarray | SizedFrames) -> np.ndarray:
+        """The array of a modality's value; for resized frames, their source size is noted first."""
+        if not spec.resized:
+            return np.asarray(value)
+        if not isinstance(value, SizedFrames) or min(value.source) < 1:
+            raise DataError(f"sample {self.meta.ids[row]!r}: {m} frames come without the size they were resized "
+                            f"from (SizedFrames with a positive (height, width))")
+        self.sources[m][row] = value.source
+        return np.asarray(value.frames)
+
     def flush(self) -> None:
         """Make everything written so far durable; `done` is saved last so it never runs ahead."""
         for arr in self.arrays.values():
             arr.flush()
         for m, counts in self.counts.items():
             _save_atomic(self.root / f"{m}.count.npy", counts)
+        for m, sources in self.sources.items():
+            _save_atomic(self.root / f"{m}.source.npy", sources)
         _save_atomic(self.root / "done.npy", self.done)
         write_json_atomic(self.root / "meta.json", self.meta.model_dump())
         self._since_flush = 0
@@ -221,12 +256,15 @@ class Cache:
             )
         self.specs = self.meta.array_specs()
         self.counts = {m: np.load(self.root / f"{m}.count.npy") for m, s in self.specs.items() if s.frames}
+        self.sources = {m: np.load(self.root / f"{m}.source.npy") for m, s in self.specs.items() if s.resized}
         self._arrays: dict[str, np.ndarray] | None = None
 
     @property
     def arrays(self) -> dict[str, np.ndarray]:
         if self._arrays is None:
-            self._arrays = {m: np.load(self.root / f"{m}.npy", mmap_mode="r") for m in self.specs}
+            # plain ndarrays over the maps: every row taken from an np.memmap pays its subclass
+            # bookkeeping (memmap.__getitem__, __array_finalize__), several microseconds a sample
+            self._arrays = {m: np.load(self.root / f"{m}.npy", mmap_mode="r").view(np.ndarray) for m in self.specs}
         return self._arrays
 
     def __getstate__(self) -> dict[str, Any]:

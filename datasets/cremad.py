@@ -23,6 +23,18 @@ Pipelines:
          frame_noise_at_test to reproduce the released code, which adds it at test too)
 Frames are sampled as the papers describe them: a random frame of each of T equal segments in
 training and the segment centres at test (the released loaders' listdir-order bug is not kept).
+
+Frame geometry: frames are stored at 341 x 256 (the 480 x 360 frames with their aspect kept),
+with the size they were extracted at. A training crop is drawn as torchvision's
+RandomResizedCrop(224) draws it on that 480 x 360 frame (scale 0.08-1, ratio 3/4-4/3) and cut
+from the stored frame at the same place in the picture, then flipped and normalised as the
+reference does; a test frame is the whole frame resized to 224 x 224, as the reference's
+Resize((224, 224)). What remains different is interpolation: the reference resizes once, from
+the original jpg (PIL bilinear, antialiased); here the frame was resized once to 341 x 256 at
+prepare time and the crop is resized again from there (torch's antialiased bilinear on uint8
+over whole stored pixels, or roi_align with `train.augment: device`). On 480 x 360 test images
+the pixels are within 0.3 (smooth) to 2.4 (grainy) intensity levels of the reference's on
+average for training crops, 0.2-0.7 for test frames (tests/test_batch_views.py).
 """
 
 from __future__ import annotations
@@ -39,7 +51,7 @@ from mmbalance.core.errors import DataError
 from mmbalance.core.registry import DATASETS
 from mmbalance.datasets import audio as fe
 from mmbalance.datasets.cache import ArraySpec
-from mmbalance.datasets.media import clip_frames, read_audio
+from mmbalance.datasets.media import STORED_FRAME_HW, read_audio, sized_clip_frames
 from mmbalance.datasets.prepared import AudioVisualDataset, CachedParams, Pipeline, Plan, SampleSource, View
 from mmbalance.datasets.splits import carve_val, load_manifest, read_pinned_list
 from mmbalance.datasets.transforms import FrameClip, SpectrogramView
@@ -49,7 +61,7 @@ MLA_NAMES = {"ANG": "Anger", "DIS": "Disgust", "FEA": "Fear", "HAP": "Happy", "N
 MLA_ORDER = ("ANG", "DIS", "FEA", "HAP", "NEU", "SAD")  # MLA: alphabetical by name
 CLIP = re.compile(r"^\d{4}_[A-Z]{3}_(?P<emo>[A-Z]{3})_[A-Z]{2}$")
 FRAME_SLOTS = 6  # 1 fps of clips up to 5.x s
-FRAME_SIZE = 224
+FRAME_SIZE = 224  # the crop (and test resize) the encoder sees
 
 
 class CremadPipeline(Pipeline):
@@ -116,13 +128,13 @@ class CremaD(AudioVisualDataset):
         audio = {"stft": (257, 188), "fbank": (1024, 128), "psd": (257, 1004)}[pipeline.audio]
         return {
             "audio": ArraySpec(audio, "float16"),
-            "visual": ArraySpec((FRAME_SLOTS, FRAME_SIZE, FRAME_SIZE, 3), "uint8", frames=True),
+            "visual": ArraySpec((FRAME_SLOTS, *STORED_FRAME_HW, 3), "uint8", frames=True, resized=True),
         }
 
     @classmethod
     def load_sample(cls, source: SampleSource, pipeline: CremadPipeline) -> dict[str, np.ndarray]:
         return {"audio": audio_features(source.files["audio"], pipeline),
-                "visual": clip_frames(source.files["visual"], FRAME_SLOTS, FRAME_SIZE, "spaced")}
+                "visual": sized_clip_frames(source.files["visual"], FRAME_SLOTS, STORED_FRAME_HW, "spaced")}
 
     # ---- training -----------------------------------------------------------------------------
 

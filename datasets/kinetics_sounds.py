@@ -37,8 +37,17 @@ Deliberate differences from the reference code:
   training, segment centres at test. OGM-GE's generic `AVDataset` takes column 1 of a list row as
   the clip id and column 0 as the class name, so it finds no clip in these lists as shipped, and
   it reads `frame_0000{seg*i+1}.jpg`, the same frames in training and test.
-- frames are stored once at 224 x 224 (the test-time Resize), so the training crop is taken
-  from the resized frame rather than the original; the first 10 seconds' frames are kept.
+- frames are stored at 341 x 256 with the size they were decoded at, and the first 10 seconds'
+  frames are kept. Training crops are drawn as torchvision's RandomResizedCrop(224) draws them
+  on that original size and cut from the stored frame at the same place in the picture; test
+  frames are the whole frame resized to 224 x 224, as the reference's Resize((224, 224)). A 4:3
+  video keeps its aspect; other aspects are stretched to 4:3 in storage (a 16:9 frame keeps
+  less of its width's resolution), which moves no crop, since boxes are scaled per axis. What
+  remains is interpolation: the reference resizes once from the original frame (PIL bilinear,
+  antialiased); here the frame was resized once to 341 x 256 and the crop is resized from
+  there (torch's antialiased bilinear on uint8 over whole stored pixels, or roi_align with
+  `train.augment: device`), within a few intensity levels of the reference (0.3-2.4 mean on
+  CREMA-D-sized test images, tests/test_batch_views.py).
 """
 
 from __future__ import annotations
@@ -58,7 +67,7 @@ from mmbalance.core.errors import DataError
 from mmbalance.core.registry import DATASETS
 from mmbalance.datasets import audio as fe
 from mmbalance.datasets.cache import ArraySpec
-from mmbalance.datasets.media import clip_frames, decode_video_audio, read_audio
+from mmbalance.datasets.media import STORED_FRAME_HW, decode_video_audio, read_audio, sized_clip_frames
 from mmbalance.datasets.prepared import AudioVisualDataset, CachedParams, Pipeline, Plan, SampleSource, View
 from mmbalance.datasets.splits import carve_val, load_manifest
 from mmbalance.datasets.transforms import FrameClip, SpectrogramView
@@ -77,7 +86,7 @@ CLIP_ID = re.compile(r"^(?P<yt>[\w-]{11})_(?P<start>\d+)(?:_(?P<end>\d+))?$")
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm")
 SAMPLE_RATE = 16000
 FRAME_SLOTS = 10  # 1 fps of a 10-s clip
-FRAME_SIZE = 224
+FRAME_SIZE = 224  # the crop (and test resize) the encoder sees
 
 
 class KineticsSoundsPipeline(Pipeline):
@@ -152,14 +161,15 @@ class KineticsSounds(AudioVisualDataset):
     def array_specs(cls, pipeline: KineticsSoundsPipeline) -> dict[str, ArraySpec]:
         return {
             "audio": ArraySpec((pipeline.target_frames, pipeline.num_mel_bins), "float16"),
-            "visual": ArraySpec((FRAME_SLOTS, FRAME_SIZE, FRAME_SIZE, 3), "uint8", frames=True),
+            "visual": ArraySpec((FRAME_SLOTS, *STORED_FRAME_HW, 3), "uint8", frames=True, resized=True),
         }
 
     @classmethod
     def load_sample(cls, source: SampleSource, pipeline: KineticsSoundsPipeline) -> dict[str, np.ndarray]:
         audio = source.files.get("audio", source.files.get("video"))
         visual = source.files.get("visual", source.files.get("video"))
-        return {"audio": fbank_features(audio, pipeline), "visual": clip_frames(visual, FRAME_SLOTS, FRAME_SIZE)}
+        return {"audio": fbank_features(audio, pipeline),
+                "visual": sized_clip_frames(visual, FRAME_SLOTS, STORED_FRAME_HW)}
 
     # ---- training -----------------------------------------------------------------------------
 

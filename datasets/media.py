@@ -18,8 +18,12 @@ import soundfile
 from PIL import Image, UnidentifiedImageError
 
 from mmbalance.core.errors import ConfigError, DataError
+from mmbalance.datasets.cache import SizedFrames
 
 IMAGE_MODES = ("RGB", "L")
+# (height, width) the audio-visual datasets store their frames at: shorter side 256 (above the
+# 224 crops) at 4:3, the aspect of CREMA-D's 480 x 360 frames, which keep it (341.3 rounds to 341)
+STORED_FRAME_HW = (256, 341)
 
 
 def _missing(path: Path, what: str) -> DataError:
@@ -164,8 +168,10 @@ def resize_image(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """`img` (H x W or H x W x 3 uint8) resized to size=(h, w) with PIL's bilinear filter.
 
     That is torchvision's Resize((h, w)) on a PIL image, the reference repos' test transform
-    (PIL antialiases when it shrinks).
+    (PIL antialiases when it shrinks). An image already of that size is returned as it is.
     """
+    if img.shape[:2] == tuple(size):
+        return img
     h, w = size
     return np.asarray(Image.fromarray(img).resize((w, h), Image.BILINEAR), dtype=np.uint8)
 
@@ -181,7 +187,28 @@ def natural_key(path: Path) -> list[str | int]:
 
 def clip_frames(source: str | Path, slots: int, size: int, overflow: Literal["first", "spaced"] = "first",
                 start_s: float | None = None, end_s: float | None = None) -> np.ndarray:
-    """A clip's 1-fps frames as a (T <= slots, size, size, 3) uint8 stack.
+    """A clip's 1-fps frames (source_frames) as a (T <= slots, size, size, 3) uint8 stack,
+    squashed to the square whatever their aspect."""
+    return np.stack([resize_image(f, (size, size)) for f in source_frames(source, slots, overflow, start_s, end_s)])
+
+
+def sized_clip_frames(source: str | Path, slots: int, stored: tuple[int, int],
+                      overflow: Literal["first", "spaced"] = "first", start_s: float | None = None,
+                      end_s: float | None = None) -> SizedFrames:
+    """A clip's 1-fps frames resized to stored=(height, width), with the size they had, which the
+    training crops are drawn on (datasets.batch_views). A clip whose frames differ in size is an
+    error: one size is kept per clip."""
+    frames = source_frames(source, slots, overflow, start_s, end_s)
+    sizes = sorted({f.shape[:2] for f in frames})
+    if len(sizes) > 1:
+        raise DataError(f"the frames of {str(source)!r} differ in size ({', '.join(f'{w}x{h}' for h, w in sizes)}); "
+                        f"a clip's frames must share one size")
+    return SizedFrames(np.stack([resize_image(f, stored) for f in frames]), sizes[0])
+
+
+def source_frames(source: str | Path, slots: int, overflow: Literal["first", "spaced"] = "first",
+                  start_s: float | None = None, end_s: float | None = None) -> list[np.ndarray]:
+    """A clip's 1-fps frames (H x W x 3 uint8, at their own size), at most `slots`.
 
     `source` is a folder of extracted frame images (read in natural name order, never in the file
     system's listing order) or a video, decoded at 1 fps within [start_s, end_s). A clip with more
@@ -192,10 +219,8 @@ def clip_frames(source: str | Path, slots: int, size: int, overflow: Literal["fi
         paths = sorted((p for p in source.iterdir() if p.suffix.lower() in FRAME_IMAGE_SUFFIXES), key=natural_key)
         if not paths:
             raise DataError(f"frame folder {str(source)!r} holds no jpg/png frames")
-        frames = [read_image(p) for p in _keep(paths, slots, overflow)]
-    else:
-        frames = _keep(decode_video_frames(source, fps=1.0, start_s=start_s, end_s=end_s), slots, overflow)
-    return np.stack([resize_image(f, (size, size)) for f in frames])
+        return [read_image(p) for p in _keep(paths, slots, overflow)]
+    return _keep(decode_video_frames(source, fps=1.0, start_s=start_s, end_s=end_s), slots, overflow)
 
 
 def _keep(items: list, slots: int, overflow: Literal["first", "spaced"]) -> list:

@@ -17,8 +17,10 @@ A subclass supplies the two halves of its life:
 
 from __future__ import annotations
 
+import sys
 from abc import abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -30,11 +32,14 @@ from pydantic import BaseModel, ConfigDict
 
 from mmbalance.core.errors import ConfigError, DataError
 from mmbalance.core.params import Strict
-from mmbalance.core.types import Modality, ModalityKind
+from mmbalance.core.types import Batch, Modality, ModalityKind
 from mmbalance.datasets.base import Dataset
-from mmbalance.datasets.cache import ArraySpec, Cache
+from mmbalance.datasets.batch_views import Drawn, draws_key
+from mmbalance.datasets.cache import ArraySpec, Cache, SizedFrames
+from mmbalance.datasets.transforms import BatchedView, Empty
 
-View = Callable[[np.ndarray, "int | None"], torch.Tensor]
+# (row, frame count) -> tensor; the views of resized frames also take source=(height, width)
+View = Callable[..., "torch.Tensor | Drawn"]
 
 
 class Pipeline(BaseModel):
@@ -78,26 +83,106 @@ class CachedParams(Strict):
     pipeline: str | None = None  # default: the dataset's DEFAULT_PIPELINE
 
 
+@contextmanager
+def seeded(seed: int | None) -> Iterator[None]:
+    """torch's CPU RNG seeded with `seed` inside the block and as it was after it (nothing done
+    for None). The CPU generator only: torch.manual_seed also queues seeds for every accelerator
+    backend, recording a stack trace each time, most of a cached sample's cost."""
+    if seed is None:
+        yield
+        return
+    generator = torch.default_generator
+    state = generator.get_state()
+    generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        generator.set_state(state)
+
+
+@dataclass(frozen=True)
+class PerSample(BatchedView):
+    """A view without separate draw and gather steps, as one: it runs whole per sample (under the
+    sample's seed) and the batch stacks its outputs."""
+
+    view: View
+
+    def draw(self, arr: np.ndarray, count: int | None = None, source: tuple[int, int] | None = None) -> torch.Tensor:
+        return self.view(arr, count) if source is None else self.view(arr, count, source=source)
+
+    def gather(self, arrs: Sequence[np.ndarray], draws: Sequence[torch.Tensor],
+               empty: Empty = np.empty) -> torch.Tensor:
+        return torch.stack(list(draws))
+
+
+class Buffers:
+    """Batch arrays for a split's views, each handed out again once no batch uses it any more.
+
+    A batch is tens of MB; allocated afresh, glibc's malloc returns it to the system when it is
+    freed and the next batch faults its pages in one by one, which measured 40% of the cached
+    loader's CPU time (bench/perf/loader.py's CREMA-D clips). An array is free again when its
+    only holders are this pool: the tensors made from it (torch.from_numpy), and every view of
+    them, hold a reference to it until they are gone. At most `keep` arrays of each shape are
+    kept; beyond them (a consumer holding many batches) arrays are made and dropped as usual.
+    """
+
+    def __init__(self, keep: int = 4) -> None:
+        self.keep = keep
+        self.kept: dict[tuple[tuple[int, ...], str], list[np.ndarray]] = {}
+
+    def empty(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        kept = self.kept.setdefault((tuple(shape), np.dtype(dtype).str), [])
+        for arr in kept:
+            if sys.getrefcount(arr) == 3:  # held by `kept`, by `arr` here and by getrefcount's argument
+                return arr
+        arr = np.empty(shape, dtype)
+        if len(kept) < self.keep:
+            kept.append(arr)
+        return arr
+
+
 class CachedSplit(torch.utils.data.Dataset):
-    """Rows of a cache through per-modality views."""
+    """Rows of a cache through per-modality views, one sample (`split[i]`) or a batch at a time."""
 
     def __init__(self, cache: Cache, rows: list[int], views: dict[str, View]) -> None:
         self.cache = cache
         self.rows = np.asarray(rows, dtype=np.int64)
         self.views = views
         self.labels = torch.tensor([cache.meta.labels[r] for r in rows], dtype=torch.long)
+        self.buffers = Buffers()
 
     def __len__(self) -> int:
         return len(self.rows)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # a loader worker keeps its own batch arrays
+        return {**self.__dict__, "buffers": Buffers(self.buffers.keep)}
+
     def __getitem__(self, i: int) -> tuple[dict[str, torch.Tensor], int]:
-        row = int(self.rows[i])
-        arrays = self.cache.arrays
+        batch = self.batch([i])
+        return {m: x[0] for m, x in batch.inputs.items()}, int(batch.labels[0])
+
+    def batch(self, indices: Sequence[int], seeds: Sequence[int] | None = None) -> Batch:
+        """Items `indices` as one batch, item i drawn under torch's RNG seeded with seeds[i] (as
+        the RNG stands, without seeds): the same numbers as the items one by one, stacked."""
+        cache, rows = self.cache, [int(self.rows[i]) for i in indices]
+        views = {m: v if isinstance(v, BatchedView) else PerSample(v) for m, v in self.views.items()}
+        draws: dict[str, list[Any]] = {m: [] for m in views}
+        for row, seed in zip(rows, seeds if seeds is not None else [None] * len(rows)):
+            with seeded(seed):
+                for m, view in views.items():
+                    count = cache.counts[m][row] if m in cache.counts else None
+                    # resized frames: the views crop on the size they were resized from
+                    source = tuple(int(v) for v in cache.sources[m][row]) if m in cache.sources else None
+                    draws[m].append(view.draw(cache.arrays[m][row], count, source))
         inputs = {}
-        for m, view in self.views.items():
-            count = self.cache.counts[m][row] if m in self.cache.counts else None
-            inputs[m] = view(arrays[m][row], count)
-        return inputs, int(self.labels[i])
+        for m, view in views.items():
+            out = view.gather([cache.arrays[m][r] for r in rows], draws[m], self.buffers.empty)
+            if isinstance(out, Drawn):  # a per-sample half's draws travel to its batch half
+                inputs[m], inputs[draws_key(m)] = out
+            else:
+                inputs[m] = out
+        return Batch(inputs, self.labels[list(indices)])
 
 
 class PreparedDataset(Dataset):
@@ -149,8 +234,9 @@ class PreparedDataset(Dataset):
 
     @classmethod
     @abstractmethod
-    def load_sample(cls, source: SampleSource, pipeline: Pipeline) -> dict[str, np.ndarray]:
-        """Decode and preprocess one sample into arrays matching `array_specs`."""
+    def load_sample(cls, source: SampleSource, pipeline: Pipeline) -> dict[str, np.ndarray | SizedFrames]:
+        """Decode and preprocess one sample into arrays matching `array_specs` (SizedFrames for
+        frames stored `resized`)."""
 
     # ---- training side ------------------------------------------------------------------------
 

@@ -20,11 +20,11 @@ positions* per video and training samples among them:
 
   dimml (default)  DI-MML. Flow: 3 windows of 10 consecutive u/v frames (the first, the centre
       and the last window, evenly spaced; the centre one is DI-MML's test window, offset
-      n//2 - 5 over the n flow frames), stored as 240 x 240 x 2. RGB: in each window the frame
-      DI-MML's seeded choice picks (position 6 of 10), 240 x 240 x 3. Frames are resized to a
-      256-px short side (a no-op for jpegs_256) and centre-cropped to 240 x 240, so the test
-      centre crop of 224 is exactly DI-MML's; training random-crops 224 inside the stored 240
-      square (DI-MML crops anywhere in the 256 x 340 frame: less translation here).
+      n//2 - 5 over the n flow frames), stored as 256 x 340 x 2. RGB: in each window the frame
+      DI-MML's seeded choice picks (position 6 of 10), 256 x 340 x 3. Frames are kept whole as
+      the archives have them, 340 x 256 (another size is resized to a 256-px short side and
+      centre-cropped to 340 wide), so training random-crops 224 anywhere in the frame and test
+      centre-crops 224, both exactly DI-MML's crops.
       Training draws one of the 3 windows (DI-MML's offset is random in the paper but fixed by
       np.random.seed(999) in the code) and one of the 3 RGB frames, random crop, flip; test
       takes the centre window and its RGB frame, centre crop.
@@ -71,6 +71,7 @@ from mmbalance.datasets.transforms import IMAGENET_MEAN, IMAGENET_STD, FrameClip
 LISTS = "ucfTrainTestlist"
 SPLIT_FILES = ("classInd.txt", "trainlist01.txt", "testlist01.txt")
 SHORT_SIDE = 256  # jpegs_256 / tvl1_flow frames are 256 px high
+FULL_FRAME = (SHORT_SIDE, 340)  # (height, width) of those frames: UCF101's 320 x 240 at a 256-px short side
 FLAVOUR = "split1"
 VIDEO = re.compile(r"^v_[A-Za-z0-9]+_g\d+_c\d+$")
 
@@ -83,7 +84,7 @@ DIMML_TEST_STD = (67.80855, 65.88047, 67.68048)
 
 class Ucf101Pipeline(Pipeline):
     layout: Literal["windows", "segments"]  # what the cache keeps per video (module docstring)
-    stored_size: int  # square side of the cached frames
+    stored_hw: tuple[int, int]  # (height, width) of the cached frames
     windows: int = 3  # windows layout: flow windows (odd, so that one is the centre window)
     clip_len: int = 10  # windows layout: consecutive flow frames per window
     rgb_in_window: int = 6  # windows layout: the RGB frame's position in its window
@@ -103,13 +104,13 @@ class Ucf101Pipeline(Pipeline):
 
 PIPELINES = {
     "dimml": Ucf101Pipeline(
-        description="DI-MML: flow 2x10 frames minus 127.5, 1 RGB frame with UCF statistics, crop 224 of 240",
-        flavour=FLAVOUR, layout="windows", stored_size=240, rgb_frames=1, flow_frames=10, test_crop="center",
+        description="DI-MML: flow 2x10 frames minus 127.5, 1 RGB frame with UCF statistics, crop 224 of 256x340",
+        flavour=FLAVOUR, layout="windows", stored_hw=FULL_FRAME, rgb_frames=1, flow_frames=10, test_crop="center",
         rgb_mean=DIMML_TRAIN_MEAN, rgb_std=DIMML_TRAIN_STD, rgb_test_mean=DIMML_TEST_MEAN,
         rgb_test_std=DIMML_TEST_STD, flow_mean=127.5, flow_std=1.0, reference_flip="u_only"),
     "balancebench": Ucf101Pipeline(
         description="BalanceBenchmark: 3 RGB frames (ImageNet norm) and 3 u/v pairs ([0, 1]), resized 224",
-        flavour=FLAVOUR, layout="segments", stored_size=224, rgb_frames=3, flow_frames=3, test_crop="resize",
+        flavour=FLAVOUR, layout="segments", stored_hw=(224, 224), rgb_frames=3, flow_frames=3, test_crop="resize",
         rgb_mean=tuple(255 * m for m in IMAGENET_MEAN), rgb_std=tuple(255 * s for s in IMAGENET_STD),
         flow_mean=0.0, flow_std=255.0, reference_flip="independent"),
 }
@@ -159,13 +160,13 @@ class Ucf101(PreparedDataset):
 
     @classmethod
     def array_specs(cls, pipeline: Ucf101Pipeline) -> dict[str, ArraySpec]:
-        s = pipeline.stored_size
+        hw = pipeline.stored_hw
         if pipeline.layout == "windows":
             w = pipeline.windows
-            return {"rgb": ArraySpec((w, s, s, 3), "uint8"),
-                    "flow": ArraySpec((w, pipeline.clip_len, s, s, 2), "uint8")}
+            return {"rgb": ArraySpec((w, *hw, 3), "uint8"),
+                    "flow": ArraySpec((w, pipeline.clip_len, *hw, 2), "uint8")}
         k = pipeline.candidates
-        return {"rgb": ArraySpec((k, s, s, 3), "uint8"), "flow": ArraySpec((k, s, s, 2), "uint8")}
+        return {"rgb": ArraySpec((k, *hw, 3), "uint8"), "flow": ArraySpec((k, *hw, 2), "uint8")}
 
     @classmethod
     def load_sample(cls, source: SampleSource, pipeline: Ucf101Pipeline) -> dict[str, np.ndarray]:
@@ -335,17 +336,21 @@ def segment_centres(n: int, k: int) -> list[int]:
 
 
 def fit_frame(img: np.ndarray, pipeline: Ucf101Pipeline) -> np.ndarray:
-    """One frame at the cached geometry: windows layout = short side 256 then the centre
-    stored_size square (torchvision's centre-crop rounding); segments = squashed to the square."""
-    s = pipeline.stored_size
+    """One frame at the cached geometry: windows layout = short side 256, then the centre
+    stored_hw (torchvision's centre-crop rounding; the whole frame for the archives' 340 x 256);
+    segments = squashed to stored_hw, as BalanceBenchmark's Resize((224, 224))."""
+    sh, sw = pipeline.stored_hw
     if pipeline.layout == "segments":
-        return img if img.shape[:2] == (s, s) else resize_image(img, (s, s))
+        return resize_image(img, (sh, sw))
     h, w = img.shape[:2]
     if min(h, w) != SHORT_SIDE:
         h, w = (SHORT_SIDE, round(w * SHORT_SIDE / h)) if h <= w else (round(h * SHORT_SIDE / w), SHORT_SIDE)
         img = resize_image(img, (h, w))
-    top, left = int(round((h - s) / 2)), int(round((w - s) / 2))
-    return img[top : top + s, left : left + s]
+    if h < sh or w < sw:
+        raise DataError(f"ucf101: a frame of {w} x {h} at a {SHORT_SIDE}-px short side is smaller than the "
+                        f"{sw} x {sh} the cache keeps (a portrait video?)")
+    top, left = int(round((h - sh) / 2)), int(round((w - sw) / 2))
+    return img[top : top + sh, left : left + sw]
 
 
 def read_rgb(folder: Path, indices: list[int], pipeline: Ucf101Pipeline) -> np.ndarray:

@@ -32,8 +32,11 @@ Deliberate differences from the released code:
   librosa's padding at the ends of a separately cut 5-s waveform;
 - frames are sampled as the paper describes (a random frame of each of 3 equal segments in
   training, the segment centres at test), not the first files of an unsorted directory listing;
-- frames are stored once at 224 x 224 (the test-time Resize), so the training crop is taken from
-  the resized frame.
+- frames are stored at 341 x 256 with the size they were decoded at: training crops are drawn
+  on that original size as torchvision's RandomResizedCrop(224) draws them and cut from the
+  stored frame at the same place in the picture, test frames are the whole frame resized to
+  224 x 224; what remains is interpolation and the 4:3 storage of other aspects, as for
+  Kinetics-Sounds (datasets/kinetics_sounds.py).
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ from mmbalance.core.registry import DATASETS
 from mmbalance.datasets import audio as fe
 from mmbalance.datasets.cache import ArraySpec
 from mmbalance.datasets.kinetics_sounds import FRAME_SIZE, FRAME_SLOTS
-from mmbalance.datasets.media import clip_frames, decode_video_audio
+from mmbalance.datasets.media import STORED_FRAME_HW, decode_video_audio, sized_clip_frames
 from mmbalance.datasets.prepared import AudioVisualDataset, CachedParams, Pipeline, Plan, SampleSource, View
 from mmbalance.datasets.splits import carve_val, load_manifest
 from mmbalance.datasets.transforms import FrameClip, SpectrogramView
@@ -119,16 +122,16 @@ class VggSound(AudioVisualDataset):
         audio = (pipeline.n_fft // 2 + 1, 1 + pipeline.samples // pipeline.hop)
         return {
             "audio": ArraySpec(audio, "float16"),
-            "visual": ArraySpec((FRAME_SLOTS, FRAME_SIZE, FRAME_SIZE, 3), "uint8", frames=True),
+            "visual": ArraySpec((FRAME_SLOTS, *STORED_FRAME_HW, 3), "uint8", frames=True, resized=True),
         }
 
     @classmethod
     def load_sample(cls, source: SampleSource, pipeline: VggSoundPipeline) -> dict[str, np.ndarray]:
         video = source.files["video"]
-        frames = clip_frames(video, FRAME_SLOTS, FRAME_SIZE)  # first: an ineligible clip costs no audio decoding
-        if len(frames) < pipeline.min_frames:
+        frames = sized_clip_frames(video, FRAME_SLOTS, STORED_FRAME_HW)  # first: an ineligible clip costs no audio
+        if len(frames.frames) < pipeline.min_frames:
             raise DataError(
-                f"{str(video)!r} has {len(frames)} frame(s) at 1 fps; OGM-GE keeps only clips with more "
+                f"{str(video)!r} has {len(frames.frames)} frame(s) at 1 fps; OGM-GE keeps only clips with more "
                 f"than {pipeline.min_frames - 1} (ineligible, left out)"
             )
         return {"audio": spectrogram(video, pipeline), "visual": frames}

@@ -64,7 +64,8 @@ def test_dimml_cache_holds_the_event_segment(raw, dimml_cache):
     assert cache.meta.classes == list(CLASSES)  # order of first appearance in testSet.txt
     audio, visual = cache.arrays["audio"], cache.arrays["visual"]
     assert audio.shape == (23, 257, 1004) and audio.dtype == np.float16
-    assert visual.shape == (23, 10, 224, 224, 3) and visual.dtype == np.uint8
+    assert visual.shape == (23, 10, 256, 341, 3) and visual.dtype == np.uint8  # 4:3, 256-px short side
+    assert cache.sources["visual"].tolist() == [[48, 64]] * 23  # the fixture's frame size, which crops are drawn on
     rows = raw[1]
     for split in ("val", "test"):
         for ev in rows[split]:

@@ -50,7 +50,9 @@ def test_cached_arrays(raw, ogmge_cache):
     assert meta.classes == list(EMOTIONS)
     audio, visual = cache.arrays["audio"], cache.arrays["visual"]
     assert audio.shape == (24, 257, 188) and audio.dtype == np.float16
-    assert visual.shape == (24, 6, 224, 224, 3) and visual.dtype == np.uint8
+    # frames kept at 4:3 with a 256-px short side, and the fixture's 64 x 48 frame size beside them
+    assert visual.shape == (24, 6, 256, 341, 3) and visual.dtype == np.uint8
+    assert cache.sources["visual"].tolist() == [[48, 64]] * 24
     # 2.2 s at 30 fps -> frames 0 and 30 and 60 kept (1 fps)
     assert set(cache.counts["visual"].tolist()) == {3}
     row = meta.ids.index(raw[1]["test"][2])  # a SAD clip
@@ -159,18 +161,70 @@ def test_deferred_views_finish_on_the_device_as_the_per_sample_path_does(ogmge_c
     assert set(finish) == {"audio", "visual"}
     x, _ = loader_side[0]
     assert x["audio"].dtype == torch.float16 and x["visual"].dtype == torch.uint8
-    assert x["visual"].shape == (3, 1, 224, 224)  # frames chosen, still as stored
+    assert x["visual"].shape == (1, 256, 341, 3)  # frames chosen, still as stored
     per_sample, no_finish = ds.loader_split("test", augment=False, on_device=False)
     assert no_finish == {}
     reference = torch.stack([per_sample[i][0]["visual"] for i in range(3)])
-    batch = torch.stack([loader_side[i][0]["visual"] for i in range(3)])
-    assert torch.allclose(finish["visual"](batch), reference, atol=1e-6)
-    audio = torch.stack([loader_side[i][0]["audio"] for i in range(3)])
-    assert torch.equal(finish["audio"](audio), torch.stack([per_sample[i][0]["audio"] for i in range(3)]))
-    # training: shapes and value ranges agree (the draws differ: one per batch instead of per sample)
+    batch = loader_side.batch([0, 1, 2])
+    # the stored frames shrink to 224: the per-sample view resizes uint8 (rounds), the batch one floats
+    assert torch.allclose(finish["visual"](batch.inputs["visual"], batch.inputs["visual.draws"]), reference,
+                          atol=1.5 / 255 / 0.224)
+    audio = torch.stack([per_sample[i][0]["audio"] for i in range(3)])
+    assert torch.equal(finish["audio"](batch.inputs["audio"]), audio)
+    # training: the two halves crop the same regions (drawn on the 64 x 48 source, per sample)
     train_side, train_finish = ds.loader_split("train", augment=True, on_device=True)
-    clips = train_finish["visual"](torch.stack([train_side[i][0]["visual"] for i in range(4)]))
+    train_full, _ = ds.loader_split("train", augment=True, on_device=False)
+    torch.manual_seed(3)
+    drawn = train_side.batch([0, 1, 2, 3], seeds=[5, 6, 7, 8])
+    clips = train_finish["visual"](drawn.inputs["visual"], drawn.inputs["visual.draws"])
     assert clips.shape == (4, 3, 1, 224, 224) and clips.dtype == torch.float32 and torch.isfinite(clips).all()
+    full = train_full.batch([0, 1, 2, 3], seeds=[5, 6, 7, 8]).inputs["visual"]
+    assert float((clips - full).abs().mean()) < 0.05  # uniform fixture frames: interpolation differs at edges only
+
+
+def test_a_batch_is_its_items_drawn_one_by_one_under_their_seeds(ogmge_cache):
+    ds = CremaD(CremadParams(root=str(ogmge_cache[0])))
+    for on_device in (False, True):
+        split, _ = ds.loader_split("train", augment=True, on_device=on_device)
+        batch = split.batch([3, 0, 7], seeds=[11, 12, 13])
+        for j, (i, seed) in enumerate(zip([3, 0, 7], [11, 12, 13])):
+            torch.manual_seed(seed)
+            item, label = split[i]
+            assert label == int(batch.labels[j])
+            assert item.keys() == batch.inputs.keys()
+            assert all(torch.equal(item[k], batch.inputs[k][j]) for k in item), (on_device, i)
+
+
+def test_batches_from_reused_arrays_never_overwrite_a_batch_in_use(ogmge_cache):
+    from mmbalance.bench.data import SplitLoader, epoch_generator
+
+    ds = CremaD(CremadParams(root=str(ogmge_cache[0])))
+    for on_device in (False, True):
+        split, _ = ds.loader_split("train", augment=True, on_device=on_device)
+        first = split.batch([0, 1, 2, 3], seeds=[1, 2, 3, 4])
+        kept = {m: x.clone() for m, x in first.inputs.items()}
+        second = split.batch([4, 5, 6, 7], seeds=[5, 6, 7, 8])
+        assert all(torch.equal(first.inputs[m], kept[m]) for m in kept)  # the second batch has its own arrays
+        address = first.inputs["visual"].data_ptr()
+        del first
+        third = split.batch([0, 1, 2, 3], seeds=[1, 2, 3, 4])
+        assert third.inputs["visual"].data_ptr() == address  # the first batch's arrays, free again
+        assert all(torch.equal(third.inputs[m], kept[m]) for m in kept) and second.labels.shape == (4,)
+        # loader workers keep their own arrays: the same batches with 0 or 2 workers, pass after pass
+        inline, pooled = (SplitLoader(split, 4, torch.device("cpu"), workers=w) for w in (0, 2))
+        for epoch in (0, 1):
+            for a, b in zip(inline(epoch_generator(0, epoch)), pooled(epoch_generator(0, epoch)), strict=True):
+                assert all(torch.equal(a.inputs[m], b.inputs[m]) for m in a.inputs)
+
+
+def test_an_old_cache_names_the_command_that_prepares_it_again(ogmge_cache, tmp_path):
+    old = tmp_path / "old"
+    old.mkdir()
+    meta = json.loads((ogmge_cache[0] / "meta.json").read_text())
+    (old / "meta.json").write_text(json.dumps({**meta, "format": 1}))
+    with pytest.raises(DataError, match=r"format 1.*reads format 2.*mmbalance prepare cremad --pipeline ogmge "
+                                        r"--raw DIR --out .*old"):
+        CremaD(CremadParams(root=str(old))).split("train")
 
 
 def test_one_epoch_with_augmentation_on_the_device(ogmge_cache, tmp_path, capsys):

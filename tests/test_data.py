@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from mmbalance.bench.data import SplitLoader, epoch_generator, num_batches
+from mmbalance.bench.data import SplitLoader, collate, epoch_generator, num_batches
 from mmbalance.datasets.base import TensorSplit
+from mmbalance.datasets.prepared import seeded
 
 CPU = torch.device("cpu")
 
@@ -76,6 +77,35 @@ def test_batch_views_and_channels_last_run_after_the_copy():
     assert nhwc.inputs["visual"].is_contiguous(memory_format=torch.channels_last)
 
 
+class BatchingSplit(FileLikeSplit):
+    """A split that makes whole batches itself (as CachedSplit does), with per-sample draws beside
+    `visual`; it has no item path, so a loader must ask it for batches."""
+
+    def __getitem__(self, i: int):
+        raise AssertionError("asked for an item, not a batch")
+
+    def batch(self, indices, seeds):
+        items = []
+        for i, seed in zip(indices, seeds):
+            with seeded(seed):
+                items.append(FileLikeSplit.__getitem__(self, i))
+        batch = collate(items)
+        batch.inputs["visual.draws"] = batch.inputs["visual"] * 100
+        return batch
+
+
+def test_a_split_that_batches_is_asked_for_batches_and_its_draws_reach_the_batch_halves():
+    expected = collect(SplitLoader(FileLikeSplit(12), 4, CPU), epoch_generator(2, 0))
+    for workers in (0, 2):
+        loader = SplitLoader(BatchingSplit(12), 4, CPU, workers=workers, finish={"visual": lambda x, draws: x + draws})
+        batches = list(loader(epoch_generator(2, 0)))
+        assert all("visual.draws" not in b.inputs for b in batches)
+        got = [(b.inputs["audio"][:, 0].tolist(), (b.inputs["visual"][:, 0] / 101).tolist(), b.labels.tolist())
+               for b in batches]
+        assert [(a, c) for a, _, c in got] == [(a, c) for a, _, c in expected]
+        assert all(torch.allclose(torch.tensor(v), torch.tensor(w)) for (_, v, _), (_, w, _) in zip(got, expected))
+
+
 def test_loader_workers_default_to_the_process_cpu_share_on_cuda_only(monkeypatch):
     from mmbalance.bench.config import TrainConfig
     from mmbalance.bench.data import loader_workers
@@ -90,14 +120,13 @@ def test_loader_workers_default_to_the_process_cpu_share_on_cuda_only(monkeypatc
     assert loader_workers(TrainConfig(), cuda) == 8
 
 
-def test_auto_augments_per_batch_on_a_gpu_and_on_a_cpu_without_loader_workers():
-    """On a CPU without workers both halves of a view run in the training process, where the batch
-    half is the cheaper (issue 15); with CPU workers the per-sample views run beside the model."""
+def test_auto_augments_per_batch_on_a_gpu_only():
+    """On a CPU the loader's batched views beat the batch halves' roi_align (issue 16)."""
     from mmbalance.bench.config import TrainConfig
     from mmbalance.bench.data import augment_on_device
 
     cuda = torch.device("cuda")  # a device object only: nothing runs on it
-    assert augment_on_device(TrainConfig(), CPU)
+    assert not augment_on_device(TrainConfig(), CPU)
     assert not augment_on_device(TrainConfig(workers=1), CPU)
     assert augment_on_device(TrainConfig(), cuda) and augment_on_device(TrainConfig(workers=2), cuda)
     assert not augment_on_device(TrainConfig(augment="loader"), cuda)

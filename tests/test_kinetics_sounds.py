@@ -66,7 +66,8 @@ def test_cached_arrays(raw, ogmge_cache):
     assert meta.classes == list(CLASSES) and len(CLASSES) == 31
     audio, visual = cache.arrays["audio"], cache.arrays["visual"]
     assert audio.shape == (15, 1024, 128) and audio.dtype == np.float16
-    assert visual.shape == (15, 10, 224, 224, 3) and visual.dtype == np.uint8
+    assert visual.shape == (15, 10, 256, 341, 3) and visual.dtype == np.uint8  # 4:3, 256-px short side
+    assert cache.sources["visual"].tolist() == [[48, 64]] * 15  # the fixture's frame size, which crops are drawn on
     assert set(cache.counts["visual"].tolist()) == {4}  # 3.5 s at 1 fps: seconds 0, 1, 2, 3
     # a test clip, listed as `youtubeid_start`, is cached under its canonical id and found its video
     row = meta.ids.index(splits["test"][1])

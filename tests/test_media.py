@@ -8,7 +8,14 @@ import scipy.signal
 import soundfile
 
 from mmbalance.core.errors import ConfigError, DataError
-from mmbalance.datasets.media import decode_video_audio, decode_video_frames, read_audio, read_image, resize_image
+from mmbalance.datasets.media import (
+    decode_video_audio,
+    decode_video_frames,
+    read_audio,
+    read_image,
+    resize_image,
+    sized_clip_frames,
+)
 from tests.fixtures.media import (
     frames_with_marks,
     read_mark,
@@ -185,3 +192,19 @@ def test_resize_image_bilinear():
     rgb = np.zeros((10, 20, 3), dtype=np.uint8) + np.array([10, 120, 250], dtype=np.uint8)
     out = resize_image(rgb, (7, 5))
     assert out.shape == (7, 5, 3) and out.dtype == np.uint8 and (out == rgb[0, 0]).all()
+
+
+def test_sized_clip_frames_keeps_the_size_the_frames_had(tmp_path, marked_frames):
+    folder = tmp_path / "clip"
+    for i, frame in enumerate(marked_frames[:3]):
+        write_png(folder / f"frame_{i + 1}.png", frame)
+    sized = sized_clip_frames(folder, 6, (24, 32))
+    assert sized.source == (48, 64) and sized.frames.shape == (3, 24, 32, 3)
+    assert [read_mark(f) for f in sized.frames] == [0, 1, 2]
+    video = write_video(tmp_path / "v.mp4", marked_frames, fps=FPS)
+    from_video = sized_clip_frames(video, 2, (48, 64), overflow="spaced")
+    assert from_video.source == (48, 64) and from_video.frames.shape == (2, 48, 64, 3)
+    write_png(folder / "frame_4.png", np.zeros((20, 30, 3), np.uint8))
+    with pytest.raises(DataError, match=r"differ in size \(30x20, 64x48\)") as err:
+        sized_clip_frames(folder, 6, (24, 32))
+    assert str(folder) in str(err.value)

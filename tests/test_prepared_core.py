@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mmbalance.core.errors import DataError
+from mmbalance.datasets.cache import ArraySpec, Cache, CacheMeta, CacheWriter, SizedFrames
 from mmbalance.datasets.splits import Flavour, ValCarving, carve_val, compare_with_published, list_sha256
 from mmbalance.datasets.transforms import FrameClip, SpectrogramView, segment_indices, window_indices
 
@@ -108,3 +109,36 @@ def test_spectrogram_view_time_first_with_frame_count_and_normalisation():
     assert torch.equal(batch(half(spec, 6)[None]), view(spec, 6)[None])  # the device path, same numbers
     shifted = torch.from_numpy(spec.astype(np.float32) - 3)[None]
     assert torch.equal(SpectrogramView(train=False, norm=(3.0, 0.0))(spec), shifted)
+
+
+def test_resized_frames_are_stored_with_the_size_they_had(tmp_path):
+    spec = ArraySpec((2, 4, 6, 3), "uint8", frames=True, resized=True)
+    meta = CacheMeta(dataset="x", pipeline="p", pipeline_params={}, classes=["a"], arrays={"v": spec.to_dict()},
+                     ids=["s0", "s1"], labels=[0, 0], splits={"train": [0, 1]})
+    writer = CacheWriter(tmp_path / "c", meta)
+    with pytest.raises(DataError, match="'s0': v frames come without the size they were resized from"):
+        writer.write(0, {"v": np.zeros((1, 4, 6, 3), np.uint8)})
+    writer.write(0, {"v": SizedFrames(np.zeros((1, 4, 6, 3), np.uint8), (30, 45))})
+    writer.write(1, {"v": SizedFrames(np.ones((2, 4, 6, 3), np.uint8), (12, 18))})
+    writer.finish({}, {})
+    cache = Cache(tmp_path / "c")
+    assert cache.sources["v"].tolist() == [[30, 45], [12, 18]] and cache.counts["v"].tolist() == [1, 2]
+    assert ArraySpec.from_dict(spec.to_dict()) == spec
+
+
+def test_buffers_hand_an_array_out_again_only_when_nothing_uses_it():
+    from mmbalance.datasets.prepared import Buffers
+
+    pool = Buffers(keep=2)
+    first = torch.from_numpy(pool.empty((4, 3), np.float32))
+    view = first[1:]  # a view keeps the array in use after the tensor is gone
+    del first
+    second = pool.empty((4, 3), np.float32)
+    assert not np.shares_memory(second, view.numpy())
+    held = torch.from_numpy(second)
+    del view
+    again = pool.empty((4, 3), np.float32)  # the first array, free again
+    assert not np.shares_memory(again, held.numpy()) and len(pool.kept[(4, 3), "<f4"]) == 2
+    extra = [pool.empty((4, 3), np.float32) for _ in range(3)]  # beyond `keep`: made, not kept
+    assert len(pool.kept[(4, 3), "<f4"]) == 2 and len({a.ctypes.data for a in extra}) == 3
+    assert pool.empty((4, 3), np.float64).dtype == np.float64  # arrays are kept per shape and dtype

@@ -72,8 +72,9 @@ def test_cached_windows(raw, dimml):
     out, _ = dimml
     cache = Cache(out)
     rgb, flow = cache.arrays["rgb"], cache.arrays["flow"]
-    assert rgb.shape == (15, 3, 240, 240, 3) and rgb.dtype == np.uint8
-    assert flow.shape == (15, 3, 10, 240, 240, 2) and flow.dtype == np.uint8
+    # whole 340 x 256 frames (the fixture's 56 x 40 at a 256-px short side, 358 wide, centre-cropped)
+    assert rgb.shape == (15, 3, 256, 340, 3) and rgb.dtype == np.uint8
+    assert flow.shape == (15, 3, 10, 256, 340, 2) and flow.dtype == np.uint8
     # 24 flow frames: windows start at frames 0, 7 and 14; the RGB frame is position 6 of each
     assert [read_mark(rgb[0, w]) for w in range(3)] == [6, 13, 20]
     for w, start in enumerate((0, 7, 14)):
@@ -224,3 +225,16 @@ def test_one_epoch_through_cli(dimml, tmp_path, capsys):
     code = train_one_epoch(tmp_path, "ucf101", out, ("rgb", "flow"), batch_size=4)
     assert code == 0, capsys.readouterr().err
     assert "finished" in capsys.readouterr().out
+
+
+def test_dimml_training_crops_range_over_the_whole_frame_as_dimmls(dimml):
+    # DI-MML's GroupRandomCrop(224) places the crop anywhere in the 340 x 256 frame
+    view = Ucf101(Ucf101Params(root=str(dimml[0]))).views(train=True)["rgb"]
+    torch.manual_seed(0)
+    lefts, tops = set(), set()
+    for _ in range(3000):
+        x1, y1, x2, y2 = view.region((256, 340), None)
+        assert (x2 - x1, y2 - y1) == (224, 224)
+        lefts.add(x1)
+        tops.add(y1)
+    assert lefts == set(range(340 - 224 + 1)) and tops == set(range(256 - 224 + 1))

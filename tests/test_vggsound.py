@@ -55,7 +55,9 @@ def test_cached_arrays(raw, cache_dir):
     assert meta.classes == sorted(LABELS)  # sorted labels; the quoted one keeps its comma
     audio, visual = cache.arrays["audio"], cache.arrays["visual"]
     assert audio.shape == (16, 129, 1251) and audio.dtype == np.float16
-    assert visual.shape == (16, 10, 224, 224, 3) and visual.dtype == np.uint8
+    assert visual.shape == (16, 10, 256, 341, 3) and visual.dtype == np.uint8  # 4:3, 256-px short side
+    prepared = [r for rows in meta.splits.values() for r in rows]  # a skipped clip records no size
+    assert cache.sources["visual"][prepared].tolist() == [[48, 64]] * len(prepared)  # crops are drawn on it
     row = meta.ids.index(splits["test"][2])
     label = meta.classes[meta.labels[row]]
     assert label == "male speech, man speaking"
