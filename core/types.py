@@ -31,6 +31,11 @@ class Batch:
             self.labels.to(device, non_blocking=nb),
         )
 
+    def pin_memory(self) -> Batch:
+        """Page-locked copies: a DataLoader with `pin_memory=True` calls this on each batch, and
+        only from pinned memory does a non-blocking copy to a GPU overlap with its work."""
+        return Batch({m: t.pin_memory() for m, t in self.inputs.items()}, self.labels.pin_memory())
+
     def __len__(self) -> int:
         return len(self.labels)
 

@@ -131,3 +131,18 @@ def test_auto_augments_per_batch_on_a_gpu_only():
     assert augment_on_device(TrainConfig(), cuda) and augment_on_device(TrainConfig(workers=2), cuda)
     assert not augment_on_device(TrainConfig(augment="loader"), cuda)
     assert augment_on_device(TrainConfig(augment="device", workers=1), CPU)
+
+
+def test_the_loaders_pinning_reaches_a_batch(monkeypatch):
+    """DataLoader(pin_memory=True) pins what has a pin_memory() method and passes other objects
+    through untouched: without Batch.pin_memory every GPU copy came from pageable memory."""
+    from torch.utils.data._utils.pin_memory import pin_memory as loader_pin
+
+    from mmbalance.core.types import Batch
+
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a, **k: pinned.append(self) or self.clone())
+    batch = Batch({"audio": torch.ones(2, 3), "visual": torch.zeros(2, 1)}, torch.tensor([0, 1]))
+    out = loader_pin(batch)
+    assert isinstance(out, Batch) and len(pinned) == 3
+    assert torch.equal(out.inputs["audio"], batch.inputs["audio"]) and out.inputs["audio"] is not batch.inputs["audio"]

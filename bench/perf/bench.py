@@ -99,7 +99,8 @@ def sections(args: argparse.Namespace) -> Iterator[str]:
             if args.data_path == "on" or (args.data_path == "auto" and device.type == "cuda"):
                 workers = args.workers if args.workers is not None else min(8, os.cpu_count() or 1)
                 batch = min(shapes.batch, clips)
-                check = measure_data_path(data, batch, device, steps=max(steps * rounds, 3), workers=workers,
+                timed_steps = 3 if args.quick else max(steps * rounds, 30)
+                check = measure_data_path(data, batch, device, steps=timed_steps, workers=workers,
                                           encoder=shapes.encoder)
                 results["data_path"] = check
                 yield "\n## Data path: joint step fed by the loader vs on data already on the device\n"
@@ -191,7 +192,8 @@ def format_loaders(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def format_data_path(check: dict[str, Any], device: Any) -> str:
-    line = (f"batch {check['batch']}, {check['workers']} workers: {check['loaded_step_s'] * 1000:.1f} ms/step "
+    line = (f"batch {check['batch']}, {check['workers']} workers, {check['batches_per_pass']} batches per pass: "
+            f"{check['loaded_step_s'] * 1000:.1f} ms/step "
             f"loaded vs {check['resident_step_s'] * 1000:.1f} ms on-device = {check['loaded_vs_resident']:.3f}")
     if device.type == "cuda":
         line += f" ({verdict(check['loaded_vs_resident'], DATA_PATH_TARGET)})"

@@ -25,6 +25,8 @@ batch already on the device: on a GPU the loader should hide behind the model.
 
 from __future__ import annotations
 
+import json
+import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -49,7 +51,8 @@ from mmbalance.datasets.transforms import FrameClip
 
 PIPELINE = "ogmge"
 FRAME_HW = (360, 480)  # CREMA-D's VideoFlash frames
-FRAMES_PER_CLIP = 3  # 1 fps of a 2.5 s clip, as OGM-GE extracts them
+FRAMES_PER_CLIP = 3
+PASS_BATCHES = 64  # the data-path check's batches per pass  # 1 fps of a 2.5 s clip, as OGM-GE extracts them
 
 
 def write_clips(root: Path, n: int, seconds: float = 2.5, rate: int = 16000) -> list[SampleSource]:
@@ -146,6 +149,18 @@ class LoaderSetup:
 
     def dataset(self) -> CremaD:
         return CremaD(CremadParams(root=str(self.cache), pipeline=PIPELINE))
+
+    def repeated(self, times: int, out: Path) -> LoaderSetup:
+        """The same cache with its train split listed `times` over (the arrays linked, not
+        copied): passes of many batches from a few clips."""
+        out.mkdir(parents=True, exist_ok=True)
+        for f in self.cache.iterdir():
+            if f.name != "meta.json" and not (out / f.name).exists():
+                (out / f.name).symlink_to(f.resolve())
+        meta = json.loads((self.cache / "meta.json").read_text())
+        meta["splits"]["train"] = meta["splits"]["train"] * times
+        (out / "meta.json").write_text(json.dumps(meta))
+        return LoaderSetup(self.sources, out)
 
 
 def setup_loader_data(workdir: Path, n: int) -> LoaderSetup:
@@ -245,7 +260,10 @@ def measure_data_path(data: LoaderSetup, batch_size: int, device: torch.device, 
                       encoder: str = "resnet18") -> dict[str, Any]:
     """Joint training's step time fed by the real loader vs on a batch already on the device."""
     train = TrainConfig(batch_size=batch_size, workers=workers, augment="device", drop_last=True)
-    dataset = data.dataset()
+    # every pass restarts the workers' pipeline, so a pass of 2 batches (128 clips) would time
+    # the restarts: the train split is listed over until a pass holds PASS_BATCHES batches
+    times = max(1, math.ceil(PASS_BATCHES * batch_size / len(data.sources)))
+    dataset = data.repeated(times, data.cache.with_name(data.cache.name + "-repeated")).dataset()
     loader = build_loaders(dataset, train, device)["train"]  # the training loader exactly as a run builds it
     if len(loader) == 0:
         raise ValueError(f"the data-path check needs at least {batch_size} cached clips")
@@ -270,5 +288,6 @@ def measure_data_path(data: LoaderSetup, batch_size: int, device: torch.device, 
         subject.step(next(stream))
     sync(device)
     loaded = (time.perf_counter() - start) / steps
-    return {"batch": batch_size, "workers": workers, "steps": steps, "resident_step_s": resident,
+    return {"batch": batch_size, "workers": workers, "steps": steps, "batches_per_pass": len(loader),
+            "resident_step_s": resident,
             "loaded_step_s": loaded, "loaded_vs_resident": loaded / resident}
