@@ -11,6 +11,7 @@ packages declare under the ``mmbalance.plugins`` entry-point group.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import pkgutil
@@ -45,6 +46,16 @@ class Registry(Generic[T]):
             return cls
 
         return decorator
+
+    @contextlib.contextmanager
+    def registered(self, name: str, cls: type[T]) -> Iterator[type[T]]:
+        """`cls` registered as `name` inside the block only (a test's throw-away class, which must
+        not leak into what other code lists: `mmbalance init` writes a cell per method)."""
+        self.register(name)(cls)
+        try:
+            yield cls
+        finally:
+            self._entries.pop(name, None)
 
     def get(self, name: str, where: str = "") -> type[T]:
         load_all()

@@ -17,7 +17,6 @@ from mmbalance.core.registry import METHODS
 from mmbalance.methods.joint import Joint
 
 
-@METHODS.register("test_thread_spy")
 class ThreadSpy(Joint):
     """Joint training that logs the torch threads its training steps ran with (metrics.jsonl)."""
 
@@ -126,3 +125,11 @@ def test_the_local_launcher_runs_one_thread_per_run_and_one_worker_per_core(tmp_
         rd = store.run_dir(cfg.group, cfg.run_id())
         assert rd.read_summary()["cost"]["threads"] == 1
         assert "1 thread(s) (auto: 1 per run on CPU" in (rd.path / "run.log").read_text()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def throwaway_methods():
+    """This module's test methods, registered while its tests run only (`init` and the contract
+    tests list every registered method)."""
+    with METHODS.registered("test_thread_spy", ThreadSpy):
+        yield
