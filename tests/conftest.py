@@ -95,6 +95,21 @@ def without_timing(records: Sequence[dict]) -> list[dict]:
     return [{**r, "train": {k: v for k, v in r["train"].items() if k not in TIMING_KEYS}} for r in records]
 
 
+def assert_resumes_exactly(cfg: RunConfig, store: Store, tmp_path, monkeypatch, at_epoch: int = 2) -> None:
+    """`cfg` interrupted as epoch `at_epoch` starts, then resumed, ends with the metrics and
+    summary of an uninterrupted run of it (in a store of its own under `tmp_path`)."""
+    from mmbalance.bench.store import RunDir
+    from mmbalance.bench.train import run
+
+    reference = run(cfg, Store(tmp_path / "ref"))
+    run_interrupted(cfg, store, monkeypatch, at_epoch=at_epoch)
+    resumed = run(cfg, store)
+    rd = store.run_dir(cfg.group, cfg.run_id())
+    assert without_timing(rd.read_metrics()) == without_timing(RunDir(reference.path).read_metrics())
+    for key in ("best_val", "best_test", "last", "probes"):
+        assert resumed.summary[key] == reference.summary[key]
+
+
 def run_interrupted(cfg: RunConfig, store: Store, monkeypatch, at_epoch: int) -> None:
     """Run `cfg` into `store` until a KeyboardInterrupt stops it as epoch `at_epoch` starts
     training (epochs before it are complete and checkpointed); running it again resumes."""

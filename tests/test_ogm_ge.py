@@ -28,7 +28,7 @@ from mmbalance.methods.ogm_ge import (
     modulation_coefficients,
 )
 from mmbalance.models.small import SmallCNNEncoder, SmallCNNParams
-from tests.conftest import run_interrupted, step_context, without_timing
+from tests.conftest import assert_resumes_exactly, step_context, without_timing
 
 NUM_CLASSES = 3
 BATCH = 8
@@ -583,13 +583,7 @@ def test_three_modalities_unit_step_modulates_only_the_chosen_one():
 def test_ogm_ge_resume_is_exact(fast_config, store, tmp_path, monkeypatch):
     # all_encoder so that the MLP encoders get GE noise from the global RNG
     cfg = fast_config("method.name=ogm_ge", "method.param_filter=all_encoder")
-    reference = run(cfg, Store(tmp_path / "ref"))
-    run_interrupted(cfg, store, monkeypatch, at_epoch=2)
-    resumed = run(cfg, store)
-    rd = store.run_dir(cfg.group, cfg.run_id())
-    assert without_timing(rd.read_metrics()) == without_timing(RunDir(reference.path).read_metrics())
-    for key in ("best_val", "best_test", "last", "probes"):
-        assert resumed.summary[key] == reference.summary[key]
+    assert_resumes_exactly(cfg, store, tmp_path, monkeypatch)
 
 
 # ---------------------------------------------------- the journal's rule (ratio_rule=tpami)

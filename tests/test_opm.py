@@ -32,7 +32,7 @@ from mmbalance.methods.opm import (
 )
 from mmbalance.models.small import MLPEncoder, MLPParams
 from tests import bml_release as bml
-from tests.conftest import run_interrupted, step_context, without_timing
+from tests.conftest import assert_resumes_exactly, step_context, without_timing
 
 C = 3
 B = 16
@@ -582,13 +582,7 @@ def test_three_modalities_through_the_harness(fast_config, store, variant):
 def test_resume_is_exact(fast_config, store, tmp_path, monkeypatch):
     # the executing draw (numpy) and the masks (torch) both come from checkpointed RNGs
     cfg = fast_config("method.name=opm", "method.modulation_starts=0")
-    reference = run(cfg, Store(tmp_path / "ref"))
-    run_interrupted(cfg, store, monkeypatch, at_epoch=2)
-    resumed = run(cfg, store)
-    rd = store.run_dir(cfg.group, cfg.run_id())
-    assert without_timing(rd.read_metrics()) == without_timing(RunDir(reference.path).read_metrics())
-    for key in ("best_val", "best_test", "last", "probes"):
-        assert resumed.summary[key] == reference.summary[key]
+    assert_resumes_exactly(cfg, store, tmp_path, monkeypatch)
 
 
 def test_bench_times_opm_inside_its_window(tmp_path):

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mmbalance.bench.store import RunDir, Store
+from mmbalance.bench.store import RunDir
 from mmbalance.bench.train import run
 from mmbalance.core.errors import ConfigError
 from mmbalance.core.registry import METHODS
@@ -20,7 +20,7 @@ from mmbalance.core.types import Batch, Modality
 from mmbalance.methods.base import MethodSetup
 from mmbalance.methods.joint import Joint, JointParams
 from mmbalance.methods.pmr import PMR, PMRParams, pace_ratios, pce_weights, subset_mask
-from tests.conftest import run_interrupted, step_context, without_timing
+from tests.conftest import assert_resumes_exactly, step_context
 
 # tiny models: one torch thread (conftest.one_torch_thread); on a shared machine more cost several times the run
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -686,13 +686,7 @@ def test_three_modalities_through_the_harness(fast_config, store, variant):
 
 def test_resume_is_exact(fast_config, store, tmp_path, monkeypatch):
     cfg = fast_config(*HARNESS, "method.proto_fraction=0.5", "train.epochs=4")
-    reference = run(cfg, Store(tmp_path / "ref"))
-    run_interrupted(cfg, store, monkeypatch, at_epoch=2)
-    resumed = run(cfg, store)
-    rd = store.run_dir(cfg.group, cfg.run_id())
-    assert without_timing(rd.read_metrics()) == without_timing(RunDir(reference.path).read_metrics())
-    for key in ("best_val", "best_test", "last", "probes"):
-        assert resumed.summary[key] == reference.summary[key]
+    assert_resumes_exactly(cfg, store, tmp_path, monkeypatch)
 
 
 def test_registered_with_its_diagnostics():
