@@ -31,7 +31,10 @@ pytestmark = pytest.mark.slurm
 # submitit counts a USR2 as a time-out (not a pre-emption) when the limit is 10 minutes or less
 TIME_MIN = 60
 RUN_DEADLINE_S = 300  # for any sweep here to end; they take well under a minute on 2 cores
-COST_TIMING_KEYS = ("seconds_per_epoch", "samples_per_s", "peak_rss_mb", "peak_gpu_mem_mb")
+# wall-clock and memory figures differ between identical runs; so do the checkpoint writes (their
+# seconds, and their count: a run resumed after preemption writes its own as well)
+COST_TIMING_KEYS = ("seconds_per_epoch", "samples_per_s", "peak_rss_mb", "peak_gpu_mem_mb", "checkpoints",
+                    "checkpoint_s")
 
 
 # ------------------------------------------------------------------------------------ cluster
@@ -153,7 +156,7 @@ def jobs_named_like(job: str, since: str) -> int:
 
 
 def comparable_summary(summary: dict[str, Any]) -> dict[str, Any]:
-    """summary.json minus wall-clock and memory figures, which differ between identical runs."""
+    """summary.json minus the cost figures that differ between identical runs (COST_TIMING_KEYS)."""
     cost = {k: v for k, v in summary["cost"].items() if k not in COST_TIMING_KEYS}
     return {**summary, "cost": cost}
 
