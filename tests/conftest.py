@@ -80,6 +80,25 @@ def stand_in_summary(acc: float = 0.5, epochs: int = 1) -> dict:
     return {"epochs": epochs, "best_val": block, "best_test": block, "last": block}
 
 
+def step_recording_grads(method, batch: Batch) -> tuple[dict, dict[str, torch.Tensor]]:
+    """One training step of `method` (attached to a step context); its outputs and every gradient
+    as the optimizer saw it."""
+    seen: dict[str, torch.Tensor] = {}
+    context = method.step_context
+    original = context.step
+
+    def record():
+        seen.update({n: p.grad.clone() for n, p in method.named_parameters() if p.grad is not None})
+        original()
+
+    context.step = record
+    try:
+        out = method.training_step(batch)
+    finally:
+        context.step = original
+    return out, seen
+
+
 def step_context(optimizer: Callable[[], torch.optim.Optimizer], batches: Sequence[Batch] = (),
                  **position: int) -> StepContext:
     """A StepContext for a method stepped outside the harness: `optimizer()` (no schedule; called

@@ -23,7 +23,7 @@ from mmbalance.core.types import Batch, Modality
 from mmbalance.methods.base import MethodSetup
 from mmbalance.methods.mmpareto import MMPareto, MMParetoParams, combine, cosine, gram, min_norm_weight
 from mmbalance.models.small import MLPEncoder, MLPParams
-from tests.conftest import step_context
+from tests.conftest import step_context, step_recording_grads
 from tests.test_method_contract import same
 
 C = 4
@@ -46,23 +46,6 @@ def make_batch(names=AV, seed=1) -> Batch:
     gen = torch.Generator().manual_seed(seed)
     return Batch({m: torch.randn(BATCH, 5 + i, generator=gen) for i, m in enumerate(names)},
                  torch.randint(0, C, (BATCH,), generator=gen))
-
-
-def step_recording_grads(method: MMPareto, batch: Batch):
-    """One training step; its outputs and every gradient as the optimizer saw it."""
-    seen, context = {}, method.step_context
-    original = context.step
-
-    def record():
-        seen.update({n: p.grad.clone() for n, p in method.named_parameters() if p.grad is not None})
-        original()
-
-    context.step = record
-    try:
-        out = method.training_step(batch)
-    finally:
-        context.step = original
-    return out, seen
 
 
 # ------------------------------------------------------------------------------------- by hand

@@ -28,7 +28,7 @@ from mmbalance.methods.ogm_ge import (
     modulation_coefficients,
 )
 from mmbalance.models.small import SmallCNNEncoder, SmallCNNParams
-from tests.conftest import assert_resumes_exactly, step_context, without_timing
+from tests.conftest import assert_resumes_exactly, step_context, step_recording_grads, without_timing
 
 NUM_CLASSES = 3
 BATCH = 8
@@ -223,24 +223,6 @@ def attach(method, epoch=0, lr=0.1):
     method.attach(step_context(lambda: torch.optim.SGD(method.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4),
                                epoch=epoch))
     return method
-
-
-def step_recording_grads(method, batch):
-    """Runs one training step; returns its outputs and every gradient as the optimizer saw it."""
-    seen = {}
-    context = method.step_context
-    original = context.step
-
-    def record():
-        seen.update({n: p.grad.clone() for n, p in method.named_parameters() if p.grad is not None})
-        original()
-
-    context.step = record
-    try:
-        out = method.training_step(batch)
-    finally:
-        context.step = original
-    return out, seen
 
 
 def raw_grads_and_coefs(method, batch, alpha):
