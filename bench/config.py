@@ -23,6 +23,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
+from mmbalance.bench.threads import is_thread_setting
 from mmbalance.core.errors import ConfigError, allowed_list, closest
 from mmbalance.core.overrides import Sources, apply_overrides, deep_merge, format_errors, read_yaml
 from mmbalance.core.params import Strict
@@ -86,7 +87,7 @@ class TrainConfig(Strict):
     @field_validator("threads", mode="before")
     @classmethod
     def _threads(cls, value: object) -> object:
-        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        if is_thread_setting(value):
             return value
         raise PydanticCustomError("threads", "must be a whole number >= 1 or 'auto'")
 

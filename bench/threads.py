@@ -26,6 +26,11 @@ CPU_THREADS = 1
 CUDA_THREADS = 8  # the most an accelerator run's own process uses by default (its loader workers are apart)
 
 
+def is_thread_setting(value: object) -> bool:
+    """What `train.threads` (and `mmbalance bench --threads`) accept: 'auto' or a whole number >= 1."""
+    return value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)
+
+
 def cpu_share() -> int:
     """The cores this process may use: the OMP_NUM_THREADS a launcher gave it, else its CPU affinity."""
     given = os.environ.get("OMP_NUM_THREADS", "")

@@ -134,13 +134,13 @@ def chosen_sections(text: str | None) -> tuple[str, ...]:
 
 def parse_threads(text: str) -> int | str:
     """--threads: 'auto' or a whole number >= 1."""
+    from mmbalance.bench.threads import is_thread_setting
     from mmbalance.core.errors import ConfigError
 
-    if text == "auto":
-        return text
-    if not text.isdigit() or int(text) < 1:
+    value = int(text) if text.isdigit() else text
+    if not is_thread_setting(value):
         raise ConfigError(f"--threads must be 'auto' or a whole number >= 1, got {text!r}")
-    return int(text)
+    return value
 
 
 def split_list(text: str | None) -> list[str] | None:
