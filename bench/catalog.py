@@ -39,7 +39,9 @@ def option_lines(options: BaseModel, prefix: str = "") -> list[str]:
 def describe_registries() -> str:
     lines = ["methods:"]
     for name, cls in METHODS.items():
-        lines += [f"  {name:<16} {first_line(cls)}", f"  {'':<16} params: {params_line(cls.Params)}"]
+        family = getattr(cls, "family", "(no family)")
+        lines += [f"  {name:<16} {first_line(cls)}", f"  {'':<16} family: {family}",
+                  f"  {'':<16} params: {params_line(cls.Params)}"]
     lines.append("datasets:")
     for name, cls in DATASETS.items():
         modalities = ", ".join(cls.MODALITIES) or "(read from the prepared data)"

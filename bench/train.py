@@ -440,6 +440,7 @@ class Trainer:
             "run_id": self.dir.run_id,
             "dataset": cfg.dataset["name"],
             "method": cfg.method["name"],
+            "method_family": type(self.method).family,
             "fusion": cfg.model.fusion,
             "seed": cfg.train.seed,
             "epochs": cfg.train.epochs,

@@ -257,6 +257,7 @@ def evaluating(module: nn.Module) -> Iterator[None]:
 
 @METHODS.register("agm")
 class AGM(Method):
+    family = "optimisation"
     Params = AGMParams
 
     def __init__(self, params: AGMParams, setup: MethodSetup) -> None:

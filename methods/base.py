@@ -20,6 +20,11 @@ side effects: quantities a method wants logged at evaluation come back in `Predi
 (one number per batch), and the harness averages them over the split. Non-tensor state that must
 survive a resume (a stage, selected dimensions...) goes through nn.Module's
 `get_extra_state`/`set_extra_state`, or buffers.
+
+Every method names its `family`, the stage of training it adjusts, in the field's taxonomy
+(BalanceBenchmark's four families: `data` at the input, `feed-forward` at the features and fusion,
+`objective` at the loss, `optimisation` on the backward path and the update), or `baseline` (joint
+training) or `reference` (a unimodal-only model). Reports group their method tables by it.
 """
 
 from __future__ import annotations
@@ -34,8 +39,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import BaseModel
 
+from mmbalance.core.errors import ConfigError
 from mmbalance.core.params import NoParams
 from mmbalance.core.types import Batch, Modality, Prediction
+
+# the order reports list the families in
+FAMILIES = ("baseline", "data", "feed-forward", "objective", "optimisation", "reference")
 
 
 @dataclass
@@ -117,9 +126,11 @@ class Method(nn.Module):
 
     Params: ClassVar[type[BaseModel]] = NoParams
     registry_name: ClassVar[str]
+    family: ClassVar[str]  # one of FAMILIES
 
     def __init__(self, params: BaseModel, setup: MethodSetup) -> None:
         super().__init__()
+        check_family(type(self))
         self.params = params
         self.num_classes = setup.num_classes
         self.encoders = setup.encoders
@@ -187,3 +198,12 @@ class Method(nn.Module):
 
     def trainable(self) -> Iterator[nn.Parameter]:
         return (p for p in self.parameters() if p.requires_grad)
+
+
+def check_family(cls: type[Method]) -> None:
+    """A method class must say which family it belongs to (reports group methods by it)."""
+    family = getattr(cls, "family", None)
+    if family not in FAMILIES:
+        got = "does not set `family`" if family is None else f"sets family = {family!r}"
+        raise ConfigError(f"method class {cls.__module__}.{cls.__qualname__} {got}; a method names the stage "
+                          f"it adjusts as a class attribute, one of {', '.join(FAMILIES)}")

@@ -149,6 +149,7 @@ def check_config(p: DIMMLParams, setup: MethodSetup) -> None:
 
 @METHODS.register("di_mml")
 class DIMML(Method):
+    family = "objective"
     Params = DIMMLParams
 
     def __init__(self, params: DIMMLParams, setup: MethodSetup) -> None:

@@ -26,6 +26,7 @@ class JointParams(Strict):
 
 @METHODS.register("joint")
 class Joint(Method):
+    family = "baseline"
     Params = JointParams
 
     def __init__(self, params: JointParams, setup: MethodSetup) -> None:

@@ -144,6 +144,7 @@ def check_order(order: list[str] | None, names: tuple[str, ...]) -> tuple[str, .
 
 @METHODS.register("mie")
 class MIE(Method):
+    family = "optimisation"
     Params = MIEParams
 
     def __init__(self, params: MIEParams, setup: MethodSetup) -> None:

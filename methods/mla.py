@@ -129,6 +129,7 @@ def fusion_weights(mode: str, logits: dict[str, torch.Tensor], fixed: dict[str, 
 
 @METHODS.register("mla")
 class MLA(Method):
+    family = "feed-forward"
     Params = MLAParams
 
     def __init__(self, params: MLAParams, setup: MethodSetup) -> None:

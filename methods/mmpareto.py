@@ -161,6 +161,7 @@ def combine(g_mm: torch.Tensor, g_u: torch.Tensor, w_mm: torch.Tensor, gamma: fl
 
 @METHODS.register("mmpareto")
 class MMPareto(Method):
+    family = "objective"
     Params = MMParetoParams
 
     def __init__(self, params: MMParetoParams, setup: MethodSetup) -> None:

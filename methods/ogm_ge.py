@@ -175,6 +175,7 @@ def modulated_modality(ratios: dict[str, torch.Tensor], order: Sequence[str]) ->
 
 @METHODS.register("ogm_ge")
 class OGMGE(Method):
+    family = "optimisation"
     Params = OGMGEParams
 
     def __init__(self, params: OGMGEParams, setup: MethodSetup) -> None:

@@ -223,6 +223,7 @@ def kept_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, kept: torch.T
 
 @METHODS.register("opm")
 class OPM(Method):
+    family = "feed-forward"
     Params = OPMParams
 
     def __init__(self, params: OPMParams, setup: MethodSetup) -> None:

@@ -199,6 +199,7 @@ def subset_mask(labels: torch.Tensor, seen: torch.Tensor, fraction: float,
 
 @METHODS.register("pmr")
 class PMR(Joint):
+    family = "optimisation"
     Params = PMRParams
 
     def __init__(self, params: PMRParams, setup: MethodSetup) -> None:

@@ -23,6 +23,7 @@ class UnimodalParams(Strict):
 
 @METHODS.register("unimodal")
 class Unimodal(Method):
+    family = "reference"
     Params = UnimodalParams
 
     def __init__(self, params: UnimodalParams, setup: MethodSetup) -> None:

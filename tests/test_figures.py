@@ -26,6 +26,7 @@ DATASET = "gaussian"
 CELLS = [("joint-concat", "joint", None), ("ogm-ge", "ogm_ge", None), ("mla", "mla", None),
          ("unimodal-audio", "unimodal", "audio"), ("unimodal-visual", "unimodal", "visual")]
 MULTIMODAL = ["joint-concat", "mla", "ogm-ge"]
+FAMILY = {"joint": "baseline", "ogm_ge": "optimisation", "mla": "feed-forward", "unimodal": "reference"}
 
 
 def record(epoch: int, method: str, rng) -> dict:
@@ -51,7 +52,8 @@ def synthetic(n_seeds: int = 3, epochs: int = 4, spread: float = 0.25) -> tuple[
     for label, method, modality in CELLS:
         for seed in range(n_seeds):
             rid = f"{method}-{label}-{seed}"
-            row = {"run_id": rid, "label": label, "method": method, "dataset": DATASET, "seed": seed,
+            row = {"run_id": rid, "label": label, "method": method, "family": FAMILY[method],
+                   "dataset": DATASET, "seed": seed,
                    "state": "finished", "unimodal_modality": modality, "acc": rng.uniform(0.65 - spread, 0.65 + spread),
                    "macro_f1": 0.5, "map": 0.5, "acc_best_test": 0.9, "s_per_epoch": rng.uniform(0.05, 0.2)}
             for m in ("audio", "visual"):
@@ -145,7 +147,16 @@ def test_one_colour_per_label_in_one_order():
     runs, _ = synthetic(n_seeds=1)
     order = label_order(runs.iloc[::-1])  # the order does not depend on the rows' order
     assert order == ["joint-concat", "mla", "ogm-ge", "unimodal-audio", "unimodal-visual"]
-    assert label_order(runs, ["ogm-ge", "absent"])[:2] == ["ogm-ge", "joint-concat"]  # a sweep's order first
+    # grouped by family (joint, feed-forward, optimisation, unimodal), whatever a sweep's order
+    assert label_order(runs, ["ogm-ge", "absent", "mla"]) == order
+    # within a family a sweep's order comes first; a label whose runs recorded no family comes
+    # after the four families, before the unimodal references
+    extra = runs[runs["label"] == "mla"].assign(label="agm", method="agm", family="optimisation")
+    unrecorded = runs[runs["label"] == "mla"].assign(label="old", method="old", family=None)
+    more = pd.concat([runs, extra, unrecorded])
+    assert label_order(more, ["ogm-ge", "agm"]) == ["joint-concat", "mla", "ogm-ge", "agm", "old",
+                                                    "unimodal-audio", "unimodal-visual"]
+    assert label_order(more) == ["joint-concat", "mla", "agm", "ogm-ge", "old", "unimodal-audio", "unimodal-visual"]
     colors = label_colors(order)
     assert list(colors) == order and len({tuple(c) for c in colors.values()}) == len(order)
     many = label_colors([f"m{i}" for i in range(25)])

@@ -16,9 +16,10 @@ import torch.nn as nn
 
 from mmbalance.bench.evaluate import evaluate
 from mmbalance.bench.train import method_record
+from mmbalance.core.errors import ConfigError
 from mmbalance.core.registry import METHODS
 from mmbalance.core.types import Batch, Modality, Prediction
-from mmbalance.methods.base import MethodSetup
+from mmbalance.methods.base import FAMILIES, Method, MethodSetup
 from mmbalance.methods.di_mml import certainty_weights
 from mmbalance.methods.joint import Joint, JointParams
 from mmbalance.methods.mla import fusion_weights
@@ -290,3 +291,19 @@ def test_a_name_in_both_epoch_log_and_prediction_logs_is_refused():
                                                                    "fusion_weight.audio": 0.5}
     with pytest.raises(ValueError, match="'p_fro' both in epoch_log"):
         method_record(method, {"p_fro": 1.0})
+
+
+def test_every_method_names_its_family_and_one_without_is_refused():
+    assert {name: cls.family in FAMILIES for name, cls in METHODS.items()} == dict.fromkeys(METHODS.names(), True)
+
+    class Unnamed(Method):
+        pass
+
+    class Misnamed(Joint):
+        family = "loss"
+
+    with pytest.raises(ConfigError, match=r"test_method_contract\..*Unnamed does not set `family`; .* one of "
+                                          r"baseline, data, feed-forward, objective, optimisation, reference"):
+        Unnamed(JointParams(), setup())
+    with pytest.raises(ConfigError, match=r"Misnamed sets family = 'loss'"):
+        Misnamed(JointParams(), setup())

@@ -12,6 +12,7 @@ import mmbalance.bench.cli
 from mmbalance.bench.cli import main
 from mmbalance.bench.resources import quickstart_config
 from mmbalance.bench.store import Store
+from mmbalance.methods.base import FAMILIES
 from tests.test_report import parse_printed
 
 # the staged methods split the budget into stages, so a 2-epoch version needs 2-epoch stages
@@ -44,7 +45,11 @@ def test_mini_quickstart_end_to_end(tmp_path, capsys):
     n_runs = 3 * len(cells)
     assert f"{len(cells)} cells x 3 seeds = {n_runs} runs" in capsys.readouterr().err  # progress: on stderr
     table = pd.read_csv(report / "table.csv")
-    assert list(table["label"]) == cells
+    assert list(table["label"]) == cells  # the quickstart lists its cells by family, as the table groups them
+    families = table.set_index("label")["family"]
+    assert families["joint-late"] == "baseline" and families["mla"] == "feed-forward"
+    assert families["ogm-ge"] == "optimisation" and families["unimodal-visual"] == "reference"
+    assert list(dict.fromkeys(families)) == [f for f in FAMILIES if f in set(families)]  # each family one block
     assert {"joint-concat", "ogm-ge", "mla", "mie", "di-mml", "unimodal-audio", "unimodal-visual"} <= set(cells)
     assert (table["n"] == 3).all() and (table["dataset"] == "avdigits (preset=audio-dominant)").all()
     assert {"fused acc", "probe audio", "probe visual", "deficit visual (uni − probe)",
@@ -67,13 +72,14 @@ def test_mini_quickstart_end_to_end(tmp_path, capsys):
 
 def test_a_shorter_quickstart_from_the_command_line(capsys):
     """Two epochs, one seed: `seeds=[0]`, and the staged cells' stage lengths as
-    `cells.<cell>.<key>=...`; without those, MIE's check names its key."""
+    `cells.<cell>.<key>=...`; without those, the first cell that cannot run in 2 epochs (OPM,
+    whose window opens at epoch 6) names its key."""
     cells = list(yaml.safe_load(quickstart_config().read_text())["cells"])
     assert main(["run", "--dry-run", "quickstart", *short_quickstart("seeds=[0]")]) == 0
     runs = [yaml.safe_load(doc.split("# run id:")[0]) for doc in capsys.readouterr().out.split("---")[:-1]]
     assert [(r["label"], r["train"]["seed"], r["train"]["epochs"]) for r in runs] == [(c, 0, 2) for c in cells]
     assert main(["run", "--dry-run", "quickstart", "train.epochs=2", "seeds=[0]"]) == 2
-    assert "run 'mie' seed 0: method.epoch_list=[20, 20] sums to 40" in capsys.readouterr().err
+    assert "run 'opm' seed 0: method.modulation_starts=6 is not below train.epochs=2" in capsys.readouterr().err
 
 
 def test_quickstart_prints_table_csv(tmp_path, monkeypatch, capsys):

@@ -32,6 +32,7 @@ ACC = {
 }
 METHOD = {"joint": "joint", "ogm-ge": "ogm_ge", "mla": "mla", "unimodal-audio": "unimodal",
           "unimodal-visual": "unimodal"}
+FAMILY = {"joint": "baseline", "ogm_ge": "optimisation", "mla": "feed-forward", "unimodal": "reference"}
 
 
 def probe(label: str, seed: int) -> dict[str, float]:
@@ -46,7 +47,8 @@ def probe(label: str, seed: int) -> dict[str, float]:
 def summary(label: str, seed: int, acc: float) -> dict:
     block = lambda a, e: {"epoch": e, "test": {"acc": a, "macro_f1": a - 0.02, "map": a + 0.1,  # noqa: E731
                                               "modality_acc": {"audio": a - 0.1, "visual": a - 0.15}}}
-    return {"epochs": 10, "best_val": block(acc, 7), "best_test": block(acc + 0.01, 8), "last": block(acc - 0.01, 9),
+    return {"epochs": 10, "method_family": FAMILY[METHOD[label]],
+            "best_val": block(acc, 7), "best_test": block(acc + 0.01, 8), "last": block(acc - 0.01, 9),
             "probes": {m: {"test_acc": v} for m, v in probe(label, seed).items()},
             "cost": {"device": "cpu", "seconds_per_epoch": 3.6 * (2 if label == "mla" else 1),
                      "forward_passes_per_step": 1.0, "backward_passes_per_step": 1.0, "peak_rss_mb": 500.0}}
@@ -141,10 +143,10 @@ def test_paired_tests_match_scipy_on_shared_seeds(store):
 def test_latex_marks_best_bold_and_second_underlined(store):
     agg = aggregate(load_runs(store.root / "g")[0])
     tex = to_latex(agg, "caption")
-    mla = next(line for line in tex.splitlines() if line.startswith("cremad & mla"))
-    ogm = next(line for line in tex.splitlines() if line.startswith("cremad & ogm-ge"))
-    assert mla.split(" & ")[3] == r"\textbf{0.713 $\pm$ 0.015}"  # highest fused acc
-    assert ogm.split(" & ")[3].startswith(r"\underline{0.667")  # second
+    mla = next(line for line in tex.splitlines() if line.startswith("cremad & feed-forward & mla"))
+    ogm = next(line for line in tex.splitlines() if line.startswith("cremad & optimisation & ogm-ge"))
+    assert mla.split(" & ")[4] == r"\textbf{0.713 $\pm$ 0.015}"  # highest fused acc
+    assert ogm.split(" & ")[4].startswith(r"\underline{0.667")  # second
     assert r"\toprule" in tex and r"\bottomrule" in tex
 
 
@@ -256,10 +258,10 @@ def parse_printed(text: str) -> pd.DataFrame:
     """The per-dataset markdown blocks the CLI prints, back as one frame with a dataset column."""
     frames, dataset, lines = [], None, text.splitlines()
     for i, line in enumerate(lines):
-        if line.startswith("| label"):
+        if line.startswith("| family"):
             dataset = lines[i - 1].removeprefix("dataset: ")
             block = [line for line in lines[i:] if line.startswith("|")]
-            block = block[:next((k for k, line in enumerate(block[2:], 2) if line.startswith("| label")), len(block))]
+            block = block[:next((k for k, line in enumerate(block[2:], 2) if line.startswith("| family")), len(block))]
             rows = [[c.strip() for c in line.strip("|").split("|")] for line in block if not line.startswith("|:")]
             frames.append(pd.DataFrame(rows[1:], columns=rows[0]).assign(dataset=dataset))
     return pd.concat(frames, ignore_index=True)
@@ -287,6 +289,6 @@ def special_agg(store: Store) -> pd.DataFrame:
 
 def test_latex_escapes_every_special_character(store):
     tex = to_latex(special_agg(store), "caption")
-    row = next(line for line in tex.splitlines() if line.startswith("cremad & a"))
-    assert row.split(" & ")[1] == SPECIAL_TEX
+    row = next(line for line in tex.splitlines() if line.startswith("cremad & feed-forward & a"))
+    assert row.split(" & ")[2] == SPECIAL_TEX
     assert r"deficit visual (uni $-$ probe)" in tex and "±" not in tex and "–" not in tex

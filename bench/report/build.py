@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from mmbalance.bench.report.cells import aggregate, display, printed, to_latex
+from mmbalance.bench.report.cells import KEY, aggregate, display, printed, to_latex
 from mmbalance.bench.report.collect import DEFICIT_NOTE, SELECTIONS, damaged_runs, load_runs
 from mmbalance.bench.report.paper import paper_vs_ours
 from mmbalance.bench.report.stats import CI_NOTE, TEST_NOTE, paired_tests
@@ -146,12 +146,12 @@ def paper_table(paper_csv: Path | None, results_dir: Path, runs: pd.DataFrame, s
 def split_sections(table: pd.DataFrame, protocol: str) -> list[tuple[str, pd.DataFrame, str]]:
     """The wide table as three readable ones: fused metrics (with n and the runs not counted),
     per-modality accuracies, and cost."""
-    key = ["dataset", "label", "n"]
+    key = KEY
     kinds = ("own ", "probe ", "deficit ")
     modal = [c for c in table if c.startswith(kinds)]
     cost = [c for c in table if c in ("s/epoch", "CPU h", "GPU h", "peak MB", "fwd/step", "bwd/step")]
     fused = [c for c in table if c not in key + modal + cost]
-    return [("Results", table[key + [c for c in fused if c not in ("dataset", "label")]],
+    return [("Results", table[key + fused],
              f"{protocol}; mean ± std over seeds (sample std); n = seeds finished. {LEGEND}"),
             ("Per modality", table[key + modal], LEGEND_MODAL),
             ("Cost", table[key + cost], LEGEND_COST)]
@@ -159,7 +159,7 @@ def split_sections(table: pd.DataFrame, protocol: str) -> list[tuple[str, pd.Dat
 
 def ci_table(agg: pd.DataFrame) -> pd.DataFrame:
     """Fused accuracy and macro-F1 with their 95% t intervals."""
-    out = agg[["dataset", "label", "n"]].copy()
+    out = agg[KEY].copy()
     for c in ("acc", "macro_f1"):
         if f"{c}:mean" in agg:
             out[f"{c} mean"] = agg[f"{c}:mean"].round(4)

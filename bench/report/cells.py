@@ -26,21 +26,36 @@ NAMES = {"acc": "fused acc", "macro_f1": "macro-F1", "map": "mAP", "s_per_epoch"
          "fwd_per_step": "fwd/step", "bwd_per_step": "bwd/step"}
 PER_MODALITY = ("own", "probe", "deficit")
 DIGITS = {"cpu_hours": 4, "gpu_hours": 4, "peak_mem_mb": 0}
-KEY = ["dataset", "label", "n"]
+KEY = ["dataset", "family", "label", "n"]
+# the field's method families (BalanceBenchmark's taxonomy), in the order tables list them; the
+# same names as methods.base.FAMILIES, which the report does not import (it would import torch)
+FAMILY_ORDER = ("baseline", "data", "feed-forward", "objective", "optimisation", "reference")
 LISTS = ["not finished", "missing seeds"]
 # the columns the command line prints (besides KEY, and LISTS when a row has something in them)
 PRINTED = ("acc", "own.", "probe.", "deficit.", "s_per_epoch")
 
 
 def label_order(runs: pd.DataFrame, order: list[str] | None = None) -> list[str]:
-    """The rows' (and the figures' colours') order: `order` first (a sweep's cells), then joint
-    baselines, imbalance methods and unimodal-only references, alphabetical within each group,
-    so that one set of labels gets one order whatever order the runs were read in."""
-    first = runs.drop_duplicates("label")
-    group = {"joint": 0, "unimodal": 2}
-    keyed = sorted((group.get(str(m).split("_")[0], 1), label) for label, m in zip(first["label"], first["method"]))
-    given = [label for label in order or [] if label in set(first["label"])]
-    return given + [label for _, label in keyed if label not in given]
+    """The rows' (and the figures' colours') order: grouped by method family (joint training
+    first, the field's four families, then methods whose runs recorded none, then unimodal-only
+    references); within a family `order` first (a sweep's cells), then alphabetical, so that one
+    set of labels gets one order whatever order the runs were read in."""
+    families = label_families(runs)
+    given = {label: i for i, label in enumerate(order or [])}
+    return sorted(families, key=lambda label: (family_rank(families[label]), given.get(label, len(given)), label))
+
+
+def label_families(runs: pd.DataFrame) -> dict[str, str | None]:
+    """Each label's method family, from its finished runs' summaries (None where none recorded one)."""
+    pairs = zip(runs["label"], runs["family"]) if "family" in runs else ()
+    families = {label: family for label, family in pairs if isinstance(family, str)}
+    return {label: families.get(label) for label in runs["label"].drop_duplicates()}
+
+
+def family_rank(family: str | None) -> float:
+    if family == "reference":
+        return len(FAMILY_ORDER)
+    return FAMILY_ORDER.index(family) if family in FAMILY_ORDER else len(FAMILY_ORDER) - 0.5
 
 
 def metric_columns(runs: pd.DataFrame) -> list[str]:
@@ -59,13 +74,14 @@ def aggregate(runs: pd.DataFrame, order: list[str] | None = None) -> pd.DataFram
     finished = runs[runs["state"] == "finished"]
     cols = metric_columns(finished)
     rank = {label: i for i, label in enumerate(label_order(runs, order))}
+    families = label_families(runs)
     rows = []
     for dataset in sorted(runs["dataset"].unique()):
         block = runs[runs["dataset"] == dataset]
         for label in sorted(block["label"].unique(), key=rank.get):
             g = block[block["label"] == label]
             done = g[g["state"] == "finished"]
-            row = {"dataset": dataset, "label": label, "method": g["method"].iloc[0],
+            row = {"dataset": dataset, "family": families[label] or "–", "label": label, "method": g["method"].iloc[0],
                    "n": done["seed"].nunique(),
                    "seeds": ",".join(map(str, sorted(done["seed"].unique()))),
                    "not finished": "; ".join(f"{r.run_id} ({r.state})" for r in g.itertuples()
@@ -145,7 +161,7 @@ def to_latex(agg: pd.DataFrame, caption: str) -> str:
     style = (table.style.hide(axis="index").format(escape="latex")
              .format_index(escape="latex", axis=1)
              .apply(lambda col: [_mark(marks.get((i, names.get(col.name)))) for i in col.index], axis=0))
-    tex = style.to_latex(hrules=True, column_format="llr" + "l" * (table.shape[1] - 3), position="t",
+    tex = style.to_latex(hrules=True, column_format="lllr" + "l" * (table.shape[1] - 4), position="t",
                          position_float="centering", caption=caption)
     for a, b in LATEX_UNICODE.items():
         tex = tex.replace(a, b)

@@ -95,6 +95,7 @@ def run_row(rd: RunDir, block: str) -> dict[str, Any]:
     if row["state"] != "finished" or summary is None:
         return row
     test = summary[block]["test"]
+    row["family"] = summary.get("method_family")  # absent from runs made before methods had one
     row.update({"acc": test["acc"], "macro_f1": test["macro_f1"], "map": test["map"],
                 "epoch": summary[block]["epoch"], "acc_best_test": summary["best_test"]["test"]["acc"]})
     for m, acc in test.get("modality_acc", {}).items():
