@@ -224,7 +224,7 @@ class ReconBoost(Method):
         return (epoch + 1) % (self.e1 + self.e2) == 0
 
     def epoch_log(self) -> dict[str, Any]:
-        return {"boost_rate": float(self.boost_rate)}
+        return {"boost_rate": float(self.boost_rate.detach())}
 
     # ---- the steps
     def learner(self, m: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
