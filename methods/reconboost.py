@@ -62,6 +62,8 @@ Departures and choices:
   its best from stage 3 on (R:420); not modelled.
 - Evaluated mid-stage, the ensemble includes the modality in training (its own phase 1 has not
   ended, so the code's DynamicNet would not hold it yet in the release's first stages).
+- The code sums the members in the order they were (re-)added (DynamicNet.add moves a re-added
+  learner last); here in the dataset's order. Only float rounding differs (three or more members).
 - Modalities need one feature size (one shared head); `order` sets the alternation (default: the
   dataset's order, the code's audio-first). M >= 2, any M (train_MSA.py runs three).
 
