@@ -12,6 +12,7 @@ attached before training) so that no method re-implements precision, backward or
     ctx.step()                                   # the optimizer's step
     ctx.zero_grad(set_to_none=True)              # the optimizer's zero_grad
     ctx.reset_optimizer()                        # a fresh optimizer and schedule (a stage start)
+    ctx.reset_optimizer_state()                  # forget momentum, keep the schedule where it is
     ctx.train_batches()                          # an unshuffled pass over the training split
 
 These are the only ways to do each of these things: a method calls no optimizer, scheduler or
@@ -119,6 +120,12 @@ class StepContext:
         """A fresh optimizer and scheduler (no momentum, base learning rate), e.g. at a stage start.
         The parameter groups must stay the same through a run, so that resume can load them."""
         self.optimizer, self.scheduler = self.build_optimizer()
+
+    def reset_optimizer_state(self) -> None:
+        """Forget the optimizer's per-parameter state (momentum buffers, Adam's moments), as a
+        freshly built optimizer has none, keeping its learning rates and schedule where they are:
+        a phase start in a run whose schedule runs on through the phases (ReconBoost)."""
+        self.optimizer.state.clear()
 
 
 class Method(nn.Module):

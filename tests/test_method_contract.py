@@ -205,6 +205,8 @@ SECTIONS = [
     {"name": "agm"},
     {"name": "agm", "variant": "balancebenchmark"},
     {"name": "mmpareto"},
+    {"name": "reconboost"},
+    {"name": "reconboost", "variant": "balancebenchmark"},
 ]
 
 

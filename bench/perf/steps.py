@@ -83,6 +83,10 @@ VARIANTS = (
     # no bound stated: AGM runs every encoder three times (train, eval, zero sample), MMPareto backs twice
     Variant("agm", {"name": "agm"}),
     Variant("mmpareto", {"name": "mmpareto"}),
+    # stage 1 (4 + 4 epochs a stage): phase 1 runs the learner, the other member without gradient
+    # and the ga term's extra forward; phase 2 the whole ensemble
+    Variant("reconboost (phase 1, stage 1)", {"name": "reconboost"}, epoch=8),
+    Variant("reconboost (phase 2)", {"name": "reconboost"}, epoch=12),
 )
 
 
