@@ -170,6 +170,7 @@ def shared_head(kind: str, dim: int, hidden: int, num_classes: int) -> nn.Module
 
 @METHODS.register("reconboost")
 class ReconBoost(Method):
+    family = "optimisation"  # BalanceBenchmark's taxonomy (it alternates what each step optimises)
     Params = ReconBoostParams
 
     def __init__(self, params: ReconBoostParams, setup: MethodSetup) -> None:
