@@ -204,6 +204,8 @@ SECTIONS = [
     {"name": "agm"},
     {"name": "agm", "variant": "balancebenchmark"},
     {"name": "mmpareto"},
+    {"name": "inforeg"},
+    {"name": "inforeg", "variant": "first_release"},
 ]
 
 
