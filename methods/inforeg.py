@@ -43,15 +43,17 @@ Variants (`variant`), the two releases:
   repeats the `if`'s condition, so the visual branch never runs: only audio is ever regulated,
   which alpha {audio: 0.95, visual: 0.0} reproduces.
 
-Paper vs code: only the paper's abstract, its README (Figure 1 defines the window on the whole
-network's information amount) and third-party summaries could be read here (no PDF offline), so
-no equation-level difference is claimed; the code is the default. The README's whole-network
-trace is available as a window source in neither release (the code computes it, R:501-505, 564-567,
-but never uses it), and is not implemented.
+Paper vs code: only the paper's abstract, the release's README and third-party summaries could be
+read here (no PDF offline); they agree with the code (a Fisher-information trace, unimodal plus
+multimodal losses, a coefficient growing with the performance gap), so no equation-level
+difference is claimed and the code is the default. One difference is visible: the README's
+Figure 1 shows the window on the whole network's information amount, while both releases decide
+it from audio's (they compute the whole network's trace, R:501-505, 564-567, and never use it);
+the whole-network source is not implemented (`window_trace` names one modality).
 
 Departures from the code, and documented choices:
 - Both releases raise a TypeError on their first step as published: the whole-model loop
-  (R:501-505, V1:245-249) squares the gradient of every Linear, including the unused
+  (R:501-505, V1:247-251) squares the gradient of every Linear, including the unused
   `fusion_module`'s (and at R, head_audio/head_video/head2/fc_x/fc_y), whose gradient is None.
   That sum is never used; the per-encoder traces that drive the window are computed as the code.
 - Parameters are selected by module membership (`encoders[m]`), not by name ('audio_net' in

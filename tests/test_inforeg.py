@@ -114,7 +114,7 @@ def test_fisher_trace_is_a_sum_of_layer_means():
 
 
 class RefModel(nn.Module):
-    """AVClassifier (models/basic_model.py @ 939b2ed L7-72; the first release's @ 4df625a) around
+    """AVClassifier (models/basic_model.py @ 939b2ed L7-80; the first release's @ 4df625a) around
     copies of the suite's encoders: audio_net, visual_net, head = Linear(2D, C); the first
     release's head_audio/head_video (R's are unused, have no gradient and are left out)."""
 
