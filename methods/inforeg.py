@@ -62,7 +62,9 @@ Departures from the code, and documented choices:
 - k when tr1 = 0 (no trace yet, or an encoder without gradients): the code divides by zero (a
   ZeroDivisionError); here the window is closed (k = 0).
 - Modalities are named by the dataset: `alpha` gives one coefficient per modality (or one number
-  for all), and a dataset without the default's names must set it.
+  for all), and a dataset without the default's names must set it; `window_trace: all` (not in
+  the code) reads the window from the sum of every encoder's trace, for data whose dominant
+  modality is not known in advance (the starter's own-data sweeps use it with alpha 0.95).
 - `unimodal_loss: false` (not in the code) drops the unimodal cross-entropies; with it and no
   regulation (alpha 0, or outside the window) the method is the suite's joint training.
 
@@ -104,7 +106,9 @@ class InfoRegParams(Strict):
     alpha: float | dict[str, float] | None = None
     window_threshold: float | None = None  # None: the variant's (0.05 / 0.04)
     window_epochs: int = Field(10, ge=1)  # N of the moving averages (R:240-241)
-    window_trace: str = "audio"  # the modality whose trace decides the window (R:240: audio's)
+    # the modality whose trace decides the window (R:240: audio's), or "all": the sum of every
+    # encoder's trace (not in the code; for data whose dominant modality is not known)
+    window_trace: str = "audio"
     unimodal_loss: bool = True  # False: not in the code (the regulation on joint training)
 
     @model_validator(mode="after")
@@ -193,10 +197,10 @@ class InfoReg(Method):
             raise ConfigError(f"method inforeg regulates one modality against the others; the dataset has "
                               f"{len(names)} ({', '.join(names)}): use method.name=unimodal or joint")
         self.alpha = params.coefficients(names)
-        if params.window_trace not in names:
+        if params.window_trace not in (*names, "all"):
             raise ConfigError(f"method.window_trace={params.window_trace!r} is not a modality of this dataset "
                               f"({', '.join(names)}); set it to the modality whose information amount "
-                              "decides the window (the code: the dominant audio)")
+                              "decides the window (the code: the dominant audio), or 'all' (every encoder's)")
         self.fusion = build_fusion(setup.fusion, setup.feature_dims(), setup.num_classes, setup.conditioning)
         self.split = VARIANT_DEFAULTS[params.variant][2] == "split"
         if self.split and not isinstance(self.fusion, (ConcatFusion, SumFusion, LateFusion)):
@@ -206,7 +210,8 @@ class InfoReg(Method):
         # first_release: private heads, built after the fusion so that encoders and fusion start as joint's
         self.unimodal_heads = None if self.split else nn.ModuleDict(
             {m: linear(d, setup.num_classes) for m, d in setup.feature_dims().items()})
-        if not information_weights(self.encoders[params.window_trace]):
+        traced = names if params.window_trace == "all" else (params.window_trace,)
+        if not any(information_weights(self.encoders[m]) for m in traced):
             raise ConfigError(f"method.window_trace={params.window_trace!r}: its encoder has no trainable Linear or "
                               "Conv weight, so its information amount is always 0; choose another modality")
         # host-side state saved through get_extra_state: the finished epochs' traces and the window
@@ -229,8 +234,14 @@ class InfoReg(Method):
         return [p for p in self.encoders[m].parameters() if p.requires_grad]
 
     # ---- the epoch: the window, the anchors, the information amount
+    def window_history(self) -> list[float]:
+        """The finished epochs' traces that decide the window."""
+        if self.params.window_trace == "all":
+            return [sum(epoch) for epoch in zip(*self.traces.values())]
+        return self.traces[self.params.window_trace]
+
     def on_epoch_start(self, epoch: int) -> None:
-        self.rate = acquisition_rate(self.traces[self.params.window_trace], self.params.window_epochs)
+        self.rate = acquisition_rate(self.window_history(), self.params.window_epochs)
         self.anchors = {m: [p.detach().clone() for p in self.regulated_params(m)] for m in self.modality_names}
         self.weights = {m: information_weights(self.encoders[m]) for m in self.modality_names}
         self.fisher = {m: [torch.zeros_like(w) for w in ws] for m, ws in self.weights.items()}

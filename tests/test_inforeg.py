@@ -304,6 +304,18 @@ def test_window_from_the_visual_trace_equals_the_code_reading_that_list():
     assert ks != pytest.approx(ks_audio)  # the switch changes the window
 
 
+def test_window_from_every_encoder_reads_the_summed_traces():
+    """window_trace=all (not in the code): k from the sum of the per-modality traces."""
+    params = InfoRegParams(window_epochs=2, window_threshold=0.2, window_trace="all")
+    method = attached(InfoReg(params, setup()))
+    outs = train_epochs(method, 4, make_batches())
+    summed = [a + v for a, v in zip(method.traces["audio"], method.traces["visual"])]
+    rates = [acquisition_rate(summed[:e], 2) for e in range(4)]
+    assert method.rate == pytest.approx(rates[-1], rel=1e-12)
+    assert [o[0]["regulated"].item() for o in outs] == [float(k > 0.2) for k in rates]
+    assert rates != pytest.approx([acquisition_rate(method.traces["audio"][:e], 2) for e in range(4)])
+
+
 def test_first_release_equals_its_code_and_never_regulates_visual():
     outs, ks, diff = release_beside(InfoRegParams(variant="first_release"), first_release=True)
     assert diff <= TOL, diff
