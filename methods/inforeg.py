@@ -14,7 +14,8 @@ Per step (R:348-543):
    fusion: that modality's head, bias / M for sum, as `Fusion.per_modality`).
 2. L = CE(z, y) + sum_m CE(z_m, y) (R:378-380, 456-458: three backward passes accumulate into
    one gradient; here one backward of the sum). The code's first three backward passes per step
-   (R:406-453) only log mean gradients and are zeroed before the update: left out.
+   (R:406-453) only log mean gradients and are zeroed before the update: left out. For late
+   fusion CE(z, y) is the cross-entropy of the averaged logits (joint's late_loss=fused).
 3. scores s_m = sum over the batch of softmax(z_m)[y] (R:460-461, OGM-GE's scores).
 4. Inside the window (below), the leading modality l (the one whose score is strictly highest;
    none on a tie, R:465-485) gets beta_l = alpha_l * exp(tanh(s_l - s_r)), s_r the runner-up's
