@@ -157,6 +157,10 @@ def epoch_settings(method: str, epochs: int, modalities: Sequence[str],
         if any(e["name"] == "mlp" for e in encoders.values()):  # an MLP has no conv kernels to modulate
             settings["param_filter"] = "all_encoder"
         return settings
+    if method == "inforeg" and set(modalities) != {"audio", "visual"}:
+        # the release's coefficients and window are for audio and visual; for other data, which
+        # modality leads is not known: its audio coefficient for all, the window from every encoder
+        return {"alpha": 0.95, "window_trace": "all"}
     if method == "opm":  # no drop in the first 6% of the epochs, as the release's 0-5 of 100
         return {"modulation_starts": epochs * 6 // 100}
     if method == "mie":  # one stage per modality, the epochs shared as evenly as they go

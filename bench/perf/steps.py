@@ -87,6 +87,9 @@ VARIANTS = (
     # and the ga term's extra forward; phase 2 the whole ensemble
     Variant("reconboost (phase 1, stage 1)", {"name": "reconboost"}, epoch=8),
     Variant("reconboost (phase 2)", {"name": "reconboost"}, epoch=12),
+    # no bound stated; epoch 0 is inside the window (k = 1): the regulation and the squared
+    # gradients are timed with the step
+    Variant("inforeg", {"name": "inforeg"}),
 )
 
 
