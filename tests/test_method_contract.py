@@ -204,6 +204,8 @@ SECTIONS = [
     {"name": "agm"},
     {"name": "agm", "variant": "balancebenchmark"},
     {"name": "mmpareto"},
+    # setup()'s two epochs: the balancebenchmark variant re-initialises after epoch 1 (release: never)
+    {"name": "relearning", "variant": "balancebenchmark", "reinit_epoch": 1},
 ]
 
 
