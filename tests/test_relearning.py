@@ -486,10 +486,9 @@ def test_clear_refusals():
     with pytest.raises(ConfigError, match=r"variant balancebenchmark.*train.epochs=15 never reaches"):
         Relearning(RelearningParams(variant="balancebenchmark"), setup(epochs=15))
     Relearning(RelearningParams(reinit_num=0), setup(epochs=1))  # joint training: nothing to schedule
-    with pytest.raises(ConfigError, match=r"into as many clusters as classes \(3\); the validation split has 2 samples"):
-        drive(make(params=RelearningParams(reinit_epoch=1), val=[Batch({m.name: torch.zeros(2, *m.shape)
-                                                                        for m in MODS2}, torch.zeros(2).long())]),
-              TRAIN)
+    tiny_val = [Batch({m.name: torch.zeros(2, *m.shape) for m in MODS2}, torch.zeros(2).long())]
+    with pytest.raises(ConfigError, match=r"as many clusters as classes \(3\); the validation split has 2 samples"):
+        drive(make(params=RelearningParams(reinit_epoch=1), val=tiny_val), TRAIN)
     method = Relearning(RelearningParams(reinit_epoch=1), setup())
     method.attach(StepContext(lambda: (sgd(method.parameters()), None), lambda: iter(TRAIN)))
     with pytest.raises(RuntimeError, match=r"this StepContext lends no validation pass \(val_batches\)"):
