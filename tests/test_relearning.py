@@ -473,6 +473,18 @@ def test_three_modalities_resume_exactly_and_cost_as_joint(fast_config, store, t
     assert cost["forward_passes_per_step"] == 1.0 == cost["backward_passes_per_step"]
 
 
+def test_the_harness_lends_the_validation_split_in_order(fast_config, store):
+    from mmbalance.bench.train import Trainer
+
+    cfg = fast_config("method.name=relearning", "method.reinit_epoch=1")
+    trainer = Trainer(cfg, store.run_dir(cfg.group, cfg.run_id()))
+    lent, direct = list(trainer.context.val_batches()), list(trainer.loaders["val"]())
+    assert len(lent) == len(direct) > 0
+    for a, b in zip(lent, direct):
+        assert torch.equal(a.labels, b.labels) and all(torch.equal(a.inputs[m], b.inputs[m]) for m in a.inputs)
+    assert sum(len(b) for b in lent) == len(trainer.dataset.split("val"))
+
+
 # ------------------------------------------------------------------------------- the refusals
 
 
