@@ -162,6 +162,7 @@ class InitialWeights(nn.Module):
 @METHODS.register("relearning")
 class Relearning(Joint):
     Params = RelearningParams
+    family = "optimisation"  # BalanceBenchmark's taxonomy (it re-initialises what the updates learnt)
 
     def __init__(self, params: RelearningParams, setup: MethodSetup) -> None:
         super().__init__(params, setup)

@@ -25,7 +25,7 @@ DATASETS = {"cremad": "cremad", "ks": "kinetics_sounds", "ucf101": "ucf101", "vg
 METHODS = {"baseline": ("joint", None), "concat": ("joint", None), "joint": ("joint", None),
            "ogm": ("ogm_ge", None), "ogm-ge": ("ogm_ge", None), "mla": ("mla", None),
            "mie": ("mie", None), "di-mml": ("di_mml", None), "opm": ("opm", None), "pmr": ("pmr", None),
-           "agm": ("agm", None), "mmpareto": ("mmpareto", None), "relearning": ("relearning", None),
+           "agm": ("agm", None), "mmpareto": ("mmpareto", None),
            "unimodal-audio": ("unimodal", "audio"), "unimodal-visual": ("unimodal", "visual")}
 # paper_tables.csv selection -> our --select value
 PROTOCOLS = {"best-test-epoch": "test", "best-val-epoch": "val"}
