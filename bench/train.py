@@ -251,7 +251,8 @@ class Trainer:
         self.loaders = build_loaders(self.dataset, cfg.train, self.device)
         self.method = build_method(cfg, self.dataset)
         prepare_model(self.method, self.method.encoders, cfg.train, self.device)
-        self.context = StepContext(self.build_optimizer, self.unshuffled_train, self.device, cfg.train.amp)
+        self.context = StepContext(self.build_optimizer, self.unshuffled_train, self.device, cfg.train.amp,
+                                   val_batches=self.loaders["val"])
         self.method.attach(self.context)
         self.passes = PassCounter(self.method.encoders)
         self.steps = 0

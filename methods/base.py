@@ -14,6 +14,7 @@ attached before training) so that no method re-implements precision, backward or
     ctx.reset_optimizer()                        # a fresh optimizer and schedule (a stage start)
     ctx.reset_optimizer_state()                  # forget momentum, keep the schedule where it is
     ctx.train_batches()                          # an unshuffled pass over the training split
+    ctx.val_batches()                            # an in-order pass over the validation split
 
 These are the only ways to do each of these things: a method calls no optimizer, scheduler or
 loader of its own, and touches no private name of the harness or of torch. `predict` is free of
@@ -21,6 +22,12 @@ side effects: quantities a method wants logged at evaluation come back in `Predi
 (one number per batch), and the harness averages them over the split. Non-tensor state that must
 survive a resume (a stage, selected dimensions...) goes through nn.Module's
 `get_extra_state`/`set_extra_state`, or buffers.
+
+The two passes are for epoch-level work in the hooks (prototypes, projections, diagnoses), never
+for the steps. Their batches are the same for any number of loader workers and on a resume; a
+method that draws random numbers around them takes them from a generator of its own. The
+validation split is also the split the harness selects epochs on, so a method that lets it shape
+training (as its release does with a held-out split) says so in its docstring.
 
 Every method names its `family`, the stage of training it adjusts, in the field's taxonomy
 (BalanceBenchmark's four families: `data` at the input, `feed-forward` at the features and fusion,
@@ -68,6 +75,11 @@ class MethodSetup:
 OptimizerFactory = Callable[[], tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]]
 
 
+def _no_validation_pass() -> Iterable[Batch]:
+    raise RuntimeError("this StepContext lends no validation pass (val_batches): the harness's does "
+                       "(bench.train.Trainer); a test passes StepContext(..., val_batches=...)")
+
+
 @dataclass(eq=False)
 class StepContext:
     """What the harness lends a method for its steps (see the module docstring). The harness sets
@@ -83,6 +95,9 @@ class StepContext:
     epoch: int = 0  # 0-based epoch being trained
     batch_index: int = 0  # 0-based index of the batch in this epoch
     num_batches: int = 0  # batches per epoch
+    # in-order batches of the validation split (the evaluation views), already on the device;
+    # the default refuses clearly: only the harness's context lends one (a test passes its own)
+    val_batches: Callable[[], Iterable[Batch]] = _no_validation_pass
     optimizer: torch.optim.Optimizer = field(init=False)
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = field(init=False)
     backward_passes: int = field(default=0, init=False)
@@ -151,7 +166,7 @@ class Method(nn.Module):
     @property
     def step_context(self) -> StepContext:
         """The harness's StepContext: the position in the run, backward/grad/step/zero_grad with
-        the harness's precision policy, a fresh optimizer, an unshuffled pass over train."""
+        the harness's precision policy, a fresh optimizer, in-order passes over train and val."""
         if self._step_context is None:
             # not AttributeError: nn.Module would turn that into a misleading "has no attribute"
             raise RuntimeError(f"{type(self).__name__}.step_context is used before the harness attached one; "

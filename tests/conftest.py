@@ -100,10 +100,12 @@ def step_recording_grads(method, batch: Batch) -> tuple[dict, dict[str, torch.Te
 
 
 def step_context(optimizer: Callable[[], torch.optim.Optimizer], batches: Sequence[Batch] = (),
-                 **position: int) -> StepContext:
+                 val: Sequence[Batch] | None = None, **position: int) -> StepContext:
     """A StepContext for a method stepped outside the harness: `optimizer()` (no schedule; called
-    again by reset_optimizer), `batches` as the training split, and the position in the run."""
-    return StepContext(lambda: (optimizer(), None), lambda: iter(batches), **position)
+    again by reset_optimizer), `batches` as the training split, `val` (if given) as the
+    validation split, and the position in the run."""
+    passes = {} if val is None else {"val_batches": lambda: iter(val)}
+    return StepContext(lambda: (optimizer(), None), lambda: iter(batches), **passes, **position)
 
 
 TIMING_KEYS = ("seconds", "samples_per_s")

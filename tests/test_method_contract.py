@@ -209,6 +209,8 @@ SECTIONS = [
     {"name": "reconboost", "variant": "balancebenchmark"},
     {"name": "inforeg"},
     {"name": "inforeg", "variant": "first_release"},
+    # setup()'s two epochs: the balancebenchmark variant re-initialises after epoch 1 (release: never)
+    {"name": "relearning", "variant": "balancebenchmark", "reinit_epoch": 1},
 ]
 
 

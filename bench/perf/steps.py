@@ -90,6 +90,8 @@ VARIANTS = (
     # no bound stated; epoch 0 is inside the window (k = 1): the regulation and the squared
     # gradients are timed with the step
     Variant("inforeg", {"name": "inforeg"}),
+    # joint's step; its diagnosis runs between epochs (a schedule that fits the two-epoch set-up)
+    Variant("relearning", {"name": "relearning", "variant": "balancebenchmark", "reinit_epoch": 1}),
 )
 
 
