@@ -370,7 +370,9 @@ class Trainer:
         loader = self.loaders["train"]
         self.context.epoch, self.context.num_batches, self.context.batch_index = epoch, len(loader), 0
         self.method.train()
+        hook_start = time.perf_counter()
         self.method.on_epoch_start(epoch)
+        hook_seconds = time.perf_counter() - hook_start
         lr = self.context.optimizer.param_groups[0]["lr"]  # after the hook, which may reset it
         losses = LossTally(lazy=self.device.type != "cpu")
         start = time.perf_counter()
@@ -389,8 +391,12 @@ class Trainer:
         seconds = time.perf_counter() - start
         losses.check(epoch)
         self.context.scheduler.step()
+        hook_start = time.perf_counter()
         self.method.on_epoch_end(epoch)
-        return {**means, "lr": lr, "seconds": seconds,
+        hook_seconds += time.perf_counter() - hook_start
+        # `seconds` are the steps' (samples/s is their throughput); `hook_seconds` the method's
+        # epoch-level work (prototypes, diagnoses, projections), which its cost includes
+        return {**means, "lr": lr, "seconds": seconds, "hook_seconds": hook_seconds,
                 "samples_per_s": losses.samples / seconds if seconds else 0.0}
 
     def evaluate(self, split: str) -> Evaluation:
@@ -455,7 +461,8 @@ class Trainer:
         }
 
     def cost(self, history: list[dict[str, Any]]) -> dict[str, Any]:
-        seconds = [r["train"]["seconds"] for r in history]
+        # the method's epoch hooks count (records written before they were timed have none)
+        seconds = [r["train"]["seconds"] + r["train"].get("hook_seconds", 0.0) for r in history]
         steps = max(self.steps, 1)
         if self.device.type == "cuda":
             peak = {"peak_gpu_mem_mb": torch.cuda.max_memory_allocated(self.device) / 2**20}

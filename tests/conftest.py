@@ -108,7 +108,7 @@ def step_context(optimizer: Callable[[], torch.optim.Optimizer], batches: Sequen
     return StepContext(lambda: (optimizer(), None), lambda: iter(batches), **passes, **position)
 
 
-TIMING_KEYS = ("seconds", "samples_per_s")
+TIMING_KEYS = ("seconds", "hook_seconds", "samples_per_s")
 
 
 def without_timing(records: Sequence[dict]) -> list[dict]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -213,6 +214,27 @@ class Staged(Joint):
 
     def selectable(self, epoch: int) -> bool:
         return epoch >= 2
+
+
+class SlowDiagnosis(Joint):
+    """Joint training whose epoch hooks take time, as a diagnosis or prototype pass does."""
+
+    def on_epoch_start(self, epoch: int) -> None:
+        time.sleep(0.1)
+
+    def on_epoch_end(self, epoch: int) -> None:
+        time.sleep(0.2)
+
+
+def test_a_methods_epoch_hooks_count_in_its_cost(fast_config, store):
+    result = run(fast_config("method.name=test_slow_diagnosis"), store)
+    history = RunDir(result.path).read_metrics()
+    assert all(r["train"]["hook_seconds"] >= 0.3 for r in history)
+    assert all(r["train"]["seconds"] < 0.3 for r in history)  # the steps' own time, samples/s's basis
+    cost = result.summary["cost"]["seconds_per_epoch"]
+    per_epoch = [r["train"]["seconds"] + r["train"]["hook_seconds"] for r in history]
+    assert cost == pytest.approx(sum(per_epoch) / len(history))
+    assert cost >= 0.3
 
 
 def test_staged_method_hooks_selection_and_resume(fast_config, store, tmp_path, monkeypatch):
@@ -459,5 +481,6 @@ def test_a_bad_checkpoint_every_is_one_line_naming_key_value_and_what_is_allowed
 def throwaway_methods():
     """This module's test methods, registered while its tests run only (`init` and the contract
     tests list every registered method)."""
-    with METHODS.registered("test_nan_at_epoch1_batch2", NaNAtEpoch1Batch2), METHODS.registered("test_staged", Staged):
+    with (METHODS.registered("test_nan_at_epoch1_batch2", NaNAtEpoch1Batch2), METHODS.registered("test_staged", Staged),
+          METHODS.registered("test_slow_diagnosis", SlowDiagnosis)):
         yield

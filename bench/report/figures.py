@@ -31,7 +31,7 @@ from mmbalance.bench.report.stats import ci_bounds, describe  # noqa: E402
 
 DPI = 150
 # training-record entries every method has: not a method's own diagnostic
-GENERIC_TRAIN_KEYS = {"loss", "seconds", "samples_per_s"}
+GENERIC_TRAIN_KEYS = {"loss", "seconds", "hook_seconds", "samples_per_s"}
 # bookkeeping entries of `method` records that are not a diagnostic worth a panel
 BOOKKEEPING_KEYS = {"restored_from_epoch"}
 SMALL_N = 3  # below this many seeds a t-interval is wide enough to need saying
