@@ -87,6 +87,8 @@ VARIANTS = (
     # and the ga term's extra forward; phase 2 the whole ensemble
     Variant("reconboost (phase 1, stage 1)", {"name": "reconboost"}, epoch=8),
     Variant("reconboost (phase 2)", {"name": "reconboost"}, epoch=12),
+    # a weighted loss: joint training's step (the learned schedule's once-an-epoch pass is no step)
+    Variant("lfm", {"name": "lfm"}),
 )
 
 
