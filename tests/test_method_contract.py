@@ -211,6 +211,8 @@ SECTIONS = [
     {"name": "inforeg", "variant": "first_release"},
     # setup()'s two epochs: the balancebenchmark variant re-initialises after epoch 1 (release: never)
     {"name": "relearning", "variant": "balancebenchmark", "reinit_epoch": 1},
+    {"name": "lfm"},
+    {"name": "lfm", "variant": "balancebenchmark"},
 ]
 
 

@@ -92,6 +92,8 @@ VARIANTS = (
     Variant("inforeg", {"name": "inforeg"}),
     # joint's step; its diagnosis runs between epochs (a schedule that fits the two-epoch set-up)
     Variant("relearning", {"name": "relearning", "variant": "balancebenchmark", "reinit_epoch": 1}),
+    # a weighted loss: joint training's step (the learned schedule's once-an-epoch pass is no step)
+    Variant("lfm", {"name": "lfm"}),
 )
 
 
