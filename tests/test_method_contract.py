@@ -207,6 +207,8 @@ SECTIONS = [
     {"name": "mmpareto"},
     {"name": "reconboost"},
     {"name": "reconboost", "variant": "balancebenchmark"},
+    {"name": "mmcosine"},
+    {"name": "mmcosine", "fused_eval": "cosine"},
 ]
 
 
