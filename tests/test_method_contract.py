@@ -209,6 +209,7 @@ SECTIONS = [
     {"name": "reconboost", "variant": "balancebenchmark"},
     {"name": "mmcosine"},
     {"name": "mmcosine", "fused_eval": "cosine"},
+    {"name": "cml"},
 ]
 
 
