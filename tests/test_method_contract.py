@@ -213,6 +213,9 @@ SECTIONS = [
     {"name": "relearning", "variant": "balancebenchmark", "reinit_epoch": 1},
     {"name": "lfm"},
     {"name": "lfm", "variant": "balancebenchmark"},
+    {"name": "mmcosine"},
+    {"name": "mmcosine", "fused_eval": "cosine"},
+    {"name": "cml"},
 ]
 
 

@@ -94,6 +94,8 @@ VARIANTS = (
     Variant("relearning", {"name": "relearning", "variant": "balancebenchmark", "reinit_epoch": 1}),
     # a weighted loss: joint training's step (the learned schedule's once-an-epoch pass is no step)
     Variant("lfm", {"name": "lfm"}),
+    Variant("mmcosine", {"name": "mmcosine"}),
+    Variant("cml", {"name": "cml"}),
 )
 
 
