@@ -207,6 +207,7 @@ SECTIONS = [
     {"name": "mmpareto"},
     {"name": "reconboost"},
     {"name": "reconboost", "variant": "balancebenchmark"},
+    {"name": "amco"},
 ]
 
 

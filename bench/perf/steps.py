@@ -87,6 +87,7 @@ VARIANTS = (
     # and the ga term's extra forward; phase 2 the whole ensemble
     Variant("reconboost (phase 1, stage 1)", {"name": "reconboost"}, epoch=8),
     Variant("reconboost (phase 2)", {"name": "reconboost"}, epoch=12),
+    Variant("amco", {"name": "amco"}),
 )
 
 
