@@ -22,6 +22,7 @@ from mmbalance.methods.base import MethodSetup
 from mmbalance.methods.joint import Joint, JointParams
 from mmbalance.models.small import MLPEncoder, MLPParams
 from tests.conftest import assert_resumes_exactly, step_context, without_timing
+from tests.test_opm import ConcatFusion_N  # BalanceBenchmark's fusion_arch.py L33-40
 
 C = 4
 B = 16
@@ -106,15 +107,6 @@ def test_dependence_scores_and_masked_logits_by_hand():
 
 
 # ---------------------------------------------- beside BalanceBenchmark's AMCoTrainer
-
-
-class ConcatFusion_N(nn.Module):  # noqa: N801 -- BalanceBenchmark's name (fusion_arch.py L33-40)
-    def __init__(self, fc_out: nn.Linear) -> None:
-        super().__init__()
-        self.fc_out = fc_out
-
-    def forward(self, encoder_res):
-        return self.fc_out(torch.cat(list(encoder_res.values()), dim=1))
 
 
 class BBAMCoModel(nn.Module):

@@ -208,6 +208,7 @@ SECTIONS = [
     {"name": "reconboost"},
     {"name": "reconboost", "variant": "balancebenchmark"},
     {"name": "amco"},
+    {"name": "mbsd"},
 ]
 
 

@@ -88,6 +88,7 @@ VARIANTS = (
     Variant("reconboost (phase 1, stage 1)", {"name": "reconboost"}, epoch=8),
     Variant("reconboost (phase 2)", {"name": "reconboost"}, epoch=12),
     Variant("amco", {"name": "amco"}),
+    Variant("mbsd", {"name": "mbsd"}),
 )
 
 
