@@ -216,6 +216,8 @@ SECTIONS = [
     {"name": "mmcosine"},
     {"name": "mmcosine", "fused_eval": "cosine"},
     {"name": "cml"},
+    {"name": "amco"},
+    {"name": "mbsd"},
 ]
 
 

@@ -96,6 +96,8 @@ VARIANTS = (
     Variant("lfm", {"name": "lfm"}),
     Variant("mmcosine", {"name": "mmcosine"}),
     Variant("cml", {"name": "cml"}),
+    Variant("amco", {"name": "amco"}),
+    Variant("mbsd", {"name": "mbsd"}),
 )
 
 
