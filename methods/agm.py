@@ -100,7 +100,7 @@ import torch.nn.functional as F
 from pydantic import Field, PositiveFloat, model_validator
 
 from mmbalance.core.errors import ConfigError
-from mmbalance.core.params import Strict
+from mmbalance.core.params import Window
 from mmbalance.core.registry import METHODS
 from mmbalance.core.types import Batch, Prediction
 from mmbalance.methods.base import Method, MethodSetup
@@ -115,13 +115,11 @@ VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
 Coalition = frozenset[str]
 
 
-class AGMParams(Strict):
+class AGMParams(Window):
     variant: Literal["release", "balancebenchmark"] = "release"
     alpha: float = Field(1.0, ge=0)
     ratio_cap: PositiveFloat | None = 10.0  # None: no cap (the code on AVE and AV-MNIST)
     clip_threshold: PositiveFloat | None = 1.0  # None: never clip
-    modulation_starts: int = Field(0, ge=0)
-    modulation_ends: int | None = Field(None, ge=0)  # None: to the end of training
     hold_after_window: bool = True
 
     @model_validator(mode="before")
@@ -134,9 +132,6 @@ class AGMParams(Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> AGMParams:
-        if self.modulation_ends is not None and self.modulation_ends < self.modulation_starts:
-            raise ValueError(f"modulation_ends={self.modulation_ends} is before modulation_starts="
-                             f"{self.modulation_starts}: the window (inclusive) would never open")
         windowed = self.modulation_starts != 0 or self.modulation_ends is not None or not self.hold_after_window
         if self.variant == "balancebenchmark" and windowed:
             raise ValueError("modulation_starts/modulation_ends/hold_after_window apply only to variant='release': "
@@ -310,7 +305,7 @@ class AGM(Method):
 
     def in_window(self, epoch: int) -> bool:
         p = self.params
-        return p.modulation_starts <= epoch and (p.modulation_ends is None or epoch <= p.modulation_ends)
+        return p.in_window(epoch)
 
     def hook_scales(self, coefs: dict[str, torch.Tensor], active: bool) -> torch.Tensor:
         """The release's hook scales: kappa inside the window (and held), else the held or 1."""

@@ -62,30 +62,22 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn as nn
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from mmbalance.core.errors import ConfigError
-from mmbalance.core.params import Strict
+from mmbalance.core.params import Window
 from mmbalance.core.registry import METHODS
 from mmbalance.core.types import Batch, Prediction
 from mmbalance.methods.base import Method, MethodSetup
 from mmbalance.models.fusion import build_fusion
 
 
-class AMCoParams(Strict):
+class AMCoParams(Window):
     # BalanceBenchmark's configs/trainer_config.yaml L20-28
     sigma: float = Field(0.5, ge=0, le=1)  # the share of the softmax mass that makes a modality dependent
     eps: float = Field(0.3, gt=0)  # l_t at which the mask ratio reaches 1
-    modulation_starts: int = Field(0, ge=0)
     modulation_ends: int | None = Field(80, ge=0)  # None: no end
     linear_star: bool = True  # the release's extra C x C layer on the fused logits
-
-    @model_validator(mode="after")
-    def _consistent(self) -> AMCoParams:
-        if self.modulation_ends is not None and self.modulation_ends < self.modulation_starts:
-            raise ValueError(f"modulation_ends={self.modulation_ends} is before modulation_starts="
-                             f"{self.modulation_starts}: the window (inclusive) would never open")
-        return self
 
 
 # ------------------------------------------------------------------- the mask (pure functions)
@@ -144,8 +136,7 @@ class AMCo(Method):
         self.reset_dependence()
 
     def in_window(self, epoch: int) -> bool:
-        ends = self.params.modulation_ends
-        return self.params.modulation_starts <= epoch and (ends is None or epoch <= ends)
+        return self.params.in_window(epoch)
 
     def fuse(self, logits: dict[str, torch.Tensor]) -> torch.Tensor:
         z = sum(logits.values())

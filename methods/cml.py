@@ -61,10 +61,10 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from mmbalance.core.errors import ConfigError
-from mmbalance.core.params import Strict
+from mmbalance.core.params import Window
 from mmbalance.core.registry import METHODS
 from mmbalance.core.types import Batch, Prediction
 from mmbalance.methods.base import Method, MethodSetup
@@ -73,18 +73,9 @@ from mmbalance.models.fusion import ConcatFusion, Fusion, SumFusion, build_fusio
 FUSIONS = ("concat", "sum")
 
 
-class CMLParams(Strict):
+class CMLParams(Window):
     lam: float = Field(0.1, ge=0)  # BalanceBenchmark's config
     variant: Literal["release", "balancebenchmark"] = "release"
-    modulation_starts: int = Field(0, ge=0)
-    modulation_ends: int | None = Field(None, ge=0)  # None: to the end; BalanceBenchmark's config: 80
-
-    @model_validator(mode="after")
-    def _consistent(self) -> CMLParams:
-        if self.modulation_ends is not None and self.modulation_ends < self.modulation_starts:
-            raise ValueError(f"modulation_ends={self.modulation_ends} is before modulation_starts="
-                             f"{self.modulation_starts}: the window (inclusive) would never open")
-        return self
 
 
 # ------------------------------------------------------------------------------ pure functions
@@ -154,7 +145,7 @@ class CML(Method):
 
     def in_window(self, epoch: int) -> bool:
         p = self.params
-        return p.modulation_starts <= epoch and (p.modulation_ends is None or epoch <= p.modulation_ends)
+        return p.in_window(epoch)
 
     def on_epoch_start(self, epoch: int) -> None:
         if self.in_window(epoch):

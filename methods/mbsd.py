@@ -48,27 +48,19 @@ from itertools import combinations
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from mmbalance.core.errors import ConfigError
-from mmbalance.core.params import Strict
+from mmbalance.core.params import Window
 from mmbalance.core.registry import METHODS
 from mmbalance.core.types import Batch, Prediction
 from mmbalance.methods.base import Method, MethodSetup
 from mmbalance.models.fusion import build_fusion
 
 
-class MBSDParams(Strict):
+class MBSDParams(Window):
     # BalanceBenchmark's configs/trainer_config.yaml L47-50
-    modulation_starts: int = Field(0, ge=0)
     modulation_ends: int | None = Field(80, ge=0)  # None: no end
-
-    @model_validator(mode="after")
-    def _consistent(self) -> MBSDParams:
-        if self.modulation_ends is not None and self.modulation_ends < self.modulation_starts:
-            raise ValueError(f"modulation_ends={self.modulation_ends} is before modulation_starts="
-                             f"{self.modulation_starts}: the window (inclusive) would never open")
-        return self
 
 
 # ------------------------------------------------------------ the distillation (pure functions)
@@ -126,8 +118,7 @@ class MBSD(Method):
         self.fusion = build_fusion(setup.fusion, setup.feature_dims(), setup.num_classes)
 
     def in_window(self, epoch: int) -> bool:
-        ends = self.params.modulation_ends
-        return self.params.modulation_starts <= epoch and (ends is None or epoch <= ends)
+        return self.params.in_window(epoch)
 
     def training_step(self, batch: Batch) -> dict[str, torch.Tensor]:
         ctx, labels = self.step_context, batch.labels

@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from mmbalance.core.errors import ConfigError
-from mmbalance.core.params import Strict
+from mmbalance.core.params import Window
 from mmbalance.core.registry import METHODS
 from mmbalance.core.types import Batch, Prediction
 from mmbalance.methods.base import Method, MethodSetup
@@ -68,18 +68,13 @@ from mmbalance.models.fusion import ConcatFusion, Fusion, SumFusion, build_fusio
 FUSIONS = ("concat", "sum")
 
 
-class MMCosineParams(Strict):
+class MMCosineParams(Window):
     scaling: float = Field(10.0, gt=0)  # release: 10 (argparse, README); BalanceBenchmark: 15
     cosine: bool = True  # the release's --mmcosine; off = joint training
-    modulation_starts: int = Field(0, ge=0)
-    modulation_ends: int | None = Field(None, ge=0)  # None: to the end (the release)
     fused_eval: Literal["linear", "cosine"] = "linear"  # release / BalanceBenchmark
 
     @model_validator(mode="after")
     def _consistent(self) -> MMCosineParams:
-        if self.modulation_ends is not None and self.modulation_ends < self.modulation_starts:
-            raise ValueError(f"modulation_ends={self.modulation_ends} is before modulation_starts="
-                             f"{self.modulation_starts}: the window (inclusive) would never open")
         if not self.cosine and self.fused_eval == "cosine":
             raise ValueError("fused_eval='cosine' needs cosine=true (with the cosine loss off the "
                              "method is joint training); remove one of them")
@@ -132,7 +127,7 @@ class MMCosine(Method):
 
     def cosine_on(self, epoch: int) -> bool:
         p = self.params
-        return p.cosine and p.modulation_starts <= epoch and (p.modulation_ends is None or epoch <= p.modulation_ends)
+        return p.cosine and p.in_window(epoch)
 
     def cosine_view(self, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return cosine_logits(feats, modality_weights(self.fusion, self.dims), self.params.scaling)

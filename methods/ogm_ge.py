@@ -75,7 +75,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from mmbalance.core.params import Strict
+from mmbalance.core.params import Window
 from mmbalance.core.registry import METHODS
 from mmbalance.core.types import Batch, Prediction
 from mmbalance.methods.base import Method, MethodSetup
@@ -84,11 +84,10 @@ from mmbalance.models.fusion import ConcatFusion, LateFusion, SumFusion, build_f
 NOISE_EPS = 1e-8  # added to the noise std, as the reference code does
 
 
-class OGMGEParams(Strict):
+class OGMGEParams(Window):
     # README of the reference code: 0.8 for CREMA-D, 0.1 for VGGSound
     alpha: float = Field(0.8, ge=0)
     modulation: Literal["ogm_ge", "ogm"] = "ogm_ge"
-    modulation_starts: int = Field(0, ge=0)
     modulation_ends: int = Field(50, ge=0)
     param_filter: Literal["conv_only", "all_encoder"] = "conv_only"
     noise_on: Literal["both", "modulated_only"] = "both"
@@ -97,11 +96,6 @@ class OGMGEParams(Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> OGMGEParams:
-        if self.modulation_ends < self.modulation_starts:
-            raise ValueError(
-                f"modulation_ends={self.modulation_ends} is before modulation_starts="
-                f"{self.modulation_starts}: the window (inclusive) would never open"
-            )
         if self.modulation == "ogm" and self.noise_on != "both":
             raise ValueError(
                 f"noise_on={self.noise_on!r} applies only to modulation='ogm_ge' (ogm adds no noise); "
@@ -210,7 +204,7 @@ class OGMGE(Method):
 
     # ---- gradient modulation
     def in_window(self, epoch: int) -> bool:
-        return self.params.modulation_starts <= epoch <= self.params.modulation_ends
+        return self.params.in_window(epoch)
 
     def modulated_parameters(self) -> dict[str, list[nn.Parameter]]:
         """Per modality, the tensors whose gradients are modulated: membership by module."""

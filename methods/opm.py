@@ -106,11 +106,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch.func import functional_call
 
 from mmbalance.core.errors import ConfigError
-from mmbalance.core.params import Strict
+from mmbalance.core.params import Window
 from mmbalance.core.registry import METHODS
 from mmbalance.core.types import Batch, Prediction
 from mmbalance.methods.base import Method, MethodSetup
@@ -121,26 +121,16 @@ from mmbalance.models.fusion import ConcatFusion, Fusion, LateFusion, SumFusion,
 EPS = {"bml": 0.0, "balancebenchmark": 1e-5}
 
 
-class OPMParams(Strict):
+class OPMParams(Window):
     # the release's argparse defaults (main.py L42-44), as scripts/train_opm.sh runs them
     q_base: float = Field(0.5, ge=0, le=1)
     lam: float = Field(0.5, ge=0)  # lambda; BalanceBenchmark calls it alpha
     p_exe: float = Field(0.7, ge=0, le=1)
     # the release's hard-coded warm-up: no drop in epochs 0-5, no end
     modulation_starts: int = Field(6, ge=0)
-    modulation_ends: int | None = Field(None, ge=0)
     variant: Literal["bml", "balancebenchmark"] = "bml"
     # code: the gradient the reference code sends through the drop probability (see the docstring)
     q_grad: Literal["code", "none"] = "code"
-
-    @model_validator(mode="after")
-    def _consistent(self) -> OPMParams:
-        if self.modulation_ends is not None and self.modulation_ends < self.modulation_starts:
-            raise ValueError(
-                f"modulation_ends={self.modulation_ends} is before modulation_starts="
-                f"{self.modulation_starts}: the window (inclusive) would never open"
-            )
-        return self
 
 
 # ---------------------------------------------------------------- the drop (pure functions)
@@ -245,8 +235,7 @@ class OPM(Method):
         self.eps = EPS[params.variant]
 
     def in_window(self, epoch: int) -> bool:
-        ends = self.params.modulation_ends
-        return self.params.modulation_starts <= epoch and (ends is None or epoch <= ends)
+        return self.params.in_window(epoch)
 
     def discrepancy(self, feats: dict[str, torch.Tensor],
                     labels: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

@@ -84,6 +84,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from mmbalance.core.errors import ConfigError
+from mmbalance.core.params import Window
 from mmbalance.core.registry import METHODS
 from mmbalance.core.types import Batch, Prediction
 from mmbalance.methods.base import MethodSetup
@@ -94,11 +95,10 @@ NOISE_EPS = 1e-8  # BalanceBenchmark's addition to the noise std (B:192)
 BB_ETA = 0.01  # BalanceBenchmark's configs/trainer_config.yaml PMR.eta
 
 
-class PMRParams(JointParams):
+class PMRParams(JointParams, Window):
     # the code's argparse defaults (R:39-49); its bash.sh runs use alpha 2.0 and momentum_coef 0.0
     alpha: float = Field(1.0, ge=0)
     momentum_coef: float = Field(0.2, ge=0, le=1)
-    modulation_starts: int = Field(0, ge=0)
     modulation_ends: int = Field(100, ge=0)
     proto_fraction: float = Field(0.1, gt=0, le=1)
     variant: Literal["release", "balancebenchmark"] = "release"
@@ -108,9 +108,6 @@ class PMRParams(JointParams):
 
     @model_validator(mode="after")
     def _consistent(self) -> PMRParams:
-        if self.modulation_ends < self.modulation_starts:
-            raise ValueError(f"modulation_ends={self.modulation_ends} is before modulation_starts="
-                             f"{self.modulation_starts}: the window (inclusive) would never open")
         if self.eta is not None and self.variant != "balancebenchmark":
             raise ValueError("eta applies only to variant='balancebenchmark' with three or more modalities; "
                              "remove it or set method.variant=balancebenchmark")
@@ -274,7 +271,7 @@ class PMR(Joint):
 
     # ---- the step
     def in_window(self, epoch: int) -> bool:
-        return self.params.modulation_starts <= epoch <= self.params.modulation_ends
+        return self.params.in_window(epoch)
 
     def entropy_on(self, epoch: int) -> bool:
         p = self.params
