@@ -35,7 +35,7 @@ from mmbalance.bench.device import resolve_device
 from mmbalance.bench.lr_range import RangeTest, range_test
 from mmbalance.bench.store import atomic_write_text
 from mmbalance.bench.sweep import DatasetCache, SweepConfig, expand, load_sweep
-from mmbalance.bench.train import build_method
+from mmbalance.bench.train import build_checked
 from mmbalance.core.errors import ConfigError, DataError
 from mmbalance.core.registry import METHODS
 from mmbalance.core.types import Modality
@@ -279,7 +279,7 @@ def buildable_cells(plan: Plan, wanted: Sequence[str], datasets: DatasetCache,
     for label, cell in cells.items():
         try:
             (cfg,) = run_configs(plan, {label: cell}, device)
-            build_method(cfg, datasets(cfg))
+            build_checked(cfg, datasets)
         except ConfigError as e:
             plan.skipped[cell["method.name"]] = str(e).split("\n")[-1].strip()
             log.info("left out %s: %s", label, plan.skipped[cell["method.name"]])

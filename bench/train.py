@@ -18,6 +18,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from mmbalance.bench.device import prepare_model, resolve_device
 from mmbalance.bench.evaluate import Evaluation, evaluate
 from mmbalance.bench.oserror import os_message
 from mmbalance.bench.probe import probe_all
+from mmbalance.bench.requirements import requirement_builders
 from mmbalance.bench.schema import check_checkpoint
 from mmbalance.bench.selection import best_epoch
 from mmbalance.bench.store import RunDir, Store
@@ -70,11 +72,19 @@ def build_dataset(cfg: RunConfig) -> Dataset:
     return DATASETS.create(cfg.dataset, where="dataset.name")
 
 
-def build_method(cfg: RunConfig, dataset: Dataset) -> Method:
+def build_method(cfg: RunConfig, dataset: Dataset,
+                 required: dict[str, Callable[[], Method]] | None = None) -> Method:
+    """The run's method on fresh encoders; `required`: its requirements' builders (MethodSetup.required)."""
     encoders = nn.ModuleDict({m.name: build_encoder(cfg.model.encoders[m.name], m) for m in dataset.modalities})
     setup = MethodSetup(encoders, dataset.num_classes, dataset.modalities, cfg.model.fusion,
-                        cfg.model.conditioning, cfg.train.epochs)
+                        cfg.model.conditioning, cfg.train.epochs, required or {})
     return METHODS.create(cfg.method, setup, where="method.name")
+
+
+def build_checked(cfg: RunConfig, datasets: DatasetSource) -> Method:
+    """The run's method with untrained stand-ins for its requirements: what a check that trains
+    nothing builds, and what a requirement's trained weights are loaded into."""
+    return build_method(cfg, datasets(cfg), requirement_builders(cfg, partial(build_checked, datasets=datasets)))
 
 
 def build_optimizer(cfg: RunConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
@@ -249,7 +259,8 @@ class Trainer:
         seed_everything(cfg.train.seed)
         self.dataset = datasets(cfg)
         self.loaders = build_loaders(self.dataset, cfg.train, self.device)
-        self.method = build_method(cfg, self.dataset)
+        trained = requirement_builders(cfg, partial(build_checked, datasets=datasets), run_dir)
+        self.method = build_method(cfg, self.dataset, trained)
         prepare_model(self.method, self.method.encoders, cfg.train, self.device)
         self.context = StepContext(self.build_optimizer, self.unshuffled_train, self.device, cfg.train.amp)
         self.method.attach(self.context)
