@@ -87,6 +87,11 @@ def build_checked(cfg: RunConfig, datasets: DatasetSource) -> Method:
     return build_method(cfg, datasets(cfg), requirement_builders(cfg, partial(build_checked, datasets=datasets)))
 
 
+def inner_encoders(method: Method) -> list[nn.ModuleDict]:
+    """The encoders of the methods inside `method` (UMT's teachers: required runs, or trained in-run)."""
+    return [sub.encoders for sub in method.modules() if isinstance(sub, Method) and sub is not method]
+
+
 def build_optimizer(cfg: RunConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
     o = cfg.optim
     if o.name == "sgd":
@@ -172,11 +177,14 @@ class PassCounter:
     step as much: AGM's masked passes, DI-MML's frozen stage-2 encoders), and training-mode calls
     outside one."""
 
-    def __init__(self, encoders: nn.ModuleDict) -> None:
+    def __init__(self, encoders: nn.ModuleDict, *inner: nn.ModuleDict) -> None:
+        """`inner`: encoders of models a method runs in its steps (its required runs'): their
+        calls count too, in units of one pass of `encoders`."""
         self.calls = 0
         self.n_encoders = len(encoders)
         self.in_step = False
-        for encoder in encoders.values():
+        hooked = {id(e): e for group in (encoders, *inner) for e in group.values()}  # each module once
+        for encoder in hooked.values():
             encoder.register_forward_hook(self._hook)
 
     @contextmanager
@@ -264,7 +272,7 @@ class Trainer:
         prepare_model(self.method, self.method.encoders, cfg.train, self.device)
         self.context = StepContext(self.build_optimizer, self.unshuffled_train, self.device, cfg.train.amp)
         self.method.attach(self.context)
-        self.passes = PassCounter(self.method.encoders)
+        self.passes = PassCounter(self.method.encoders, *inner_encoders(self.method))
         self.steps = 0
         self.schedule = CheckpointSchedule(cfg.train.checkpoint_every, cfg.train.epochs)
         # the best-val epoch's weights since the last checkpoint, written with the next one
