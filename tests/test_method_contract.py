@@ -209,6 +209,9 @@ SECTIONS = [
     {"name": "reconboost", "variant": "balancebenchmark"},
     {"name": "inforeg"},
     {"name": "inforeg", "variant": "first_release"},
+    # teachers/members trained in the run: this setup hands no required runs (test_umt.py covers `store`)
+    {"name": "umt", "teachers": "in_run", "teacher_epochs": 1},
+    {"name": "ume", "teachers": "in_run"},
 ]
 
 
