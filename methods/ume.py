@@ -84,9 +84,10 @@ class UME(Method):
         return super().param_groups() if self.params.teachers == "in_run" else [{"params": []}]
 
     def training_step(self, batch: Batch) -> dict[str, torch.Tensor]:
-        if self.params.teachers == "store":  # trained in their own runs: nothing to do
-            return {"loss": torch.zeros(())}
         ctx = self.step_context
+        if self.params.teachers == "store":  # trained in their own runs: nothing to do
+            ctx.step()  # over no parameters: a no-op the schedule still counts (torch warns otherwise)
+            return {"loss": torch.zeros(())}
         ctx.zero_grad()
         with ctx.autocast():
             logits = self.fusion.per_modality(self.encode(batch.inputs))
