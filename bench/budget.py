@@ -120,7 +120,8 @@ def time_run(cfg: RunConfig, sizes: dict[str, int], datasets: DatasetSource = bu
     """Measure `cfg`'s training and evaluation rates on a few batches; `sizes`: rows per split."""
     rows = TIMED_STEPS * cfg.train.batch_size
     with tempfile.TemporaryDirectory(prefix="mmb-timing-") as tmp:  # the trainer writes nothing there
-        trainer = Trainer(cfg, RunDir(Path(tmp) / "timing"), lambda c: FewRows(datasets(c), rows))
+        # a method's required runs (UMT's teachers) cost the same untrained: stand-ins, not the store's
+        trainer = Trainer(cfg, RunDir(Path(tmp) / "timing"), lambda c: FewRows(datasets(c), rows), stand_ins=True)
         trainer.train_epoch(0)  # warm-up
         rate = trainer.train_epoch(0)["samples_per_s"]
         evaluated = len(trainer.loaders["val"].split)  # type: ignore[arg-type]

@@ -46,9 +46,10 @@ from tqdm.auto import tqdm
 from mmbalance.bench.config import RunConfig, validate
 from mmbalance.bench.launch.options import LauncherConfig
 from mmbalance.bench.launch.plan import label
+from mmbalance.bench.requirements import with_requirements
 from mmbalance.bench.resources import shipped_config, shipped_configs
 from mmbalance.bench.store import Store
-from mmbalance.bench.train import DatasetSource, RunResult, build_dataset, build_method, run
+from mmbalance.bench.train import DatasetSource, RunResult, build_checked, build_dataset, run
 from mmbalance.core.errors import ConfigError, DataError, RunFailed
 from mmbalance.core.overrides import (
     Sources,
@@ -357,7 +358,7 @@ def check_runs(configs: Sequence[RunConfig], datasets: DatasetSource | None = No
         seen.add(key)
         run_name = f"run {label(cfg)!r} seed {cfg.train.seed}"
         try:
-            build_method(cfg, datasets(cfg))
+            build_checked(cfg, datasets)
         except ConfigError as e:
             raise ConfigError(f"{run_name}: {e}") from None
         except DataError as e:
@@ -369,8 +370,11 @@ def check_runs(configs: Sequence[RunConfig], datasets: DatasetSource | None = No
 
 
 def run_inline(configs: Sequence[RunConfig], store: Store, *, keep_going: bool = True) -> list[RunResult]:
-    """Run every config here, one after another. A failed run is reported and, with
-    `keep_going`, the others still run; its status file names the cause."""
+    """Run every config here, one after another, and the runs they require before them
+    (bench.requirements; finished ones are skipped). A failed run is reported and, with
+    `keep_going`, the others still run; its status file names the cause (a run whose
+    requirement failed fails in one line naming it)."""
+    configs = with_requirements(configs)
     datasets = DatasetCache()
     check_runs(configs, datasets)
     results, failures = [], []

@@ -18,6 +18,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from mmbalance.bench.device import prepare_model, resolve_device
 from mmbalance.bench.evaluate import Evaluation, evaluate
 from mmbalance.bench.oserror import os_message
 from mmbalance.bench.probe import probe_all
+from mmbalance.bench.requirements import requirement_builders
 from mmbalance.bench.schema import check_checkpoint
 from mmbalance.bench.selection import best_epoch
 from mmbalance.bench.store import RunDir, Store
@@ -70,11 +72,24 @@ def build_dataset(cfg: RunConfig) -> Dataset:
     return DATASETS.create(cfg.dataset, where="dataset.name")
 
 
-def build_method(cfg: RunConfig, dataset: Dataset) -> Method:
+def build_method(cfg: RunConfig, dataset: Dataset,
+                 required: dict[str, Callable[[], Method]] | None = None) -> Method:
+    """The run's method on fresh encoders; `required`: its requirements' builders (MethodSetup.required)."""
     encoders = nn.ModuleDict({m.name: build_encoder(cfg.model.encoders[m.name], m) for m in dataset.modalities})
     setup = MethodSetup(encoders, dataset.num_classes, dataset.modalities, cfg.model.fusion,
-                        cfg.model.conditioning, cfg.train.epochs)
+                        cfg.model.conditioning, cfg.train.epochs, required or {})
     return METHODS.create(cfg.method, setup, where="method.name")
+
+
+def build_checked(cfg: RunConfig, datasets: DatasetSource) -> Method:
+    """The run's method with untrained stand-ins for its requirements: what a check that trains
+    nothing builds, and what a requirement's trained weights are loaded into."""
+    return build_method(cfg, datasets(cfg), requirement_builders(cfg, partial(build_checked, datasets=datasets)))
+
+
+def inner_encoders(method: Method) -> list[nn.ModuleDict]:
+    """The encoders of the methods inside `method` (UMT's teachers: required runs, or trained in-run)."""
+    return [sub.encoders for sub in method.modules() if isinstance(sub, Method) and sub is not method]
 
 
 def build_optimizer(cfg: RunConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
@@ -162,11 +177,14 @@ class PassCounter:
     step as much: AGM's masked passes, DI-MML's frozen stage-2 encoders), and training-mode calls
     outside one."""
 
-    def __init__(self, encoders: nn.ModuleDict) -> None:
+    def __init__(self, encoders: nn.ModuleDict, *inner: nn.ModuleDict) -> None:
+        """`inner`: encoders of models a method runs in its steps (its required runs'): their
+        calls count too, in units of one pass of `encoders`."""
         self.calls = 0
         self.n_encoders = len(encoders)
         self.in_step = False
-        for encoder in encoders.values():
+        hooked = {id(e): e for group in (encoders, *inner) for e in group.values()}  # each module once
+        for encoder in hooked.values():
             encoder.register_forward_hook(self._hook)
 
     @contextmanager
@@ -241,7 +259,10 @@ def snapshot(state: dict[str, Any]) -> dict[str, Any]:
 class Trainer:
     """Trains one run config into one run directory."""
 
-    def __init__(self, cfg: RunConfig, run_dir: RunDir, datasets: DatasetSource = build_dataset) -> None:
+    def __init__(self, cfg: RunConfig, run_dir: RunDir, datasets: DatasetSource = build_dataset,
+                 stand_ins: bool = False) -> None:
+        """`stand_ins`: untrained stand-ins for the method's requirements (a timing that trains
+        nothing for the record), not their finished runs from the store."""
         self.cfg = cfg
         self.dir = run_dir
         self.device = resolve_device(cfg.train.device)
@@ -249,12 +270,13 @@ class Trainer:
         seed_everything(cfg.train.seed)
         self.dataset = datasets(cfg)
         self.loaders = build_loaders(self.dataset, cfg.train, self.device)
-        self.method = build_method(cfg, self.dataset)
+        trained = requirement_builders(cfg, partial(build_checked, datasets=datasets), None if stand_ins else run_dir)
+        self.method = build_method(cfg, self.dataset, trained)
         prepare_model(self.method, self.method.encoders, cfg.train, self.device)
         self.context = StepContext(self.build_optimizer, self.unshuffled_train, self.device, cfg.train.amp,
                                    val_batches=self.loaders["val"])
         self.method.attach(self.context)
-        self.passes = PassCounter(self.method.encoders)
+        self.passes = PassCounter(self.method.encoders, *inner_encoders(self.method))
         self.steps = 0
         self.schedule = CheckpointSchedule(cfg.train.checkpoint_every, cfg.train.epochs)
         # the best-val epoch's weights since the last checkpoint, written with the next one

@@ -29,6 +29,12 @@ method that draws random numbers around them takes them from a generator of its 
 validation split is also the split the harness selects epochs on, so a method that lets it shape
 training (as its release does with a held-out split) says so in its docstring.
 
+A method may need other runs trained first (UMT's unimodal teachers, UME's unimodal members):
+`Method.requires(params, modalities)` names them, each as the overrides that turn this run's config
+into the required run's. The harness adds them to the plan, trains them first, and hands their
+trained methods (best.pt, frozen, eval mode) in `MethodSetup.required`; `setup.require(name)`
+builds one. A run whose requirement is not finished fails with a one-line error naming it.
+
 Every method names its `family`, the stage of training it adjusts, in the field's taxonomy
 (BalanceBenchmark's four families: `data` at the input, `feed-forward` at the features and fusion,
 `objective` at the loss, `optimisation` on the backward path and the update), or `baseline` (joint
@@ -65,10 +71,20 @@ class MethodSetup:
     fusion: str = "concat"
     conditioning: str | None = None
     epochs: int = 1  # train.epochs: methods with stages check their lengths against it
+    # requirement name (Method.requires) -> builds that run's trained method, frozen, in eval mode
+    required: dict[str, Callable[[], Method]] = field(default_factory=dict)
 
     def feature_dims(self, names: tuple[str, ...] | None = None) -> dict[str, int]:
         names = names or tuple(m.name for m in self.modalities)
         return {m: self.encoders[m].out_dim for m in names}
+
+    def require(self, name: str) -> Method:
+        """The trained method of this run's requirement `name` (see Method.requires)."""
+        if name not in self.required:
+            raise ConfigError(f"requirement {name!r} was not handed to this method (handed: "
+                              f"{', '.join(self.required) or 'none'}); the harness builds Method.requires' "
+                              "runs into MethodSetup.required, and a test must do the same")
+        return self.required[name]()
 
 
 # builds an optimizer and its schedule over method.param_groups(); the schedule may be None in tests
@@ -157,6 +173,13 @@ class Method(nn.Module):
         self.num_classes = setup.num_classes
         self.encoders = setup.encoders
         self._step_context: StepContext | None = None
+
+    @classmethod
+    def requires(cls, params: BaseModel, modalities: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+        """The runs this run needs trained first, by name: each as dotted overrides that turn this
+        run's config into the required run's (e.g. {"method": {"name": "unimodal", "modality": m}}:
+        same data, encoders, seed and budget, another method). Default: none."""
+        return {}
 
     # ---- harness plumbing
     def attach(self, context: StepContext) -> None:

@@ -218,6 +218,9 @@ SECTIONS = [
     {"name": "cml"},
     {"name": "amco"},
     {"name": "mbsd"},
+    # teachers/members trained in the run: this setup hands no required runs (test_umt.py covers `store`)
+    {"name": "umt", "teachers": "in_run", "teacher_epochs": 1},
+    {"name": "ume", "teachers": "in_run"},
 ]
 
 

@@ -442,3 +442,21 @@ def test_a_requeue_by_scontrol_counts_as_a_restart_and_the_run_resumes(partition
     after = rd.read_metrics()
     assert [r["epoch"] for r in after] == list(range(16))  # every epoch once: resumed, not restarted
     assert after[0] == before[0]
+
+
+def test_a_run_that_needs_teachers_is_submitted_after_them_with_a_dependency(partition, results, tmp_path):
+    """A sweep of only UMT runs: its unimodal teachers go in a first array, UMT in a second one
+    submitted with an afterany dependency on the first; UMT finds them finished and trains."""
+    path = write_sweep(tmp_path / "umt.yaml", "slurm-umt", partition, cells={"umt": {"method": {"name": "umt"}}})
+    done = mmbalance(results, "sweep", str(path), "--launcher", "slurm", "--wait")
+    assert done.returncode == 0, done.stderr
+    by_method: dict[str, list[RunDir]] = {}
+    for rd in runs_of(results, "slurm-umt"):
+        by_method.setdefault(rd.read_config()["method"]["name"], []).append(rd)
+    teachers, (umt,) = by_method["unimodal"], by_method["umt"]
+    assert len(teachers) == 2 and all(rd.status()["state"] == "finished" for rd in teachers)
+    assert umt.status()["state"] == "finished", umt.status()
+    first = {str(rd.status()["job_id"]).split("_")[0] for rd in teachers}
+    second = str(umt.status()["job_id"]).split("_")[0]
+    assert len(first) == 1 and second not in first
+    assert f"after job(s) {first.pop()}" in done.stderr + done.stdout  # submitted with the dependency

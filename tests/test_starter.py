@@ -23,7 +23,7 @@ from mmbalance.bench.starter import (
     method_cells,
     min_epochs,
 )
-from mmbalance.bench.train import build_dataset, build_method
+from mmbalance.bench.train import build_checked, build_dataset
 from mmbalance.core.registry import METHODS
 from mmbalance.core.types import Modality
 from mmbalance.datasets.base import TensorSplit
@@ -71,7 +71,7 @@ def test_every_method_builds_at_any_epoch_budget(epochs):
         overrides = [f"{k}={v}" for k, v in cell.items()]
         cfg = load_config(None, [*GAUSSIAN, f"train.epochs={epochs}", "model.encoders.audio.name=mlp",
                                  "model.encoders.visual.name=mlp", *overrides])
-        build_method(cfg, build_dataset(cfg))  # a stage that does not fit raises ConfigError
+        build_checked(cfg, build_dataset)  # a stage that does not fit raises ConfigError (teachers: stand-ins)
 
 
 def test_stage_rules():
@@ -83,6 +83,11 @@ def test_stage_rules():
     assert epoch_settings("ogm_ge", 10, ["a", "b"], small) == {"modulation_ends": 5}
     assert epoch_settings("ogm_ge", 10, ["a", "b"], {**small, "b": {"name": "mlp"}})["param_filter"] == "all_encoder"
     assert epoch_settings("joint", 10, ["a", "b"], small) == {}
+    assert epoch_settings("relearning", 90, ["a", "b"], small) == {"reinit_epoch": 20, "reinit_num": 3}
+    assert epoch_settings("relearning", 12, ["a", "b"], small) == {"reinit_epoch": 3, "reinit_num": 3}
+    assert epoch_settings("relearning", 3, ["a", "b"], small) == {"reinit_epoch": 1, "reinit_num": 1}
+    assert epoch_settings("relearning", 2, ["a", "b"], small) == {"variant": "balancebenchmark", "reinit_epoch": 1,
+                                                                  "reinit_num": 1}
     assert min_epochs(["a", "b"]) == 2 and min_epochs(["a", "b", "c"]) == 3
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from mmbalance.bench.claim import describe_holder
 from mmbalance.bench.config import RunConfig
 from mmbalance.bench.launch.options import LauncherConfig
-from mmbalance.bench.launch.plan import PlannedRun, decide, format_plan, label, plan, to_run
+from mmbalance.bench.launch.plan import PlannedRun, decide, format_plan, label, levels, plan, to_run
 from mmbalance.bench.store import RunDir, Store
 
 log = logging.getLogger(__name__)
@@ -61,18 +61,30 @@ def launch(configs: Sequence[RunConfig], store: Store, options: LauncherConfig, 
 
 def launch_slurm(todo: list[PlannedRun], planned: list[PlannedRun], store: Store, options: LauncherConfig,
                  wait: bool, cluster: str | None, poll_s: float) -> int:
+    """One job array per wave of `todo` (plan.levels): runs that require others go in a later array,
+    submitted with a SLURM dependency (afterany) on the earlier arrays and on the jobs of required
+    runs that earlier launches queued; a run whose requirement did not finish fails naming it."""
     from mmbalance.bench.launch import slurm
 
     group = todo[0].cfg.group
     folder = store.root / group / ".submitit"
     k = options.packing()
-    jobs = slurm.submit(todo, slurm.make_executor(folder, options, f"mmb-{group}", cluster), k, options.cpus_per_task)
+    jobs: list = []
+    after = active_job_ids([p for p in planned if p.state in ("queued", "running")
+                            and any(p.run_dir.run_id in q.needs.values() for q in todo)])
+    for wave in levels(todo):
+        executor = slurm.make_executor(folder, options, f"mmb-{group}", cluster, after=after)
+        submitted = slurm.submit(wave, executor, k, options.cpus_per_task)
+        if submitted:
+            array = str(submitted[0].job_id).split("_")[0]
+            packed = f", {k} per task at once ({len(submitted)} array task(s))" if k > 1 else ""
+            waits = f", after job(s) {', '.join(after)}" if after else ""
+            log.info(f"submitted {len(wave)} run(s){packed} as job array {array} ({submitted[0].job_id} .. "
+                     f"{submitted[-1].job_id}){waits}; logs in {folder}")
+            after = [*after, array]
+        jobs.extend(submitted)
     if not jobs:  # every run was taken or finished by another launch since this one planned
         return outcome(planned)
-    array = str(jobs[0].job_id).split("_")[0]
-    packed = f", {k} per task at once ({len(jobs)} array task(s))" if k > 1 else ""
-    log.info(f"submitted {len(todo)} run(s){packed} as job array {array} ({jobs[0].job_id} .. {jobs[-1].job_id}); "
-             f"logs in {folder}")
     if not wait:
         log.info(f"follow with: mmbalance status {store.root / group}   (or: mmbalance sweep ... --wait)")
         return 0

@@ -2,7 +2,8 @@
 (`python -m mmbalance run-one RUN_DIR`), with the cores (and GPUs) split between them so that they
 do not oversubscribe. K = runs_per_gpu workers share each GPU (small runs leave one GPU mostly
 idle); without a GPU, one worker per core a run uses (the thread policy, bench.threads: one per
-run on CPU unless train.threads says more). A run that fails is recorded as failed; the others
+run on CPU unless train.threads says more). A run starts once the runs of this launch
+it requires (Method.requires) have ended; a run that fails is recorded as failed; the others
 go on, unless it failed on an OS error (a full disk): then no more runs start (halted_launch).
 """
 
@@ -16,12 +17,12 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, as_completed, wait
 from contextlib import contextmanager
 
 from mmbalance.bench.claim import elsewhere_line
 from mmbalance.bench.launch.options import LauncherConfig
-from mmbalance.bench.launch.plan import PlannedRun, label
+from mmbalance.bench.launch.plan import PlannedRun, label, waiting_on
 from mmbalance.bench.launch.worker import mark_pending, record_exit, restore_status, run_one_command, saved_status
 from mmbalance.bench.oserror import EXIT_OS_ERROR, os_message
 from mmbalance.bench.threads import cpu_share, run_threads
@@ -128,9 +129,26 @@ def launch_local(todo: Sequence[PlannedRun], options: LauncherConfig) -> dict[st
                     report(p, state, 0.0, states, len(todo))
             if marked:
                 log.info(placement_line(len(marked), workers, gpus, k, run_thread_count(marked, gpus, workers)))
-            futures.update({pool.submit(run_in_process, p, slots, workers, gpus, k, running): p for p in marked})
-            for future in as_completed(futures):
-                report(futures[future], *future.result(), states, len(todo))
+            waits = waiting_on(marked)
+            pending: set[Future] = set()
+
+            def start_ready() -> None:  # in plan order, the runs whose requirements have ended
+                for p in marked:
+                    if p.run_dir.run_id in waits and not waits[p.run_dir.run_id]:
+                        del waits[p.run_dir.run_id]
+                        future = pool.submit(run_in_process, p, slots, workers, gpus, k, running)
+                        futures[future] = p
+                        pending.add(future)
+
+            start_ready()
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    pending.discard(future)
+                    report(futures[future], *future.result(), states, len(todo))
+                    for left in waits.values():  # ended, finished or not: a dependent then fails naming it
+                        left.discard(futures[future].run_dir.run_id)
+                start_ready()
         except KeyboardInterrupt:
             with sigint_ignored():  # a second Ctrl-C must not cut the clean-up short; it has a deadline
                 pool.shutdown(wait=False, cancel_futures=True)

@@ -1,5 +1,8 @@
 """Which runs of a sweep to do: the one decision every launcher and `--dry-run` share.
 
+The runs that the runs given require (Method.requires: UMT's teachers) are added, each before
+the first run that needs it (bench.requirements); each planned run lists the ids it needs.
+
 finished: skipped. queued/running: held by a live SLURM job, by a process holding the run's
 claim (bench.claim) or by a live local launcher that marked it pending, left alone. resume:
 started before (a checkpoint exists), continues from it. new: starts.
@@ -8,11 +11,12 @@ started before (a checkpoint exists), continues from it. new: starts.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mmbalance.bench.claim import is_held, is_this, process_gone
 from mmbalance.bench.config import RunConfig
 from mmbalance.bench.launch import jobs
+from mmbalance.bench.requirements import needs, with_requirements
 from mmbalance.bench.store import RunDir, Store
 
 TO_RUN = ("resume", "new")
@@ -29,6 +33,7 @@ class PlannedRun:
     state: str  # one of ORDER
     was: str  # the recorded state ("new" when nothing is recorded)
     damage: str = ""  # what is damaged and what the launch does about it (damage_note)
+    needs: dict[str, str] = field(default_factory=dict)  # requirement name -> the required run's id
 
 
 def decide(run_dir: RunDir, queued: set[str] | None) -> str:
@@ -66,13 +71,14 @@ def damage_note(run_dir: RunDir, state: str) -> str:
 
 
 def plan(configs: Sequence[RunConfig], store: Store) -> list[PlannedRun]:
+    """Every run of `configs` and the runs they require (requirements first), each with its state."""
     queued = jobs.queued_job_ids()
     silent = queued is None and jobs.have_slurm()
     planned = []
-    for cfg in configs:
+    for cfg in with_requirements(configs):
         rd = store.run_dir(cfg.group, cfg.run_id())
         state = "unknown" if silent and held_by_a_job(rd) else decide(rd, queued)
-        planned.append(PlannedRun(cfg, rd, state, rd.recorded_status()["state"], damage_note(rd, state)))
+        planned.append(PlannedRun(cfg, rd, state, rd.recorded_status()["state"], damage_note(rd, state), needs(cfg)))
     return planned
 
 
@@ -86,20 +92,41 @@ def to_run(planned: Sequence[PlannedRun]) -> list[PlannedRun]:
     return [p for p in planned if p.state in TO_RUN]
 
 
+def waiting_on(todo: Sequence[PlannedRun]) -> dict[str, set[str]]:
+    """Run id -> the ids of the runs of `todo` it requires: what must end before it starts (a
+    requirement not in `todo` has finished, or another launch holds it)."""
+    ids = {p.run_dir.run_id for p in todo}
+    return {p.run_dir.run_id: {rid for rid in p.needs.values() if rid in ids} for p in todo}
+
+
+def levels(todo: Sequence[PlannedRun]) -> list[list[PlannedRun]]:
+    """`todo` in waves, in order: the runs that require none of `todo`, then those that require
+    only runs of the first wave, and so on (plan puts requirements first, so one pass does it)."""
+    waits, level = waiting_on(todo), {}
+    for p in todo:
+        level[p.run_dir.run_id] = 1 + max((level[r] for r in waits[p.run_dir.run_id]), default=-1)
+    waves: list[list[PlannedRun]] = [[] for _ in range(max(level.values(), default=-1) + 1)]
+    for p in todo:
+        waves[level[p.run_dir.run_id]].append(p)
+    return waves
+
+
 def counts(planned: Sequence[PlannedRun]) -> dict[str, int]:
     return {s: n for s in ORDER if (n := sum(p.state == s for p in planned))}
 
 
 def format_plan(planned: Sequence[PlannedRun]) -> str:
     """A count line, then one line per run: label, seed, run id, state (and the recorded state
-    where it differs)."""
+    where it differs), and under it a `needs:` line per run it requires (label, run id)."""
     summary = ", ".join(f"{n} {SHOWN.get(s, s)}" for s, n in counts(planned).items())
     width = max((len(label(p.cfg)) for p in planned), default=5)
+    labels = {p.cfg.run_id(): label(p.cfg) for p in planned}
     lines = [f"{len(planned)} runs: {summary or 'none'}"]
     for p in planned:
         note = f" (was {p.was})" if p.was not in (p.state, "new") and p.state != "finished" else ""
         note = f" ({p.damage})" if p.damage else note
         lines.append(f"  {label(p.cfg):<{width}}  seed {p.cfg.train.seed:<3} {p.cfg.run_id()}  {p.state}{note}")
+        lines.extend(f"      needs: {labels.get(rid, name)} {rid}" for name, rid in p.needs.items())
     return "\n".join(lines)
 
 

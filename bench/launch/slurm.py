@@ -167,10 +167,13 @@ def placement() -> dict[str, str]:
         return {"job_id": str(env.job_id)}
 
 
-def make_executor(folder: Path, options: LauncherConfig, name: str, cluster: str | None = None) -> submitit.Executor:
+def make_executor(folder: Path, options: LauncherConfig, name: str, cluster: str | None = None,
+                  after: Sequence[str] = ()) -> submitit.Executor:
     """An AutoExecutor (SLURM where sbatch exists; `cluster` picks another, e.g. 'local' in
     tests) with the sweep's sbatch options. OMP_NUM_THREADS follows the CPUs given: SLURM
-    without CPU binding would otherwise let torch use every core of the node."""
+    without CPU binding would otherwise let torch use every core of the node. `after`: job ids
+    its jobs start after (ended in any state: a run whose requirement failed fails naming it),
+    with any dependency the sweep's sbatch_extra gives."""
     executor = submitit.AutoExecutor(folder=folder, cluster=cluster,
                                      slurm_max_num_timeout=options.max_requeues)
     optional = {"slurm_partition": options.partition, "slurm_account": options.account,
@@ -182,10 +185,18 @@ def make_executor(folder: Path, options: LauncherConfig, name: str, cluster: str
         cpus_per_task=options.cpus_per_task,
         slurm_array_parallelism=options.array_parallelism,
         slurm_setup=["export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}"],
-        slurm_additional_parameters=dict(options.sbatch_extra),
+        slurm_additional_parameters=with_dependency(dict(options.sbatch_extra), after),
         **{k: v for k, v in optional.items() if v is not None},
     )
     return executor
+
+
+def with_dependency(sbatch: dict[str, Any], after: Sequence[str]) -> dict[str, Any]:
+    """sbatch options with `--dependency=afterany:<ids>` added (to the sweep's own, if any: both hold)."""
+    if not after:
+        return sbatch
+    wanted = "afterany:" + ":".join(after)
+    return {**sbatch, "dependency": f"{sbatch['dependency']},{wanted}" if sbatch.get("dependency") else wanted}
 
 
 def chunks(todo: Sequence[PlannedRun], k: int) -> list[list[PlannedRun]]:

@@ -25,7 +25,7 @@ from pydantic import ValidationError
 
 from mmbalance.bench.config import RunConfig, TrainConfig
 from mmbalance.bench.device import prepare_model
-from mmbalance.bench.train import PassCounter, build_optimizer, build_scheduler
+from mmbalance.bench.train import PassCounter, build_optimizer, build_scheduler, inner_encoders
 from mmbalance.core.registry import METHODS
 from mmbalance.core.types import Batch, Modality
 from mmbalance.methods.base import Method, MethodSetup, StepContext
@@ -98,6 +98,10 @@ VARIANTS = (
     Variant("cml", {"name": "cml"}),
     Variant("amco", {"name": "amco"}),
     Variant("mbsd", {"name": "mbsd"}),
+    # the UMT stage (teachers trained in the run, as the stored ones would be: same step); one
+    # teacher forward per modality beside the student's
+    Variant("umt (distilling)", {"name": "umt", "teachers": "in_run", "teacher_epochs": 1}, epoch=1),
+    Variant("ume (members trained in the run)", {"name": "ume", "teachers": "in_run"}),
 )
 
 
@@ -154,7 +158,7 @@ def build_subject(variant: Variant, shapes: Shapes, batch: Batch, train: TrainCo
     for epoch in range(variant.epoch + 1):  # stage starts (MIE's projection, DI-MML's selection)
         context.epoch = epoch
         method.on_epoch_start(epoch)
-    passes = PassCounter(method.encoders)
+    passes = PassCounter(method.encoders, *inner_encoders(method))
     return Subject(variant, method, context, passes)
 
 
