@@ -42,7 +42,7 @@ from mmbalance.core.errors import ConfigError, DamagedFile, MMBalanceError, RunF
 from mmbalance.core.registry import DATASETS, METHODS
 from mmbalance.core.types import Batch
 from mmbalance.datasets.base import Dataset
-from mmbalance.methods.base import Method, MethodSetup, StepContext
+from mmbalance.methods.base import Method, MethodSetup, StepContext, no_holdout
 from mmbalance.models import build_encoder
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,15 @@ def build_method(cfg: RunConfig, dataset: Dataset) -> Method:
     setup = MethodSetup(encoders, dataset.num_classes, dataset.modalities, cfg.model.fusion,
                         cfg.model.conditioning, cfg.train.epochs)
     return METHODS.create(cfg.method, setup, where="method.name")
+
+
+def holdout_of(method: Method) -> float:
+    """The method's `holdout_fraction()`, checked: a share of train in [0, 1)."""
+    fraction = float(method.holdout_fraction())
+    if not 0 <= fraction < 1:
+        raise ConfigError(f"method {method.registry_name!r} holds out {fraction} of the training split; "
+                          "Method.holdout_fraction() must be in [0, 1)")
+    return fraction
 
 
 def build_optimizer(cfg: RunConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
@@ -248,10 +257,11 @@ class Trainer:
         self.threads, self.threads_why = apply_threads(cfg.train.threads, self.device.type)
         seed_everything(cfg.train.seed)
         self.dataset = datasets(cfg)
-        self.loaders = build_loaders(self.dataset, cfg.train, self.device)
         self.method = build_method(cfg, self.dataset)
+        self.loaders = build_loaders(self.dataset, cfg.train, self.device, holdout_of(self.method))
         prepare_model(self.method, self.method.encoders, cfg.train, self.device)
-        self.context = StepContext(self.build_optimizer, self.unshuffled_train, self.device, cfg.train.amp)
+        self.context = StepContext(self.build_optimizer, self.train_pass, self.device, cfg.train.amp,
+                                   holdout_batches=self.loaders["holdout"] if "holdout" in self.loaders else no_holdout)
         self.method.attach(self.context)
         self.passes = PassCounter(self.method.encoders)
         self.steps = 0
@@ -263,7 +273,11 @@ class Trainer:
         optimizer = build_optimizer(self.cfg, self.method.param_groups())
         return optimizer, build_scheduler(self.cfg, optimizer)
 
-    def unshuffled_train(self) -> Iterator[Batch]:
+    def train_pass(self, generator: torch.Generator | None = None) -> Iterator[Batch]:
+        """The method's training rows: in order at the evaluation batch size, or shuffled by
+        `generator` at the training batch size (an epoch's batches)."""
+        if generator is not None:
+            return self.loaders["train"](generator)
         return self.loaders["train"](batch_size=self.cfg.train.eval_batch_size)
 
     # ---- checkpoints
