@@ -221,7 +221,7 @@ class GBlending(Method):
             feats = self.encode(batch.inputs)
             logits = {**self.unimodal_logits(feats), FUSED: self.fusion(feats)}
             losses = {k: self.cross_entropy(logits[k], batch.labels) for k in self.branches}
-            weights = dict(zip(self.branches, self.weights))
+            weights = dict(zip(self.branches, self.weights.clone()))  # a copy: the next estimate writes the buffer
             loss = blended_loss(losses, weights)
         ctx.backward(loss)
         ctx.step()

@@ -209,6 +209,8 @@ SECTIONS = [
     {"name": "reconboost", "variant": "balancebenchmark"},
     {"name": "inforeg"},
     {"name": "inforeg", "variant": "first_release"},
+    {"name": "gblending"},
+    {"name": "gblending", "variant": "balancebenchmark"},
 ]
 
 
