@@ -383,10 +383,10 @@ class Trainer:
         loader = self.loaders["train"]
         self.context.epoch, self.context.num_batches, self.context.batch_index = epoch, len(loader), 0
         self.method.train()
+        start = time.perf_counter()  # the epoch's time includes its start hook's work (a stage's set-up, an estimate)
         self.method.on_epoch_start(epoch)
         lr = self.context.optimizer.param_groups[0]["lr"]  # after the hook, which may reset it
         losses = LossTally(lazy=self.device.type != "cpu")
-        start = time.perf_counter()
         bar = tqdm(loader(epoch_generator(cfg.seed, epoch)), total=len(loader),
                    desc=f"epoch {epoch}/{cfg.epochs - 1}", leave=False,
                    disable=True if not cfg.progress else None, dynamic_ncols=True)  # None: off when not a TTY

@@ -608,3 +608,13 @@ def test_registered_and_benched():
     assert METHODS.get("gblending", "method.name") is GBlending
     assert GBlending.family == "objective"
     assert [v.label for v in variants_named(["gblending"])] == ["joint", "gblending (step)"]
+
+
+def test_an_epochs_seconds_include_its_estimate(fast_config, store, monkeypatch):
+    """The estimate runs in the epoch's start hook: the epoch's recorded time (the cost report's
+    seconds per epoch) includes it."""
+    import time
+
+    monkeypatch.setattr(GBlending, "estimate", lambda self: time.sleep(0.3))
+    result = run(fast_config(*HARNESS, "train.epochs=1"), store)
+    assert RunDir(result.path).read_metrics()[0]["train"]["seconds"] >= 0.3
