@@ -11,9 +11,9 @@ that branch alone for a while and watching its loss on the data it trains on (T)
 never sees (V, a held-out part of TRAIN, never val or test): between two checkpoints N and N + n,
 
     O = L_V - L_T (the overfitting),   dO = O_{N+n} - O_N,   dG = L_V(N) - L_V(N+n),
-    OGR = |dO / dG|,                   w_k proportional to dG_k / dO_k^2 (Proposition 1).
+    OGR = |dO / dG|,                   w_k proportional to dG_k / dO_k^2, the weights summing to 1.
 
-Online G-Blend (the paper's Algorithm 2, the one implemented) re-estimates the weights every
+Online G-Blend (the paper's online variant, the one implemented) re-estimates the weights every
 `interval` epochs ("super-epoch") from the current model: each branch k (every modality and the
 fused head) is trained on trial for `estimate_epochs` epochs from the current weights with a fresh
 optimizer, the losses recorded, and the trial undone (`ctx.trial`). Offline G-Blend is
@@ -24,7 +24,10 @@ split (default 0.1), which is then never trained on; `ctx.holdout_batches()` len
 holds part of train out as V; the fraction is this suite's choice (BalanceBenchmark uses val).
 
 There is no release by the authors (none found; BalanceBenchmark's is the one public implementation
-of the field's benchmarks), so the default variant is the paper's, written from its text:
+of the field's benchmarks), so the default variant is the paper's. Its full text could not be
+fetched where this file was written: the variant follows the definitions above (O, dO, dG, OGR and
+w proportional to dG / dO^2 over a held-out part of train), and what the paper leaves open here is
+this suite's reading, named as such below:
 
 `variant: paper` (default)
 - Heads: a private linear classifier per modality on its encoder's features (the paper's late

@@ -353,9 +353,9 @@ def test_the_estimate_is_the_key_line():
 
 
 # ------------------------------------------------------------- the paper's online G-Blend, written here
-# Wang, Tran & Feiszli (CVPR 2020), Algorithms 1-2 and Proposition 1 as the method's docstring states
-# them: per super-epoch and branch, a copy of the model trained n epochs on T alone with a fresh
-# optimizer; per-sample mean losses on T and V before and after; w = max(dG, 0) / dO^2, normalised.
+# Wang, Tran & Feiszli (CVPR 2020), online G-Blend as the method's docstring states it: per
+# super-epoch and branch, a copy of the model trained n epochs on T alone with a fresh optimizer;
+# per-sample mean losses on T and V before and after; w = max(dG, 0) / dO^2, normalised.
 
 
 class PaperNet(nn.Module):
