@@ -4,6 +4,10 @@ any number of loader workers.
 `SplitLoader` is the training data path: batches of one split, read by persistent workers into
 pinned memory, copied without blocking, finished on the device (the batch halves of the views:
 GPU augmentation) and laid out channels_last where asked.
+
+A method may ask for part of the training split to be held out of training
+(`Method.holdout_fraction`): `holdout_rows` picks it from the run's seed alone, so the split is the
+same with any number of workers and after a resume.
 """
 
 from __future__ import annotations
@@ -17,12 +21,15 @@ import torch
 from torch.utils.data import DataLoader
 
 from mmbalance.bench.config import TrainConfig
+from mmbalance.core.errors import ConfigError
 from mmbalance.core.types import Batch
 from mmbalance.datasets.base import Dataset, TensorSplit
 from mmbalance.datasets.batch_views import draws_key
 from mmbalance.datasets.prepared import seeded
 
 BatchView = Callable[..., torch.Tensor]
+
+HOLDOUT_STREAM = 0x401D  # with the run's seed, the random stream of the held-out rows
 
 
 def seed_everything(seed: int) -> None:
@@ -69,27 +76,29 @@ def num_batches(n: int, batch_size: int, drop_last: bool) -> int:
 
 
 class SeededItems(torch.utils.data.Dataset):
-    """`split` addressed by (seed, index): the item is computed under torch's RNG seeded with
-    `seed`, so a sample's random augmentation depends on (run seed, epoch, index) alone, not on
-    which worker made it, whether workers persist across epochs, or where a run resumed. A split
-    that makes batches itself (CachedSplit.batch) is asked for the whole batch at once."""
+    """`split` (or its `rows`) addressed by (seed, index): the item is computed under torch's RNG
+    seeded with `seed`, so a sample's random augmentation depends on (run seed, epoch, index)
+    alone, not on which worker made it, whether workers persist across epochs, or where a run
+    resumed. A split that makes batches itself (CachedSplit.batch) is asked for the whole batch
+    at once. With `rows`, index i is the split's item rows[i]."""
 
-    def __init__(self, split: torch.utils.data.Dataset) -> None:
+    def __init__(self, split: torch.utils.data.Dataset, rows: Sequence[int] | None = None) -> None:
         self.split = split
+        self.rows = list(range(len(split))) if rows is None else [int(r) for r in rows]  # type: ignore[arg-type]
 
     def __len__(self) -> int:
-        return len(self.split)  # type: ignore[arg-type]
+        return len(self.rows)
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[dict[str, torch.Tensor], int]:
         seed, index = key
         with seeded(seed):
-            return self.split[index]
+            return self.split[self.rows[index]]
 
     def __getitems__(self, keys: Sequence[tuple[int, int]]) -> Batch | list[tuple[dict[str, torch.Tensor], int]]:
         batch = getattr(self.split, "batch", None)
         if batch is None:
             return [self[key] for key in keys]
-        return batch([index for _, index in keys], [seed for seed, _ in keys])
+        return batch([self.rows[index] for _, index in keys], [seed for seed, _ in keys])
 
 
 class PassSampler(torch.utils.data.Sampler):
@@ -127,28 +136,33 @@ class SplitLoader:
     workers they persist across passes and prefetch `prefetch` batches each, into pinned memory
     on CUDA; every batch is copied non-blocking, then finished by the split's batch views (the
     device half of the augmentation) and, with `channels_last`, images laid out NHWC.
+    With `rows`, the loader's split is those items of `split`, in that order.
     """
 
     def __init__(self, split: torch.utils.data.Dataset, batch_size: int, device: torch.device, *,
                  finish: dict[str, BatchView] | None = None, drop_last: bool = False, workers: int = 0,
-                 prefetch: int = 2, channels_last: bool = False) -> None:
+                 prefetch: int = 2, channels_last: bool = False, rows: Sequence[int] | None = None) -> None:
+        if rows is not None and isinstance(split, TensorSplit):
+            index = torch.as_tensor(list(rows), dtype=torch.long)
+            split, rows = TensorSplit({m: t[index] for m, t in split.inputs.items()}, split.labels[index]), None
         self.split, self.batch_size, self.drop_last = split, batch_size, drop_last
         self.device, self.finish, self.channels_last = device, finish or {}, channels_last
+        self.n = len(rows) if rows is not None else len(split)  # type: ignore[arg-type]
         self.sampler: PassSampler | None = None
         self.loader: DataLoader | None = None
         if isinstance(split, TensorSplit) and device.type == "cuda":  # small enough: keep it on the GPU
             self.split = TensorSplit({m: t.to(device) for m, t in split.inputs.items()}, split.labels.to(device))
         if not isinstance(split, TensorSplit):
-            self.sampler = PassSampler(len(split), batch_size, drop_last)  # type: ignore[arg-type]
+            self.sampler = PassSampler(self.n, batch_size, drop_last)
             self.loader = DataLoader(
-                SeededItems(split), batch_sampler=self.sampler, num_workers=workers, collate_fn=collate,
+                SeededItems(split, rows), batch_sampler=self.sampler, num_workers=workers, collate_fn=collate,
                 pin_memory=device.type == "cuda", persistent_workers=workers > 0,
                 prefetch_factor=prefetch if workers > 0 else None,
                 worker_init_fn=seed_worker if workers else None,
             )
 
     def __len__(self) -> int:
-        return num_batches(len(self.split), self.batch_size, self.drop_last)  # type: ignore[arg-type]
+        return num_batches(self.n, self.batch_size, self.drop_last)
 
     def __call__(self, generator: torch.Generator | None = None, batch_size: int | None = None) -> Iterator[Batch]:
         """One pass: shuffled by `generator`, or in order without one; `batch_size` overrides the
@@ -201,21 +215,44 @@ def augment_on_device(cfg: TrainConfig, device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def build_loaders(dataset: Dataset, cfg: TrainConfig, device: torch.device) -> dict[str, SplitLoader]:
+def holdout_rows(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(trained, held out): the rows of an n-item training split, the held-out ones round(fraction
+    n) of them (at least 1, at most n - 1), drawn by the run's seed alone. A larger fraction
+    holds out a superset of a smaller one's rows. Both lists are in the split's order."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"holdout fraction {fraction} must be in (0, 1)")
+    if n < 2:
+        raise ConfigError(f"the training split has {n} item(s): too few to hold any out for the method")
+    size = min(max(round(fraction * n), 1), n - 1)
+    order = np.random.default_rng([seed, HOLDOUT_STREAM]).permutation(n)
+    held = set(order[:size].tolist())
+    return [i for i in range(n) if i not in held], sorted(held)
+
+
+def build_loaders(dataset: Dataset, cfg: TrainConfig, device: torch.device,
+                  holdout: float = 0.0) -> dict[str, SplitLoader]:
     """The run's loaders: `train` (augmented, training batch size; the harness also makes
     unshuffled evaluation-sized passes with it), `train_plain` (the train split with test-time
-    views, for probes), `val` and `test`."""
+    views, for probes), `val` and `test`. With a `holdout` fraction, `train` covers only the rows
+    the method trains on, and `holdout` (test-time views, evaluation batch size) the others
+    (`holdout_rows`); `train_plain` stays the whole split, so that probes are as for any method."""
     on_device = augment_on_device(cfg, device)
     options = {"workers": loader_workers(cfg, device), "prefetch": cfg.prefetch,
                "channels_last": cfg.channels_last and device.type == "cuda"}
 
-    def loader(split: str, augment: bool, batch_size: int, drop_last: bool = False) -> SplitLoader:
+    def loader(split: str, augment: bool, batch_size: int, drop_last: bool = False,
+               rows: Sequence[int] | None = None) -> SplitLoader:
         data, finish = dataset.loader_split(split, augment=augment, on_device=on_device)
-        return SplitLoader(data, batch_size, device, finish=finish, drop_last=drop_last, **options)
+        return SplitLoader(data, batch_size, device, finish=finish, drop_last=drop_last, rows=rows, **options)
 
+    loaders = {"train_plain": loader("train", False, cfg.eval_batch_size)}
+    trained = held = None
+    if holdout:
+        trained, held = holdout_rows(loaders["train_plain"].n, holdout, cfg.seed)
+        loaders["holdout"] = loader("train", False, cfg.eval_batch_size, rows=held)
     return {
-        "train": loader("train", True, cfg.batch_size, cfg.drop_last),
-        "train_plain": loader("train", False, cfg.eval_batch_size),
+        "train": loader("train", True, cfg.batch_size, cfg.drop_last, rows=trained),
+        **loaders,
         "val": loader("val", False, cfg.eval_batch_size),
         "test": loader("test", False, cfg.eval_batch_size),
     }

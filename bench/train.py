@@ -44,7 +44,7 @@ from mmbalance.core.errors import ConfigError, DamagedFile, MMBalanceError, RunF
 from mmbalance.core.registry import DATASETS, METHODS
 from mmbalance.core.types import Batch
 from mmbalance.datasets.base import Dataset
-from mmbalance.methods.base import Method, MethodSetup, StepContext
+from mmbalance.methods.base import Method, MethodSetup, StepContext, no_holdout
 from mmbalance.models import build_encoder
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,15 @@ def build_checked(cfg: RunConfig, datasets: DatasetSource) -> Method:
 def inner_encoders(method: Method) -> list[nn.ModuleDict]:
     """The encoders of the methods inside `method` (UMT's teachers: required runs, or trained in-run)."""
     return [sub.encoders for sub in method.modules() if isinstance(sub, Method) and sub is not method]
+
+
+def holdout_of(method: Method) -> float:
+    """The method's `holdout_fraction()`, checked: a share of train in [0, 1)."""
+    fraction = float(method.holdout_fraction())
+    if not 0 <= fraction < 1:
+        raise ConfigError(f"method {method.registry_name!r} holds out {fraction} of the training split; "
+                          "Method.holdout_fraction() must be in [0, 1)")
+    return fraction
 
 
 def build_optimizer(cfg: RunConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
@@ -269,12 +278,13 @@ class Trainer:
         self.threads, self.threads_why = apply_threads(cfg.train.threads, self.device.type)
         seed_everything(cfg.train.seed)
         self.dataset = datasets(cfg)
-        self.loaders = build_loaders(self.dataset, cfg.train, self.device)
         trained = requirement_builders(cfg, partial(build_checked, datasets=datasets), None if stand_ins else run_dir)
-        self.method = build_method(cfg, self.dataset, trained)
+        self.method = build_method(cfg, self.dataset, trained)  # before the loaders: its holdout_fraction()
+        self.loaders = build_loaders(self.dataset, cfg.train, self.device, holdout_of(self.method))
         prepare_model(self.method, self.method.encoders, cfg.train, self.device)
-        self.context = StepContext(self.build_optimizer, self.unshuffled_train, self.device, cfg.train.amp,
-                                   val_batches=self.loaders["val"])
+        self.context = StepContext(self.build_optimizer, self.train_pass, self.device, cfg.train.amp,
+                                   val_batches=self.loaders["val"],
+                                   holdout_batches=self.loaders["holdout"] if "holdout" in self.loaders else no_holdout)
         self.method.attach(self.context)
         self.passes = PassCounter(self.method.encoders, *inner_encoders(self.method))
         self.steps = 0
@@ -286,7 +296,11 @@ class Trainer:
         optimizer = build_optimizer(self.cfg, self.method.param_groups())
         return optimizer, build_scheduler(self.cfg, optimizer)
 
-    def unshuffled_train(self) -> Iterator[Batch]:
+    def train_pass(self, generator: torch.Generator | None = None) -> Iterator[Batch]:
+        """The method's training rows: in order at the evaluation batch size, or shuffled by
+        `generator` at the training batch size (an epoch's batches)."""
+        if generator is not None:
+            return self.loaders["train"](generator)
         return self.loaders["train"](batch_size=self.cfg.train.eval_batch_size)
 
     # ---- checkpoints

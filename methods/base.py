@@ -15,6 +15,9 @@ attached before training) so that no method re-implements precision, backward or
     ctx.reset_optimizer_state()                  # forget momentum, keep the schedule where it is
     ctx.train_batches()                          # an unshuffled pass over the training split
     ctx.val_batches()                            # an in-order pass over the validation split
+    ctx.train_batches(generator)                 # a pass shuffled by `generator`: an epoch's training batches
+    ctx.holdout_batches()                        # an unshuffled pass over the held-out part of train
+    with ctx.trial(self): ...                    # steps on trial: undone when the block ends
 
 These are the only ways to do each of these things: a method calls no optimizer, scheduler or
 loader of its own, and touches no private name of the harness or of torch. `predict` is free of
@@ -35,6 +38,15 @@ into the required run's. The harness adds them to the plan, trains them first, a
 trained methods (best.pt, frozen, eval mode) in `MethodSetup.required`; `setup.require(name)`
 builds one. A run whose requirement is not finished fails with a one-line error naming it.
 
+A method that estimates something on data it does not train on (Gradient-Blending's
+overfitting-to-generalisation ratios) returns a fraction from `holdout_fraction()`: the harness
+then trains it on the rest of the training split only (`ctx.train_batches` included) and lends it
+the held-out rows, drawn by the run's seed alone, through `ctx.holdout_batches()`. Validation and
+test are never lent to a method; probes and metrics are computed as for every method. Inside
+`ctx.trial(module)` a method may train on trial (its own side models, as the field's "temp
+model"): the steps use a fresh optimizer, and on exit the module's parameters, buffers and
+gradients, the optimizer and the schedule are as they were; the passes are counted.
+
 Every method names its `family`, the stage of training it adjusts, in the field's taxonomy
 (BalanceBenchmark's four families: `data` at the input, `feed-forward` at the features and fusion,
 `objective` at the loss, `optimisation` on the backward path and the update), or `baseline` (joint
@@ -44,6 +56,7 @@ training) or `reference` (a unimodal-only model). Reports group their method tab
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -96,6 +109,11 @@ def _no_validation_pass() -> Iterable[Batch]:
                        "(bench.train.Trainer); a test passes StepContext(..., val_batches=...)")
 
 
+def no_holdout() -> Iterable[Batch]:
+    raise RuntimeError("ctx.holdout_batches(): the harness holds out no part of train for this method; a method "
+                       "that needs one returns a fraction in (0, 1) from Method.holdout_fraction()")
+
+
 @dataclass(eq=False)
 class StepContext:
     """What the harness lends a method for its steps (see the module docstring). The harness sets
@@ -104,8 +122,10 @@ class StepContext:
     a method only reads them."""
 
     build_optimizer: OptimizerFactory
-    # unshuffled batches of the training split, already on the device
-    train_batches: Callable[[], Iterable[Batch]]
+    # batches of the training split (the rows the method trains on), already on the device:
+    # unshuffled at the evaluation batch size, or with a torch.Generator shuffled by it at the
+    # training batch size (drop_last as configured)
+    train_batches: Callable[..., Iterable[Batch]]
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     amp: bool = False
     epoch: int = 0  # 0-based epoch being trained
@@ -114,6 +134,8 @@ class StepContext:
     # in-order batches of the validation split (the evaluation views), already on the device;
     # the default refuses clearly: only the harness's context lends one (a test passes its own)
     val_batches: Callable[[], Iterable[Batch]] = _no_validation_pass
+    # unshuffled batches of the held-out part of train (Method.holdout_fraction), test-time views
+    holdout_batches: Callable[[], Iterable[Batch]] = no_holdout
     optimizer: torch.optim.Optimizer = field(init=False)
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = field(init=False)
     backward_passes: int = field(default=0, init=False)
@@ -157,6 +179,25 @@ class StepContext:
         freshly built optimizer has none, keeping its learning rates and schedule where they are:
         a phase start in a run whose schedule runs on through the phases (ReconBoost)."""
         self.optimizer.state.clear()
+
+    @contextlib.contextmanager
+    def trial(self, module: nn.Module) -> Iterator[None]:
+        """Steps taken inside the block are on trial: they go to a fresh optimizer (base learning
+        rate, no state; `build_optimizer`, over the method's parameter groups), and on exit
+        `module`'s parameters, buffers and gradients, the optimizer and the schedule are as they
+        were before the block (also when it raises). Its passes count as any others."""
+        state = {k: v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+                 for k, v in module.state_dict().items()}
+        grads = [(p, None if p.grad is None else p.grad.clone()) for p in module.parameters()]
+        kept = self.optimizer, self.scheduler
+        self.optimizer, self.scheduler = self.build_optimizer()
+        try:
+            yield
+        finally:
+            self.optimizer, self.scheduler = kept
+            module.load_state_dict(state)
+            for p, g in grads:
+                p.grad = g
 
 
 class Method(nn.Module):
@@ -219,6 +260,11 @@ class Method(nn.Module):
 
     def param_groups(self) -> list[dict[str, Any]]:
         return [{"params": list(self.trainable())}]
+
+    def holdout_fraction(self) -> float:
+        """The share of the training split held out of this method's training and lent to it by
+        `ctx.holdout_batches()`; 0 (the default): none. Read once, when the harness builds the run."""
+        return 0.0
 
     def on_epoch_start(self, epoch: int) -> None:
         """Called before epoch `epoch` (0-based) trains."""

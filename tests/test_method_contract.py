@@ -221,6 +221,8 @@ SECTIONS = [
     # teachers/members trained in the run: this setup hands no required runs (test_umt.py covers `store`)
     {"name": "umt", "teachers": "in_run", "teacher_epochs": 1},
     {"name": "ume", "teachers": "in_run"},
+    {"name": "gblending"},
+    {"name": "gblending", "variant": "balancebenchmark"},
 ]
 
 

@@ -102,6 +102,9 @@ VARIANTS = (
     # teacher forward per modality beside the student's
     Variant("umt (distilling)", {"name": "umt", "teachers": "in_run", "teacher_epochs": 1}, epoch=1),
     Variant("ume (members trained in the run)", {"name": "ume", "teachers": "in_run"}),
+    # the step only (joint's plus the unimodal heads); its estimates cost (M + 1) x estimate_epochs
+    # trial epochs every `interval` epochs on top, which runs count (forward/backward passes per step)
+    Variant("gblending (step)", {"name": "gblending", "interval": 1, "estimate_epochs": 1}),
 )
 
 
@@ -152,7 +155,9 @@ def build_subject(variant: Variant, shapes: Shapes, batch: Batch, train: TrainCo
         optimizer = build_optimizer(cfg, method.param_groups())
         return optimizer, build_scheduler(cfg, optimizer)
 
-    context = StepContext(rebuild, lambda: iter([batch, batch]), device, train.amp, num_batches=1)
+    # every pass over train (shuffled or not) and over a held-out part is the timed batch
+    context = StepContext(rebuild, lambda generator=None: iter([batch, batch]), device, train.amp, num_batches=1,
+                          holdout_batches=lambda: iter([batch]))
     method.attach(context)
     method.train()
     for epoch in range(variant.epoch + 1):  # stage starts (MIE's projection, DI-MML's selection)
