@@ -64,7 +64,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from mmbalance.core.errors import ConfigError
-from mmbalance.core.params import Strict
+from mmbalance.core.params import Window
 from mmbalance.core.registry import METHODS
 from mmbalance.core.types import Batch, Prediction
 from mmbalance.methods.base import Method, MethodSetup
@@ -72,10 +72,9 @@ from mmbalance.methods.unimodal import Unimodal, UnimodalParams
 from mmbalance.models.fusion import build_fusion
 
 
-class UMTParams(Strict):
+class UMTParams(Window):
     # BalanceBenchmark's configs/trainer_config.yaml (UMT: scaling 10, modulation 0-80)
     scaling: float = Field(10.0, ge=0)
-    modulation_starts: int = Field(0, ge=0)
     modulation_ends: int | None = Field(80, ge=0)  # None: no end
     teachers: Literal["store", "in_run"] = "store"
     teacher_epochs: int | None = Field(None, ge=1)  # in_run: the teacher stage's epochs
@@ -83,9 +82,6 @@ class UMTParams(Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> UMTParams:
-        if self.modulation_ends is not None and self.modulation_ends < self.modulation_starts:
-            raise ValueError(f"modulation_ends={self.modulation_ends} is before modulation_starts="
-                             f"{self.modulation_starts}; the window is inclusive, give ends >= starts")
         if (self.teachers == "in_run") != (self.teacher_epochs is not None):
             raise ValueError("teacher_epochs is the in-run teacher stage's length: give it with teachers=in_run "
                              f"and only then (teachers={self.teachers!r}, teacher_epochs={self.teacher_epochs})")
@@ -95,10 +91,6 @@ class UMTParams(Strict):
 def distillation_losses(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Per modality, the mean squared error between the student's and the teacher's features."""
     return {m: F.mse_loss(student[m].float(), teacher[m].float()) for m in teacher}
-
-
-def in_window(epoch: int, starts: int, ends: int | None) -> bool:
-    return starts <= epoch and (ends is None or epoch <= ends)
 
 
 def unimodal_requirements(modalities: tuple[str, ...]) -> dict[str, dict[str, Any]]:
@@ -173,7 +165,7 @@ class UMT(Method):
             return self.teacher_step(batch)
         ctx = self.step_context
         p = self.params
-        window = bool(self.teachers) and in_window(ctx.epoch - self.stage_start, p.modulation_starts, p.modulation_ends)
+        window = bool(self.teachers) and p.in_window(ctx.epoch - self.stage_start)
         ctx.zero_grad()
         with ctx.autocast():
             feats = self.encode(batch.inputs)
