@@ -8,6 +8,12 @@ GPU augmentation) and laid out channels_last where asked.
 A method may ask for part of the training split to be held out of training
 (`Method.holdout_fraction`): `holdout_rows` picks it from the run's seed alone, so the split is the
 same with any number of workers and after a resume.
+
+A method may also choose an epoch's items (`Method.epoch_items`: rows of the training split,
+repeated or left out): a pass over `items` shuffles their positions by the epoch's generator
+exactly as a plain pass shuffles rows, and item seeds follow positions, so a repeated row gets
+augmentations of its own; every batch carries its samples' positions (`Batch.ids`), for the method
+to find what it decided for each. Without `items` a pass is what it always was.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import os
 import random
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -61,14 +68,15 @@ def collate(items: Batch | Sequence[tuple[dict[str, torch.Tensor], int]]) -> Bat
 
 
 def _tensor_batches(split: TensorSplit, batch_size: int, generator: torch.Generator | None,
-                    drop_last: bool) -> Iterator[Batch]:
-    n = len(split)
+                    drop_last: bool, items: Sequence[int] | None = None) -> Iterator[Batch]:
+    n = len(split) if items is None else len(items)
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
     order = order.to(split.labels.device)  # once per pass, not a copy (and a GPU sync) per batch
+    rows = order if items is None else torch.as_tensor(list(items), dtype=torch.long, device=order.device)[order]
     stop = n - n % batch_size if drop_last else n
     for start in range(0, stop, batch_size):
-        idx = order[start : start + batch_size]
-        yield Batch({m: t[idx] for m, t in split.inputs.items()}, split.labels[idx])
+        idx = rows[start : start + batch_size]
+        yield Batch({m: t[idx] for m, t in split.inputs.items()}, split.labels[idx], order[start : start + batch_size])
 
 
 def num_batches(n: int, batch_size: int, drop_last: bool) -> int:
@@ -102,30 +110,41 @@ class SeededItems(torch.utils.data.Dataset):
 
 
 class PassSampler(torch.utils.data.Sampler):
-    """Batches of (seed, index) keys for one pass over a split; the loader's owner sets the pass
-    (order and item seeds from a generator, or in order with fixed seeds) before iterating. It
-    runs in the main process, so persistent workers see each new pass."""
+    """Batches of (seed, index) keys for one pass over a split, or over `items` of it (indices,
+    repeats allowed); the loader's owner sets the pass (order of the positions and item seeds from
+    a generator, or in order with fixed seeds) before iterating. It runs in the main process, so
+    persistent workers see each new pass."""
 
     def __init__(self, n: int, batch_size: int, drop_last: bool) -> None:
         self.n, self.batch_size, self.drop_last = n, batch_size, drop_last
+        self.items: list[int] | None = None  # None: each index once, position = index
         self.order = torch.arange(n)
         self.base = 0
 
-    def set_pass(self, generator: torch.Generator | None, batch_size: int, drop_last: bool) -> None:
+    def set_pass(self, generator: torch.Generator | None, batch_size: int, drop_last: bool,
+                 items: Sequence[int] | None = None) -> None:
         self.batch_size, self.drop_last = batch_size, drop_last
+        self.items = None if items is None else [int(i) for i in items]
+        n = self.n if self.items is None else len(self.items)
         if generator is None:
-            self.order, self.base = torch.arange(self.n), 0
+            self.order, self.base = torch.arange(n), 0
         else:
-            self.order = torch.randperm(self.n, generator=generator)
+            self.order = torch.randperm(n, generator=generator)
             self.base = int(torch.randint(0, 2**62, (1,), generator=generator))
 
     def __len__(self) -> int:
-        return num_batches(self.n, self.batch_size, self.drop_last)
+        return num_batches(len(self.order), self.batch_size, self.drop_last)
+
+    def positions(self) -> list[list[int]]:
+        """The pass's batches as positions in its list of items (the rows, without `items`)."""
+        order = self.order.tolist()
+        return [order[start : start + self.batch_size] for start in range(0, len(self) * self.batch_size,
+                                                                           self.batch_size)]
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        order = self.order.tolist()
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
-            yield [(self.base + i, i) for i in order[start : start + self.batch_size]]
+        rows = self.items
+        for batch in self.positions():
+            yield [(self.base + p, p if rows is None else rows[p]) for p in batch]
 
 
 class SplitLoader:
@@ -164,17 +183,24 @@ class SplitLoader:
     def __len__(self) -> int:
         return num_batches(self.n, self.batch_size, self.drop_last)
 
-    def __call__(self, generator: torch.Generator | None = None, batch_size: int | None = None) -> Iterator[Batch]:
+    def batches_over(self, items: Sequence[int] | None) -> int:
+        """The batches of a shuffled pass over `items` (None: over every item once)."""
+        return len(self) if items is None else num_batches(len(items), self.batch_size, self.drop_last)
+
+    def __call__(self, generator: torch.Generator | None = None, batch_size: int | None = None,
+                 items: Sequence[int] | None = None) -> Iterator[Batch]:
         """One pass: shuffled by `generator`, or in order without one; `batch_size` overrides the
-        loader's for this pass (e.g. an evaluation-sized pass over the training split)."""
+        loader's for this pass (e.g. an evaluation-sized pass over the training split). With
+        `items` (indices of the loader's items, repeats allowed) the pass covers those."""
         size = batch_size or self.batch_size
         drop = self.drop_last and generator is not None
         if self.loader is None:
-            raw: Iterator[Batch] = _tensor_batches(self.split, size, generator, drop)  # type: ignore[arg-type]
+            raw: Iterator[Batch] = _tensor_batches(self.split, size, generator, drop, items)  # type: ignore[arg-type]
         else:
             assert self.sampler is not None
-            self.sampler.set_pass(generator, size, drop)
-            raw = iter(self.loader)
+            self.sampler.set_pass(generator, size, drop, items)
+            positions = self.sampler.positions()  # now: a later pass may set the sampler again
+            raw = (replace(batch, ids=torch.tensor(ids)) for batch, ids in zip(iter(self.loader), positions))
         for batch in raw:
             yield self.finished(batch.to(self.device))
 
@@ -186,7 +212,7 @@ class SplitLoader:
         if self.channels_last:
             inputs = {m: x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
                       for m, x in inputs.items()}
-        return Batch(inputs, batch.labels)
+        return Batch(inputs, batch.labels, batch.ids)
 
 
 def loader_workers(cfg: TrainConfig, device: torch.device) -> int:

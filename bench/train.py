@@ -101,6 +101,20 @@ def holdout_of(method: Method) -> float:
     return fraction
 
 
+def epoch_items_of(method: Method, epoch: int, rows: int) -> list[int] | None:
+    """The method's `epoch_items(epoch)`, checked: rows of its `rows`-row training split."""
+    items = method.epoch_items(epoch)
+    if items is None:
+        return None
+    items = [int(i) for i in items]
+    bad = [i for i in items if not 0 <= i < rows]
+    if bad or not items:
+        what = f"row {bad[0]}" if bad else "no rows"
+        raise RunFailed(f"method {method.registry_name!r} chose {what} for epoch {epoch}; Method.epoch_items "
+                        f"returns rows of its training split, 0 to {rows - 1}, at least one")
+    return items
+
+
 def build_optimizer(cfg: RunConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
     o = cfg.optim
     if o.name == "sgd":
@@ -284,7 +298,8 @@ class Trainer:
         prepare_model(self.method, self.method.encoders, cfg.train, self.device)
         self.context = StepContext(self.build_optimizer, self.train_pass, self.device, cfg.train.amp,
                                    val_batches=self.loaders["val"],
-                                   holdout_batches=self.loaders["holdout"] if "holdout" in self.loaders else no_holdout)
+                                   holdout_batches=self.loaders["holdout"] if "holdout" in self.loaders else no_holdout,
+                                   seed=cfg.train.seed)
         self.method.attach(self.context)
         self.passes = PassCounter(self.method.encoders, *inner_encoders(self.method))
         self.steps = 0
@@ -408,11 +423,13 @@ class Trainer:
         self.method.train()
         hook_start = time.perf_counter()
         self.method.on_epoch_start(epoch)
+        items = epoch_items_of(self.method, epoch, loader.n)
+        self.context.num_batches = loader.batches_over(items)
         hook_seconds = time.perf_counter() - hook_start
         lr = self.context.optimizer.param_groups[0]["lr"]  # after the hook, which may reset it
         losses = LossTally(lazy=self.device.type != "cpu")
         start = time.perf_counter()
-        bar = tqdm(loader(epoch_generator(cfg.seed, epoch)), total=len(loader),
+        bar = tqdm(loader(epoch_generator(cfg.seed, epoch), items=items), total=self.context.num_batches,
                    desc=f"epoch {epoch}/{cfg.epochs - 1}", leave=False,
                    disable=True if not cfg.progress else None, dynamic_ncols=True)  # None: off when not a TTY
         for index, batch in enumerate(bar):

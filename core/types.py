@@ -21,20 +21,27 @@ class Modality:
 
 @dataclass
 class Batch:
+    """Inputs by modality and labels. `ids`, where the harness's loader made the batch: each
+    sample's position in the pass's list of items, i.e. its row of the split, or, in an epoch whose
+    items a method chose (Method.epoch_items), its position in the method's list."""
+
     inputs: dict[str, torch.Tensor]
     labels: torch.Tensor
+    ids: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> Batch:
         nb = device.type == "cuda"
         return Batch(
             {m: t.to(device, non_blocking=nb) for m, t in self.inputs.items()},
             self.labels.to(device, non_blocking=nb),
+            None if self.ids is None else self.ids.to(device, non_blocking=nb),
         )
 
     def pin_memory(self) -> Batch:
         """Page-locked copies: a DataLoader with `pin_memory=True` calls this on each batch, and
         only from pinned memory does a non-blocking copy to a GPU overlap with its work."""
-        return Batch({m: t.pin_memory() for m, t in self.inputs.items()}, self.labels.pin_memory())
+        return Batch({m: t.pin_memory() for m, t in self.inputs.items()}, self.labels.pin_memory(),
+                     None if self.ids is None else self.ids.pin_memory())
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -17,6 +17,7 @@ attached before training) so that no method re-implements precision, backward or
     ctx.val_batches()                            # an in-order pass over the validation split
     ctx.train_batches(generator)                 # a pass shuffled by `generator`: an epoch's training batches
     ctx.holdout_batches()                        # an unshuffled pass over the held-out part of train
+    ctx.seed                                     # the run's seed (train.seed), for a method's own generators
     with ctx.trial(self): ...                    # steps on trial: undone when the block ends
 
 These are the only ways to do each of these things: a method calls no optimizer, scheduler or
@@ -46,6 +47,16 @@ test are never lent to a method; probes and metrics are computed as for every me
 `ctx.trial(module)` a method may train on trial (its own side models, as the field's "temp
 model"): the steps use a fresh optimizer, and on exit the module's parameters, buffers and
 gradients, the optimizer and the schedule are as they were; the passes are counted.
+
+A data-level method (the field's resampling) chooses the items an epoch trains on:
+`epoch_items(epoch)` returns rows of the training split (the order of `ctx.train_batches()`),
+repeated or left out, in any order, or None (the default: every row once). The harness shuffles
+them by the epoch's generator, as it shuffles the rows of any epoch, and batches them; each
+training batch's `ids` are its samples' positions in the method's list, so the method finds what
+it decided for each sample (a modality to mask, a weight) in its step. The list must follow from
+the method's state at the epoch's start and the epoch (a resume asks again), and random choices
+come from a generator of the method's own seeded by `ctx.seed`, so that an epoch's batches are the
+same with any number of loader workers and after a resume.
 
 Every method names its `family`, the stage of training it adjusts, in the field's taxonomy
 (BalanceBenchmark's four families: `data` at the input, `feed-forward` at the features and fusion,
@@ -136,6 +147,7 @@ class StepContext:
     val_batches: Callable[[], Iterable[Batch]] = _no_validation_pass
     # unshuffled batches of the held-out part of train (Method.holdout_fraction), test-time views
     holdout_batches: Callable[[], Iterable[Batch]] = no_holdout
+    seed: int = 0  # the run's seed (train.seed): seeds a method's own generators (epoch_items' choices)
     optimizer: torch.optim.Optimizer = field(init=False)
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = field(init=False)
     backward_passes: int = field(default=0, init=False)
@@ -268,6 +280,11 @@ class Method(nn.Module):
 
     def on_epoch_start(self, epoch: int) -> None:
         """Called before epoch `epoch` (0-based) trains."""
+
+    def epoch_items(self, epoch: int) -> Sequence[int] | None:
+        """The rows of the training split that epoch `epoch` trains on (repeats allowed, any order),
+        or None: every row once. Asked after `on_epoch_start(epoch)`; see the module docstring."""
+        return None
 
     def on_epoch_end(self, epoch: int) -> None:
         """Called after epoch `epoch` trained, before it is evaluated."""

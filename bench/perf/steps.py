@@ -105,6 +105,9 @@ VARIANTS = (
     # the step only (joint's plus the unimodal heads); its estimates cost (M + 1) x estimate_epochs
     # trial epochs every `interval` epochs on top, which runs count (forward/backward passes per step)
     Variant("gblending (step)", {"name": "gblending", "interval": 1, "estimate_epochs": 1}),
+    # a re-sampled epoch's step (joint's, copies' modalities zeroed by a select); its valuation pass
+    # runs once an epoch (its runs' hook_seconds), and the copies lengthen the epoch
+    Variant("valuation (re-sampled epoch)", {"name": "valuation", "warmup": 0}),
 )
 
 
@@ -112,7 +115,7 @@ def synthetic_batch(shapes: Shapes, device: torch.device, seed: int = 0) -> Batc
     g = torch.Generator().manual_seed(seed)
     inputs = {m.name: torch.randn(shapes.batch, *m.shape, generator=g) for m in shapes.modalities()}
     labels = torch.arange(shapes.batch) % shapes.classes  # every class present (DUC's prototypes)
-    return Batch(inputs, labels).to(device)
+    return Batch(inputs, labels, torch.arange(shapes.batch)).to(device)  # ids: as the harness's loader sets them
 
 
 @dataclass
