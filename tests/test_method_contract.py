@@ -223,6 +223,8 @@ SECTIONS = [
     {"name": "ume", "teachers": "in_run"},
     {"name": "gblending"},
     {"name": "gblending", "variant": "balancebenchmark"},
+    {"name": "greedy"},
+    {"name": "greedy", "variant": "balancebenchmark", "rebalance": "random"},
 ]
 
 

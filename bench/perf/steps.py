@@ -105,6 +105,8 @@ VARIANTS = (
     # the step only (joint's plus the unimodal heads); its estimates cost (M + 1) x estimate_epochs
     # trial epochs every `interval` epochs on top, which runs count (forward/backward passes per step)
     Variant("gblending (step)", {"name": "gblending", "interval": 1, "estimate_epochs": 1}),
+    # MMTMs after layer2-4 and the learning speeds over every parameter; epoch 1: past the warm-up
+    Variant("greedy", {"name": "greedy"}, epoch=1),
 )
 
 
