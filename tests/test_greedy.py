@@ -94,7 +94,8 @@ class MMTM_mitigate(nn.Module):  # noqa: N801 -- src/balanced_mmtm.py @ a190e03 
             excitation = self.relu(self.fc_squeeze(squeeze))
             vis_out = self.fc_visual(excitation)
             tview = skeleton.view(skeleton.shape[:2] + (-1,))
-            squeeze = torch.cat([torch.stack(skeleton.shape[0] * [average_squeezemaps[0]]), torch.mean(tview, dim=-1)], 1)
+            squeeze = torch.cat([torch.stack(skeleton.shape[0] * [average_squeezemaps[0]]),
+                                 torch.mean(tview, dim=-1)], 1)
             excitation = self.relu(self.fc_squeeze(squeeze))
             sk_out = self.fc_skeleton(excitation)
         else:
@@ -136,7 +137,8 @@ class ReleaseModel(nn.Module):
         self.positions = method.positions[first]
         for k, m in enumerate((first, second)):
             blocks = copy.deepcopy(nn.ModuleList(method.encoders[m].stages().blocks))
-            setattr(self, f"net_view_{k}", nn.ModuleDict({"blocks": blocks, "fc": copy.deepcopy(method.fusion.heads[m])}))
+            head = copy.deepcopy(method.fusion.heads[m])
+            setattr(self, f"net_view_{k}", nn.ModuleDict({"blocks": blocks, "fc": head}))
         for j, mmtm in enumerate(method.mmtms):
             widths = mmtm.fc_excite[first].out_features, mmtm.fc_excite[second].out_features
             release = MMTM_mitigate(*widths, method.params.ratio)
@@ -145,14 +147,18 @@ class ReleaseModel(nn.Module):
             release.fc_skeleton.load_state_dict(mmtm.fc_excite[second].state_dict())
             setattr(self, f"mmtm{j + 2}", release)
 
-    def forward(self, x0, x1, curation_mode=False, caring_modality=None):
+    def forward(self, x0, x1, curation_mode=False, caring_modality=None, mmtm_rescale=None):
+        """mmtm_rescale: per MMTM the average squeezes (eval.gin's mmtm_off: the cross-modal flow cut)."""
         v0, v1, done = x0, x1, 0
         for j, position in enumerate(self.positions):
             for i in range(done, position + 1):
                 v0 = self.net_view_0["blocks"][i](v0)
                 v1 = self.net_view_1["blocks"][i](v1)
             done = position + 1
-            v0, v1 = getattr(self, f"mmtm{j + 2}")(v0, v1, curation_mode=curation_mode, caring_modality=caring_modality)
+            v0, v1 = getattr(self, f"mmtm{j + 2}")(
+                v0, v1, turnoff_cross_modal_flow=mmtm_rescale is not None,
+                average_squeezemaps=None if mmtm_rescale is None else mmtm_rescale[j],
+                curation_mode=curation_mode, caring_modality=caring_modality)
         x_0 = self.net_view_0["fc"](torch.flatten(v0, 1))
         x_1 = self.net_view_1["fc"](torch.flatten(v1, 1))
         return (x_0 + x_1) / 2, [x_0, x_1]
@@ -474,7 +480,9 @@ class BBGreedyTrainer:
         self.M_bypass_modal_1 += gn_bypass[1] / wn_bypass[1]
         self.M_main_modal_0 += gn_main[0] / wn_main[0]
         self.M_main_modal_1 += gn_main[1] / wn_main[1]
-        return np.log10(self.M_bypass_modal_0 / self.M_main_modal_0) - np.log10(self.M_bypass_modal_1 / self.M_main_modal_1)
+        BDR_0 = np.log10(self.M_bypass_modal_0 / self.M_main_modal_0)  # noqa: N806
+        BDR_1 = np.log10(self.M_bypass_modal_1 / self.M_main_modal_1)  # noqa: N806
+        return BDR_0 - BDR_1
 
 
 def test_equals_balancebenchmark():
@@ -567,6 +575,13 @@ def test_utilisation_logs_and_rates():
     for m in AV:
         assert pred.logs[f"acc_mmtm.{m}"].item() == (pred.per_modality[m].argmax(1) == batch.labels).float().mean()
         assert pred.logs[f"acc_bypass.{m}"].item() == (alone[m].argmax(1) == batch.labels).float().mean()
+    # the cut branches are the release's eval with mmtm_off, given the same average squeezes
+    model = ReleaseModel(method).eval()
+    averages = [[m.squeeze_avg_audio, m.squeeze_avg_visual] for m in method.mmtms]
+    with torch.no_grad():
+        _, (x0, x1) = model(batch.inputs["audio"], batch.inputs["visual"], mmtm_rescale=averages)
+    assert largest([(alone["audio"], x0), (alone["visual"], x1)]) < TOL
+    assert averages[0][0].abs().sum() > 0
     # the cut branch of audio is a function of audio alone
     other = Batch({"audio": batch.inputs["audio"], "visual": torch.randn(B, 5)}, batch.labels)
     with torch.no_grad():
