@@ -46,6 +46,7 @@ from mmbalance.core.types import Batch
 from mmbalance.datasets.base import Dataset
 from mmbalance.methods.base import Method, MethodSetup, StepContext, no_holdout
 from mmbalance.models import build_encoder
+from mmbalance.models.stages import entry_module
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +209,8 @@ class PassCounter:
         self.in_step = False
         hooked = {id(e): e for group in (encoders, *inner) for e in group.values()}  # each module once
         for encoder in hooked.values():
-            encoder.register_forward_hook(self._hook)
+            # on its first block where it has stages: a method may run them without calling it (Greedy)
+            entry_module(encoder).register_forward_hook(partial(self._hook, encoder))
 
     @contextmanager
     def step(self) -> Iterator[None]:
@@ -218,8 +220,8 @@ class PassCounter:
         finally:
             self.in_step = False
 
-    def _hook(self, module: nn.Module, args: Any, output: Any) -> None:
-        if module.training or self.in_step:
+    def _hook(self, encoder: nn.Module, module: nn.Module, args: Any, output: Any) -> None:
+        if encoder.training or self.in_step:
             self.calls += 1
 
 

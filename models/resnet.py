@@ -15,6 +15,7 @@ from mmbalance.core.params import NoParams
 from mmbalance.core.registry import ENCODERS
 from mmbalance.core.types import Modality
 from mmbalance.models.frames import fold_time, mean_over_time, require_image_shape
+from mmbalance.models.stages import Stages, run_stages
 
 
 @ENCODERS.register("resnet18")
@@ -36,8 +37,15 @@ class ResNet18Encoder(nn.Module):
         self.layers = nn.Sequential(net.layer1, net.layer2, net.layer3, net.layer4)
         self.out_dim = 512
 
+    def stages(self) -> Stages:
+        """stem (conv1, bn1, relu, maxpool), layer1, ..., layer4; pooled over space, then frames."""
+        return Stages((self.stem, *self.layers), (64, 64, 128, 256, 512), fold_time, pool_map)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        frames, t = fold_time(x)
-        # mean over space, then over frames: with equal-sized frames this is the reference code's
-        # adaptive_avg_pool3d over (T, h, w)
-        return mean_over_time(self.layers(self.stem(frames)).mean(dim=(2, 3)), t)
+        return run_stages(self.stages(), x)
+
+
+def pool_map(h: torch.Tensor, t: int) -> torch.Tensor:
+    # mean over space, then over frames: with equal-sized frames this is the reference code's
+    # adaptive_avg_pool3d over (T, h, w)
+    return mean_over_time(h.mean(dim=(2, 3)), t)

@@ -12,6 +12,7 @@ from mmbalance.core.params import Strict
 from mmbalance.core.registry import ENCODERS
 from mmbalance.core.types import Modality
 from mmbalance.models.frames import fold_time, mean_over_time, require_image_shape
+from mmbalance.models.stages import Stages, run_stages
 
 
 class MLPParams(Strict):
@@ -36,9 +37,25 @@ class MLPEncoder(nn.Module):
             nn.Linear(params.hidden, params.out_dim),
             nn.ReLU(),
         )
+        # views over self.net's layers, built once (stages() returns the same blocks every time);
+        # a plain tuple, so that they add no state_dict keys
+        self.blocks = (self.net[:3], self.net[3:])
+        self.widths = (params.hidden, params.out_dim)
+
+    def stages(self) -> Stages:
+        """(Flatten, Linear, ReLU), (Linear, ReLU); the feature is the second block's output."""
+        return Stages(self.blocks, self.widths, no_frames, unpooled)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        return run_stages(self.stages(), x)
+
+
+def no_frames(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    return x, 0
+
+
+def unpooled(h: torch.Tensor, t: int) -> torch.Tensor:
+    return h
 
 
 class SmallCNNParams(Strict):
@@ -82,9 +99,25 @@ class SmallCNNEncoder(nn.Module):
             nn.Linear(c2, params.out_dim),
             nn.ReLU(),
         )
+        # views over self.features (two blocks, then the pooling head), built once, in a plain
+        # tuple: no state_dict keys of their own
+        self.parts = (self.features[:4], self.features[4:8], self.features[8:])
+        self.widths = (c1, c2)
+
+    def stages(self) -> Stages:
+        """The two conv blocks (conv, BN, ReLU, max-pool); pooled by the average pool, Linear and
+        ReLU, then over frames."""
+        return Stages(self.parts[:2], self.widths, enter_frames, self.pool)
+
+    def pool(self, h: torch.Tensor, t: int) -> torch.Tensor:
+        return mean_over_time(self.parts[2](h), t)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        frames, t = fold_time(x)
-        if frames.device.type == "cpu":
-            frames = frames.contiguous(memory_format=torch.channels_last)
-        return mean_over_time(self.features(frames), t)
+        return run_stages(self.stages(), x)
+
+
+def enter_frames(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    frames, t = fold_time(x)
+    if frames.device.type == "cpu":
+        frames = frames.contiguous(memory_format=torch.channels_last)
+    return frames, t

@@ -225,6 +225,8 @@ SECTIONS = [
     {"name": "gblending", "variant": "balancebenchmark"},
     {"name": "valuation"},
     {"name": "valuation", "variant": "balancebenchmark"},
+    {"name": "greedy"},
+    {"name": "greedy", "variant": "balancebenchmark", "rebalance": "random"},
 ]
 
 

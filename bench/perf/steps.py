@@ -108,6 +108,8 @@ VARIANTS = (
     # a re-sampled epoch's step (joint's, copies' modalities zeroed by a select); its valuation pass
     # runs once an epoch (its runs' hook_seconds), and the copies lengthen the epoch
     Variant("valuation (re-sampled epoch)", {"name": "valuation", "warmup": 0}),
+    # MMTMs after layer2-4 and the learning speeds over every parameter; epoch 1: past the warm-up
+    Variant("greedy", {"name": "greedy"}, epoch=1),
 )
 
 
