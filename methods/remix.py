@@ -72,6 +72,7 @@ sum_m ceil(N_m / B) / ceil(N / B) (~1 for two modalities) steps per batch.
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -127,12 +128,12 @@ def rows(batch: Batch, index: torch.Tensor) -> Batch:
     return Batch({m: x[index] for m, x in batch.inputs.items()}, batch.labels[index])
 
 
+@dataclass
 class Queue:
     """Samples waiting for a step of one modality, in the order they came."""
 
-    def __init__(self) -> None:
-        self.parts: list[Batch] = []
-        self.size = 0
+    parts: list[Batch] = field(default_factory=list)
+    size: int = 0
 
     def put(self, batch: Batch) -> None:
         if len(batch):

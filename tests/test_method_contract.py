@@ -223,6 +223,7 @@ SECTIONS = [
     {"name": "ume", "teachers": "in_run"},
     {"name": "gblending"},
     {"name": "gblending", "variant": "balancebenchmark"},
+    {"name": "remix", "warmup": 1},
 ]
 
 

@@ -105,6 +105,10 @@ VARIANTS = (
     # the step only (joint's plus the unimodal heads); its estimates cost (M + 1) x estimate_epochs
     # trial epochs every `interval` epochs on top, which runs count (forward/backward passes per step)
     Variant("gblending (step)", {"name": "gblending", "interval": 1, "estimate_epochs": 1}),
+    # a remixed epoch of one batch: the epoch-start model's scores (1F), then, the batch being the
+    # epoch's last, one step per modality on its samples (M x (1F + 1B)); in a run's epochs about
+    # one step per batch (forward and backward passes per step in its summary)
+    Variant("remix (remixing)", {"name": "remix", "warmup": 0}),
 )
 
 
