@@ -163,6 +163,8 @@ def epoch_settings(method: str, epochs: int, modalities: Sequence[str],
         return {"alpha": 0.95, "window_trace": "all"}
     if method == "opm":  # no drop in the first 6% of the epochs, as the release's 0-5 of 100
         return {"modulation_starts": epochs * 6 // 100}
+    if method == "remix":  # warm-up for a sixth of the epochs, as the release's 10 of 60
+        return {"warmup": epochs // 6}
     if method == "relearning":
         return relearning_schedule(epochs)
     if method == "mie":  # one stage per modality, the epochs shared as evenly as they go

@@ -227,6 +227,7 @@ SECTIONS = [
     {"name": "valuation", "variant": "balancebenchmark"},
     {"name": "greedy"},
     {"name": "greedy", "variant": "balancebenchmark", "rebalance": "random"},
+    {"name": "remix", "warmup": 1},
 ]
 
 

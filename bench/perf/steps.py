@@ -110,6 +110,10 @@ VARIANTS = (
     Variant("valuation (re-sampled epoch)", {"name": "valuation", "warmup": 0}),
     # MMTMs after layer2-4 and the learning speeds over every parameter; epoch 1: past the warm-up
     Variant("greedy", {"name": "greedy"}, epoch=1),
+    # a remixed epoch of one batch: the epoch-start model's scores (1F), then, the batch being the
+    # epoch's last, one step per modality on its samples (M x (1F + 1B)); in a run's epochs about
+    # one step per batch (forward and backward passes per step in its summary)
+    Variant("remix (remixing)", {"name": "remix", "warmup": 0}),
 )
 
 
