@@ -9,7 +9,7 @@ RUFF := ruff==0.17.6
 LINTED := core bench methods datasets models tests mmbalance
 STAMP := $(VENV)/.installed
 
-.PHONY: venv quickstart test test-slow test-slurm lint clean
+.PHONY: venv quickstart test test-quickstart test-slow test-slurm lint clean
 
 # torchaudio 2.11 beside torch 2.14 on purpose: its wheel declares no torch requirement and its
 # extensions are built on torch's stable ABI (abi3), so it imports and runs against 2.14
@@ -30,6 +30,9 @@ quickstart: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+test-quickstart: $(STAMP)
+	$(PY) -m pytest -q -m quickstart
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow

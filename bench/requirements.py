@@ -15,18 +15,19 @@ import copy
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from mmbalance.bench.config import RunConfig, validate
 from mmbalance.bench.store import RunDir
 from mmbalance.core.errors import ConfigError, MMBalanceError
 from mmbalance.core.overrides import Sources, assign
 from mmbalance.core.registry import DATASETS, METHODS
-from mmbalance.methods.base import Method
+
+if TYPE_CHECKING:  # planning (which `status` and the launchers import) needs no torch
+    from mmbalance.methods.base import Method
 
 # builds the method of a run config (its own requirements as stand-ins): what a requirement is loaded into
-MethodBuilder = Callable[[RunConfig], Method]
+MethodBuilder = Callable[[RunConfig], "Method"]
 
 
 class RequirementNotFinished(MMBalanceError):
@@ -97,6 +98,8 @@ def requirement_builders(cfg: RunConfig, build: MethodBuilder,
 
 def load_required(name: str, cfg: RunConfig, build: MethodBuilder, run_dir: RunDir | None,
                   needed_by: RunConfig) -> Method:
+    import torch
+
     if run_dir is not None:
         check_finished(name, cfg, run_dir, needed_by)
     with torch.random.fork_rng(devices=[]):  # building it leaves the needing run's random stream as it was

@@ -163,6 +163,10 @@ def epoch_settings(method: str, epochs: int, modalities: Sequence[str],
         return {"alpha": 0.95, "window_trace": "all"}
     if method == "opm":  # no drop in the first 6% of the epochs, as the release's 0-5 of 100
         return {"modulation_starts": epochs * 6 // 100}
+    if method == "greedy":
+        # the release's running average reads the first modality's gates for both, which needs the
+        # two encoders' stages to have equal widths; an own dataset's encoders seldom do
+        return {"running_average": "own"}
     if method == "remix":  # warm-up for a sixth of the epochs, as the release's 10 of 60
         return {"warmup": epochs // 6}
     if method == "relearning":

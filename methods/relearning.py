@@ -87,9 +87,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 from pydantic import Field
-from sklearn.cluster import KMeans
-from sklearn.metrics.cluster import contingency_matrix
-from sklearn.preprocessing import MinMaxScaler
 
 from mmbalance.core.errors import ConfigError
 from mmbalance.core.registry import METHODS
@@ -120,11 +117,16 @@ def diagnosis_epochs(every: int, count: int, epochs: int) -> list[int]:
 
 def purity(labels: np.ndarray, clusters: np.ndarray) -> float:
     """The fraction of samples whose class is their cluster's most frequent one (R:63-95)."""
+    from sklearn.metrics.cluster import contingency_matrix  # imported when used: `list` stays light
+
     return float(contingency_matrix(labels, clusters).max(axis=0).sum() / len(labels))
 
 
 def cluster_purity(features: np.ndarray, labels: np.ndarray, n_clusters: int, n_init: int) -> float:
     """Purity of k-means (random_state 0) on the features min-max scaled to [-1, 1] (R:108-115)."""
+    from sklearn.cluster import KMeans
+    from sklearn.preprocessing import MinMaxScaler
+
     scaled = MinMaxScaler(feature_range=(-1, 1)).fit_transform(features)
     clusters = KMeans(n_clusters=n_clusters, n_init=n_init, random_state=0).fit_predict(scaled)
     return purity(labels, clusters)
