@@ -33,6 +33,7 @@ from tests.fixtures.cremad import write_cremad  # noqa: E402
 from tests.fixtures.kinetics_sounds import write_kinetics_sounds  # noqa: E402
 from tests.fixtures.manifest import write_audio_image  # noqa: E402
 from tests.fixtures.modelnet40 import write_modelnet40  # noqa: E402
+from tests.fixtures.mult_pickle import write_iemocap_mla, write_mosei  # noqa: E402
 from tests.fixtures.ucf101 import write_ucf101  # noqa: E402
 from tests.fixtures.vggsound import write_vggsound  # noqa: E402
 
@@ -47,7 +48,13 @@ def fixtures(scale: int) -> dict[str, tuple[Callable[[Path], object], list[str],
         "ucf101": (lambda r: write_ucf101(r, train_per_class=3 * scale), ["dimml", "balancebench"], ""),
         "modelnet40": (lambda r: write_modelnet40(r, train_per_class=3 * scale), ["dimml"], ""),
         "manifest": (lambda r: write_audio_image(r, per_class=4 * scale), ["default", "small"], "manifest.csv"),
+        # feature sequences of the MulT pickles, at the fixture's short lengths (audio 20, vision 16, text 12)
+        "cmu_mosei": (lambda r: write_mosei(r, sizes=(40 * scale, 16, 16)), ["binary", "seven"], ""),
+        "iemocap": (lambda r: write_iemocap_mla(r, LISTS, 32 * scale, 16, 16), ["mla", "mult"], ""),
     }
+
+
+LISTS = Path(__file__).resolve().parents[1] / "datasets" / "manifests" / "lists"
 
 
 def cache_bytes_per_row(root: Path) -> float:

@@ -19,7 +19,7 @@ from mmbalance.bench.report.stats import baseline_label, describe
 
 # paper_tables.csv dataset -> our registry name
 DATASETS = {"cremad": "cremad", "ks": "kinetics_sounds", "ucf101": "ucf101", "vggsound": "vggsound",
-            "ave": "ave", "modelnet40": "modelnet40", "avdigits": "avdigits"}
+            "ave": "ave", "modelnet40": "modelnet40", "avdigits": "avdigits", "mosei": "cmu_mosei"}
 # paper_tables.csv method -> (our method, unimodal modality or None). BalanceBenchmark's "OGM" is
 # its OGM-GE implementation, so both map to ours.
 METHODS = {"baseline": ("joint", None), "concat": ("joint", None), "joint": ("joint", None),
@@ -31,7 +31,8 @@ METHODS = {"baseline": ("joint", None), "concat": ("joint", None), "joint": ("jo
            "mmcosine": ("mmcosine", None), "cml": ("cml", None), "amco": ("amco", None), "mbsd": ("mbsd", None),
            "lfm": ("lfm", None), "umt": ("umt", None), "gblending": ("gblending", None),
            "greedy": ("greedy", None), "modality-valuation": ("valuation", None),
-           "unimodal-audio": ("unimodal", "audio"), "unimodal-visual": ("unimodal", "visual")}
+           "unimodal-audio": ("unimodal", "audio"), "unimodal-visual": ("unimodal", "visual"),
+           "unimodal-text": ("unimodal", "text")}
 # paper_tables.csv selection -> our --select value
 PROTOCOLS = {"best-test-epoch": "test", "best-val-epoch": "val"}
 COLUMNS = ["paper", "table", "dataset", "method", "metric", "published", "paper protocol", "ours dataset", "ours label",
