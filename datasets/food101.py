@@ -24,8 +24,7 @@ Pipelines:
                 order of the images/train class folders; titles cleaned (leading RT, URLs, '#'),
                 bert-base-uncased ids with [CLS]/[SEP], max_length 40; images Resize((224, 224))
                 + flip / Resize((224, 224)). Departure: its RandomRotation(30) is not applied. No
-                validation split: 5,000 titles (MMBT's dev size) are carved from train per class,
-                seed 0.
+                validation split: 10% of train is carved per class, seed 0.
 """
 
 from __future__ import annotations
