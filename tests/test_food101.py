@@ -106,7 +106,7 @@ def test_layout_errors(raw, tmp_path):
 
 
 def test_one_epoch_through_cli(raw, caches, tmp_path, capsys):
-    text = (f"model.encoders.text.name=hf_text", f"model.encoders.text.model={raw[2]}",
+    text = ("model.encoders.text.name=hf_text", f"model.encoders.text.model={raw[2]}",
             "model.encoders.text.pretrained=false", "model.encoders.text.max_len=16")
     code = train_one_epoch(tmp_path, "food101", caches["mla"][0], ("visual",), "mla", batch_size=4, extra=text)
     assert code == 0, capsys.readouterr().err
