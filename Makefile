@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(PINS)
 	$(PY) -m pip install -q --no-deps torchaudio==2.11.0
-	$(PY) -m pip install -q -e '.[test,reference]' $(PINS) $(RUFF)
+	$(PY) -m pip install -q -e '.[test,reference,text]' $(PINS) $(RUFF)
 	touch $(STAMP)
 
 venv: $(STAMP)

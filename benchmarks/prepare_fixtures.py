@@ -30,10 +30,13 @@ from mmbalance.core.registry import DATASETS  # noqa: E402
 from mmbalance.datasets.prepare.runner import prepare  # noqa: E402
 from tests.fixtures.ave import write_ave  # noqa: E402
 from tests.fixtures.cremad import write_cremad  # noqa: E402
+from tests.fixtures.food101 import write_food101  # noqa: E402
 from tests.fixtures.kinetics_sounds import write_kinetics_sounds  # noqa: E402
 from tests.fixtures.manifest import write_audio_image  # noqa: E402
 from tests.fixtures.modelnet40 import write_modelnet40  # noqa: E402
 from tests.fixtures.mult_pickle import write_iemocap_mla, write_mosei  # noqa: E402
+from tests.fixtures.mvsa_single import write_mvsa  # noqa: E402
+from tests.fixtures.text import write_tiny_bert  # noqa: E402
 from tests.fixtures.ucf101 import write_ucf101  # noqa: E402
 from tests.fixtures.vggsound import write_vggsound  # noqa: E402
 
@@ -51,10 +54,21 @@ def fixtures(scale: int) -> dict[str, tuple[Callable[[Path], object], list[str],
         # feature sequences of the MulT pickles, at the fixture's short lengths (audio 20, vision 16, text 12)
         "cmu_mosei": (lambda r: write_mosei(r, sizes=(40 * scale, 16, 16)), ["binary", "seven"], ""),
         "iemocap": (lambda r: write_iemocap_mla(r, LISTS, 32 * scale, 16, 16), ["mla", "mult"], ""),
+        # the image-text sets tokenize with a tiny BERT written beside the download (TEXT_OPTION)
+        "food101": (lambda r: write_food101(r, train_per_class=4 * scale), ["mla", "balancebench"], ""),
+        "mvsa_single": (lambda r: write_mvsa(r, {"train": 3 * scale, "dev": 2, "test": 2}), ["mla", "mmbt"], ""),
     }
 
 
 LISTS = Path(__file__).resolve().parents[1] / "datasets" / "manifests" / "lists"
+
+
+TEXT_DATASETS = ("food101", "mvsa_single")
+
+
+def text_options(name: str, raw_root: Path) -> list[str]:
+    """`--set text.tokenizer=DIR` with a tiny BERT tokenizer for the image-text sets, else nothing."""
+    return [f"text.tokenizer={write_tiny_bert(raw_root.parent / 'bert')}"] if name in TEXT_DATASETS else []
 
 
 def cache_bytes_per_row(root: Path) -> float:
@@ -91,11 +105,12 @@ def main() -> None:
             raw_root = Path(tmp) / name / "raw"
             write(raw_root)
             raw = raw_root / raw_rel if raw_rel else raw_root
+            options = text_options(name, raw_root)
             for pipe in pipelines:
                 rates = []
                 for w in args.workers:
                     out = Path(tmp) / name / f"{pipe}-w{w}"
-                    report = prepare(name, raw, out, pipe, workers=w, progress=False)
+                    report = prepare(name, raw, out, pipe, workers=w, progress=False, options=options)
                     rates.append(report.samples_per_s)
                 ratio = rates[-1] / rates[0] if rates[0] else float("nan")
                 load = load_rate(name, out, pipe)

@@ -5,5 +5,6 @@ the suite itself.
   (`Prediction`);
 - `mmbalance.core.params`: `Strict` / `NoParams`, the base of every class's typed Params;
 - `mmbalance.core.errors`: the suite's exceptions, warnings and exit codes;
+- `mmbalance.core.hub`: where Hugging Face files are looked for (tokenizers, text encoders);
 - `mmbalance.core.registry`: the name -> class registries (`METHODS`, `DATASETS`, `ENCODERS`).
 """

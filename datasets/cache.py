@@ -43,7 +43,7 @@ class ArraySpec:
     """
 
     shape: tuple[int, ...]
-    dtype: Literal["float16", "float32", "uint8"]
+    dtype: Literal["float16", "float32", "uint8", "int32"]  # int32: token ids
     frames: bool = False
     resized: bool = False
 
