@@ -103,7 +103,7 @@ def test_a_shorter_quickstart_from_the_command_line(capsys):
     """Three epochs, one seed: `seeds=[0]`, and the staged cells' stage lengths as
     `cells.<cell>.<key>=...` (a three-modality cell is addressed by its own name, `mie-3m`, while
     its rows carry its label, `mie`); without those, the first cell that cannot run in 2 epochs
-    (OPM, whose window opens at epoch 6) names its key."""
+    (Remix, whose 30 warm-up epochs leave no remixed one) names its key."""
     cells = yaml.safe_load(quickstart_config().read_text())["cells"]
     assert main(["run", "--dry-run", "quickstart", *short_quickstart("seeds=[0]")]) == 0
     runs = [yaml.safe_load(doc.split("# run id:")[0]) for doc in capsys.readouterr().out.split("---")[:-1]]
@@ -112,7 +112,7 @@ def test_a_shorter_quickstart_from_the_command_line(capsys):
     mie = [r["method"]["epoch_list"] for r in runs if r["method"]["name"] == "mie"]
     assert mie == [[2, 1], [1, 1, 1]]
     assert main(["run", "--dry-run", "quickstart", "train.epochs=2", "seeds=[0]"]) == 2
-    assert "run 'opm' seed 0: method.modulation_starts=6 is not below train.epochs=2" in capsys.readouterr().err
+    assert "run 'remix' seed 0: method.warmup=30 leaves no remixed epoch in train.epochs=2" in capsys.readouterr().err
 
 
 def test_quickstart_prints_table_csv(tmp_path, monkeypatch, capsys):
@@ -148,10 +148,13 @@ def test_full_quickstart_shows_the_imbalance_and_the_methods_against_it(tmp_path
     # the report folder: tables, statistics, figures and the pages
     for name in ("README.md", "report.html", "table.md", "table.csv", "table.tex", "stats.md"):
         assert (report / name).stat().st_size > 0, name
-    for figure in ("fused_accuracy", "probe_vs_unimodal", "trajectories_modality", "diagnostics", "accuracy_vs_cost"):
+    per_dataset = [f"{figure}_avdigits_preset_{preset}" for figure in ("trajectories_modality", "diagnostics")
+                   for preset in ("audio-dominant", "three-modality")]
+    for figure in ("fused_accuracy", "probe_vs_unimodal", "accuracy_vs_cost", *per_dataset):
         for suffix in (".png", ".pdf"):
             assert (report / "figures" / f"{figure}{suffix}").stat().st_size > 1000, figure + suffix
-    runs = pd.read_csv(report / "runs.csv")
+    all_runs = pd.read_csv(report / "runs.csv")
+    runs = all_runs[all_runs["dataset"] == "avdigits (preset=audio-dominant)"]
     mean = runs.groupby("label")[["acc", "probe.visual", "probe.audio"]].mean()
     visual_only, audio_only = mean.loc["unimodal-visual", "acc"], mean.loc["unimodal-audio", "acc"]
     joint = mean.loc["joint-concat"]
@@ -163,3 +166,15 @@ def test_full_quickstart_shows_the_imbalance_and_the_methods_against_it(tmp_path
         assert mean.loc[method, "acc"] > joint["acc"], method
     # OGM-GE's published signature: it trades dominant-modality probe accuracy for the weak one's
     assert mean.loc["ogm-ge", "probe.audio"] < joint["probe.audio"]
+
+    # the three-modality block: audio dominates, and in joint training the weakest modality's
+    # encoder learns less than it does alone (a clear positive deficit)
+    three = all_runs[all_runs["dataset"] == "avdigits (preset=three-modality)"]
+    mean3 = three.groupby("label")[["acc", "probe.audio", "probe.visual", "probe.text"]].mean()
+    alone = {m: mean3.loc[f"unimodal-{m}", "acc"] for m in ("audio", "visual", "text")}
+    weakest = min(alone, key=alone.get)
+    assert alone["audio"] > max(alone["visual"], alone["text"]) + 0.1
+    assert mean3.loc["joint-concat", f"probe.{weakest}"] < mean3.loc[f"unimodal-{weakest}", f"probe.{weakest}"] - 0.05
+    assert set(three["label"]) == {cell.get("label", name) for name, cell in
+                                   yaml.safe_load(quickstart_config().read_text())["cells"].items()
+                                   if cell.get("dataset.preset") == "three-modality"}
