@@ -254,6 +254,6 @@ def test_a_cells_label_names_its_rows_on_another_dataset(tmp_path):
     assert [(c.label, c.dataset["dim"], c.model.fusion) for c in configs] == [
         ("concat", 8, "concat"), ("visual-only", 8, "concat"), ("concat", 4, "sum")]
     with pytest.raises(ConfigError, match="cells 'concat' and 'concat-2' both give label 'concat' on dataset"):
-        load_sweep(write(tmp_path, text.replace("dataset.dim: 4, ", "")))
+        load_sweep(write(tmp_path, text.replace("dataset.dim: 4", "train.batch_size: 16")))
     with pytest.raises(ConfigError, match="a cell's label must be a non-empty string"):
         load_sweep(write(tmp_path, text.replace("label: concat", "label: 3")))
