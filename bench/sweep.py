@@ -9,6 +9,7 @@ A sweep file looks like::
     cells:                                   # named dotted overrides (optional)
       ogm-ge: {}
       joint: {method: {name: joint}}
+      ogm-ge-3m: {label: ogm-ge, dataset.preset: three-modality}   # another dataset, the same row label
     grid:                                    # dotted key -> values; crossed with the cells
       model.fusion: [concat, sum, film, gated]
     exclude:                                 # drop the points matching every key of a row
@@ -18,7 +19,11 @@ A sweep file looks like::
     launcher: {name: local, workers: 2}      # see bench.launch.options.LauncherConfig
 
 Every (point, seed) becomes one validated RunConfig labelled after its cell and grid values
-(`ogm-ge/fusion=sum`). `recipe` may also be a list: each recipe is then a base of its own and
+(`ogm-ge/fusion=sum`); a cell's `label` key replaces its name in labels, so that cells on different
+datasets (a cell may override `dataset.*`) give the same method the same row label in each
+dataset's block, while the cell's own name stays its handle (`cells.<cell>.<key>=...`, `exclude`'s
+`cell`). Two points of one dataset with one label are an error (they would be one row of the
+report). `recipe` may also be a list: each recipe is then a base of its own and
 labels start with its file name. In `exclude` rows a list matches any of its values (unless
 the config value is itself a list) and `cell` matches the cell name. Run ids are hashes of the
 resolved configs (bench.config.run_id), so the same point always has the same id.
@@ -81,6 +86,10 @@ class SweepConfig(Strict):
 
     @model_validator(mode="after")
     def _has_runs(self) -> SweepConfig:
+        bad = [name for name, cell in (self.cells or {}).items()
+               if "label" in cell and not (isinstance(cell["label"], str) and cell["label"])]
+        if bad:
+            raise ValueError(f"cell(s) {bad}: a cell's label must be a non-empty string (its rows' label)")
         empty = [key for key, values in self.grid.items() if not values]
         if empty:
             raise ValueError(f"grid key(s) {empty} have no values; give each a non-empty list")
@@ -154,6 +163,7 @@ def expand(sweep: SweepConfig, overrides: Sequence[str] = (), origin: str = "the
     config are an error (they would share a run directory)."""
     configs: list[RunConfig] = []
     seen: dict[str, str | None] = {}
+    rows: dict[tuple[str | None, str, int], str | None] = {}  # (label, dataset, seed) -> cell
     by_cell = by_cell or {}
     for point in points(sweep, origin, where, by_cell):
         for seed in sweep.seeds:
@@ -171,6 +181,12 @@ def expand(sweep: SweepConfig, overrides: Sequence[str] = (), origin: str = "the
                     f"{origin}: runs {seen[rid]!r} and {point.label!r} (seed {seed}) resolve to the same "
                     f"config (run id {rid}); drop one of them with an `exclude` row")
             seen[rid] = point.label
+            row = (point.label, json.dumps(cfg.dataset, sort_keys=True), seed)
+            if row in rows:
+                raise ConfigError(
+                    f"{origin}: cells {rows[row]!r} and {point.cell!r} both give label {point.label!r} on dataset "
+                    f"{cfg.dataset} (seed {seed}); a report row is one (dataset, label): give one a `label` of its own")
+            rows[row] = point.cell
             configs.append(cfg)
     check_excludes(sweep, origin, where, by_cell)
     return configs
@@ -186,7 +202,8 @@ def points(sweep: SweepConfig, origin: str, where: Path, by_cell: CellOverrides)
     for prefix, base, base_sources in bases:
         for name, cell in cells.items():
             for values in grid:
-                label = make_label([prefix, name, ",".join(f"{leaves[k]}={short(v)}" for k, v in values.items())])
+                label = make_label([prefix, cell_label(name, cell),
+                                    ",".join(f"{leaves[k]}={short(v)}" for k, v in values.items())])
                 point = make_point(base, base_sources, label, name, [
                     *cell_layers(name, cell, origin, by_cell), (values, f"{origin}, grid")])
                 found.append(point)
@@ -197,8 +214,15 @@ def points(sweep: SweepConfig, origin: str, where: Path, by_cell: CellOverrides)
 
 def cell_layers(name: str | None, cell: dict[str, Any], origin: str,
                 by_cell: CellOverrides) -> list[tuple[dict[str, Any], str]]:
-    """A cell's overrides as the file gives them, then as the command line changes them."""
-    return [(cell, f"{origin}, cell {name!r}"), *by_cell.get(name, [])]
+    """A cell's overrides as the file gives them (its `label` is not one), then as the command line
+    changes them."""
+    overrides = {k: v for k, v in cell.items() if k != "label"}
+    return [(overrides, f"{origin}, cell {name!r}"), *by_cell.get(name, [])]
+
+
+def cell_label(name: str | None, cell: dict[str, Any]) -> str | None:
+    """A cell's row label: its `label` key, else its name."""
+    return cell.get("label", name)
 
 
 def check_excludes(sweep: SweepConfig, origin: str, where: Path, by_cell: CellOverrides) -> None:

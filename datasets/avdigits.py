@@ -9,6 +9,12 @@ method sees identical inputs.
 Audio becomes a 24x32 log-mel spectrogram (z-scored per bin with train statistics); images stay
 in [0, 1] plus noise. The clean waveforms ship inside the package (datasets/data), so running
 this needs no system package; `datasets/prepare/avdigits_generate.py` regenerates them.
+
+Three-modality presets add `text`: a caption of the digit from a fixed 33-word vocabulary (two
+clue phrases such as "seven", "odd", "after six" among filler words, 8 token ids;
+`datasets/prepare/avdigits_captions.py`), each token replaced by a random word with probability
+`text_noise`. With `text_noise` unset (the two-modality presets) there is no text modality and
+everything else (data, config, run ids) is as it was before text existed.
 """
 
 from __future__ import annotations
@@ -27,23 +33,29 @@ from mmbalance.core.params import Strict
 from mmbalance.core.registry import DATASETS
 from mmbalance.core.types import Modality
 from mmbalance.datasets.base import SPLITS, Dataset, TensorSplit
+from mmbalance.datasets.prepare.avdigits_captions import CAPTION_LENGTH, VOCAB, add_token_noise, draw_captions
 from mmbalance.datasets.prepare.avdigits_generate import DEFAULT_CACHE, SAMPLE_RATE, WORDS, load_cache
 
-# (audio SNR in dB, image noise std): measured to give the named dominance with the default
-# MLP encoders (see the README's quickstart table)
-PRESETS: dict[str, tuple[float, float]] = {
-    "audio-dominant": (0.0, 0.6),
-    "strong-audio-dominant": (10.0, 0.6),
-    "visual-dominant": (-6.0, 0.3),
+# (audio SNR in dB, image noise std, text token noise or None for no text modality): measured to
+# give the named dominance with the default encoders (see the README's quickstart tables)
+PRESETS: dict[str, tuple[float, float, float | None]] = {
+    "audio-dominant": (0.0, 0.6, None),
+    "strong-audio-dominant": (10.0, 0.6, None),
+    "visual-dominant": (-6.0, 0.3, None),
+    "three-modality": (0.0, 0.6, 0.1),
 }
+PresetName = Literal["audio-dominant", "strong-audio-dominant", "visual-dominant", "three-modality"]
 N_MELS, N_FFT, HOP = 24, 512, 256  # 8,000 samples -> 32 frames
 
 
 class AVDigitsParams(Strict):
-    preset: Literal["audio-dominant", "strong-audio-dominant", "visual-dominant"] | None = "audio-dominant"
+    preset: PresetName | None = "audio-dominant"
     # explicit values override the preset's
     audio_snr_db: float | None = None
     image_noise_sigma: float | None = Field(None, ge=0)
+    # probability that a caption token is replaced by a random word; None: no text modality (and
+    # left out of the config, so that two-modality configs and their run ids are as before text)
+    text_noise: float | None = Field(None, ge=0, le=1, exclude_if=lambda v: v is None)
     noise_seed: int = 0
     cache: str | None = None  # another cache file (default: the one shipped in the package)
 
@@ -52,11 +64,13 @@ class AVDigitsParams(Strict):
         if self.preset is None and (self.audio_snr_db is None or self.image_noise_sigma is None):
             raise ValueError("with preset: null, set both audio_snr_db and image_noise_sigma")
         if self.preset is not None:
-            snr, sigma = PRESETS[self.preset]
+            snr, sigma, text = PRESETS[self.preset]
             if self.audio_snr_db is None:
                 self.audio_snr_db = snr
             if self.image_noise_sigma is None:
                 self.image_noise_sigma = sigma
+            if self.text_noise is None and text is not None:  # (assigning None would re-validate forever)
+                self.text_noise = text
         return self
 
 
@@ -77,12 +91,20 @@ def log_mel(waves: np.ndarray) -> torch.Tensor:
     return torch.log(mel(torch.from_numpy(waves).float()) + 1e-6)
 
 
+def noisy_captions(labels: np.ndarray, noise: float, noise_seed: int) -> torch.Tensor:
+    """Every sample's caption (int64 token ids, (N, CAPTION_LENGTH)) with its own token noise."""
+    clean = draw_captions(labels)
+    return torch.from_numpy(np.stack([add_token_noise(clean[i], noise, sample_rng(noise_seed, i, 2))
+                                      for i in range(len(labels))]))
+
+
 @DATASETS.register("avdigits")
 class AVDigits(Dataset):
     Params = AVDigitsParams
     PRESETS = PRESETS
-    MODALITIES = ("audio", "visual")
-    DEFAULT_ENCODERS = {"audio": {"name": "mlp"}, "visual": {"name": "mlp"}}
+    MODALITIES = ("audio", "visual", "text")  # every one it can have: text only with text_noise set
+    DEFAULT_ENCODERS = {"audio": {"name": "mlp"}, "visual": {"name": "mlp"},
+                        "text": {"name": "text", "vocab_size": len(VOCAB)}}
 
     def __init__(self, params: AVDigitsParams) -> None:
         super().__init__(params)
@@ -91,9 +113,16 @@ class AVDigits(Dataset):
             raise DataError(f"dataset 'avdigits': cache file {str(path)!r} (dataset.cache) does not exist")
         self.arrays = load_cache(path)
 
+    @classmethod
+    def modality_names(cls, params: AVDigitsParams | None = None) -> tuple[str, ...]:
+        has_text = params is not None and params.text_noise is not None
+        return cls.MODALITIES if has_text else cls.MODALITIES[:2]
+
     @property
     def modalities(self) -> tuple[Modality, ...]:
-        return (Modality("audio", "audio", (1, N_MELS, 32)), Modality("visual", "image", (1, 8, 8)))
+        specs = (Modality("audio", "audio", (1, N_MELS, 32)), Modality("visual", "image", (1, 8, 8)),
+                 Modality("text", "text", (CAPTION_LENGTH,)))
+        return specs[:len(self.modality_names(self.params))]
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -114,12 +143,14 @@ class AVDigits(Dataset):
             images[i] + p.image_noise_sigma * sample_rng(p.noise_seed, i, 1).standard_normal((8, 8))
             for i in range(n)
         ]).astype(np.float32)
-        visual = torch.from_numpy(visual).unsqueeze(1)
+        inputs = {"audio": audio, "visual": torch.from_numpy(visual).unsqueeze(1)}
+        if p.text_noise is not None:
+            inputs["text"] = noisy_captions(a["labels"], p.text_noise, p.noise_seed)
         labels = torch.from_numpy(a["labels"]).long()
         out = {}
         for name in SPLITS:
             idx = torch.from_numpy(a[f"{name}_idx"])
-            out[name] = TensorSplit({"audio": audio[idx], "visual": visual[idx]}, labels[idx])
+            out[name] = TensorSplit({m: x[idx] for m, x in inputs.items()}, labels[idx])
         return out
 
     def split(self, name: str) -> TensorSplit:

@@ -58,7 +58,8 @@ L = (1 - beta) [lam CE(o, y) + (1 - lam) CE(o, y_perm)] + beta CE(o, y)   (beta 
   place would let every saved weight read theta + eps (at rho = 1e-2 the gradients differ by
   ~1e-3). rho defaults to 1e-10 (the A-V configs), which makes the perturbation nil: the
   objective is then 0.7 mixup-CE + 0.3 CE.
-`mixup_alpha=0` turns mixup off (lam = 1, no permutation); lam and the permutation come from the
+`mixup_alpha=0` turns mixup off (lam = 1, no permutation), and must for token-id inputs (a `text`
+modality: mixing ids means nothing; refused with a clear error); lam and the permutation come from the
 global torch RNG, so a resumed run draws the same ones. Per step it reports "loss" (L: for "paper"
 at theta, for "code" with L_flat at the head's theta + eps), "loss_ori" (the mixup term),
 "loss_flat" (the un-mixed CE term), "lam" and, for "paper", "loss_sam" (L at theta + eps); per
@@ -150,6 +151,12 @@ class MIE(Method):
     def __init__(self, params: MIEParams, setup: MethodSetup) -> None:
         super().__init__(params, setup)
         self.order = check_order(params.modality_order, tuple(m.name for m in setup.modalities))
+        tokens = [m.name for m in setup.modalities if m.kind == "text"]
+        if params.mixup_alpha > 0 and tokens:
+            raise ConfigError(
+                f"method.mixup_alpha={params.mixup_alpha} mixes each modality's inputs (lam x + (1 - lam) x'), "
+                f"which token ids ({', '.join(tokens)}: text) cannot be; set method.mixup_alpha=0 (no mixup)"
+            )
         total = sum(params.epoch_list)
         if total != setup.epochs:
             raise ConfigError(

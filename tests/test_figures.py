@@ -16,8 +16,8 @@ from matplotlib.colors import to_rgb
 from matplotlib.container import BarContainer
 from PIL import Image
 
-from mmbalance.bench.report.cells import aggregate, label_order
-from mmbalance.bench.report.collect import load_runs
+from mmbalance.bench.report.cells import aggregate, display, label_order
+from mmbalance.bench.report.collect import add_deficits, load_runs
 from mmbalance.bench.report.figures import diagnostic_keys, draw_figures, label_colors, make_figures
 from mmbalance.bench.train import run
 
@@ -284,3 +284,55 @@ def test_every_figure_from_a_real_store(tmp_path, fast_config, store):
     runs, metrics = load_runs(store.root / "g")
     assert len(runs) == 2 * len(cells)
     assert_files(make_figures(aggregate(runs), runs, metrics, tmp_path / "figs"), tmp_path / "figs")
+
+
+def with_text(runs: pd.DataFrame, metrics: dict[str, list[dict]], dataset: str) -> tuple[pd.DataFrame, dict]:
+    """The synthetic runs as a three-modality dataset: a `text` own/probe on every multimodal run,
+    a unimodal-only text model, and a text accuracy in every epoch record."""
+    rng = np.random.default_rng(1)
+    three = runs.assign(dataset=dataset, run_id=runs["run_id"] + "-3m")
+    multimodal = three["unimodal_modality"].isna()
+    three.loc[multimodal, "own.text"] = rng.uniform(0.2, 0.4, multimodal.sum())
+    three.loc[multimodal, "probe.text"] = rng.uniform(0.3, 0.5, multimodal.sum())
+    uni = three[three["label"] == "unimodal-audio"].assign(
+        label="unimodal-text", unimodal_modality="text", run_id=lambda d: d["run_id"].str.replace("audio", "text"))
+    uni = uni.drop(columns=["own.audio", "probe.audio"]).assign(**{"own.text": 0.6, "probe.text": 0.62})
+    three = pd.concat([three, uni], ignore_index=True)
+    out = {}
+    for rid in three["run_id"]:
+        source = rid.removesuffix("-3m").replace("unimodal-text", "unimodal-audio")
+        out[rid] = [{**r, "val": {**r["val"], "modality_acc": {**r["val"]["modality_acc"], "text": 0.3}}}
+                    for r in metrics[source]]
+    return three, out
+
+
+def test_three_modalities_beside_two(tmp_path):
+    """A three-modality dataset beside a two-modality one: the probe figure has a panel per
+    modality of each dataset, and none for a modality the dataset lacks; trajectories show each
+    dataset's own accuracies; the deficits of text are there for the three-modality block only."""
+    runs, metrics = synthetic()
+    three, more = with_text(runs, metrics, "three (preset=t)")
+    both = add_deficits(pd.concat([runs, three], ignore_index=True))
+    metrics = {**metrics, **more}
+    agg = aggregate(both)
+    figs = draw_figures(agg, both, metrics)
+    titles = [ax.get_title() for ax in figs["probe_vs_unimodal"].axes if ax.axison]
+    assert titles == [f"{DATASET}: audio", f"{DATASET}: visual",
+                      "three (preset=t): audio", "three (preset=t): text", "three (preset=t): visual"]
+    text_ax = [ax for ax in figs["probe_vs_unimodal"].axes if ax.get_title() == "three (preset=t): text"][0]
+    ref = [line for line in text_ax.lines if line.get_linestyle() == "--"]
+    assert len(ref) == 1 and ref[0].get_xdata()[0] == pytest.approx(0.62)
+    traj = figs["trajectories_modality_three_preset_t"]
+    assert [ax.get_title() for ax in traj.axes] == ["val acc: fused", "val own acc: audio", "val own acc: text",
+                                                    "val own acc: visual"]
+    assert [ax.get_title() for ax in figs["trajectories_modality_gaussian"].axes] == [
+        "val acc: fused", "val own acc: audio", "val own acc: visual"]
+    for fig in figs.values():
+        assert_readable(fig)
+    table = display(agg).set_index(["dataset", "label"])
+    assert (table.loc[DATASET, "deficit text (uni − probe)"] == "–").all()
+    expected = 0.62 - three.loc[three["label"] == "joint-concat", "probe.text"].mean()
+    assert table.loc[("three (preset=t)", "joint-concat"), "deficit text (uni − probe)"].startswith(f"{expected:.3f}")
+    per_dataset = [f"{s}_{d}" for s in ("trajectories_modality", "diagnostics") for d in ("gaussian", "three_preset_t")]
+    assert_files(make_figures(agg, both, metrics, tmp_path), tmp_path,
+                 ["fused_accuracy", "probe_vs_unimodal", "accuracy_vs_cost", *per_dataset])

@@ -563,6 +563,11 @@ def test_config_errors():
         make(modality_order=["audio", "audio"])
     with pytest.raises(ValueError, match="flat_ratio"):
         MIEParams(epoch_list=[1], flat_ratio=1.5)
+    # token ids cannot be mixed: a text modality needs mixup off, and then builds
+    text = (MODS[0], Modality("text", "text", (3,)))
+    with pytest.raises(ConfigError, match=r"mixup_alpha=1.0 mixes .* token ids \(text: text\)"):
+        make(mods=text)
+    assert make(mods=text, mixup_alpha=0.0).order == ("audio", "text")
 
 
 # ------------------------------------------------------------------------- through the harness

@@ -16,31 +16,43 @@ from mmbalance.bench.store import Store
 from mmbalance.methods.base import FAMILIES
 from tests.test_report import parse_printed
 
-# the staged methods split the budget into stages, so a 2-epoch version needs 2-epoch stages
-MINI_STAGES = {
-    "mie": {"method.epoch_list": [1, 1]},
-    "di-mml": {"method.stage1_epochs": 1, "method.stage2_epochs": 1, "method.duc_start_epoch": 0},
-    "opm": {"method.modulation_starts": 0},  # the release's epoch-6 start lies beyond 2 epochs
-    # the release re-initialises as the next epoch starts, which 2 epochs never reach; BalanceBenchmark's
-    # timing does it as epoch 1 ends
-    "relearning": {"method.variant": "balancebenchmark", "method.reinit_epoch": 1, "method.reinit_num": 1},
-    "remix": {"method.warmup": 1},  # one warm-up epoch, one remixed
+# the staged methods split the budget into stages, so a short version needs short stages: 3 epochs,
+# the fewest in which the three-modality block's MIE gives each modality a stage
+MINI_EPOCHS = 3
+STAGED = {
+    "mie": {"method.epoch_list": [2, 1]},
+    "mie-3m": {"method.epoch_list": [1, 1, 1]},
+    **{cell: {"method.stage1_epochs": 2, "method.stage2_epochs": 1, "method.duc_start_epoch": 0}
+       for cell in ("di-mml", "di-mml-3m")},
+    **{cell: {"method.modulation_starts": 0} for cell in ("opm", "opm-3m")},  # the release starts at epoch 6
+    **{cell: {"method.warmup": 1} for cell in ("remix", "remix-3m")},  # a remixed epoch after the warm-up
 }
+# the release re-initialises as the next epoch starts, which 3 epochs reach only once; BalanceBenchmark's
+# timing does it as epoch 1 ends
+MINI_STAGES = {**STAGED, **{cell: {"method.variant": "balancebenchmark", "method.reinit_epoch": 1,
+                                   "method.reinit_num": 1} for cell in ("relearning", "relearning-3m")}}
+
+
+# the cells of the two-modality block that the three-modality block leaves out (configs/quickstart.yaml)
+TWO_MODALITIES_ONLY = {"joint-film", "joint-gated", "greedy"}
 
 
 def short_quickstart(*overrides: str) -> list[str]:
-    """The command-line overrides of a 2-epoch quickstart (the stage lengths of its staged cells)."""
-    return ["train.epochs=2", *overrides, *(f"cells.{cell}.{key}={json.dumps(value)}"
-                                            for cell, keys in MINI_STAGES.items() for key, value in keys.items())]
+    """The command-line overrides of a 3-epoch quickstart (the stage lengths of its staged cells)."""
+    stages = [f"cells.{cell}.{key}={json.dumps(value)}"
+              for cell, keys in MINI_STAGES.items() for key, value in keys.items()]
+    return [f"train.epochs={MINI_EPOCHS}", *overrides, *stages]
 
 
 def mini_quickstart(path):
     sweep = yaml.safe_load(quickstart_config().read_text())
-    sweep["base"]["train"]["epochs"] = 2
+    sweep["base"]["train"]["epochs"] = MINI_EPOCHS
     for cell, overrides in MINI_STAGES.items():
         sweep["cells"][cell].update(overrides)
+    for cell in sweep["cells"].values():
+        cell.pop("train.epochs", None)  # the three-modality block's own budget
     path.write_text(yaml.safe_dump(sweep, sort_keys=False))
-    return list(sweep["cells"])
+    return sweep["cells"]
 
 
 def test_mini_quickstart_end_to_end(tmp_path, capsys):
@@ -48,17 +60,30 @@ def test_mini_quickstart_end_to_end(tmp_path, capsys):
     cells = mini_quickstart(sweep_file)
     assert main(["--results", str(results), "run", str(sweep_file), "--report", str(report)]) == 0
     n_runs = 3 * len(cells)
-    assert f"{len(cells)} cells x 3 seeds = {n_runs} runs" in capsys.readouterr().err  # progress: on stderr
+    # the three-modality block's cells carry their two-modality cell's label: one row label per method
+    labels = list(dict.fromkeys(cell.get("label", name) for name, cell in cells.items()))
+    assert f"{len(labels)} cells x 3 seeds = {n_runs} runs" in capsys.readouterr().err  # progress: on stderr
     table = pd.read_csv(report / "table.csv")
-    assert list(table["label"]) == cells  # the quickstart lists its cells by family, as the table groups them
-    families = table.set_index("label")["family"]
-    assert families["joint-late"] == "baseline" and families["mla"] == "feed-forward"
-    assert families["ogm-ge"] == "optimisation" and families["unimodal-visual"] == "reference"
-    assert list(dict.fromkeys(families)) == [f for f in FAMILIES if f in set(families)]  # each family one block
+    two, three = "avdigits (preset=audio-dominant)", "avdigits (preset=three-modality)"
+    assert list(table["dataset"].drop_duplicates()) == [two, three]
+    blocks = {ds: list(g["label"]) for ds, g in table.groupby("dataset", sort=False)}
+    two_cells = [name for name, cell in cells.items() if "dataset.preset" not in cell]
+    assert blocks[two] == two_cells  # the quickstart lists its cells by family, as the table groups them
+    # the same methods in the same order, less those defined for two modalities only, plus text's reference
+    assert blocks[three] == [label for label in two_cells if label not in TWO_MODALITIES_ONLY] + ["unimodal-text"]
+    for ds in (two, three):
+        families = table[table["dataset"] == ds].set_index("label")["family"]
+        assert families["joint-late"] == "baseline" and families["mla"] == "feed-forward"
+        assert families["ogm-ge"] == "optimisation" and families["unimodal-visual"] == "reference"
+        assert list(dict.fromkeys(families)) == [f for f in FAMILIES if f in set(families)]  # each family one block
     assert {"joint-concat", "ogm-ge", "mla", "mie", "di-mml", "unimodal-audio", "unimodal-visual"} <= set(cells)
-    assert (table["n"] == 3).all() and (table["dataset"] == "avdigits (preset=audio-dominant)").all()
-    assert {"fused acc", "probe audio", "probe visual", "deficit visual (uni − probe)",
-            "own audio"} <= set(table.columns)
+    assert (table["n"] == 3).all()
+    assert {"fused acc", "probe audio", "probe visual", "probe text", "deficit visual (uni − probe)",
+            "deficit text (uni − probe)", "own audio", "own text"} <= set(table.columns)
+    # the two-modality block has no text column values; the three-modality block has them all
+    rows = table.set_index(["dataset", "label"])
+    assert (rows.loc[two, "probe text"] == "–").all()
+    assert (rows.loc[three, "probe text"] != "–").sum() == len(blocks[three]) - 2  # all but audio/visual-only
     runs = pd.read_csv(report / "runs.csv")
     assert len(runs) == n_runs and runs["acc"].between(0, 1).all()
     assert (report / "table.md").read_text().startswith("## Results")
@@ -76,13 +101,17 @@ def test_mini_quickstart_end_to_end(tmp_path, capsys):
 
 
 def test_a_shorter_quickstart_from_the_command_line(capsys):
-    """Two epochs, one seed: `seeds=[0]`, and the staged cells' stage lengths as
-    `cells.<cell>.<key>=...`; without those, the first cell that cannot run in 2 epochs (Remix,
-    which warms up for 30) names its key."""
-    cells = list(yaml.safe_load(quickstart_config().read_text())["cells"])
+    """Three epochs, one seed: `seeds=[0]`, and the staged cells' stage lengths as
+    `cells.<cell>.<key>=...` (a three-modality cell is addressed by its own name, `mie-3m`, while
+    its rows carry its label, `mie`); without those, the first cell that cannot run in 2 epochs
+    (Remix, whose 30 warm-up epochs leave no remixed one) names its key."""
+    cells = yaml.safe_load(quickstart_config().read_text())["cells"]
     assert main(["run", "--dry-run", "quickstart", *short_quickstart("seeds=[0]")]) == 0
     runs = [yaml.safe_load(doc.split("# run id:")[0]) for doc in capsys.readouterr().out.split("---")[:-1]]
-    assert [(r["label"], r["train"]["seed"], r["train"]["epochs"]) for r in runs] == [(c, 0, 2) for c in cells]
+    assert [(r["label"], r["train"]["seed"], r["train"]["epochs"]) for r in runs] == [
+        (cell.get("label", name), 0, MINI_EPOCHS) for name, cell in cells.items()]
+    mie = [r["method"]["epoch_list"] for r in runs if r["method"]["name"] == "mie"]
+    assert mie == [[2, 1], [1, 1, 1]]
     assert main(["run", "--dry-run", "quickstart", "train.epochs=2", "seeds=[0]"]) == 2
     assert "run 'remix' seed 0: method.warmup=30 leaves no remixed epoch in train.epochs=2" in capsys.readouterr().err
 
@@ -122,10 +151,13 @@ def test_full_quickstart_shows_the_imbalance_and_the_methods_against_it(tmp_path
     # the report folder: tables, statistics, figures and the pages
     for name in ("README.md", "report.html", "table.md", "table.csv", "table.tex", "stats.md"):
         assert (report / name).stat().st_size > 0, name
-    for figure in ("fused_accuracy", "probe_vs_unimodal", "trajectories_modality", "diagnostics", "accuracy_vs_cost"):
+    per_dataset = [f"{figure}_avdigits_preset_{preset}" for figure in ("trajectories_modality", "diagnostics")
+                   for preset in ("audio-dominant", "three-modality")]
+    for figure in ("fused_accuracy", "probe_vs_unimodal", "accuracy_vs_cost", *per_dataset):
         for suffix in (".png", ".pdf"):
             assert (report / "figures" / f"{figure}{suffix}").stat().st_size > 1000, figure + suffix
-    runs = pd.read_csv(report / "runs.csv")
+    all_runs = pd.read_csv(report / "runs.csv")
+    runs = all_runs[all_runs["dataset"] == "avdigits (preset=audio-dominant)"]
     mean = runs.groupby("label")[["acc", "probe.visual", "probe.audio"]].mean()
     visual_only, audio_only = mean.loc["unimodal-visual", "acc"], mean.loc["unimodal-audio", "acc"]
     joint = mean.loc["joint-concat"]
@@ -139,3 +171,15 @@ def test_full_quickstart_shows_the_imbalance_and_the_methods_against_it(tmp_path
         assert mean.loc[method, "acc"] > joint["acc"], method
     # OGM-GE's published signature: it trades dominant-modality probe accuracy for the weak one's
     assert mean.loc["ogm-ge", "probe.audio"] < joint["probe.audio"]
+
+    # the three-modality block: audio dominates, and in joint training the weakest modality's
+    # encoder learns less than it does alone (a clear positive deficit)
+    three = all_runs[all_runs["dataset"] == "avdigits (preset=three-modality)"]
+    mean3 = three.groupby("label")[["acc", "probe.audio", "probe.visual", "probe.text"]].mean()
+    alone = {m: mean3.loc[f"unimodal-{m}", "acc"] for m in ("audio", "visual", "text")}
+    weakest = min(alone, key=alone.get)
+    assert alone["audio"] > max(alone["visual"], alone["text"]) + 0.1
+    assert mean3.loc["joint-concat", f"probe.{weakest}"] < mean3.loc[f"unimodal-{weakest}", f"probe.{weakest}"] - 0.05
+    assert set(three["label"]) == {cell.get("label", name) for name, cell in
+                                   yaml.safe_load(quickstart_config().read_text())["cells"].items()
+                                   if cell.get("dataset.preset") == "three-modality"}

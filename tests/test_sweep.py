@@ -243,3 +243,17 @@ def test_ogmge_sweep_is_its_table():
     assert {c.dataset["name"] for c in configs} == {"cremad", "kinetics_sounds", "vggsound"}
     alphas = {c.dataset["name"]: c.method["alpha"] for c in configs if c.method["name"] == "ogm_ge"}
     assert alphas == {"cremad": 0.8, "kinetics_sounds": 0.8, "vggsound": 0.1}
+
+
+def test_a_cells_label_names_its_rows_on_another_dataset(tmp_path):
+    """A cell's `label` key replaces its name in labels (so that blocks on two datasets share row
+    labels), while the name stays its handle on the command line; one label twice on one dataset
+    is an error, as is a label that is not a string."""
+    text = SWEEP + "  concat-2: {label: concat, dataset.dim: 4, method.name: joint, model.fusion: concat}\n"
+    _, configs = load_sweep(write(tmp_path, text), ["cells.concat-2.model.fusion=sum", "seeds=[0]"])
+    assert [(c.label, c.dataset["dim"], c.model.fusion) for c in configs] == [
+        ("concat", 8, "concat"), ("visual-only", 8, "concat"), ("concat", 4, "sum")]
+    with pytest.raises(ConfigError, match="cells 'concat' and 'concat-2' both give label 'concat' on dataset"):
+        load_sweep(write(tmp_path, text.replace("dataset.dim: 4", "train.batch_size: 16")))
+    with pytest.raises(ConfigError, match="a cell's label must be a non-empty string"):
+        load_sweep(write(tmp_path, text.replace("label: concat", "label: 3")))

@@ -115,17 +115,20 @@ def fused_accuracy(agg: pd.DataFrame, runs: pd.DataFrame, colors: dict[str, Any]
 
 # ---- (2) the imbalance picture: each method's probe per modality vs the unimodal-only model's probe
 def probe_vs_unimodal(agg: pd.DataFrame, runs: pd.DataFrame, colors: dict[str, Any]) -> Figure | None:
-    modalities = sorted(c.split(".", 1)[1] for c in runs if c.startswith("probe.") and runs[c].notna().any())
-    datasets = [ds for ds in dict.fromkeys(agg["dataset"]) if _rows(agg, ds, multimodal=True)]
-    if not modalities or not datasets:
+    modalities = {ds: _probed(runs[runs["dataset"] == ds]) for ds in dict.fromkeys(agg["dataset"])}
+    datasets = [ds for ds in modalities if modalities[ds] and _rows(agg, ds, multimodal=True)]
+    if not datasets:
         return None
     height = 0.42 * max(len(_rows(agg, ds, multimodal=True)) for ds in datasets) + 1.4
-    fig, axes = plt.subplots(len(datasets), len(modalities), squeeze=False,
-                             figsize=(4.2 * len(modalities) + 1.5, height * len(datasets)))
+    ncols = max(len(modalities[ds]) for ds in datasets)  # a dataset's row: its own modalities only
+    fig, axes = plt.subplots(len(datasets), ncols, squeeze=False,
+                             figsize=(4.2 * ncols + 1.5, height * len(datasets)))
     ref = None
     for row, ds in zip(axes, datasets):
         sub, order = runs[runs["dataset"] == ds], _rows(agg, ds, multimodal=True)
-        for ax, m in zip(row, modalities):
+        for ax in row[len(modalities[ds]):]:
+            ax.axis("off")
+        for ax, m in zip(row, modalities[ds]):
             sns.barplot(data=sub, x=f"probe.{m}", y="label", order=order, hue="label", hue_order=order,
                         palette=colors, saturation=1, legend=False, errorbar=ci_bounds, capsize=0.3, ax=ax)
             uni = describe(sub.loc[(sub["method"] == "unimodal") & (sub["unimodal_modality"] == m), f"probe.{m}"])
@@ -138,11 +141,16 @@ def probe_vs_unimodal(agg: pd.DataFrame, runs: pd.DataFrame, colors: dict[str, A
             ax.set(xlabel=f"linear-probe test acc ({m})", ylabel="", title=f"{ds}: {m}")
             ax.grid(axis="x", alpha=0.3)
     fig.suptitle("Imbalance: frozen-encoder probe per modality vs that modality trained alone"
-                 + small_n_note(agg, [f"probe.{m}" for m in modalities]), fontsize=10)
+                 + small_n_note(agg, [f"probe.{m}" for ds in datasets for m in modalities[ds]]), fontsize=10)
     fig.tight_layout()
     if ref is not None:
         fig.legend(handles=[ref], loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False, fontsize=9)
     return fig
+
+
+def _probed(runs: pd.DataFrame) -> list[str]:
+    """The modalities with a probe value in `runs` (one dataset's: M of them), sorted."""
+    return sorted(c.split(".", 1)[1] for c in runs if c.startswith("probe.") and runs[c].notna().any())
 
 
 # ---- (3a) per-epoch val accuracy per modality, one line per label (mean over seeds, band = 95% CI)

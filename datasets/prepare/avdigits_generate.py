@@ -1,7 +1,8 @@
 """Deterministic generator and loader for the embedded AV-Digits dataset.
 
 AV-Digits pairs each of the 1,797 images of ``sklearn.datasets.load_digits()``
-with one espeak-ng utterance of that digit's English name. Splits are
+with one espeak-ng utterance of that digit's English name (and, for its text
+modality, a caption drawn from the labels: ``avdigits_captions``). Splits are
 stratified and fixed; speakers (espeak voice + variant) are disjoint between
 splits, and so are the accents and the variants on their own.
 
@@ -28,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from mmbalance.datasets.prepare.avdigits_captions import VOCAB, captions_sha256, draw_captions
 
 VERSION = 1
 N_SAMPLES = 1797
@@ -307,6 +310,9 @@ def make_manifest(arrays: dict[str, np.ndarray], espeak: str) -> dict[str, Any]:
         "sample_rate": SAMPLE_RATE,
         "waveform_sha256": waveform_sha256(arrays["waveforms"]),
         "images_sha256": images_sha256(arrays["images"]),
+        # the text modality is computed from the labels when the dataset loads; this pins it
+        "captions_sha256": captions_sha256(draw_captions(arrays["labels"])),
+        "vocab": list(VOCAB),
         "splits": {
             s: {"n": int(len(arrays[f"{s}_idx"])), "sha256": split_sha256(arrays[f"{s}_idx"])}
             for s in ("train", "val", "test")
