@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -101,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quickstart", help="the main job on the embedded data, then its table")
     p.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
     p.add_argument("--report", default="reports/quickstart", help="where the table goes")
+    p.add_argument("--workers", type=int, default=None,
+                   help="runs trained at once, each in a worker process that lives through many runs "
+                        "(default: the cores this process may use)")
 
     p = sub.add_parser("report",
                        help="tables, statistics, paper-vs-ours, figures and an HTML page for a results directory")
@@ -198,13 +202,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_sweep(path: Path, overrides: Sequence[str], store, report: str | None) -> int:
+def run_sweep(path: Path, overrides: Sequence[str], store, report: str | None, workers: int = 1) -> int:
     from mmbalance.bench.sweep import labels_in_order, load_sweep, run_inline
 
     sweep, configs = load_sweep(path, overrides)
     log.info(f"sweep {sweep.group!r}: {len(labels_in_order(configs))} cells x {len(sweep.seeds)} seeds = "
              f"{len(configs)} runs -> {store.root / sweep.group}")
-    run_inline(configs, store)
+    run_inline(configs, store, workers=workers)
     print_table(sweep.group, configs, store, report)
     return 0
 
@@ -358,7 +362,8 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from mmbalance.bench.store import Store
 
-    return run_sweep(quickstart_config(), args.overrides, Store(args.results).ensure_writable(), args.report)
+    workers = args.workers or len(os.sched_getaffinity(0))
+    return run_sweep(quickstart_config(), args.overrides, Store(args.results).ensure_writable(), args.report, workers)
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -393,28 +393,40 @@ def check_runs(configs: Sequence[RunConfig], datasets: DatasetSource | None = No
             f"{', ...' if len(cells) > 3 else ''}): {cause}" for cause, cells in unchecked.items()]
 
 
-def run_inline(configs: Sequence[RunConfig], store: Store, *, keep_going: bool = True) -> list[RunResult]:
-    """Run every config here, one after another, and the runs they require before them
-    (bench.requirements; finished ones are skipped). A failed run is reported and, with
-    `keep_going`, the others still run; its status file names the cause (a run whose
-    requirement failed fails in one line naming it)."""
+def run_inline(configs: Sequence[RunConfig], store: Store, *, keep_going: bool = True,
+               workers: int = 1) -> list[RunResult]:
+    """Run every config here, and the runs they require before them (bench.requirements;
+    finished ones are skipped): one after another in this process, or with `workers` > 1 in that
+    many worker processes (bench.parallel). A failed run is reported and, with `keep_going`, the
+    others still run; its status file names the cause (a run whose requirement failed fails in
+    one line naming it)."""
     configs = with_requirements(configs)
     datasets = DatasetCache()
     check_runs(configs, datasets)
-    results, failures = [], []
-    bar = tqdm(configs, desc="runs", unit="run", dynamic_ncols=True)
-    for cfg in bar:
-        bar.set_postfix_str(f"{cfg.label or cfg.method['name']} seed {cfg.train.seed}")
-        try:
-            results.append(run(cfg, store, datasets=datasets))
-            if results[-1].note:
-                log.info(f"{cfg.label or cfg.method['name']} seed {cfg.train.seed} {results[-1].run_id}: "
-                         f"{results[-1].note}")
-        except RunFailed as e:
-            if not keep_going:
-                raise
-            failures.append(str(e))
-            log.warning(f"FAILED: {e}")
+    failures: list[str] = []
+
+    def failed(e: RunFailed) -> None:
+        if not keep_going:
+            raise e
+        failures.append(str(e))
+        log.warning(f"FAILED: {e}")
+
+    if workers > 1 and len(configs) > 1:
+        from mmbalance.bench.parallel import run_in_workers
+
+        results = run_in_workers(configs, store, min(workers, len(configs)), failed)
+    else:
+        results = []
+        bar = tqdm(configs, desc="runs", unit="run", dynamic_ncols=True)
+        for cfg in bar:
+            bar.set_postfix_str(f"{cfg.label or cfg.method['name']} seed {cfg.train.seed}")
+            try:
+                results.append(run(cfg, store, datasets=datasets))
+                if results[-1].note:
+                    log.info(f"{cfg.label or cfg.method['name']} seed {cfg.train.seed} {results[-1].run_id}: "
+                             f"{results[-1].note}")
+            except RunFailed as e:
+                failed(e)
     if failures:
         raise RunFailed(f"{len(failures)} of {len(configs)} runs failed:\n  " + "\n  ".join(failures))
     return results
