@@ -58,6 +58,7 @@ from mmbalance.bench.launch.plan import label
 from mmbalance.bench.requirements import with_requirements
 from mmbalance.bench.resources import shipped_config, shipped_configs
 from mmbalance.bench.store import Store
+from mmbalance.bench.tracking import check_trackers
 from mmbalance.bench.train import DatasetSource, RunResult, build_checked, build_dataset, run
 from mmbalance.core.errors import ConfigError, DataError, RunFailed
 from mmbalance.core.overrides import (
@@ -384,6 +385,7 @@ def check_runs(configs: Sequence[RunConfig], datasets: DatasetSource | None = No
     for a prepared cache reads its metadata only. Where the data is not here (DataError), that is
     an error with `need_data` (the runs would fail); without it (a dry run, a SLURM submission
     whose jobs may see other disks) those cells go unchecked and one note per cause is returned."""
+    check_trackers(configs)  # a tracker package missing here would fail every run in turn
     datasets = datasets or DatasetCache()
     unchecked: dict[str, list[str]] = {}
     seen = set()

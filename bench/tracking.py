@@ -56,14 +56,28 @@ def run_name(cfg: RunConfig) -> str:
     return f"{label},seed={cfg.train.seed}"
 
 
-def require(module: str, asked: str, instead: str) -> Any:
-    """`module`, imported now; where it is not installed, a one-line ConfigError naming the key that
-    `asked` for it and what to do `instead`."""
+def asked(cfg: RunConfig) -> list[str]:
+    """The trackers `cfg.train` asks for, by package name."""
+    return (["tensorboard"] if cfg.train.tensorboard else []) + list(cfg.train.tracking)
+
+
+def require(module: str) -> Any:
+    """The tracker package `module`, imported now; where it is not installed, a one-line ConfigError
+    naming the key that asked for it and what to do instead."""
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        raise ConfigError(f"{asked}, but {module} is not installed here ({e}); install it "
+        key, instead = (("train.tensorboard is true", "set train.tensorboard=false") if module == "tensorboard"
+                        else (f"train.tracking lists {module}", "remove it from train.tracking"))
+        raise ConfigError(f"{key}, but {module} is not installed here ({e}); install it "
                           f"(pip install {module}) or {instead}") from None
+
+
+def check_trackers(configs: Sequence[RunConfig]) -> None:
+    """Import the packages of the trackers `configs` ask for, so that a missing one stops a sweep
+    before any run starts (bench.sweep.check_runs) rather than failing each run in turn."""
+    for module in dict.fromkeys(m for cfg in configs for m in asked(cfg)):
+        require(module)
 
 
 class TensorBoardTracker:
@@ -71,7 +85,7 @@ class TensorBoardTracker:
     live TensorBoard sees it and a crash loses nothing."""
 
     def __init__(self, cfg: RunConfig, run_dir: RunDir) -> None:
-        require("tensorboard", "train.tensorboard is true", "set train.tensorboard=false")
+        require("tensorboard")
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(run_dir.path / TB_DIR / run_name(cfg)), purge_step=0)
@@ -91,7 +105,7 @@ class WandbTracker:
     """A W&B run per process: project = the run's group, name = label and seed, config = the run's."""
 
     def __init__(self, cfg: RunConfig, run_dir: RunDir) -> None:
-        wandb = require("wandb", "train.tracking lists wandb", "remove it from train.tracking")
+        wandb = require("wandb")
         self.run = wandb.init(project=cfg.group, group=cfg.label or cfg.method["name"], name=run_name(cfg),
                               config=cfg.to_dict(), tags=[run_dir.run_id], dir=str(run_dir.path))
 
@@ -107,7 +121,7 @@ class MlflowTracker:
     tagged with the run id and group."""
 
     def __init__(self, cfg: RunConfig, run_dir: RunDir) -> None:
-        self.mlflow = require("mlflow", "train.tracking lists mlflow", "remove it from train.tracking")
+        self.mlflow = require("mlflow")
         self.run = self.mlflow.start_run(run_name=run_name(cfg),
                                          tags={"run_id": run_dir.run_id, "group": cfg.group})
 
@@ -118,7 +132,7 @@ class MlflowTracker:
         self.mlflow.end_run()
 
 
-TRACKERS = {"wandb": WandbTracker, "mlflow": MlflowTracker}
+TRACKERS = {"tensorboard": TensorBoardTracker, "wandb": WandbTracker, "mlflow": MlflowTracker}
 
 
 class Trackers:
@@ -139,9 +153,7 @@ class Trackers:
 def open_trackers(cfg: RunConfig, run_dir: RunDir, history: Sequence[Mapping[str, Any]]) -> Trackers:
     """The trackers `cfg.train` asks for (none: an empty Trackers), each given `history` (the epochs
     already trained, as the checkpoint restored them) before training goes on."""
-    chosen: list[Tracker] = [TensorBoardTracker(cfg, run_dir)] if cfg.train.tensorboard else []
-    chosen += [TRACKERS[name](cfg, run_dir) for name in cfg.train.tracking]
-    trackers = Trackers(chosen)
+    trackers = Trackers([TRACKERS[name](cfg, run_dir) for name in asked(cfg)])
     for record in history:
         trackers.log_epoch(record["epoch"], record)
     return trackers

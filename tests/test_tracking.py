@@ -110,6 +110,11 @@ def test_a_tracker_not_installed_stops_the_run_in_one_line(fast_config, store, m
     assert "\n" not in message and f"train.tracking lists {tracker}" in message and "pip install" in message
     with pytest.raises(RunFailed, match=f"train.tracking lists {tracker}, but {tracker} is not installed"):
         run(cfg, store)
+    # a sweep stops before any run starts
+    other = fast_config("train.epochs=1", f"train.tracking=[{tracker}]", "train.seed=1")
+    with pytest.raises(ConfigError, match=f"train.tracking lists {tracker}"):
+        run_inline([other], store)
+    assert not store.run_dir(other.group, other.run_id()).path.exists()
 
 
 def test_wandb_and_mlflow_get_the_same_scalars(fast_config, store, monkeypatch):
