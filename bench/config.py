@@ -83,6 +83,11 @@ class TrainConfig(Strict):
     # passed since the last write, or auto (bench.train.CheckpointSchedule: while writing takes
     # at most 5% of the run); always after the last epoch. A resume retrains from the last one.
     checkpoint_every: int | str = "auto"
+    # live tracking (bench.tracking): TensorBoard event files in <run dir>/tb/, each epoch's record as
+    # scalars; false for a single run, true unless a sweep says otherwise (bench.sweep.expand)
+    tensorboard: bool = False
+    # further trackers through the same interface, each imported only when listed (not installed: an error)
+    tracking: list[Literal["wandb", "mlflow"]] = Field(default_factory=list)
 
     @field_validator("threads", mode="before")
     @classmethod
@@ -132,7 +137,8 @@ DEFAULT_NAMES = {"dataset": "avdigits", "method": "joint"}
 # Keys that say how a run executes, not what it computes, so they stay out of the run id:
 # changing them keeps a run's directory and results.
 HASH_EXCLUDED = ("group", "label", "train.workers", "train.progress", "train.prefetch", "train.channels_last",
-                 "train.cudnn_benchmark", "train.compile", "train.threads", "train.checkpoint_every")
+                 "train.cudnn_benchmark", "train.compile", "train.threads", "train.checkpoint_every",
+                 "train.tensorboard", "train.tracking")
 
 
 def checkpoint_seconds(every: str) -> float | None:

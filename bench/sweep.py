@@ -32,6 +32,10 @@ Dotted overrides (`train.epochs=2`) apply to every run, over cells, grid and inc
 forms change the sweep itself, as if the file said so: `seeds=[0]` and
 `cells.<cell>.<key>=value` (one cell's key, e.g. a staged method's stage lengths in a shorter
 budget: `cells.mie.method.epoch_list=[1,1]`).
+
+A sweep's runs write TensorBoard events (`train.tensorboard`, bench.tracking) unless the sweep sets the
+key (`base: {train.tensorboard: false}`, or the override `train.tensorboard=false`), so that
+`tensorboard --logdir results/GROUP` shows it live; the key is not part of the run id.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ from mmbalance.bench.launch.plan import label
 from mmbalance.bench.requirements import with_requirements
 from mmbalance.bench.resources import shipped_config, shipped_configs
 from mmbalance.bench.store import Store
+from mmbalance.bench.tracking import check_trackers
 from mmbalance.bench.train import DatasetSource, RunResult, build_checked, build_dataset, run
 from mmbalance.core.errors import ConfigError, DataError, RunFailed
 from mmbalance.core.overrides import (
@@ -170,6 +175,7 @@ def expand(sweep: SweepConfig, overrides: Sequence[str] = (), origin: str = "the
             data = json.loads(json.dumps(point.data))
             sources = point.sources
             apply_overrides(data, sources, overrides)
+            track_by_default(data, sources)
             deep_merge(data, {"group": sweep.group, "label": point.label, "train": {"seed": seed}})
             try:
                 cfg = validate(data, sources)
@@ -190,6 +196,13 @@ def expand(sweep: SweepConfig, overrides: Sequence[str] = (), origin: str = "the
             configs.append(cfg)
     check_excludes(sweep, origin, where, by_cell)
     return configs
+
+
+def track_by_default(data: dict[str, Any], sources: Sources) -> None:
+    """A sweep's runs write TensorBoard events (bench.tracking) unless its file or overrides set
+    `train.tensorboard`; a single run's default is off. The key stays out of the run id."""
+    if isinstance(data.get("train", {}), dict) and lookup(data, "train.tensorboard") is MISSING:
+        assign(data, sources, "train.tensorboard", True, "a sweep's default")
 
 
 def points(sweep: SweepConfig, origin: str, where: Path, by_cell: CellOverrides) -> list[Point]:
@@ -372,6 +385,7 @@ def check_runs(configs: Sequence[RunConfig], datasets: DatasetSource | None = No
     for a prepared cache reads its metadata only. Where the data is not here (DataError), that is
     an error with `need_data` (the runs would fail); without it (a dry run, a SLURM submission
     whose jobs may see other disks) those cells go unchecked and one note per cause is returned."""
+    check_trackers(configs)  # a tracker package missing here would fail every run in turn
     datasets = datasets or DatasetCache()
     unchecked: dict[str, list[str]] = {}
     seen = set()

@@ -40,6 +40,7 @@ from mmbalance.bench.schema import check_checkpoint
 from mmbalance.bench.selection import best_epoch
 from mmbalance.bench.store import RunDir, Store
 from mmbalance.bench.threads import apply_threads
+from mmbalance.bench.tracking import open_trackers
 from mmbalance.core.errors import ConfigError, DamagedFile, MMBalanceError, RunFailed
 from mmbalance.core.registry import DATASETS, METHODS
 from mmbalance.core.types import Batch
@@ -463,6 +464,7 @@ class Trainer:
         select = cfg.eval.select_metric
         first = self.resume()
         history = self.dir.read_metrics()
+        trackers = open_trackers(cfg, self.dir, history)  # re-logs the checkpoint's epochs (bench.tracking)
         for epoch in range(first, cfg.train.epochs):
             train = self.train_epoch(epoch)
             record = {"epoch": epoch, "lr": train.pop("lr"), "train": train}
@@ -474,6 +476,7 @@ class Trainer:
             record["selectable"] = self.method.selectable(epoch)
             history.append(record)
             self.dir.write_metrics(history)  # the whole (small) file rewritten: an atomic append
+            trackers.log_epoch(epoch, record)
             due = self.schedule.due(epoch)
             if best_epoch(history, select) is record:  # kept until the next checkpoint: a copy, unless now
                 state = self.method.state_dict()
@@ -482,6 +485,7 @@ class Trainer:
                 with self.schedule.writing():
                     self.save_checkpoint(epoch, history)
             self.dir.set_status("running", epochs_done=epoch + 1, epochs=cfg.train.epochs)
+        trackers.close()
         return self.summarise()
 
     def summarise(self) -> dict[str, Any]:
