@@ -88,12 +88,15 @@ def robustness_figure(long: pd.DataFrame, ds: str, labels: list[str], colors: di
 
     sub = long[long["dataset"] == ds]
     modalities = sorted(sub["modality"].unique())
-    order = [label for label in labels if label in set(sub["label"])]
+    order = [label for label in dict.fromkeys(labels) if label in set(sub["label"])]
     fig, axes = plt.subplots(1, len(modalities), figsize=(4.6 * len(modalities), 3.6), squeeze=False, sharey=True)
     for ax, m in zip(axes[0], modalities):
-        sns.pointplot(data=sub[sub["modality"] == m], x="condition", y="acc", order=conditions(sub), hue="label",
-                      hue_order=order, palette=colors, errorbar=ci_bounds, capsize=0.2, markersize=5,
-                      dodge=0.3, legend=False, ax=ax)
+        panel = sub[sub["modality"] == m]
+        for zero in (False, True):  # the zeroed point apart: not a level on the noise curve
+            sns.pointplot(data=panel[(panel["condition"] == ZEROED) == zero], x="condition", y="acc",
+                          order=conditions(sub), hue="label", hue_order=order, palette=colors, errorbar=ci_bounds,
+                          capsize=0.2, markersize=5, dodge=0.3, legend=False, ax=ax,
+                          linestyle="none" if zero else "-")
         clip_accuracy(ax, "y")
         ax.set(title=f"{m} corrupted", xlabel="", ylabel="fused test accuracy")
         ax.tick_params(axis="x", labelrotation=30)
