@@ -115,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--select", choices=("val", "test", "last"), default="val",
                    help="epoch reported: best validation (default), best test (the papers'), or last")
 
+    p = sub.add_parser("evaluate-robustness",
+                       help="test accuracy of each finished run's best.pt with each modality zeroed and noised")
+    p.add_argument("dir", help="a run directory, a group directory (results/<group>) or the store root")
+    p.add_argument("--force", action="store_true", help="evaluate again runs that have a robustness.json")
+
     p = sub.add_parser("status", help="state of every run under a directory of the store")
     p.add_argument("dir", help="a group directory (results/<group>), a run directory, or the store root")
 
@@ -374,6 +379,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate_robustness(args: argparse.Namespace) -> int:
+    from mmbalance.bench.robustness import evaluate_run, run_dirs_under
+
+    for run_dir in run_dirs_under(Path(args.dir)):
+        print(evaluate_run(run_dir, force=args.force), flush=True)
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from mmbalance.bench.status import status_table
 
@@ -409,6 +422,7 @@ COMMANDS = {
     "init": cmd_init,
     "diagnose": cmd_diagnose,
     "quickstart": cmd_quickstart,
+    "evaluate-robustness": cmd_evaluate_robustness,
     "status": cmd_status,
     "report": cmd_report,
     "sweep": cmd_sweep,

@@ -112,6 +112,9 @@ class EvalConfig(Strict):
     probe: bool = True
     probe_c_grid: list[float] = Field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0])
     probe_max_iter: int = Field(500, ge=10)
+    # at the end of the run, best.pt on the test split with each modality zeroed and noised
+    # (bench.robustness -> robustness.json); an evaluation of the finished weights, not part of them
+    robustness: bool = False
 
 
 class RunConfig(Strict):
@@ -138,7 +141,7 @@ DEFAULT_NAMES = {"dataset": "avdigits", "method": "joint"}
 # changing them keeps a run's directory and results.
 HASH_EXCLUDED = ("group", "label", "train.workers", "train.progress", "train.prefetch", "train.channels_last",
                  "train.cudnn_benchmark", "train.compile", "train.threads", "train.checkpoint_every",
-                 "train.tensorboard", "train.tracking")
+                 "train.tensorboard", "train.tracking", "eval.robustness")
 
 
 def checkpoint_seconds(every: str) -> float | None:

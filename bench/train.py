@@ -36,6 +36,7 @@ from mmbalance.bench.evaluate import Evaluation, evaluate
 from mmbalance.bench.oserror import os_message
 from mmbalance.bench.probe import probe_all
 from mmbalance.bench.requirements import requirement_builders
+from mmbalance.bench.robustness import evaluate_trained
 from mmbalance.bench.schema import check_checkpoint
 from mmbalance.bench.selection import best_epoch
 from mmbalance.bench.store import RunDir, Store
@@ -610,6 +611,8 @@ def finished_meanwhile(run_dir: RunDir, cfg: RunConfig) -> RunResult:
 def train_claimed(cfg: RunConfig, run_dir: RunDir, trainer: Trainer) -> RunResult:
     try:
         summary = trainer.fit()
+        if cfg.eval.robustness:  # before the summary: a failure here resumes (from the last epoch) and retries
+            evaluate_trained(trainer, run_dir)
         run_dir.write_summary(summary)
     except KeyboardInterrupt:
         run_dir.set_status("interrupted", error="interrupted by the user (KeyboardInterrupt)")

@@ -19,6 +19,7 @@ import pandas as pd
 from mmbalance.bench.report.cells import KEY, aggregate, display, printed, to_latex
 from mmbalance.bench.report.collect import DEFICIT_NOTE, SELECTIONS, damaged_runs, load_runs
 from mmbalance.bench.report.paper import paper_vs_ours
+from mmbalance.bench.report.robustness import write_robustness
 from mmbalance.bench.report.stats import CI_NOTE, TEST_NOTE, paired_tests
 from mmbalance.bench.resources import paper_tables_csv
 from mmbalance.bench.store import atomic_write_text
@@ -100,10 +101,13 @@ def build_report(results_dir: Path, out: Path, by: str | list[str] = "dataset,me
     if not damaged.empty:
         write("damaged.csv", damaged.to_csv(index=False))
     figures = make_figures(agg, finished, metrics, out / "figures")
+    robust_files, robust_sections, robust_figures = write_robustness(results_dir, finished, agg, order, out)
+    report.files += robust_files
+    figures += robust_figures
     sections = [*split_sections(table, protocol),
                 ("Confidence intervals (95%)", ci_table(agg), CI_NOTE),
                 ("Paired tests against joint", tests, TEST_NOTE),
-                ("Paper vs ours", paper, PAPER_NOTE)] + (
+                ("Paper vs ours", paper, PAPER_NOTE), *robust_sections] + (
                    [("Left out: runs with damaged files", damaged, DAMAGED_NOTE)] if not damaged.empty else [])
     title = f"mmbalance report: {Path(results_dir).resolve().name}"
     write("README.md", markdown_page(title, sections, figures, out))
