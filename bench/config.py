@@ -107,6 +107,9 @@ class EvalConfig(Strict):
     probe: bool = True
     probe_c_grid: list[float] = Field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0])
     probe_max_iter: int = Field(500, ge=10)
+    # modality contributions (bench.contribution) on val each epoch and on test at the selected one;
+    # a record of the run, not part of what it trains: out of the run id
+    contribution: bool = True
 
 
 class RunConfig(Strict):
@@ -132,7 +135,8 @@ DEFAULT_NAMES = {"dataset": "avdigits", "method": "joint"}
 # Keys that say how a run executes, not what it computes, so they stay out of the run id:
 # changing them keeps a run's directory and results.
 HASH_EXCLUDED = ("group", "label", "train.workers", "train.progress", "train.prefetch", "train.channels_last",
-                 "train.cudnn_benchmark", "train.compile", "train.threads", "train.checkpoint_every")
+                 "train.cudnn_benchmark", "train.compile", "train.threads", "train.checkpoint_every",
+                 "eval.contribution")
 
 
 def checkpoint_seconds(every: str) -> float | None:
