@@ -30,9 +30,9 @@ from tqdm.auto import tqdm
 from mmbalance.bench.cancel import RunCancelled
 from mmbalance.bench.claim import elsewhere_line, try_claim
 from mmbalance.bench.config import RunConfig, checkpoint_seconds
+from mmbalance.bench.contribution import contribution
 from mmbalance.bench.data import build_loaders, epoch_generator, seed_everything
 from mmbalance.bench.device import prepare_model, resolve_device
-from mmbalance.bench.contribution import contribution
 from mmbalance.bench.evaluate import Evaluation, evaluate
 from mmbalance.bench.oserror import os_message
 from mmbalance.bench.probe import probe_all

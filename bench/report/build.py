@@ -17,8 +17,8 @@ from pathlib import Path
 import pandas as pd
 
 from mmbalance.bench.report.cells import KEY, aggregate, display, printed, to_latex
-from mmbalance.bench.report.contribution import NOTE as CONTRIBUTION_NOTE
 from mmbalance.bench.report.collect import DEFICIT_NOTE, SELECTIONS, damaged_runs, load_runs
+from mmbalance.bench.report.contribution import NOTE as CONTRIBUTION_NOTE
 from mmbalance.bench.report.paper import paper_vs_ours
 from mmbalance.bench.report.stats import CI_NOTE, TEST_NOTE, paired_tests
 from mmbalance.bench.resources import paper_tables_csv
