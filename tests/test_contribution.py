@@ -79,7 +79,7 @@ def masked_accuracy(method, split, present):
 
 @pytest.mark.parametrize("dataset", ["gaussian", "gaussian3"])
 def test_recorded_contributions_match_a_hand_computation(dataset, fast_config, store):
-    cfg = fast_config(f"dataset.name={dataset}", "train.epochs=2", "eval.probe=false")
+    cfg = fast_config(f"dataset.name={dataset}", "train.epochs=2", "eval.probe=false", "eval.contribution=true")
     result = run(cfg, store)
     rd = RunDir(result.path)
     method = build_checked(cfg, build_dataset)
@@ -106,17 +106,17 @@ def test_recorded_contributions_match_a_hand_computation(dataset, fast_config, s
 
 
 def test_switch_off_records_nothing_and_keeps_the_run_id(fast_config, store):
-    on, off = fast_config(), fast_config("eval.contribution=false")
+    on, off = fast_config("eval.contribution=true"), fast_config()
     assert on.run_id() == off.run_id()
-    assert on.eval.contribution and not off.eval.contribution
+    assert on.eval.contribution and not off.eval.contribution  # off by default (its cost: bench/config.py)
     result = run(fast_config("train.epochs=1", "eval.probe=false", "eval.contribution=false"), store)
     assert result.summary["contribution"] == {}
     assert "contribution" not in RunDir(result.path).read_metrics()[0]
 
 
 def test_report_writes_the_contribution_table_and_figure(fast_config, store, tmp_path):
-    summaries = [run(fast_config(f"method.name={m}", f"train.seed={s}", "train.epochs=2", "eval.probe=false"),
-                     store).summary for m in ("joint", "ogm_ge") for s in (0, 1)]
+    summaries = [run(fast_config(f"method.name={m}", f"train.seed={s}", "train.epochs=2", "eval.probe=false",
+                                 "eval.contribution=true"), store).summary for m in ("joint", "ogm_ge") for s in (0, 1)]
     report = build_report(store.root / "default", tmp_path / "report")
     table = pd.read_csv(tmp_path / "report" / "aggregate.csv")
     for method in ("joint", "ogm_ge"):
