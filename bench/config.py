@@ -115,6 +115,10 @@ class EvalConfig(Strict):
     # at the end of the run, best.pt on the test split with each modality zeroed and noised
     # (bench.robustness -> robustness.json); an evaluation of the finished weights, not part of them
     robustness: bool = False
+    # modality contributions (bench.contribution) on val each epoch and on test at the selected one;
+    # a record of the run, not part of what it trains: out of the run id. Off by default: 2^M more
+    # evaluation passes over val cost the quickstart's joint-concat ~14% CPU time per epoch
+    contribution: bool = False
 
 
 class RunConfig(Strict):
@@ -141,7 +145,7 @@ DEFAULT_NAMES = {"dataset": "avdigits", "method": "joint"}
 # changing them keeps a run's directory and results.
 HASH_EXCLUDED = ("group", "label", "train.workers", "train.progress", "train.prefetch", "train.channels_last",
                  "train.cudnn_benchmark", "train.compile", "train.threads", "train.checkpoint_every",
-                 "train.tensorboard", "train.tracking", "eval.robustness")
+                 "train.tensorboard", "train.tracking", "eval.robustness", "eval.contribution")
 
 
 def checkpoint_seconds(every: str) -> float | None:

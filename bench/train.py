@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from mmbalance.bench.cancel import RunCancelled
 from mmbalance.bench.claim import elsewhere_line, try_claim
 from mmbalance.bench.config import RunConfig, checkpoint_seconds
+from mmbalance.bench.contribution import contribution
 from mmbalance.bench.data import build_loaders, epoch_generator, seed_everything
 from mmbalance.bench.device import prepare_model, resolve_device
 from mmbalance.bench.evaluate import Evaluation, evaluate
@@ -474,6 +475,8 @@ class Trainer:
             self.method.on_validation_end(epoch, val.metrics)
             record["test"] = self.evaluate("test").metrics
             record["method"] = method_record(self.method, val.logs)
+            if cfg.eval.contribution:
+                record["contribution"] = contribution(self.method, self.loaders["val"], self.context.autocast)
             record["selectable"] = self.method.selectable(epoch)
             history.append(record)
             self.dir.write_metrics(history)  # the whole (small) file rewritten: an atomic append
@@ -496,9 +499,13 @@ class Trainer:
         best_val, best_test = best_epoch(history, select), best_epoch(history, select, split="test")
         if best_val is None:
             raise RunFailed(f"method {cfg.method['name']!r} marked no epoch as selectable")
-        probes = {}
-        if cfg.eval.probe:
+        probes, contributions = {}, {}
+        if cfg.eval.probe or cfg.eval.contribution:
             self.method.load_state_dict(self.dir.load(self.dir.best)["model"])
+        if cfg.eval.contribution:
+            contributions = {"epoch": best_val["epoch"], "val": best_val.get("contribution"),
+                             "test": contribution(self.method, self.loaders["test"], self.context.autocast)}
+        if cfg.eval.probe:
             passes = {"train": self.loaders["train_plain"](), "val": self.loaders["val"](),
                       "test": self.loaders["test"]()}
             probes = probe_all(self.method, passes, self.context.autocast, cfg.eval.probe_c_grid,
@@ -516,6 +523,7 @@ class Trainer:
             "best_test": {**pick(best_test), "note": "selected on test (the papers' protocol); optimistic"},
             "last": pick(history[-1]),
             "probes": probes,
+            "contribution": contributions,
             "probe_selection": "logistic regression on frozen best-val encoder features; C chosen on val",
             "cost": self.cost(history),
         }

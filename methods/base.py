@@ -263,6 +263,14 @@ class Method(nn.Module):
         raise NotImplementedError
 
     # ---- defaults a method may override
+    def predict_masked(self, batch: Batch, present: frozenset[str]) -> Prediction:
+        """The prediction with only the modalities in `present`: for the modality contributions
+        (bench.contribution). Default, defined through `predict` for every method: each other
+        modality's input zeroed and still passed through its encoder (BalanceBenchmark's
+        Calculate_Shapley). A method for which a zero input is no absence may override it."""
+        inputs = {m: x if m in present else torch.zeros_like(x) for m, x in batch.inputs.items()}
+        return self.predict(Batch(inputs, batch.labels, batch.ids))
+
     def encode(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {m: self.encoders[m](inputs[m]) for m in self.modality_names}
 

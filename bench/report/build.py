@@ -18,6 +18,7 @@ import pandas as pd
 
 from mmbalance.bench.report.cells import KEY, aggregate, display, printed, to_latex
 from mmbalance.bench.report.collect import DEFICIT_NOTE, SELECTIONS, damaged_runs, load_runs
+from mmbalance.bench.report.contribution import NOTE as CONTRIBUTION_NOTE
 from mmbalance.bench.report.paper import paper_vs_ours
 from mmbalance.bench.report.robustness import write_robustness
 from mmbalance.bench.report.stats import CI_NOTE, TEST_NOTE, paired_tests
@@ -154,10 +155,12 @@ def split_sections(table: pd.DataFrame, protocol: str) -> list[tuple[str, pd.Dat
     kinds = ("own ", "probe ", "deficit ")
     modal = [c for c in table if c.startswith(kinds)]
     cost = [c for c in table if c in ("s/epoch", "CPU h", "GPU h", "peak MB", "fwd/step", "bwd/step")]
-    fused = [c for c in table if c not in key + modal + cost]
+    contribution = [c for c in table if c.startswith("shapley ") or c == "imbalance degree"]
+    fused = [c for c in table if c not in key + modal + cost + contribution]
     return [("Results", table[key + fused],
              f"{protocol}; mean ± std over seeds (sample std); n = seeds finished. {LEGEND}"),
             ("Per modality", table[key + modal], LEGEND_MODAL),
+            *([("Modality contribution", table[key + contribution], CONTRIBUTION_NOTE)] if contribution else []),
             ("Cost", table[key + cost], LEGEND_COST)]
 
 

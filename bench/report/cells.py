@@ -23,8 +23,11 @@ COST = ("s_per_epoch", "cpu_hours", "gpu_hours", "peak_mem_mb", "fwd_per_step", 
 LOWER = ("s_per_epoch", "cpu_hours", "gpu_hours", "peak_mem_mb")  # plus deficit.*: lower is better
 NAMES = {"acc": "fused acc", "macro_f1": "macro-F1", "map": "mAP", "s_per_epoch": "s/epoch",
          "cpu_hours": "CPU h", "gpu_hours": "GPU h", "peak_mem_mb": "peak MB",
-         "fwd_per_step": "fwd/step", "bwd_per_step": "bwd/step"}
-PER_MODALITY = ("own", "probe", "deficit")
+         "fwd_per_step": "fwd/step", "bwd_per_step": "bwd/step", "imbalance": "imbalance degree"}
+# shapley.<m>: m's Shapley contribution to the fused test accuracy, and its imbalance degree
+# (bench.contribution, at the selected epoch); neither ranked: no direction is better
+PER_MODALITY = ("own", "probe", "deficit", "shapley")
+IMBALANCE = ("imbalance",)
 DIGITS = {"cpu_hours": 4, "gpu_hours": 4, "peak_mem_mb": 0}
 KEY = ["dataset", "family", "label", "n"]
 # the field's method families (BalanceBenchmark's taxonomy), in the order tables list them; the
@@ -64,7 +67,7 @@ def metric_columns(runs: pd.DataFrame) -> list[str]:
     modalities = sorted({c.split(".", 1)[1] for c in present if c.startswith(PER_MODALITY)})
     cols = [c for c in HIGHER if c in present]
     cols += [f"{kind}.{m}" for kind in PER_MODALITY for m in modalities if f"{kind}.{m}" in present]
-    return cols + [c for c in COST if c in present]
+    return cols + [c for c in (*IMBALANCE, *COST) if c in present]
 
 
 def aggregate(runs: pd.DataFrame, order: list[str] | None = None) -> pd.DataFrame:

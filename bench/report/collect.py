@@ -21,6 +21,7 @@ from typing import Any
 
 import pandas as pd
 
+from mmbalance.bench.report.contribution import contribution_columns
 from mmbalance.bench.store import RunDir
 from mmbalance.core.errors import ConfigError
 
@@ -102,6 +103,7 @@ def run_row(rd: RunDir, block: str) -> dict[str, Any]:
         row[f"own.{m}"] = acc
     for m, probe in summary.get("probes", {}).items():
         row[f"probe.{m}"] = probe["test_acc"]
+    row.update(contribution_columns(summary, block))
     row.update(cost_columns(summary.get("cost", {}), summary.get("epochs")))
     return row
 

@@ -27,6 +27,7 @@ from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter  # noqa: E402
 
+from mmbalance.bench.report.contribution import contribution_figures  # noqa: E402
 from mmbalance.bench.report.stats import ci_bounds, describe  # noqa: E402
 
 DPI = 150
@@ -307,6 +308,7 @@ def draw_figures(agg: pd.DataFrame, runs: pd.DataFrame, metrics: dict[str, list[
         suffix = "" if len(datasets) == 1 else f"_{_slug(ds)}"
         figures[f"trajectories_modality{suffix}"] = modality_trajectories(agg, runs, metrics, colors, ds)
         figures[f"diagnostics{suffix}"] = method_diagnostics(agg, runs, metrics, colors, ds)
+    figures.update(contribution_figures(agg, runs, metrics, colors, _slug))
     figures["accuracy_vs_cost"] = accuracy_vs_cost(agg, runs, colors)
     return {stem: fig for stem, fig in figures.items() if fig is not None}
 
