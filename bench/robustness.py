@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from mmbalance.bench.evaluate import evaluate
-from mmbalance.bench.store import RunDir, atomic_write_json, parse_json, read_text
+from mmbalance.bench.store import RunDir, atomic_write_json, parse_json, read_text, run_dirs
 from mmbalance.core.types import Batch
 from mmbalance.methods.base import Method
 
@@ -177,7 +177,5 @@ def evaluate_run(run_dir: RunDir, force: bool = False, levels: Sequence[float] =
 
 def run_dirs_under(path: Path) -> list[RunDir]:
     """A run directory itself, or every run of a group directory or of the store root."""
-    from mmbalance.bench.report.collect import run_dirs
-
     path = Path(path)
     return [RunDir(path)] if (path / "config.yaml").exists() else run_dirs(path)

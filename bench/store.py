@@ -24,7 +24,7 @@ import yaml
 from mmbalance.bench import schema
 from mmbalance.bench.cancel import guarded
 from mmbalance.bench.oserror import naming
-from mmbalance.core.errors import DamagedFile, StoreError
+from mmbalance.core.errors import ConfigError, DamagedFile, StoreError
 
 STATES = ("pending", "running", "finished", "failed", "interrupted")
 # where and how a launcher placed the run: kept across the run's own status updates
@@ -351,3 +351,13 @@ class Store:
         pattern = f"{group}/*/config.yaml" if group else "*/*/config.yaml"
         for config in sorted(self.root.glob(pattern)):
             yield RunDir(config.parent)
+
+
+def run_dirs(results_dir: Path) -> list[RunDir]:
+    """The run directories of a group directory (`<root>/<group>`) or of a whole store root."""
+    results_dir = Path(results_dir)
+    if not results_dir.is_dir():
+        raise ConfigError(f"results directory {results_dir} does not exist; give a group directory "
+                          f"(results/<group>) or the store root (results)")
+    configs = sorted(results_dir.glob("*/config.yaml")) or sorted(results_dir.glob("*/*/config.yaml"))
+    return [RunDir(c.parent) for c in configs]

@@ -22,7 +22,7 @@ from typing import Any
 import pandas as pd
 
 from mmbalance.bench.report.contribution import contribution_columns
-from mmbalance.bench.store import RunDir
+from mmbalance.bench.store import RunDir, run_dirs
 from mmbalance.core.errors import ConfigError
 
 # --select value -> the summary.json block it reads, and how the report names it
@@ -37,16 +37,6 @@ DEFICIT_NOTE = ("probe deficit <m> = probe accuracy on m of the unimodal-only mo
                 "same seed) − this run's probe accuracy on m; positive: the encoder of m learned less "
                 "inside this model than alone; 0 for the unimodal-only model itself; seeds without a "
                 "unimodal-only run of m are left out of it (its n is then given)")
-
-
-def run_dirs(results_dir: Path) -> list[RunDir]:
-    """The run directories of a group directory (`<root>/<group>`) or of a whole store root."""
-    results_dir = Path(results_dir)
-    if not results_dir.is_dir():
-        raise ConfigError(f"results directory {results_dir} does not exist; give a group directory "
-                          f"(results/<group>) or the store root (results)")
-    configs = sorted(results_dir.glob("*/config.yaml")) or sorted(results_dir.glob("*/*/config.yaml"))
-    return [RunDir(c.parent) for c in configs]
 
 
 def load_runs(results_dir: Path, select: str = "val",

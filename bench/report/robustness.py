@@ -14,8 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from mmbalance.bench.report.cells import aggregate, fmt
-from mmbalance.bench.report.collect import run_dirs
-from mmbalance.bench.store import atomic_write_text
+from mmbalance.bench.store import atomic_write_text, run_dirs
 
 FILE = "robustness.json"  # bench.robustness.FILE (the report imports no torch)
 ZEROED = "zeroed"
