@@ -8,8 +8,8 @@ import torch
 
 from mmbalance.bench.config import RunConfig, load_config
 from mmbalance.bench.store import Store
-from mmbalance.core.types import Batch
-from mmbalance.methods.base import StepContext
+from mmbalance.core.types import Batch, Modality
+from mmbalance.methods.base import MethodSetup, StepContext
 
 # a fast config: the Gaussian generator, tiny MLPs, a few epochs, a checkpoint after each (tests
 # interrupt runs at chosen epochs; the default, auto, writes by time)
@@ -147,3 +147,22 @@ def run_interrupted(cfg: RunConfig, store: Store, monkeypatch, at_epoch: int) ->
     with pytest.raises(KeyboardInterrupt):
         run(cfg, store)
     monkeypatch.setattr(Trainer, "train_epoch", original)
+
+
+def mlp_setup(names: Sequence[str], classes: int, *, in_dims: int | dict[str, int] = 5,
+              dims: int | dict[str, int] = 6, hidden: int = 8, fusion: str = "concat", epochs: int = 1,
+              seed: int = 0, encoder: Callable[[Modality], torch.nn.Module] | None = None) -> MethodSetup:
+    """The method tests' tiny models: one MLP encoder per vector modality (`in_dims` inputs,
+    `hidden` units, `dims` features; a number is every modality's), built after
+    torch.manual_seed(seed) in the modalities' order; `encoder` builds another encoder instead."""
+    import torch.nn as nn
+
+    from mmbalance.models.small import MLPEncoder, MLPParams
+
+    def per(value: int | dict[str, int], m: str) -> int:
+        return value[m] if isinstance(value, dict) else value
+
+    torch.manual_seed(seed)
+    mods = tuple(Modality(m, "vector", (per(in_dims, m),)) for m in names)
+    build = encoder or (lambda m: MLPEncoder(MLPParams(hidden=hidden, out_dim=per(dims, m.name)), m))
+    return MethodSetup(nn.ModuleDict({m.name: build(m) for m in mods}), classes, mods, fusion=fusion, epochs=epochs)

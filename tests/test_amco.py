@@ -16,12 +16,11 @@ import torch.nn as nn
 from mmbalance.bench.store import RunDir, Store
 from mmbalance.bench.train import run
 from mmbalance.core.errors import ConfigError
-from mmbalance.core.types import Batch, Modality
+from mmbalance.core.types import Batch
 from mmbalance.methods.amco import AMCo, AMCoParams, class_mask, dependence_scores, mask_ratio, masked_logits
 from mmbalance.methods.base import MethodSetup
 from mmbalance.methods.joint import Joint, JointParams
-from mmbalance.models.small import MLPEncoder, MLPParams
-from tests.conftest import assert_resumes_exactly, step_context, without_timing
+from tests.conftest import assert_resumes_exactly, mlp_setup, step_context, without_timing
 from tests.test_opm import ConcatFusion_N  # BalanceBenchmark's fusion_arch.py L33-40
 
 C = 4
@@ -31,11 +30,7 @@ TOL = 1e-5  # the issue's bound for parameters and reported quantities against r
 
 
 def setup(names=AV, dims=None, fusion="concat", epochs=10, seed=0) -> MethodSetup:
-    torch.manual_seed(seed)
-    dims = dims or dict.fromkeys(names, 6)
-    mods = tuple(Modality(m, "vector", (5,)) for m in names)
-    encoders = nn.ModuleDict({m.name: MLPEncoder(MLPParams(hidden=8, out_dim=dims[m.name]), m) for m in mods})
-    return MethodSetup(encoders, C, mods, fusion=fusion, epochs=epochs)
+    return mlp_setup(names, C, dims=dims or 6, fusion=fusion, epochs=epochs, seed=seed)
 
 
 def make_batches(names=AV, n=6, seed=1) -> list[Batch]:

@@ -20,7 +20,7 @@ from mmbalance.bench.store import RunDir
 from mmbalance.bench.train import Trainer, holdout_of, run
 from mmbalance.core.errors import ConfigError
 from mmbalance.core.registry import METHODS
-from mmbalance.core.types import Batch, Modality
+from mmbalance.core.types import Batch
 from mmbalance.methods.base import MethodSetup, StepContext
 from mmbalance.methods.gblending import (
     FUSED,
@@ -32,8 +32,7 @@ from mmbalance.methods.gblending import (
     paper_weights,
 )
 from mmbalance.methods.joint import Joint, JointParams
-from mmbalance.models.small import MLPEncoder, MLPParams
-from tests.conftest import assert_resumes_exactly
+from tests.conftest import assert_resumes_exactly, mlp_setup
 from tests.test_data import BatchingSplit, FileLikeSplit
 
 C = 4
@@ -49,10 +48,7 @@ def sgd(params) -> torch.optim.SGD:
 
 
 def setup(names=AV, fusion="concat", seed=0) -> MethodSetup:
-    torch.manual_seed(seed)
-    mods = tuple(Modality(m, "vector", (5 + i,)) for i, m in enumerate(names))
-    encoders = nn.ModuleDict({m.name: MLPEncoder(MLPParams(hidden=7, out_dim=6), m) for m in mods})
-    return MethodSetup(encoders, C, mods, fusion=fusion)
+    return mlp_setup(names, C, in_dims={m: 5 + i for i, m in enumerate(names)}, hidden=7, fusion=fusion, seed=seed)
 
 
 def batches(names=AV, count=3, seed=1) -> list[Batch]:

@@ -22,7 +22,7 @@ from mmbalance.methods.greedy import Greedy, GreedyParams, utilisation_rates
 from mmbalance.methods.joint import Joint, JointParams
 from mmbalance.models.resnet import ResNet18Encoder
 from mmbalance.models.small import MLPEncoder, MLPParams
-from tests.conftest import assert_resumes_exactly, step_context
+from tests.conftest import assert_resumes_exactly, mlp_setup, step_context
 from tests.test_opm import ConcatFusion_N  # BalanceBenchmark's fusion_arch.py L33-40
 
 C = 4
@@ -32,10 +32,7 @@ TOL = 1e-5  # the issue's bound for parameters and reported quantities against r
 
 
 def setup(names=AV, fusion="late", seed=0, hidden=8, out_dim=8) -> MethodSetup:
-    torch.manual_seed(seed)
-    mods = tuple(Modality(m, "vector", (5,)) for m in names)
-    encoders = nn.ModuleDict({m.name: MLPEncoder(MLPParams(hidden=hidden, out_dim=out_dim), m) for m in mods})
-    return MethodSetup(encoders, C, mods, fusion=fusion, epochs=4)
+    return mlp_setup(names, C, dims=out_dim, hidden=hidden, fusion=fusion, epochs=4, seed=seed)
 
 
 def make_batches(n=20, seed=1) -> list[Batch]:

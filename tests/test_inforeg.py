@@ -16,7 +16,7 @@ import torch.nn as nn
 from mmbalance.bench.store import RunDir, Store
 from mmbalance.bench.train import run
 from mmbalance.core.errors import ConfigError
-from mmbalance.core.types import Batch, Modality
+from mmbalance.core.types import Batch
 from mmbalance.methods.base import MethodSetup
 from mmbalance.methods.inforeg import (
     InfoReg,
@@ -26,8 +26,7 @@ from mmbalance.methods.inforeg import (
     regulation_coefficients,
 )
 from mmbalance.methods.joint import Joint, JointParams
-from mmbalance.models.small import MLPEncoder, MLPParams
-from tests.conftest import assert_resumes_exactly, step_context, without_timing
+from tests.conftest import assert_resumes_exactly, mlp_setup, step_context, without_timing
 
 C = 3
 B = 16
@@ -37,10 +36,7 @@ TOL = 1e-5  # the issue's bound for parameters and reported quantities against r
 
 
 def setup(names=AV, fusion="concat", seed=0) -> MethodSetup:
-    torch.manual_seed(seed)
-    mods = tuple(Modality(m, "vector", (5,)) for m in names)
-    encoders = nn.ModuleDict({m.name: MLPEncoder(MLPParams(hidden=8, out_dim=D), m) for m in mods})
-    return MethodSetup(encoders, C, mods, fusion=fusion, epochs=10)
+    return mlp_setup(names, C, dims=D, fusion=fusion, epochs=10, seed=seed)
 
 
 def make_batches(names=AV, n=3, seed=1) -> list[Batch]:

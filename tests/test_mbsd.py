@@ -17,12 +17,11 @@ import torch.nn.functional as F
 from mmbalance.bench.store import RunDir, Store
 from mmbalance.bench.train import run
 from mmbalance.core.errors import ConfigError
-from mmbalance.core.types import Batch, Modality
+from mmbalance.core.types import Batch
 from mmbalance.methods.base import MethodSetup
 from mmbalance.methods.joint import Joint, JointParams
 from mmbalance.methods.mbsd import MBSD, MBSDParams, distillation, pair_terms, pair_weights
-from mmbalance.models.small import MLPEncoder, MLPParams
-from tests.conftest import assert_resumes_exactly, step_context, without_timing
+from tests.conftest import assert_resumes_exactly, mlp_setup, step_context, without_timing
 from tests.test_opm import BBModel  # BalanceBenchmark's BaseClassifierModel, concat fusion
 
 C = 4
@@ -33,11 +32,8 @@ TOL = 1e-5  # the issue's bound for parameters and reported quantities against r
 
 
 def setup(names=AV, fusion="concat", seed=0) -> MethodSetup:
-    torch.manual_seed(seed)
-    mods = tuple(Modality(m, "vector", (5,)) for m in names)
     dims = {m: 6 - k for k, m in enumerate(names)}  # unequal widths: the head's split matters
-    encoders = nn.ModuleDict({m.name: MLPEncoder(MLPParams(hidden=8, out_dim=dims[m.name]), m) for m in mods})
-    return MethodSetup(encoders, C, mods, fusion=fusion, epochs=10)
+    return mlp_setup(names, C, dims=dims, fusion=fusion, epochs=10, seed=seed)
 
 
 def make_batches(names=AV, n=6, seed=1) -> list[Batch]:

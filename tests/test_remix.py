@@ -17,12 +17,11 @@ import torch.nn.functional as F
 from mmbalance.bench.store import RunDir
 from mmbalance.bench.train import run
 from mmbalance.core.errors import ConfigError
-from mmbalance.core.types import Batch, Modality
+from mmbalance.core.types import Batch
 from mmbalance.methods.base import MethodSetup
 from mmbalance.methods.joint import Joint, JointParams
 from mmbalance.methods.remix import Queue, Remix, RemixParams, assignment, confidence
-from mmbalance.models.small import MLPEncoder, MLPParams
-from tests.conftest import assert_resumes_exactly, step_context
+from tests.conftest import assert_resumes_exactly, mlp_setup, step_context
 
 C = 6  # CREMA-D's classes: the release's KL hard-codes 6 (T:76-77)
 B = 8
@@ -45,11 +44,8 @@ class BNEncoder(nn.Module):
 
 
 def setup(names=AV, fusion="concat", epochs=10, seed=0, encoder="mlp") -> MethodSetup:
-    torch.manual_seed(seed)
-    mods = tuple(Modality(m, "vector", (5,)) for m in names)
-    encoders = nn.ModuleDict({m.name: MLPEncoder(MLPParams(hidden=8, out_dim=6), m) if encoder == "mlp"
-                              else BNEncoder() for m in mods})
-    return MethodSetup(encoders, C, mods, fusion=fusion, epochs=epochs)
+    return mlp_setup(names, C, fusion=fusion, epochs=epochs, seed=seed,
+                     encoder=None if encoder == "mlp" else lambda m: BNEncoder())
 
 
 def make_batches(names=AV, sizes=(B,) * 4, seed=1) -> list[Batch]:

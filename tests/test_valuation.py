@@ -20,7 +20,7 @@ from mmbalance.bench.perf.steps import variants_named
 from mmbalance.bench.train import run
 from mmbalance.core.errors import ConfigError, RunFailed
 from mmbalance.core.registry import METHODS
-from mmbalance.core.types import Batch, Modality
+from mmbalance.core.types import Batch
 from mmbalance.datasets.base import TensorSplit
 from mmbalance.methods.base import MethodSetup, StepContext
 from mmbalance.methods.joint import Joint, JointParams
@@ -33,8 +33,7 @@ from mmbalance.methods.valuation import (
     sample_level_items,
     shapley,
 )
-from mmbalance.models.small import MLPEncoder, MLPParams
-from tests.conftest import assert_resumes_exactly
+from tests.conftest import assert_resumes_exactly, mlp_setup
 from tests.test_data import BatchingSplit, FileLikeSplit
 
 C = 3
@@ -51,10 +50,7 @@ def sgd(params) -> torch.optim.SGD:
 
 
 def setup(names=AV, seed=0) -> MethodSetup:
-    torch.manual_seed(seed)
-    mods = tuple(Modality(m, "vector", (4 + i,)) for i, m in enumerate(names))
-    encoders = nn.ModuleDict({m.name: MLPEncoder(MLPParams(hidden=7, out_dim=5), m) for m in mods})
-    return MethodSetup(encoders, C, mods)
+    return mlp_setup(names, C, in_dims={m: 4 + i for i, m in enumerate(names)}, hidden=7, dims=5, seed=seed)
 
 
 def train_split(names=AV, seed=1) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
