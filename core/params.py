@@ -3,6 +3,8 @@ harness's own config sections."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
@@ -34,3 +36,45 @@ class Window(Strict):
 
     def in_window(self, epoch: int) -> bool:
         return self.modulation_starts <= epoch and (self.modulation_ends is None or epoch <= self.modulation_ends)
+
+
+TUNE_KEY = "tune"  # a Field's json_schema_extra key that holds its search range
+
+
+class Range(Strict):
+    """A tunable parameter's search range: [low, high], sampled on a log scale where `log`; an int
+    field (`integer`) samples integers."""
+
+    low: float
+    high: float
+    log: bool = False
+    integer: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Range:
+        if not self.low < self.high:
+            raise ValueError(f"a search range needs low < high; got low={self.low}, high={self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log-scale search range needs low > 0; got low={self.low}")
+        return self
+
+
+def tunable(default: float | int | None, low: float, high: float, *, log: bool = False,
+            **field: Any) -> Any:
+    """A Params field that `mmbalance tune` searches over [low, high] (on a log scale where `log`);
+    `field`: the usual pydantic Field constraints (ge, le, ...). The default must lie in the range,
+    or be None (the variant's own rule; a tuned value replaces it). An int default samples integers."""
+    spec = Range(low=low, high=high, log=log, integer=isinstance(default, int) and not isinstance(default, bool))
+    if default is not None and not low <= default <= high:
+        raise ValueError(f"tunable default {default} lies outside its search range [{low}, {high}]")
+    return Field(default, json_schema_extra={TUNE_KEY: spec.model_dump()}, **field)
+
+
+def search_space(params: type[BaseModel]) -> dict[str, Range]:
+    """The tunable fields of a Params class (those declared with `tunable`) and their ranges."""
+    space = {}
+    for name, info in params.model_fields.items():
+        extra = info.json_schema_extra
+        if isinstance(extra, dict) and TUNE_KEY in extra:
+            space[name] = Range.model_validate(extra[TUNE_KEY])
+    return space

@@ -97,10 +97,10 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import Field, PositiveFloat, model_validator
+from pydantic import PositiveFloat, model_validator
 
 from mmbalance.core.errors import ConfigError
-from mmbalance.core.params import Window
+from mmbalance.core.params import Window, tunable
 from mmbalance.core.registry import METHODS
 from mmbalance.core.types import Batch, Prediction
 from mmbalance.methods.base import Method, MethodSetup
@@ -117,7 +117,7 @@ Coalition = frozenset[str]
 
 class AGMParams(Window):
     variant: Literal["release", "balancebenchmark"] = "release"
-    alpha: float = Field(1.0, ge=0)
+    alpha: float = tunable(1.0, 0.1, 5.0, log=True, ge=0)
     ratio_cap: PositiveFloat | None = 10.0  # None: no cap (the code on AVE and AV-MNIST)
     clip_threshold: PositiveFloat | None = 1.0  # None: never clip
     hold_after_window: bool = True

@@ -61,10 +61,9 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 
 from mmbalance.core.errors import ConfigError
-from mmbalance.core.params import Window
+from mmbalance.core.params import Window, tunable
 from mmbalance.core.registry import METHODS
 from mmbalance.core.types import Batch, Prediction
 from mmbalance.methods.base import Method, MethodSetup
@@ -74,7 +73,7 @@ FUSIONS = ("concat", "sum")
 
 
 class CMLParams(Window):
-    lam: float = Field(0.1, ge=0)  # BalanceBenchmark's config
+    lam: float = tunable(0.1, 0.01, 1.0, log=True, ge=0)  # BalanceBenchmark's config
     variant: Literal["release", "balancebenchmark"] = "release"
 
 

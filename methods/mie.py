@@ -97,7 +97,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from mmbalance.core.errors import ConfigError, allowed_list
-from mmbalance.core.params import Strict
+from mmbalance.core.params import Strict, tunable
 from mmbalance.core.registry import METHODS
 from mmbalance.core.types import Batch, Prediction
 from mmbalance.methods.base import Method, MethodSetup
@@ -111,10 +111,10 @@ class MIEParams(Strict):
     epoch_list: list[Positive] = Field(min_length=1)  # stage lengths; must sum to train.epochs
     modality_order: list[str] | None = None  # None: the dataset's modality order
     sam: Literal["paper", "code"] = "paper"
-    rho: float | None = Field(None, ge=0)  # None: 0.05 (paper), 1e-10 (code)
+    rho: float | None = tunable(None, 1e-4, 0.5, log=True, ge=0)  # None: 0.05 (paper), 1e-10 (code)
     project_layers: Literal["head", "shape_match"] | None = None  # None: head (paper), shape_match (code)
     mixup_alpha: float = Field(1.0, ge=0)  # 0: no mixup
-    flat_ratio: float = Field(0.3, ge=0, le=1)
+    flat_ratio: float = tunable(0.3, 0.05, 0.9, ge=0, le=1)
     temperature: float = Field(0.4, ge=0)
     flat_batch_size: Positive = 12
     head_hidden: tuple[Positive, Positive] = (256, 64)

@@ -64,7 +64,7 @@ import torch.nn.functional as F
 from pydantic import PositiveFloat, field_validator
 
 from mmbalance.core.errors import ConfigError
-from mmbalance.core.params import Strict
+from mmbalance.core.params import Strict, tunable
 from mmbalance.core.registry import METHODS
 from mmbalance.core.types import Batch, Prediction
 from mmbalance.methods.base import Method, MethodSetup
@@ -76,7 +76,7 @@ CODE_FIXED_WEIGHTS = {1: (1.0,), 2: (0.55, 0.45), 3: (0.35, 0.25, 0.4)}
 
 class MLAParams(Strict):
     hgm: Literal["owm_paper", "owm_code", "additive", "off"] = "owm_paper"
-    owm_alpha: PositiveFloat | None = None  # None: the code's schedule 0.1 ** (i/N + 1)
+    owm_alpha: PositiveFloat | None = tunable(None, 0.01, 1.0, log=True)  # None: the code's schedule 0.1 ** (i/N + 1)
     fusion_mode: Literal["entropy", "entropy_batch", "fixed"] = "entropy"
     fixed_weights: dict[str, float] | None = None  # fusion_mode=fixed only; None: the code's
     legacy_zero_grad: bool = False

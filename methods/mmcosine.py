@@ -56,10 +56,10 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import model_validator
 
 from mmbalance.core.errors import ConfigError
-from mmbalance.core.params import Window
+from mmbalance.core.params import Window, tunable
 from mmbalance.core.registry import METHODS
 from mmbalance.core.types import Batch, Prediction
 from mmbalance.methods.base import Method, MethodSetup
@@ -69,7 +69,7 @@ FUSIONS = ("concat", "sum")
 
 
 class MMCosineParams(Window):
-    scaling: float = Field(10.0, gt=0)  # release: 10 (argparse, README); BalanceBenchmark: 15
+    scaling: float = tunable(10.0, 1.0, 50.0, log=True, gt=0)  # release: 10 (argparse, README); BalanceBenchmark: 15
     cosine: bool = True  # the release's --mmcosine; off = joint training
     fused_eval: Literal["linear", "cosine"] = "linear"  # release / BalanceBenchmark
 

@@ -75,7 +75,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from mmbalance.core.params import Window
+from mmbalance.core.params import Window, tunable
 from mmbalance.core.registry import METHODS
 from mmbalance.core.types import Batch, Prediction
 from mmbalance.methods.base import Method, MethodSetup
@@ -86,7 +86,7 @@ NOISE_EPS = 1e-8  # added to the noise std, as the reference code does
 
 class OGMGEParams(Window):
     # README of the reference code: 0.8 for CREMA-D, 0.1 for VGGSound
-    alpha: float = Field(0.8, ge=0)
+    alpha: float = tunable(0.8, 0.05, 1.5, ge=0)
     modulation: Literal["ogm_ge", "ogm"] = "ogm_ge"
     modulation_ends: int = Field(50, ge=0)
     param_filter: Literal["conv_only", "all_encoder"] = "conv_only"

@@ -110,7 +110,7 @@ from pydantic import Field
 from torch.func import functional_call
 
 from mmbalance.core.errors import ConfigError
-from mmbalance.core.params import Window
+from mmbalance.core.params import Window, tunable
 from mmbalance.core.registry import METHODS
 from mmbalance.core.types import Batch, Prediction
 from mmbalance.methods.base import Method, MethodSetup
@@ -123,8 +123,8 @@ EPS = {"bml": 0.0, "balancebenchmark": 1e-5}
 
 class OPMParams(Window):
     # the release's argparse defaults (main.py L42-44), as scripts/train_opm.sh runs them
-    q_base: float = Field(0.5, ge=0, le=1)
-    lam: float = Field(0.5, ge=0)  # lambda; BalanceBenchmark calls it alpha
+    q_base: float = tunable(0.5, 0.1, 0.9, ge=0, le=1)
+    lam: float = tunable(0.5, 0.05, 2.0, log=True, ge=0)  # lambda; BalanceBenchmark calls it alpha
     p_exe: float = Field(0.7, ge=0, le=1)
     # the release's hard-coded warm-up: no drop in epochs 0-5, no end
     modulation_starts: int = Field(6, ge=0)

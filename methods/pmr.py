@@ -84,7 +84,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from mmbalance.core.errors import ConfigError
-from mmbalance.core.params import Window
+from mmbalance.core.params import Window, tunable
 from mmbalance.core.registry import METHODS
 from mmbalance.core.types import Batch, Prediction
 from mmbalance.methods.base import MethodSetup
@@ -97,8 +97,8 @@ BB_ETA = 0.01  # BalanceBenchmark's configs/trainer_config.yaml PMR.eta
 
 class PMRParams(JointParams, Window):
     # the code's argparse defaults (R:39-49); its bash.sh runs use alpha 2.0 and momentum_coef 0.0
-    alpha: float = Field(1.0, ge=0)
-    momentum_coef: float = Field(0.2, ge=0, le=1)
+    alpha: float = tunable(1.0, 0.1, 5.0, log=True, ge=0)
+    momentum_coef: float = tunable(0.2, 0.0, 0.9, ge=0, le=1)
     modulation_ends: int = Field(100, ge=0)
     proto_fraction: float = Field(0.1, gt=0, le=1)
     variant: Literal["release", "balancebenchmark"] = "release"

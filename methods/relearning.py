@@ -89,6 +89,7 @@ import torch.nn as nn
 from pydantic import Field
 
 from mmbalance.core.errors import ConfigError
+from mmbalance.core.params import tunable
 from mmbalance.core.registry import METHODS
 from mmbalance.core.types import Batch
 from mmbalance.methods.base import MethodSetup
@@ -99,7 +100,7 @@ SCHEDULE_DEFAULTS = {"release": (20, 3), "balancebenchmark": (15, 2)}
 
 
 class RelearningParams(JointParams):
-    move_lambda: float = Field(3.0, ge=0)  # R:53-54 and ours.sh; BalanceBenchmark's too
+    move_lambda: float = tunable(3.0, 0.5, 10.0, log=True, ge=0)  # R:53-54 and ours.sh; BalanceBenchmark's too
     reinit_epoch: int | None = Field(None, ge=1)  # None: the variant's (release 20, balancebenchmark 15)
     reinit_num: int | None = Field(None, ge=0)  # None: the variant's (release 3, balancebenchmark 2)
     kmeans_n_init: int = Field(1, ge=1)  # sklearn >= 1.4's default for k-means++ (see the docstring)

@@ -64,7 +64,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from mmbalance.core.errors import ConfigError
-from mmbalance.core.params import Window
+from mmbalance.core.params import Window, tunable
 from mmbalance.core.registry import METHODS
 from mmbalance.core.types import Batch, Prediction
 from mmbalance.methods.base import Method, MethodSetup
@@ -74,7 +74,7 @@ from mmbalance.models.fusion import build_fusion
 
 class UMTParams(Window):
     # BalanceBenchmark's configs/trainer_config.yaml (UMT: scaling 10, modulation 0-80)
-    scaling: float = Field(10.0, ge=0)
+    scaling: float = tunable(10.0, 1.0, 50.0, log=True, ge=0)
     modulation_ends: int | None = Field(80, ge=0)  # None: no end
     teachers: Literal["store", "in_run"] = "store"
     teacher_epochs: int | None = Field(None, ge=1)  # in_run: the teacher stage's epochs
