@@ -64,6 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--array-parallelism", type=int, help="slurm: at most this many runs at once")
     p.add_argument("--constraint")
 
+    p = sub.add_parser("tune", help="equal-budget tuning: N trials per cell on validation (Optuna), then the chosen "
+                                    "configuration over the seeds as <cell>-tuned, beside the defaults")
+    p.add_argument("file", help="sweep file (configs/sweeps/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
+    p.add_argument("--trials", type=int, required=True, help="trials per cell (the same for every method)")
+    p.add_argument("--lr-range", type=float, nargs=2, metavar=("LOW", "HIGH"), default=(1e-4, 1e-1),
+                   help="the optimiser's lr range, searched on a log scale (default: 1e-4 1e-1)")
+    p.add_argument("--sampler-seed", type=int, default=0, help="seed of the TPE sampler (default: 0)")
+    p.add_argument("--workers", type=int, default=1, help="cells tuned at once, each in a worker process")
+    p.add_argument("--report", default=None, help="write the sweep's report (with its Tuning section) here")
+
     p = sub.add_parser("cancel", help="scancel the SLURM jobs of every pending or running run under a directory")
     p.add_argument("dir", help="a group directory (results/<group>), a run directory, or the store root")
 
@@ -273,6 +284,19 @@ def launcher_options(from_file, flags: dict):
         raise ConfigError(format_errors(e, type(from_file), sources, prefix="launcher")) from None
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from mmbalance.bench.store import Store
+    from mmbalance.bench.tune import chosen_text, tune, tune_options
+
+    options = tune_options(trials=args.trials, lr_low=args.lr_range[0], lr_high=args.lr_range[1],
+                          sampler_seed=args.sampler_seed, workers=args.workers)
+    store = Store(args.results).ensure_writable()
+    configs, records = tune(config_path(args.file), args.overrides, store, options)
+    print(chosen_text(records))
+    print_table(configs[0].group, configs, store, args.report)
+    return 0
+
+
 def cmd_cancel(args: argparse.Namespace) -> int:
     from mmbalance.bench.status import cancel
 
@@ -427,6 +451,7 @@ COMMANDS = {
     "report": cmd_report,
     "sweep": cmd_sweep,
     "cancel": cmd_cancel,
+    "tune": cmd_tune,
     "run-one": cmd_run_one,
     "show-config": cmd_show_config,
     "bench": cmd_bench,

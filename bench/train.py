@@ -57,6 +57,15 @@ log = logging.getLogger(__name__)
 DatasetSource = Callable[[RunConfig], Dataset]
 
 
+# called after each epoch with (epoch, that epoch's metrics record): a tuning study's pruner
+EpochCallback = Callable[[int, dict[str, Any]], None]
+
+
+class RunStopped(MMBalanceError):
+    """Raised by an epoch callback to end its run early (a pruned tuning trial): the run is recorded
+    `interrupted` with this message, writes no summary, and the exception reaches the caller."""
+
+
 class NonFiniteLoss(MMBalanceError):
     def __init__(self, key: str, value: float, epoch: int, batch: int) -> None:
         super().__init__(f"loss {key!r} became {value} at epoch {epoch}, batch {batch}")
@@ -461,7 +470,7 @@ class Trainer:
         return evaluate(self.method, self.loaders[split](), self.context.autocast)
 
     # ---- the whole run
-    def fit(self) -> dict[str, Any]:
+    def fit(self, on_epoch: EpochCallback | None = None) -> dict[str, Any]:
         cfg = self.cfg
         select = cfg.eval.select_metric
         first = self.resume()
@@ -489,6 +498,8 @@ class Trainer:
                 with self.schedule.writing():
                     self.save_checkpoint(epoch, history)
             self.dir.set_status("running", epochs_done=epoch + 1, epochs=cfg.train.epochs)
+            if on_epoch:
+                on_epoch(epoch, record)
         trackers.close()
         return self.summarise()
 
@@ -566,15 +577,16 @@ def pick(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(cfg: RunConfig, store: Store, datasets: DatasetSource = build_dataset,
-        on_claim: Callable[[RunDir], None] | None = None) -> RunResult:
+        on_claim: Callable[[RunDir], None] | None = None, on_epoch: EpochCallback | None = None) -> RunResult:
     """Train `cfg` into the store: skip it if finished, resume it if started, else start it.
 
     The run is trained under its claim (bench.claim), held until this returns: a run another
     process holds is left alone (state `elsewhere`, its status untouched), and one that finished
     while the claim was awaited is skipped. `on_claim` (a launcher's placement) is called once
-    the claim is taken. A config the method rejects (a ConfigError while building) raises before
-    anything is written. Any other failure marks the run `failed` with its cause and raises
-    RunFailed; whatever the run had recorded (metrics, checkpoints) stays as it was.
+    the claim is taken; `on_epoch` after each epoch trained here (it may raise RunStopped).
+    A config the method rejects (a ConfigError while building) raises before anything is written.
+    Any other failure marks the run `failed` with its cause and raises RunFailed;
+    whatever the run had recorded (metrics, checkpoints) stays as it was.
     """
     run_dir = store.run_dir(cfg.group, cfg.run_id())
     if run_dir.done():
@@ -598,7 +610,7 @@ def run(cfg: RunConfig, store: Store, datasets: DatasetSource = build_dataset,
             raise record_failure(run_dir, trainer) from trainer
         log.info(f"{run_dir.run_id}: {trainer.device}, {trainer.threads} thread(s) ({trainer.threads_why}), "
                  f"checkpoint every {cfg.train.checkpoint_every}")
-        return train_claimed(cfg, run_dir, trainer)
+        return train_claimed(cfg, run_dir, trainer, on_epoch)
 
 
 def has_summary(run_dir: RunDir) -> bool:
@@ -616,14 +628,18 @@ def finished_meanwhile(run_dir: RunDir, cfg: RunConfig) -> RunResult:
     return RunResult(run_dir.run_id, str(run_dir.path), "skipped", run_dir.read_summary())
 
 
-def train_claimed(cfg: RunConfig, run_dir: RunDir, trainer: Trainer) -> RunResult:
+def train_claimed(cfg: RunConfig, run_dir: RunDir, trainer: Trainer,
+                  on_epoch: EpochCallback | None = None) -> RunResult:
     try:
-        summary = trainer.fit()
+        summary = trainer.fit(on_epoch)
         if cfg.eval.robustness:  # before the summary: a failure here resumes (from the last epoch) and retries
             evaluate_trained(trainer, run_dir)
         run_dir.write_summary(summary)
     except KeyboardInterrupt:
         run_dir.set_status("interrupted", error="interrupted by the user (KeyboardInterrupt)")
+        raise
+    except RunStopped as e:
+        run_dir.set_status("interrupted", error=f"stopped after an epoch: {e}")
         raise
     except RunCancelled:  # its job was cancelled: its status says so already, its checkpoint stays
         raise
