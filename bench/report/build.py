@@ -22,6 +22,7 @@ from mmbalance.bench.report.contribution import NOTE as CONTRIBUTION_NOTE
 from mmbalance.bench.report.paper import paper_vs_ours
 from mmbalance.bench.report.robustness import write_robustness
 from mmbalance.bench.report.stats import CI_NOTE, TEST_NOTE, paired_tests
+from mmbalance.bench.report.tuning import write_tuning
 from mmbalance.bench.resources import paper_tables_csv
 from mmbalance.bench.store import atomic_write_text
 from mmbalance.core.errors import ConfigError
@@ -103,12 +104,13 @@ def build_report(results_dir: Path, out: Path, by: str | list[str] = "dataset,me
         write("damaged.csv", damaged.to_csv(index=False))
     figures = make_figures(agg, finished, metrics, out / "figures")
     robust_files, robust_sections, robust_figures = write_robustness(results_dir, finished, agg, order, out)
-    report.files += robust_files
-    figures += robust_figures
+    tuning_files, tuning_sections, tuning_figures = write_tuning(results_dir, finished, out)
+    report.files += robust_files + tuning_files
+    figures += robust_figures + tuning_figures
     sections = [*split_sections(table, protocol),
                 ("Confidence intervals (95%)", ci_table(agg), CI_NOTE),
                 ("Paired tests against joint", tests, TEST_NOTE),
-                ("Paper vs ours", paper, PAPER_NOTE), *robust_sections] + (
+                ("Paper vs ours", paper, PAPER_NOTE), *robust_sections, *tuning_sections] + (
                    [("Left out: runs with damaged files", damaged, DAMAGED_NOTE)] if not damaged.empty else [])
     title = f"mmbalance report: {Path(results_dir).resolve().name}"
     write("README.md", markdown_page(title, sections, figures, out))
