@@ -114,11 +114,13 @@ def open_study(path: Path, options: TuneOptions) -> Any:
     import optuna
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    return optuna.create_study(
+    study = optuna.create_study(
         study_name=path.stem, storage=f"sqlite:///{path.resolve()}", load_if_exists=True, direction="maximize",
-        sampler=optuna.samplers.TPESampler(seed=options.sampler_seed),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=options.startup_trials,
                                            n_warmup_steps=options.warmup_epochs))
+    # seeded by the trials already there: a resumed study would otherwise ask its first points again
+    study.sampler = optuna.samplers.TPESampler(seed=options.sampler_seed + len(study.trials))
+    return study
 
 
 def counted(trial: Any) -> bool:
