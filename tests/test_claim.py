@@ -35,7 +35,7 @@ def test_two_launchers_released_at_once_train_each_run_exactly_once(fast_config,
     configs = [fast_config(f"train.seed={seed}") for seed in range(10)]
     trained: list[str] = []
     fit = Trainer.fit
-    monkeypatch.setattr(Trainer, "fit", lambda self: trained.append(self.dir.run_id) or fit(self))
+    monkeypatch.setattr(Trainer, "fit", lambda self, *args: trained.append(self.dir.run_id) or fit(self, *args))
     barrier = threading.Barrier(2)
     codes: list[int] = []
 
