@@ -152,7 +152,11 @@ def test_full_quickstart_shows_the_imbalance_and_the_methods_against_it(tmp_path
     # the report folder: tables, statistics, figures and the pages
     for name in ("README.md", "report.html", "table.md", "table.csv", "table.tex", "stats.md"):
         assert (report / name).stat().st_size > 0, name
-    per_dataset = [f"{figure}_avdigits_preset_{preset}" for figure in ("trajectories_modality", "diagnostics")
+    # robustness and modality contribution: eval.robustness and eval.contribution in its base
+    assert (report / "robustness.md").stat().st_size > 0
+    assert "## Modality contribution" in (report / "README.md").read_text()
+    per_dataset = [f"{figure}_avdigits_preset_{preset}"
+                   for figure in ("trajectories_modality", "diagnostics", "robustness", "contribution")
                    for preset in ("audio-dominant", "three-modality")]
     for figure in ("fused_accuracy", "probe_vs_unimodal", "accuracy_vs_cost", *per_dataset):
         for suffix in (".png", ".pdf"):
