@@ -166,3 +166,10 @@ def mlp_setup(names: Sequence[str], classes: int, *, in_dims: int | dict[str, in
     mods = tuple(Modality(m, "vector", (per(in_dims, m),)) for m in names)
     build = encoder or (lambda m: MLPEncoder(MLPParams(hidden=hidden, out_dim=per(dims, m.name)), m))
     return MethodSetup(nn.ModuleDict({m.name: build(m) for m in mods}), classes, mods, fusion=fusion, epochs=epochs)
+
+
+def largest_difference(pairs) -> float:
+    """max |a - b| over every parameter and buffer of (suite module, reference module) pairs whose
+    state_dicts list the same tensors in the same order."""
+    return max((a - b).abs().max().item() for x, y in pairs
+               for a, b in zip(x.state_dict().values(), y.state_dict().values(), strict=True))

@@ -20,7 +20,7 @@ from mmbalance.core.types import Batch
 from mmbalance.methods.amco import AMCo, AMCoParams, class_mask, dependence_scores, mask_ratio, masked_logits
 from mmbalance.methods.base import MethodSetup
 from mmbalance.methods.joint import Joint, JointParams
-from tests.conftest import assert_resumes_exactly, mlp_setup, step_context, without_timing
+from tests.conftest import assert_resumes_exactly, largest_difference, mlp_setup, step_context, without_timing
 from tests.test_opm import ConcatFusion_N  # BalanceBenchmark's fusion_arch.py L33-40
 
 C = 4
@@ -65,9 +65,6 @@ def steps(method, batches, epochs, seed) -> list[dict]:
     return outs
 
 
-def largest_difference(pairs) -> float:
-    return max((a - b).abs().max().item() for x, y in pairs
-               for a, b in zip(x.state_dict().values(), y.state_dict().values(), strict=True))
 
 
 # ------------------------------------------------------------------------------- by hand

@@ -26,7 +26,7 @@ from mmbalance.methods.inforeg import (
     regulation_coefficients,
 )
 from mmbalance.methods.joint import Joint, JointParams
-from tests.conftest import assert_resumes_exactly, mlp_setup, step_context, without_timing
+from tests.conftest import assert_resumes_exactly, largest_difference, mlp_setup, step_context, without_timing
 
 C = 3
 B = 16
@@ -72,9 +72,6 @@ def train_epochs(method, epochs: int, batches) -> list[list[dict]]:
     return outs
 
 
-def largest_difference(pairs) -> float:
-    return max((a - b).abs().max().item() for x, y in pairs
-               for a, b in zip(x.state_dict().values(), y.state_dict().values(), strict=True))
 
 
 # ------------------------------------------------------------------------------- by hand

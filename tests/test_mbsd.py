@@ -21,7 +21,7 @@ from mmbalance.core.types import Batch
 from mmbalance.methods.base import MethodSetup
 from mmbalance.methods.joint import Joint, JointParams
 from mmbalance.methods.mbsd import MBSD, MBSDParams, distillation, pair_terms, pair_weights
-from tests.conftest import assert_resumes_exactly, mlp_setup, step_context, without_timing
+from tests.conftest import assert_resumes_exactly, largest_difference, mlp_setup, step_context, without_timing
 from tests.test_opm import BBModel  # BalanceBenchmark's BaseClassifierModel, concat fusion
 
 C = 4
@@ -59,9 +59,6 @@ def steps(method, batches, epochs) -> list[dict]:
     return outs
 
 
-def largest_difference(pairs) -> float:
-    return max((a - b).abs().max().item() for x, y in pairs
-               for a, b in zip(x.state_dict().values(), y.state_dict().values(), strict=True))
 
 
 # ------------------------------------------------------------------------------- by hand

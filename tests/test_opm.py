@@ -31,7 +31,7 @@ from mmbalance.methods.opm import (
     score_ratios,
 )
 from tests import bml_release as bml
-from tests.conftest import assert_resumes_exactly, mlp_setup, step_context, without_timing
+from tests.conftest import assert_resumes_exactly, largest_difference, mlp_setup, step_context, without_timing
 
 C = 3
 B = 16
@@ -68,10 +68,6 @@ def steps(method, batches, epochs, seed) -> list[dict]:
     return outs
 
 
-def largest_difference(pairs) -> float:
-    """max |a - b| over every parameter and buffer of the (suite module, reference module) pairs."""
-    return max((a - b).abs().max().item() for x, y in pairs
-               for a, b in zip(x.state_dict().values(), y.state_dict().values(), strict=True))
 
 
 # ------------------------------------------------------------------------------- by hand
