@@ -173,3 +173,18 @@ def largest_difference(pairs) -> float:
     state_dicts list the same tensors in the same order."""
     return max((a - b).abs().max().item() for x, y in pairs
                for a, b in zip(x.state_dict().values(), y.state_dict().values(), strict=True))
+
+
+class BNEncoder(torch.nn.Module):
+    """Linear -> BatchNorm -> activation, `out_dim` = d_out: the method tests' encoder whose train
+    and eval modes differ (a prototype, diagnosis or teacher pass must pick the right one)."""
+
+    def __init__(self, d_in: int, d_out: int = 4, *, bias: bool = True,
+                 activation: type[torch.nn.Module] = torch.nn.ReLU) -> None:
+        super().__init__()
+        self.out_dim = d_out
+        self.net = torch.nn.Sequential(torch.nn.Linear(d_in, d_out, bias=bias), torch.nn.BatchNorm1d(d_out),
+                                       activation())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)

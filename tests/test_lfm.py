@@ -21,7 +21,7 @@ from mmbalance.core.types import Batch, Modality
 from mmbalance.methods.base import MethodSetup
 from mmbalance.methods.joint import Joint, JointParams
 from mmbalance.methods.lfm import LFM, LFMParams, alignment, fitted_weights, learned_alignment_weight
-from tests.conftest import assert_resumes_exactly, step_context
+from tests.conftest import BNEncoder, assert_resumes_exactly, step_context
 
 # tiny models: one torch thread (conftest.one_torch_thread); on a shared machine more cost several times the run
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -36,16 +36,9 @@ TOL = 1e-5
 LR_ALPHA = 1.0
 
 
-class Enc(nn.Module):
-    """Linear -> BatchNorm -> ReLU: BatchNorm makes the hypergradient pass's mode matter."""
-
-    def __init__(self, d_in: int, d_out: int = 4) -> None:
-        super().__init__()
-        self.out_dim = d_out
-        self.net = nn.Sequential(nn.Linear(d_in, d_out, bias=False), nn.BatchNorm1d(d_out), nn.Tanh())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+def Enc(d_in: int, d_out: int = 4) -> BNEncoder:
+    """BatchNorm makes the hypergradient pass's mode matter."""
+    return BNEncoder(d_in, d_out, bias=False, activation=nn.Tanh)
 
 
 def setup(mods=MODS2, fusion: str = "late", seed: int = 0) -> MethodSetup:

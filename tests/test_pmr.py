@@ -20,7 +20,7 @@ from mmbalance.core.types import Batch, Modality
 from mmbalance.methods.base import MethodSetup
 from mmbalance.methods.joint import Joint, JointParams
 from mmbalance.methods.pmr import PMR, PMRParams, pace_ratios, pce_weights, subset_mask
-from tests.conftest import assert_resumes_exactly, step_context
+from tests.conftest import BNEncoder, assert_resumes_exactly, step_context
 
 # tiny models: one torch thread (conftest.one_torch_thread); on a shared machine more cost several times the run
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -32,16 +32,9 @@ LR, MOMENTUM, WD = 0.1, 0.9, 1e-4  # the code's SGD (momentum 0.9, weight decay 
 TOL = 1e-5
 
 
-class Enc(nn.Module):
-    """Linear -> BatchNorm -> ReLU: BatchNorm makes the prototype pass's eval mode matter."""
-
-    def __init__(self, d_in: int, d_out: int = 4) -> None:
-        super().__init__()
-        self.out_dim = d_out
-        self.net = nn.Sequential(nn.Linear(d_in, d_out, bias=False), nn.BatchNorm1d(d_out), nn.ReLU())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+def Enc(d_in: int, d_out: int = 4) -> BNEncoder:
+    """BatchNorm makes the prototype pass's eval mode matter."""
+    return BNEncoder(d_in, d_out, bias=False)
 
 
 def setup(mods=MODS2, fusion: str = "concat", seed: int = 0) -> MethodSetup:

@@ -20,7 +20,7 @@ from mmbalance.core.types import Batch, Modality
 from mmbalance.methods.base import MethodSetup, StepContext
 from mmbalance.methods.joint import Joint, JointParams
 from mmbalance.methods.reconboost import ReconBoost, ReconBoostParams, boosting_loss, ensemble_members, stage_and_phase
-from tests.conftest import assert_resumes_exactly, step_context
+from tests.conftest import BNEncoder, assert_resumes_exactly, step_context
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -31,16 +31,9 @@ LR, MOMENTUM, WD = 0.1, 0.9, 5e-4  # the code's SGD (momentum 0.9, weight decay 
 TOL = 1e-5
 
 
-class Enc(nn.Module):
-    """Linear -> BatchNorm -> ReLU: BatchNorm makes the ga term's extra forward visible."""
-
-    def __init__(self, d_in: int, d_out: int = 4) -> None:
-        super().__init__()
-        self.out_dim = d_out
-        self.net = nn.Sequential(nn.Linear(d_in, d_out, bias=False), nn.BatchNorm1d(d_out), nn.ReLU())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+def Enc(d_in: int, d_out: int = 4) -> BNEncoder:
+    """BatchNorm makes the ga term's extra forward visible."""
+    return BNEncoder(d_in, d_out, bias=False)
 
 
 def setup(mods=MODS2, seed: int = 0, epochs: int = 100) -> MethodSetup:

@@ -31,7 +31,7 @@ from mmbalance.methods.relearning import (
     purity,
     reinit_strength,
 )
-from tests.conftest import assert_resumes_exactly, step_context
+from tests.conftest import BNEncoder, assert_resumes_exactly, step_context
 
 # tiny models: one torch thread (conftest.one_torch_thread); on a shared machine more cost several times the run
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
@@ -46,16 +46,9 @@ EPOCHS = 4
 TOL = 1e-5
 
 
-class Enc(nn.Module):
-    """Linear -> BatchNorm -> ReLU: BatchNorm makes the diagnosis pass's eval mode matter."""
-
-    def __init__(self, d_in: int, d_out: int = 4) -> None:
-        super().__init__()
-        self.out_dim = d_out
-        self.net = nn.Sequential(nn.Linear(d_in, d_out), nn.BatchNorm1d(d_out), nn.ReLU())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+def Enc(d_in: int, d_out: int = 4) -> BNEncoder:
+    """BatchNorm makes the diagnosis pass's eval mode matter."""
+    return BNEncoder(d_in, d_out)
 
 
 def setup(mods=MODS2, seed: int = 0, epochs: int = EPOCHS) -> MethodSetup:

@@ -30,7 +30,7 @@ from mmbalance.methods.joint import Joint, JointParams
 from mmbalance.methods.ume import UME, UMEParams, ensemble
 from mmbalance.methods.umt import UMT, UMTParams
 from mmbalance.methods.unimodal import Unimodal, UnimodalParams
-from tests.conftest import FAST, run_interrupted, step_context, without_timing
+from tests.conftest import FAST, BNEncoder, run_interrupted, step_context, without_timing
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -41,16 +41,9 @@ LR, MOMENTUM, WD = 0.1, 0.9, 5e-4
 TOL = 1e-5
 
 
-class Enc(nn.Module):
-    """Linear -> BatchNorm -> ReLU: BatchNorm makes a teacher's train and eval modes differ."""
-
-    def __init__(self, d_in: int, d_out: int = 4) -> None:
-        super().__init__()
-        self.out_dim = d_out
-        self.net = nn.Sequential(nn.Linear(d_in, d_out), nn.BatchNorm1d(d_out), nn.ReLU())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+def Enc(d_in: int, d_out: int = 4) -> BNEncoder:
+    """BatchNorm makes a teacher's train and eval modes differ."""
+    return BNEncoder(d_in, d_out)
 
 
 def encoders(mods, seed: int) -> nn.ModuleDict:
