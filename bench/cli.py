@@ -45,35 +45,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="launch every unfinished run of a sweep file (inline, local processes or SLURM)")
     p.add_argument("file", help="sweep file (configs/sweeps/*.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
-    p.add_argument("--launcher", choices=("inline", "local", "slurm"), default=None,
-                   help="overrides the file's launcher.name (default: inline)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan (finished / will resume / new, one line per run); load no data, submit nothing")
     p.add_argument("--wait", action="store_true", help="slurm: block until every job has ended, then summarise")
     p.add_argument("--report", default=None, help="inline/local: write the sweep's table to this directory")
-    p.add_argument("--workers", type=int, help="local: worker processes (default: GPUs here x runs per GPU)")
-    p.add_argument("--runs-per-gpu", type=int,
-                   help="runs sharing one GPU at once (local: default 2; slurm: runs per array task, default 1)")
-    p.add_argument("--partition")
-    p.add_argument("--account")
-    p.add_argument("--qos")
-    p.add_argument("--time-min", type=int, help="slurm: time limit per run in minutes (time-outs requeue and resume)")
-    p.add_argument("--cpus-per-task", type=int)
-    p.add_argument("--gpus-per-task", type=int)
-    p.add_argument("--mem-gb", type=float)
-    p.add_argument("--array-parallelism", type=int, help="slurm: at most this many runs at once")
-    p.add_argument("--constraint")
+    add_launcher_arguments(p)
 
-    p = sub.add_parser("tune", help="equal-budget tuning: N trials per cell on validation (Optuna), then the chosen "
-                                    "configuration over the seeds as <cell>-tuned, beside the defaults")
-    p.add_argument("file", help="sweep file (configs/sweeps/*.yaml)")
+    p = sub.add_parser("tune", help="equal-budget tuning: N trials per cell on validation (Optuna), run by the "
+                                    "sweep's launcher, then the chosen configuration over the seeds as "
+                                    "<cell>-tuned, beside the defaults")
+    p.add_argument("file", help="sweep file (configs/sweeps/*.yaml); its `tune:` section sets what the flags do")
     p.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
-    p.add_argument("--trials", type=int, required=True, help="trials per cell (the same for every method)")
-    p.add_argument("--lr-range", type=float, nargs=2, metavar=("LOW", "HIGH"), default=(1e-4, 1e-1),
-                   help="the optimiser's lr range, searched on a log scale (default: 1e-4 1e-1)")
-    p.add_argument("--sampler-seed", type=int, default=0, help="seed of the TPE sampler (default: 0)")
-    p.add_argument("--workers", type=int, default=1, help="cells tuned at once, each in a worker process")
+    p.add_argument("--trials", type=int, help="trials per cell, the same for every method (tune.trials)")
+    p.add_argument("--lr-range", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                   help="the optimiser's lr range, searched on a log scale (tune.lr_range; default 1e-4 1e-1)")
+    p.add_argument("--parallel", type=int, help="trials of one cell run at once (tune.parallel; default: 1 "
+                                                "inline, the local workers shared by the cells, 4 on slurm)")
+    p.add_argument("--sampler-seed", type=int, help="seed of the TPE sampler (tune.sampler_seed; default 0)")
     p.add_argument("--report", default=None, help="write the sweep's report (with its Tuning section) here")
+    add_launcher_arguments(p)
 
     p = sub.add_parser("cancel", help="scancel the SLURM jobs of every pending or running run under a directory")
     p.add_argument("dir", help="a group directory (results/<group>), a run directory, or the store root")
@@ -229,6 +219,24 @@ def run_sweep(path: Path, overrides: Sequence[str], store, report: str | None, w
     return 0
 
 
+def add_launcher_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags over a sweep file's `launcher:` section (bench.launch.options.FLAG_KEYS, and its name)."""
+    p.add_argument("--launcher", choices=("inline", "local", "slurm"), default=None,
+                   help="overrides the file's launcher.name (default: inline)")
+    p.add_argument("--workers", type=int, help="local: worker processes (default: GPUs here x runs per GPU)")
+    p.add_argument("--runs-per-gpu", type=int,
+                   help="runs sharing one GPU at once (local: default 2; slurm: runs per array task, default 1)")
+    p.add_argument("--partition")
+    p.add_argument("--account")
+    p.add_argument("--qos")
+    p.add_argument("--time-min", type=int, help="slurm: time limit per run in minutes (time-outs requeue and resume)")
+    p.add_argument("--cpus-per-task", type=int)
+    p.add_argument("--gpus-per-task", type=int)
+    p.add_argument("--mem-gb", type=float)
+    p.add_argument("--array-parallelism", type=int, help="slurm: at most this many runs at once")
+    p.add_argument("--constraint")
+
+
 def print_table(group: str, configs, store, report: str | None) -> None:
     """Print the sweep's table (bench.report.build.printed_tables); with `report`, write the whole
     report there too, whose table.md/csv hold the very strings printed."""
@@ -246,16 +254,12 @@ def print_table(group: str, configs, store, report: str | None) -> None:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from mmbalance.bench.launch import launch
-    from mmbalance.bench.launch.options import FLAG_KEYS
     from mmbalance.bench.launch.plan import format_plan, plan, to_run
     from mmbalance.bench.store import Store
     from mmbalance.bench.sweep import check_runs, load_sweep
 
     sweep, configs = load_sweep(config_path(args.file), args.overrides)
-    flags = {k: getattr(args, k) for k in FLAG_KEYS if getattr(args, k) is not None}
-    if args.launcher:
-        flags["name"] = args.launcher
-    options = launcher_options(sweep.launcher, flags)
+    options = launcher_options(sweep.launcher, launcher_flags(args))
     store = Store(args.results)
     log.info(f"sweep {sweep.group!r} ({options.name} launcher) -> {store.root / sweep.group}")
     if args.dry_run:
@@ -267,6 +271,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if options.name != "slurm" or args.wait:
         print_table(sweep.group, configs, store, args.report)
     return code
+
+
+def launcher_flags(args: argparse.Namespace) -> dict:
+    from mmbalance.bench.launch.options import FLAG_KEYS
+
+    flags = {k: getattr(args, k) for k in FLAG_KEYS if getattr(args, k) is not None}
+    return {**flags, "name": args.launcher} if args.launcher else flags
 
 
 def launcher_options(from_file, flags: dict):
@@ -286,15 +297,21 @@ def launcher_options(from_file, flags: dict):
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from mmbalance.bench.store import Store
-    from mmbalance.bench.tune import chosen_text, tune, tune_options
+    from mmbalance.bench.sweep import load_sweep
+    from mmbalance.bench.tune import chosen_text, tune
+    from mmbalance.bench.tune_options import tune_options
 
-    options = tune_options(trials=args.trials, lr_low=args.lr_range[0], lr_high=args.lr_range[1],
-                          sampler_seed=args.sampler_seed, workers=args.workers)
+    sweep, configs = load_sweep(config_path(args.file), args.overrides)
+    options = tune_options(sweep.tune, {"trials": args.trials, "lr_range": args.lr_range,
+                                        "parallel": args.parallel, "sampler_seed": args.sampler_seed})
+    launcher = launcher_options(sweep.launcher, launcher_flags(args))
     store = Store(args.results).ensure_writable()
-    configs, records = tune(config_path(args.file), args.overrides, store, options)
-    print(chosen_text(records))
-    print_table(configs[0].group, configs, store, args.report)
-    return 0
+    log.info(f"tuning {sweep.group!r}: {options.trials} trials per cell ({launcher.name} launcher) "
+             f"-> {store.root / sweep.group / 'tuning'}")
+    tuned = tune(configs, store, options, launcher)
+    print(chosen_text(tuned.records))
+    print_table(sweep.group, tuned.configs, store, args.report)
+    return tuned.code
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:

@@ -24,6 +24,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
 from mmbalance.bench.threads import is_thread_setting
+from mmbalance.bench.trial import TrialLink
 from mmbalance.core.errors import ConfigError, allowed_list, closest
 from mmbalance.core.overrides import Sources, apply_overrides, deep_merge, format_errors, read_yaml
 from mmbalance.core.params import Strict
@@ -131,6 +132,9 @@ class RunConfig(Strict):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    # set by `mmbalance tune` on its trial runs (bench.trial): report val to this study's trial
+    # after each epoch, stop when it is pruned; how the run is watched, not what it trains
+    trial: TrialLink | None = None
 
     def run_id(self) -> str:
         return run_id(self)
@@ -145,7 +149,7 @@ DEFAULT_NAMES = {"dataset": "avdigits", "method": "joint"}
 # changing them keeps a run's directory and results.
 HASH_EXCLUDED = ("group", "label", "train.workers", "train.progress", "train.prefetch", "train.channels_last",
                  "train.cudnn_benchmark", "train.compile", "train.threads", "train.checkpoint_every",
-                 "train.tensorboard", "train.tracking", "eval.robustness", "eval.contribution")
+                 "train.tensorboard", "train.tracking", "eval.robustness", "eval.contribution", "trial")
 
 
 def checkpoint_seconds(every: str) -> float | None:

@@ -26,7 +26,7 @@ from mmbalance.bench.cancel import guarded
 from mmbalance.bench.oserror import naming
 from mmbalance.core.errors import ConfigError, DamagedFile, StoreError
 
-STATES = ("pending", "running", "finished", "failed", "interrupted")
+STATES = ("pending", "running", "finished", "failed", "interrupted", "pruned")  # pruned: a tuning trial (bench.trial)
 # where and how a launcher placed the run: kept across the run's own status updates
 PLACEMENT_KEYS = ("job_id", "log", "stdout", "restarts")
 # file paths in status.json: stored relative to the store root, so that a copied store names its own

@@ -17,6 +17,7 @@ A sweep file looks like::
     include:                                 # extra points (optionally starting from a cell)
       - {cell: ogm-ge, method.alpha: 0.3, label: ogm-ge-alpha0.3}
     launcher: {name: local, workers: 2}      # see bench.launch.options.LauncherConfig
+    tune: {trials: 20, lr_range: [1.0e-4, 0.1]}   # `mmbalance tune`'s budget: bench.tune_options
 
 Every (point, seed) becomes one validated RunConfig labelled after its cell and grid values
 (`ogm-ge/fusion=sum`); a cell's `label` key replaces its name in labels, so that cells on different
@@ -60,6 +61,7 @@ from mmbalance.bench.resources import shipped_config, shipped_configs
 from mmbalance.bench.store import Store
 from mmbalance.bench.tracking import check_trackers
 from mmbalance.bench.train import DatasetSource, RunResult, build_checked, build_dataset, run
+from mmbalance.bench.tune_options import TuneOptions
 from mmbalance.core.errors import ConfigError, DataError, RunFailed
 from mmbalance.core.overrides import (
     Sources,
@@ -73,7 +75,7 @@ from mmbalance.core.overrides import (
 from mmbalance.core.params import Strict
 from mmbalance.datasets.base import Dataset
 
-SWEEP_KEYS = frozenset({"recipe", "base", "seeds", "cells", "grid", "include", "exclude", "launcher"})
+SWEEP_KEYS = frozenset({"recipe", "base", "seeds", "cells", "grid", "include", "exclude", "launcher", "tune"})
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +90,7 @@ class SweepConfig(Strict):
     include: list[dict[str, Any]] = Field(default_factory=list)
     exclude: list[dict[str, Any]] = Field(default_factory=list)
     launcher: LauncherConfig = Field(default_factory=LauncherConfig)
+    tune: TuneOptions | None = None  # `mmbalance tune`'s budget (bench.tune_options); `sweep` ignores it
 
     @model_validator(mode="after")
     def _has_runs(self) -> SweepConfig:

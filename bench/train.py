@@ -61,9 +61,10 @@ DatasetSource = Callable[[RunConfig], Dataset]
 EpochCallback = Callable[[int, dict[str, Any]], None]
 
 
-class RunStopped(MMBalanceError):
-    """Raised by an epoch callback to end its run early (a pruned tuning trial): the run is recorded
-    `interrupted` with this message, writes no summary, and the exception reaches the caller."""
+class RunPruned(MMBalanceError):
+    """Raised by an epoch callback to end its run early, for good: a tuning trial its study pruned
+    (bench.trial). The run is recorded `pruned` with this message and writes no summary; `run`
+    returns it in that state (launchers neither resume nor retry it)."""
 
 
 class NonFiniteLoss(MMBalanceError):
@@ -76,7 +77,7 @@ class NonFiniteLoss(MMBalanceError):
 class RunResult:
     run_id: str
     path: str
-    state: str  # finished | skipped | elsewhere (another process holds its claim)
+    state: str  # finished | skipped | pruned (a tuning trial) | elsewhere (another process holds its claim)
     summary: dict[str, Any]
     note: str = ""  # for `elsewhere`: who holds it, in one line
 
@@ -583,7 +584,8 @@ def run(cfg: RunConfig, store: Store, datasets: DatasetSource = build_dataset,
     The run is trained under its claim (bench.claim), held until this returns: a run another
     process holds is left alone (state `elsewhere`, its status untouched), and one that finished
     while the claim was awaited is skipped. `on_claim` (a launcher's placement) is called once
-    the claim is taken; `on_epoch` after each epoch trained here (it may raise RunStopped).
+    the claim is taken; `on_epoch` after each epoch trained here (it may raise RunPruned), after
+    the epoch reporter of a tuning trial's run (`cfg.trial`, bench.trial).
     A config the method rejects (a ConfigError while building) raises before anything is written.
     Any other failure marks the run `failed` with its cause and raises RunFailed;
     whatever the run had recorded (metrics, checkpoints) stays as it was.
@@ -610,7 +612,7 @@ def run(cfg: RunConfig, store: Store, datasets: DatasetSource = build_dataset,
             raise record_failure(run_dir, trainer) from trainer
         log.info(f"{run_dir.run_id}: {trainer.device}, {trainer.threads} thread(s) ({trainer.threads_why}), "
                  f"checkpoint every {cfg.train.checkpoint_every}")
-        return train_claimed(cfg, run_dir, trainer, on_epoch)
+        return train_claimed(cfg, run_dir, trainer, with_trial_reporter(cfg, on_epoch))
 
 
 def has_summary(run_dir: RunDir) -> bool:
@@ -628,6 +630,22 @@ def finished_meanwhile(run_dir: RunDir, cfg: RunConfig) -> RunResult:
     return RunResult(run_dir.run_id, str(run_dir.path), "skipped", run_dir.read_summary())
 
 
+def with_trial_reporter(cfg: RunConfig, on_epoch: EpochCallback | None) -> EpochCallback | None:
+    """`on_epoch`, after the trial's epoch reporter when the run is a tuning trial (bench.trial)."""
+    if cfg.trial is None:
+        return on_epoch
+    from mmbalance.bench.trial import epoch_reporter
+
+    report = epoch_reporter(cfg.trial, cfg.eval.select_metric)
+
+    def both(epoch: int, record: dict[str, Any]) -> None:
+        report(epoch, record)
+        if on_epoch:
+            on_epoch(epoch, record)
+
+    return both
+
+
 def train_claimed(cfg: RunConfig, run_dir: RunDir, trainer: Trainer,
                   on_epoch: EpochCallback | None = None) -> RunResult:
     try:
@@ -638,9 +656,9 @@ def train_claimed(cfg: RunConfig, run_dir: RunDir, trainer: Trainer,
     except KeyboardInterrupt:
         run_dir.set_status("interrupted", error="interrupted by the user (KeyboardInterrupt)")
         raise
-    except RunStopped as e:
-        run_dir.set_status("interrupted", error=f"stopped after an epoch: {e}")
-        raise
+    except RunPruned as e:
+        run_dir.set_status("pruned", error=str(e))
+        return RunResult(run_dir.run_id, str(run_dir.path), "pruned", {}, str(e))
     except RunCancelled:  # its job was cancelled: its status says so already, its checkpoint stays
         raise
     except Exception as e:

@@ -1,42 +1,52 @@
-"""`mmbalance tune SWEEP.yaml --trials N`: the same tuning budget for every cell of a sweep.
+"""`mmbalance tune SWEEP.yaml`: the same tuning budget for every cell of a sweep, its trials run by
+the sweep's launcher (inline, local processes or SLURM arrays).
 
 For each cell (a row label of the sweep), an Optuna study searches the method's declared space
-(the Params fields made with `core.params.tunable`) and the optimiser's lr (`TuneOptions.lr_low`
-to `lr_high`, log scale; a method with nothing tunable tunes lr only) with N trials: a seeded TPE
-sampler and a median pruner fed with the validation metric (`eval.select_metric`) after every
-epoch, through `train.run`'s epoch callback (the training loop knows nothing of Optuna). A trial
-is one normal run on the sweep's first seed, stored at `results/<group>/tuning/<cell>/<run id>`,
-and scored by its best-validation value; the test split is never read. The chosen configuration
-(the best completed trial) is then run over every seed of the sweep as `<cell>-tuned`, beside the
-sweep's default runs, which `tune` runs too.
+(the Params fields made with `core.params.tunable`) and the optimiser's lr (`tune.lr_range`, log
+scale; a method with nothing tunable tunes lr only) with `tune.trials` trials. A trial is one
+normal run on the sweep's first seed, stored at `results/<group>/tuning/<cell>/<run id>`, and
+scored by its best-validation value; the test split is never read. The chosen configuration (the
+best completed trial) is then run over every seed of the sweep as `<cell>-tuned`, beside the
+sweep's default runs, which `tune` runs too, all through the same launcher.
 
-Each study lives in `results/<group>/tuning/<cell>.db` (SQLite through Optuna's RDB storage), so a
-killed `tune` resumes: finished trials stay, a trial the kill cut short is asked again with the
-same parameters (its run resumes from its checkpoint), and only the trials still missing run.
-`<cell>.json` beside it is what the report reads (bench.report.tuning: the report imports no
-Optuna). One `tune` process per study at a time: a trial left `RUNNING` is taken for a dead one.
+The driver works in rounds: it asks each study for trials until `parallel` of the cell's are in
+flight (seeded TPE with the constant liar, so that trials asked together differ), hands every
+trial in flight to the launcher as ordinary runs (their configs carry a `trial:` link,
+bench.trial), waits for them, and tells each study how its trials ended, read from the store:
+a finished run's best validation value, a failed run's failure (counted: the budget was spent).
+The runs themselves report validation after every epoch and end as `pruned` when the study's
+median pruner says so. Rounds go on until every study has its budget of counted trials.
+
+A study lives in `results/<group>/tuning/<cell>.journal` (Optuna's journal file, which many
+processes and nodes may write at once), so a killed `tune` resumes: finished and pruned trials
+stay, a trial whose run was cut short stays in flight and its run resumes from its checkpoint, and
+only the trials still missing are asked. `<cell>.json` beside it is what the report reads
+(bench.report.tuning: the report imports no Optuna). One `tune` per group at a time (a lock).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
-import multiprocessing
+import math
+import os
 import re
-from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError, model_validator
-
 from mmbalance.bench.config import RunConfig, validate
-from mmbalance.bench.store import Store, atomic_write_json
-from mmbalance.bench.sweep import DatasetCache, labels_in_order, load_sweep, run_inline
-from mmbalance.bench.train import DatasetSource, RunStopped, run
+from mmbalance.bench.launch import launch
+from mmbalance.bench.launch.options import LauncherConfig
+from mmbalance.bench.store import RunDir, Store, atomic_write_json
+from mmbalance.bench.sweep import labels_in_order
+from mmbalance.bench.trial import TrialLink, journal
+from mmbalance.bench.tune_options import TuneOptions
 from mmbalance.core.errors import ConfigError, RunFailed
-from mmbalance.core.params import Range, Strict, search_space
+from mmbalance.core.params import Range, search_space
 from mmbalance.core.registry import METHODS
 
 log = logging.getLogger(__name__)
@@ -44,31 +54,9 @@ log = logging.getLogger(__name__)
 LR = "optim.lr"  # the trial parameter that is the optimiser's lr (method parameters: their field names)
 TUNED = "-tuned"  # suffix of the tuned cell's label
 FAILED_RUN = "run_failed"  # user attr of a trial whose run failed (it counts: the budget was spent)
-
-
-class TuneOptions(Strict):
-    trials: int = Field(ge=1)
-    lr_low: float = Field(1e-4, gt=0)
-    lr_high: float = Field(1e-1, gt=0)
-    sampler_seed: int = 0
-    startup_trials: int = Field(3, ge=0)  # MedianPruner: trials before any pruning
-    warmup_epochs: int = Field(1, ge=0)  # MedianPruner: epochs of a trial before it may be pruned
-    workers: int = Field(1, ge=1)  # studies (cells) at once, each in a worker process
-
-    @model_validator(mode="after")
-    def _lr_range(self) -> TuneOptions:
-        Range(low=self.lr_low, high=self.lr_high, log=True)  # raises naming the bad bounds
-        return self
-
-
-def tune_options(**values: Any) -> TuneOptions:
-    """TuneOptions from the command line's values, a bad one named in one line."""
-    try:
-        return TuneOptions(**values)
-    except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(map(str, first["loc"])) or "--lr-range"
-        raise ConfigError(f"tune option {where}: {first['msg']} (got {values.get(where, values)})") from None
+RUN_ID = "run_id"  # user attr: the trial's run in the tuning store
+STUDY_SUFFIX = ".journal"
+SLURM_PARALLEL = 4  # a cell's trials in flight on SLURM when the sweep does not say
 
 
 @dataclass
@@ -80,8 +68,11 @@ class Cell:
     seeds: list[RunConfig]
 
     def space(self, options: TuneOptions) -> dict[str, Range]:
-        return {**search_space(METHODS.get(self.seeds[0].method["name"]).Params),
-                LR: Range(low=options.lr_low, high=options.lr_high, log=True)}
+        return {**search_space(METHODS.get(self.seeds[0].method["name"]).Params), LR: options.lr()}
+
+    @property
+    def metric(self) -> str:
+        return self.seeds[0].eval.select_metric
 
 
 def cells_of(configs: Sequence[RunConfig]) -> list[Cell]:
@@ -92,12 +83,13 @@ def cells_of(configs: Sequence[RunConfig]) -> list[Cell]:
     return cells
 
 
-def with_params(cfg: RunConfig, params: dict[str, Any], group: str, label: str) -> RunConfig:
+def with_params(cfg: RunConfig, params: dict[str, Any], group: str, label: str,
+                link: TrialLink | None = None) -> RunConfig:
     """`cfg` with a trial's parameters (method fields, and LR), in `group` under `label`."""
     data = cfg.to_dict()
     data["method"].update({k: v for k, v in params.items() if k != LR})
     data["optim"]["lr"] = params[LR]
-    data.update(group=group, label=label)
+    data.update(group=group, label=label, trial=link.model_dump() if link else None)
     return validate(data)
 
 
@@ -110,17 +102,44 @@ def tuning_dir(store: Store, group: str) -> Path:
     return store.root / group / "tuning"
 
 
-def open_study(path: Path, options: TuneOptions) -> Any:
+@dataclass
+class Study:
+    """A cell's study: the cell, its Optuna study and journal file, and the store of its trial runs."""
+
+    cell: Cell
+    study: Any
+    path: Path
+    trials: Store
+    options: TuneOptions
+
+    def run_dir(self, params: dict[str, Any]) -> RunDir:
+        cfg = with_params(self.cell.seeds[0], params, self.cell.name, "")
+        return self.trials.run_dir(cfg.group, cfg.run_id())
+
+    def config(self, trial: Any) -> RunConfig:
+        """The run of a trial in flight, linked to it (bench.trial)."""
+        link = TrialLink(storage=str(self.path.resolve()), study=self.study.study_name, trial_id=trial._trial_id,
+                         number=trial.number, startup_trials=self.options.startup_trials,
+                         warmup_epochs=self.options.warmup_epochs)
+        return with_params(self.cell.seeds[0], trial.params, self.cell.name, f"{self.cell.label}/trial", link)
+
+    def in_flight(self) -> list[Any]:
+        from optuna.trial import TrialState
+
+        return [t for t in self.study.trials if t.state == TrialState.RUNNING]
+
+    def spent(self) -> int:
+        return sum(counted(t) for t in self.study.trials)
+
+
+def open_study(cell: Cell, store: Store, options: TuneOptions) -> Study:
     import optuna
 
+    path = tuning_dir(store, cell.seeds[0].group) / f"{cell.name}{STUDY_SUFFIX}"
     path.parent.mkdir(parents=True, exist_ok=True)
-    study = optuna.create_study(
-        study_name=path.stem, storage=f"sqlite:///{path.resolve()}", load_if_exists=True, direction="maximize",
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=options.startup_trials,
-                                           n_warmup_steps=options.warmup_epochs))
-    # seeded by the trials already there: a resumed study would otherwise ask its first points again
-    study.sampler = optuna.samplers.TPESampler(seed=options.sampler_seed + len(study.trials))
-    return study
+    study = optuna.create_study(study_name=cell.name, storage=journal(path), load_if_exists=True,
+                                direction="maximize")
+    return Study(cell, study, path, Store(path.parent), options)
 
 
 def counted(trial: Any) -> bool:
@@ -131,80 +150,106 @@ def counted(trial: Any) -> bool:
         trial.state == TrialState.FAIL and FAILED_RUN in trial.user_attrs)
 
 
-def requeue_cut_short(study: Any) -> None:
-    """Trials a kill cut short (still RUNNING, or FAIL by an interrupt) are marked failed and their
-    parameters asked again, once: the same config is the same run id, whose run resumes."""
+def trial_value(run_dir: RunDir, metric: str) -> float:
+    """A finished trial's score: its best-validation value (the summary's test numbers are not read)."""
+    return float(run_dir.read_summary()["best_val"]["val"][metric])
+
+
+def settle(s: Study) -> None:
+    """Tell the study how its trials in flight ended, from their runs in the store; a trial whose
+    run has not ended stays in flight (its run is launched again, and resumes)."""
+    import optuna
     from optuna.trial import TrialState
 
-    for t in study.trials:
-        if t.state == TrialState.RUNNING:
-            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-    trials = study.trials
-    for i, t in enumerate(trials):
-        if t.state == TrialState.FAIL and not counted(t) and not any(u.params == t.params for u in trials[i + 1:]):
-            study.enqueue_trial(t.params)
+    for t in s.in_flight():
+        if set(t.params) != set(s.cell.space(s.options)):  # asked, but the driver died before it suggested
+            s.study.tell(t.number, state=TrialState.FAIL)
+            continue
+        rd = s.run_dir(t.params)
+        state = rd.recorded_status()["state"]
+        if rd.done():
+            s.study.tell(t.number, trial_value(rd, s.cell.metric))
+        elif state == "pruned":  # its run told the study; this is for a tell the run did not get to
+            s.study.tell(t.number, state=TrialState.PRUNED, skip_if_finished=True)
+        elif state == "failed":
+            optuna.trial.Trial(s.study, t._trial_id).set_user_attr(FAILED_RUN, rd.status().get("error", "failed"))
+            s.study.tell(t.number, state=TrialState.FAIL)
 
 
-def objective(cell: Cell, store: Store, datasets: DatasetSource, options: TuneOptions) -> Callable[[Any], float]:
+def ask(s: Study, parallel: int) -> None:
+    """Ask for trials until `parallel` are in flight, within the budget; record each one's run id."""
     import optuna
 
-    base, metric = cell.seeds[0], cell.seeds[0].eval.select_metric
-    trials = Store(tuning_dir(store, base.group))
-
-    def trial_run(trial: optuna.Trial) -> float:
-        cfg = with_params(base, suggest(trial, cell.space(options)), cell.name, f"{cell.label}/trial")
-        trial.set_user_attr("run_id", cfg.run_id())
-
-        def report(epoch: int, record: dict[str, Any]) -> None:
-            trial.report(record["val"][metric], epoch)  # validation only: the pruner never sees test
-            if trial.should_prune():
-                raise RunStopped(f"tuning trial {trial.number} pruned at epoch {epoch} (median rule)")
-
-        try:
-            result = run(cfg, trials, datasets, on_epoch=report)
-        except RunStopped as e:
-            raise optuna.TrialPruned(str(e)) from None
-        except RunFailed as e:
-            trial.set_user_attr(FAILED_RUN, str(e))
-            raise
-        if result.state == "elsewhere":
-            raise ConfigError(f"trial run {result.run_id} is held by another process ({result.note}); "
-                              "run one `mmbalance tune` per sweep at a time")
-        return float(result.summary["best_val"]["val"][metric])
-
-    return trial_run
+    room = min(parallel - len(s.in_flight()), s.options.trials - s.spent() - len(s.in_flight()))
+    if room <= 0:
+        return
+    # seeded by the trials already there: a resumed study would otherwise ask its first points again
+    s.study.sampler = optuna.samplers.TPESampler(seed=s.options.sampler_seed + len(s.study.trials),
+                                                 n_startup_trials=s.options.startup_trials, constant_liar=True)
+    for _ in range(room):
+        trial = s.study.ask()
+        params = suggest(trial, s.cell.space(s.options))
+        trial.set_user_attr(RUN_ID, s.run_dir(params).run_id)
 
 
-def tune_cell(cell: Cell, store: Store, options: TuneOptions, datasets: DatasetSource | None = None,
-              callbacks: Sequence[Callable] = ()) -> dict[str, Any]:
-    """Run (or resume) the cell's study to `options.trials` counted trials; write and return its record."""
-    path = tuning_dir(store, cell.seeds[0].group) / f"{cell.name}.db"
-    study = open_study(path, options)
-    requeue_cut_short(study)
-    missing = options.trials - sum(counted(t) for t in study.trials)
-    if missing > 0:
-        log.info(f"tuning {cell.label!r}: {missing} of {options.trials} trials to run ({path})")
-        study.optimize(objective(cell, store, datasets or DatasetCache(), options), n_trials=missing,
-                       catch=(RunFailed,), callbacks=list(callbacks))
-    record = study_record(cell, study, options)
-    atomic_write_json(path.with_suffix(".json"), record)
-    return record
+def default_parallel(launcher: LauncherConfig, cells: int) -> int:
+    """A cell's trials in flight when the sweep does not say: one inline; on the local launcher,
+    its workers shared by the cells; SLURM_PARALLEL on SLURM."""
+    if launcher.name == "inline":
+        return 1
+    if launcher.name == "slurm":
+        return SLURM_PARALLEL
+    from mmbalance.bench.launch.local import gpu_count
+    from mmbalance.bench.threads import cpu_share
+
+    workers = launcher.workers or (gpu_count() * launcher.packing()) or launcher.runs_per_gpu or cpu_share()
+    return max(1, math.ceil(workers / cells))
 
 
-def study_record(cell: Cell, study: Any, options: TuneOptions) -> dict[str, Any]:
-    """What the report reads: every trial in order, the chosen parameters and both labels."""
-    done = [t for t in study.trials if counted(t)]
+def run_studies(studies: Sequence[Study], launcher: LauncherConfig) -> None:
+    """Rounds of ask, launch and settle until every study has spent its budget."""
+    parallel = studies[0].options.parallel or default_parallel(launcher, len(studies))
+    for s in studies:
+        settle(s)  # what ended while no driver watched (a resumed tune)
+    while True:
+        for s in studies:
+            ask(s, parallel)
+        flight = {cfg.run_id(): (s, cfg) for s in studies for cfg in map(s.config, s.in_flight())}
+        if not flight:
+            return
+        log.info(f"tuning round: {len(flight)} trial run(s) of {len(studies)} cell(s); budget "
+                 + ", ".join(f"{s.cell.label} {s.spent()}/{s.options.trials}" for s in studies))
+        launch([cfg for _, cfg in flight.values()], studies[0].trials, launcher, wait=True)
+        for s in studies:
+            settle(s)
+        stuck = [(s, s.config(t)) for s in studies for t in s.in_flight()]  # every one was launched
+        if stuck:
+            raise RunFailed(stuck_line(stuck))
+
+
+def stuck_line(stuck: Sequence[tuple[Study, RunConfig]]) -> str:
+    """Trial runs the launch left neither finished, pruned nor failed (interrupted, cancelled,
+    held by another process): the tuning stops, and running it again resumes them."""
+    lines = [f"  {s.cell.label} trial run {cfg.run_id()}: "
+             f"{s.trials.run_dir(cfg.group, cfg.run_id()).recorded_status()['state']}" for s, cfg in stuck]
+    return "\n".join([f"{len(stuck)} trial run(s) did not end; run `mmbalance tune` again to resume them", *lines])
+
+
+def study_record(s: Study) -> dict[str, Any]:
+    """What the report reads: every counted trial in order, the chosen parameters and both labels."""
+    done = [t for t in s.study.trials if counted(t)]
     complete = [t for t in done if t.value is not None and t.state.name == "COMPLETE"]
     if not complete:
-        raise RunFailed(f"tuning {cell.label!r}: none of its {len(done)} trials completed; nothing to choose")
+        raise RunFailed(f"tuning {s.cell.label!r}: none of its {len(done)} trials completed; nothing to choose "
+                        f"(their runs: {s.trials.root / s.cell.name})")
     best = max(complete, key=lambda t: (t.value, -t.number))  # the earliest of equal values
     return {
-        "label": cell.label, "tuned_label": cell.label + TUNED, "method": cell.seeds[0].method["name"],
-        "metric": f"best val {cell.seeds[0].eval.select_metric}", "trials_budget": options.trials,
-        "space": {k: r.model_dump() for k, r in cell.space(options).items()},
+        "label": s.cell.label, "tuned_label": s.cell.label + TUNED, "method": s.cell.seeds[0].method["name"],
+        "metric": f"best val {s.cell.metric}", "trials_budget": s.options.trials,
+        "space": {k: r.model_dump() for k, r in s.cell.space(s.options).items()},
         "chosen": best.params, "chosen_trial": best.number, "chosen_value": best.value,
         "trials": [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
-                    "run_id": t.user_attrs.get("run_id")} for t in done],
+                    "run_id": t.user_attrs.get(RUN_ID)} for t in done],
     }
 
 
@@ -212,26 +257,43 @@ def tuned_configs(cell: Cell, chosen: dict[str, Any]) -> list[RunConfig]:
     return [with_params(cfg, chosen, cfg.group, cell.label + TUNED) for cfg in cell.seeds]
 
 
-def tune_in_worker(cell: Cell, root: str, options: TuneOptions) -> dict[str, Any]:
-    return tune_cell(cell, Store(Path(root)), options)
+@contextmanager
+def tuning_lock(folder: Path) -> Iterator[None]:
+    """One `tune` per group: two drivers would both ask trials and overspend the budget."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "tune.lock"
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise ConfigError(f"another `mmbalance tune` is tuning this group ({f.read().strip() or 'pid unknown'}; "
+                              f"lock {path}); wait for it, or stop it and run this again") from None
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on {os.uname().nodename}")
+        f.flush()
+        yield
 
 
-def tune(path: str | Path, overrides: Sequence[str], store: Store, options: TuneOptions,
-         callbacks: Sequence[Callable] = ()) -> tuple[list[RunConfig], dict[str, dict[str, Any]]]:
-    """Tune every cell of the sweep at `path`, then run its default and tuned runs; returns (every
-    run config of the sweep and its tuned cells, each cell's study record by label)."""
-    sweep, configs = load_sweep(path, overrides)
+@dataclass
+class Tuned:
+    configs: list[RunConfig]  # the sweep's runs and its tuned cells' runs
+    records: dict[str, dict[str, Any]]  # each cell's study record, by label
+    code: int  # the last launch's: 0 when every default and tuned run finished
+
+
+def tune(configs: Sequence[RunConfig], store: Store, options: TuneOptions, launcher: LauncherConfig) -> Tuned:
+    """Tune every cell of a sweep's `configs`, then run its default and tuned runs."""
     cells = cells_of(configs)
-    datasets = DatasetCache()
-    if options.workers > 1 and len(cells) > 1:
-        context = multiprocessing.get_context("spawn")  # as bench.parallel: no forked torch state
-        with ProcessPoolExecutor(min(options.workers, len(cells)), mp_context=context) as pool:
-            records = list(pool.map(tune_in_worker, cells, [str(store.root)] * len(cells), [options] * len(cells)))
-    else:
-        records = [tune_cell(cell, store, options, datasets, callbacks) for cell in cells]
+    with tuning_lock(tuning_dir(store, configs[0].group)):
+        studies = [open_study(cell, store, options) for cell in cells]
+        run_studies(studies, launcher)
+        records = [study_record(s) for s in studies]
+        for s, rec in zip(studies, records):
+            atomic_write_json(s.path.with_suffix(".json"), rec)
     tuned = [cfg for cell, rec in zip(cells, records) for cfg in tuned_configs(cell, rec["chosen"])]
-    run_inline([*configs, *tuned], store, workers=options.workers)
-    return [*configs, *tuned], {rec["label"]: rec for rec in records}
+    code = launch([*configs, *tuned], store, launcher, wait=True)
+    return Tuned([*configs, *tuned], {rec["label"]: rec for rec in records}, code)
 
 
 def chosen_text(records: dict[str, dict[str, Any]]) -> str:

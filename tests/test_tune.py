@@ -1,5 +1,6 @@
-"""`mmbalance tune`: equal trials per cell, selection on validation only, resume after a kill,
-tuned runs over the seeds, the report's Tuning section, and the Params ranges."""
+"""`mmbalance tune`: equal trials per cell through the sweep's launcher, selection on validation
+only, pruned runs, resume after a kill, tuned runs over the seeds, the report's Tuning section,
+the sweep file's `tune:` section and the Params ranges."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ import json
 import pytest
 from pydantic import ValidationError
 
+from mmbalance.bench.launch.options import LauncherConfig
 from mmbalance.bench.report.build import build_report
 from mmbalance.bench.store import Store, run_dirs
 from mmbalance.bench.sweep import load_sweep
-from mmbalance.bench.tune import cells_of, counted, open_study, tune, tune_cell, tune_options
-from mmbalance.core.errors import ConfigError
+from mmbalance.bench.tune import cells_of, default_parallel, open_study, study_record, trial_value, tune
+from mmbalance.bench.tune_options import TuneOptions, tune_options
+from mmbalance.core.errors import ConfigError, RunFailed
 from mmbalance.core.params import Range, Strict, search_space, tunable
 from mmbalance.core.registry import METHODS
 
@@ -29,6 +32,7 @@ cells:
   joint: {method.name: joint}
   ogm-ge: {method.name: ogm_ge}
 """
+INLINE = LauncherConfig()
 
 
 @pytest.fixture
@@ -38,90 +42,165 @@ def sweep(tmp_path):
     return path
 
 
-def records(store: Store) -> dict[str, dict]:
-    return {p.stem: json.loads(p.read_text()) for p in (store.root / "t" / "tuning").glob("*.json")}
+def options(trials: int, **more) -> TuneOptions:
+    return tune_options(None, {"trials": trials, **more})
+
+
+def studies(store: Store, cells) -> dict[str, list]:
+    """Each cell's trials as Optuna has them (state name, value, params)."""
+    opts = options(1)
+    return {c.label: [(t.state.name, t.value, t.params) for t in open_study(c, store, opts).study.trials]
+            for c in cells}
 
 
 def test_equal_trials_tuned_runs_and_report(sweep, store, tmp_path, one_torch_thread):
-    configs, recs = tune(sweep, [], store, tune_options(trials=3))
+    _, configs = load_sweep(sweep)
+    tuned = tune(configs, store, options(3), INLINE)
+    recs = tuned.records
+    assert tuned.code == 0
     assert {label: len(r["trials"]) for label, r in recs.items()} == {"joint": 3, "ogm-ge": 3}
     assert set(recs["ogm-ge"]["chosen"]) == {"alpha", "optim.lr"} and set(recs["joint"]["chosen"]) == {"optim.lr"}
     # the tuned cells over both seeds, with the chosen parameters, beside the defaults
     rows = [rd.read_config() for rd in run_dirs(store.root / "t")]
-    tuned = [c for c in rows if c["label"] == "ogm-ge-tuned"]
-    assert sorted(c["train"]["seed"] for c in tuned) == [0, 1]
+    tuned_rows = [c for c in rows if c["label"] == "ogm-ge-tuned"]
+    assert sorted(c["train"]["seed"] for c in tuned_rows) == [0, 1]
     assert all(c["method"]["alpha"] == recs["ogm-ge"]["chosen"]["alpha"]
-               and c["optim"]["lr"] == recs["ogm-ge"]["chosen"]["optim.lr"] for c in tuned)
+               and c["optim"]["lr"] == recs["ogm-ge"]["chosen"]["optim.lr"] and c["trial"] is None for c in tuned_rows)
     assert {c["label"] for c in rows} == {"joint", "ogm-ge", "joint-tuned", "ogm-ge-tuned"}  # no trial rows
+    # each trial's run carries its link; the chosen value is the best of the trial runs' validation values
+    for cell in cells_of(configs):
+        trial_dirs = run_dirs(store.root / "t" / "tuning" / cell.name)
+        assert sorted(rd.read_config()["trial"]["number"] for rd in trial_dirs) == [0, 1, 2]
+        finished = [trial_value(rd, "acc") for rd in trial_dirs if rd.done()]
+        assert recs[cell.label]["chosen_value"] == max(finished)
     report = build_report(store.root / "t", tmp_path / "report")
     text = (tmp_path / "report" / "tuning.md").read_text()
     assert "## Tuning" in text and "ogm-ge" in text and "alpha=" in text
     assert (tmp_path / "report" / "figures" / "tuning_search.png").stat().st_size > 0
     assert "## Tuning" in (tmp_path / "report" / "README.md").read_text()
     assert any(p.name == "tuning.csv" for p in report.files)
+    # a second tune spends nothing: every study has its budget
+    again = tune(configs, store, options(3), INLINE)
+    assert again.records == recs
 
 
-def test_selection_uses_validation_only(sweep, store, monkeypatch, one_torch_thread):
-    """Trial runs whose val and test ranks disagree: the chosen trial is the val-best one."""
-    from mmbalance.bench import tune as tune_module
-
-    real_run = tune_module.run
-    val, test = iter([0.5, 0.9, 0.7]), iter([0.95, 0.1, 0.2])  # test-best: trial 0; val-best: trial 1
-
-    def run_with(cfg, store, datasets, on_epoch=None):
-        result = real_run(cfg, store, datasets, on_epoch=on_epoch)
-        result.summary["best_val"] = {**result.summary["best_val"], "val": {"acc": next(val)},
-                                      "test": {"acc": next(test)}}
-        return result
-
-    monkeypatch.setattr(tune_module, "run", run_with)
-    _, configs = load_sweep(sweep)
-    rec = tune_cell(cells_of(configs)[0], store, tune_options(trials=3))
-    assert rec["chosen_trial"] == 1 and rec["chosen_value"] == 0.9
+def test_the_score_is_the_validation_value_never_test(store):
+    rd = store.run_dir("g", "joint-000000000000")
+    rd.path.mkdir(parents=True)
+    val_best = {"epoch": 1, "val": {"acc": 0.5}, "test": {"acc": 0.6}}
+    test_best = {"epoch": 0, "val": {"acc": 0.4}, "test": {"acc": 0.9}}
+    rd.summary.write_text(json.dumps({"epochs": 2, "best_val": val_best, "best_test": test_best, "last": val_best}))
+    assert trial_value(rd, "acc") == 0.5
 
 
-def test_study_resumes_after_a_kill(sweep, store, one_torch_thread):
-    _, configs = load_sweep(sweep)
-    cell = cells_of(configs)[1]
-    options = tune_options(trials=4)
+def test_pruned_runs_are_final_and_counted(tmp_path, store, one_torch_thread):
+    """With pruning from the first finished trial on, later trials below the median end `pruned`
+    (their runs say so; launching again leaves them) and count in the budget."""
+    path = tmp_path / "sweep.yaml"
+    path.write_text(SWEEP.replace("epochs: 2", "epochs: 4").replace("seeds: [0, 1]", "seeds: [0]"))
+    _, configs = load_sweep(path)
+    tuned = tune([c for c in configs if c.label == "joint"], store, options(6, startup_trials=1, warmup_epochs=0),
+                 INLINE)
+    states = [t["state"] for t in tuned.records["joint"]["trials"]]
+    assert len(states) == 6 and "PRUNED" in states, states
+    pruned = [rd for rd in run_dirs(store.root / "t" / "tuning" / "joint") if rd.status()["state"] == "pruned"]
+    assert pruned and "pruned after epoch" in pruned[0].status()["error"]
+    from mmbalance.bench.launch.plan import plan
 
-    def kill_after_two(study, trial):
-        if trial.number == 1:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        tune_cell(cell, store, options, callbacks=[kill_after_two])
-    study = open_study(store.root / "t" / "tuning" / f"{cell.name}.db", options)
-    before = [(t.number, t.params, t.value) for t in study.trials if counted(t)]
-    assert len(before) == 2
-    rec = tune_cell(cell, store, options)
-    assert len(rec["trials"]) == 4
-    assert [(t["number"], t["params"], t["value"]) for t in rec["trials"][:2]] == before
-    # the finished trial runs were not trained again: one run directory per trial
-    assert len(list((store.root / "t" / "tuning" / cell.name).iterdir())) == 4
+    assert {p.state for p in plan([c for c in configs if c.label == "joint"], store)} == {"finished"}
 
 
-def test_a_trial_cut_short_is_asked_again_and_its_run_resumes(sweep, store, monkeypatch, one_torch_thread):
-    from mmbalance.bench import tune as tune_module
+def test_a_kill_loses_no_trial_and_the_cut_run_resumes(sweep, store, monkeypatch, one_torch_thread):
+    """Ctrl-C in the middle of a trial's run: the finished trials stay, the cut trial stays in
+    flight, and the next tune resumes its run from its checkpoint instead of asking again."""
+    from mmbalance.bench import trial as trial_module
 
     _, configs = load_sweep(sweep)
-    cell = cells_of(configs)[0]
-    options = tune_options(trials=2)
-    real_run = tune_module.run
+    ogm = [c for c in configs if c.label == "ogm-ge"]
+    real = trial_module.epoch_reporter
 
-    def interrupted(cfg, store, datasets, on_epoch=None):
+    def killing(link, metric):
+        report = real(link, metric)
+
         def stop(epoch, record):
-            raise KeyboardInterrupt
-        return real_run(cfg, store, datasets, on_epoch=stop)
+            report(epoch, record)
+            if link.number == 2 and epoch == 0:
+                raise KeyboardInterrupt
 
-    monkeypatch.setattr(tune_module, "run", interrupted)
+        return stop
+
+    monkeypatch.setattr(trial_module, "epoch_reporter", killing)
     with pytest.raises(KeyboardInterrupt):
-        tune_cell(cell, store, options)
+        tune(ogm, store, options(4), INLINE)
     monkeypatch.undo()
-    [cut] = list((store.root / "t" / "tuning" / cell.name).iterdir())
-    rec = tune_cell(cell, store, options)
-    assert len(rec["trials"]) == 2 and rec["trials"][0]["run_id"] == cut.name  # the same config, resumed
-    assert json.loads((cut / "status.json").read_text())["state"] == "finished"
+    [cell] = cells_of(ogm)
+    before = studies(store, [cell])["ogm-ge"]
+    assert [s for s, _, _ in before] == ["COMPLETE", "COMPLETE", "RUNNING"]
+    cut = [rd for rd in run_dirs(store.root / "t" / "tuning" / "ogm-ge") if rd.status()["state"] == "interrupted"]
+    assert len(cut) == 1 and cut[0].checkpoint.exists()
+    rec = tune(ogm, store, options(4), INLINE).records["ogm-ge"]
+    assert len(rec["trials"]) == 4
+    assert [(t["state"], t["value"], t["params"]) for t in rec["trials"][:2]] == before[:2]
+    assert rec["trials"][2]["params"] == before[2][2] and rec["trials"][2]["run_id"] == cut[0].run_id
+    assert cut[0].status()["state"] in ("finished", "pruned")
+    assert len(cut[0].read_metrics()) in (1, 2)  # epoch 0 was not trained twice: one record per epoch
+    assert len(run_dirs(store.root / "t" / "tuning" / "ogm-ge")) == 4  # one run per trial, none again
+
+
+def test_a_trial_run_that_does_not_end_stops_the_tuning_with_its_state(sweep, store, monkeypatch,
+                                                                       one_torch_thread):
+    from mmbalance.bench import tune as tune_module
+
+    _, configs = load_sweep(sweep)
+    monkeypatch.setattr(tune_module, "launch", lambda *a, **k: 0)  # a launch that ran nothing
+    with pytest.raises(RunFailed, match=r"1 trial run\(s\) did not end.*\n  joint trial run joint-\w+: new"):
+        tune([c for c in configs if c.label == "joint"], store, options(2), INLINE)
+
+
+def test_the_sweep_files_tune_section_and_the_flags_over_it(tmp_path):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(SWEEP + "tune: {trials: 5, lr_range: [0.001, 0.5], parallel: 2}\n")
+    sweep, _ = load_sweep(path)
+    assert tune_options(sweep.tune, {}).model_dump() == {
+        "trials": 5, "lr_range": (0.001, 0.5), "parallel": 2, "sampler_seed": 0, "startup_trials": 3,
+        "warmup_epochs": 1}
+    assert tune_options(sweep.tune, {"trials": 7, "lr_range": None}).trials == 7
+    with pytest.raises(ConfigError, match="no tuning budget: give `--trials N` or `tune: {trials: N}`"):
+        tune_options(None, {})
+    with pytest.raises(ConfigError, match=r"tune.trials.*the command line"):
+        tune_options(sweep.tune, {"trials": 0})
+    path.write_text(SWEEP + "tune: {trials: 5, lr_range: [0.5, 0.001]}\n")
+    with pytest.raises(ConfigError, match=r"tune.*lr_range \[0.5, 0.001\]: a search range needs low < high"):
+        load_sweep(path)
+    path.write_text(SWEEP + "tune: {trails: 5}\n")
+    with pytest.raises(ConfigError, match="trails"):
+        load_sweep(path)
+
+
+def test_trials_in_flight_per_cell():
+    assert default_parallel(LauncherConfig(name="inline"), 3) == 1
+    assert default_parallel(LauncherConfig(name="slurm"), 3) == 4
+    assert default_parallel(LauncherConfig(name="local", workers=8), 3) == 3
+    assert default_parallel(LauncherConfig(name="local", workers=2), 3) == 1
+
+
+def test_a_second_tune_of_the_group_is_refused(sweep, store):
+    from mmbalance.bench.tune import tuning_dir, tuning_lock
+
+    with tuning_lock(tuning_dir(store, "t")):
+        _, configs = load_sweep(sweep)
+        with pytest.raises(ConfigError, match="another `mmbalance tune` is tuning this group"):
+            tune(configs, store, options(1), INLINE)
+
+
+def test_no_completed_trial_is_one_line(sweep, store):
+    from mmbalance.bench.tune import Study
+
+    _, configs = load_sweep(sweep)
+    [cell] = cells_of([c for c in configs if c.label == "joint"])
+    s = open_study(cell, store, options(1))
+    with pytest.raises(RunFailed, match="none of its 0 trials completed; nothing to choose"):
+        study_record(Study(cell, s.study, s.path, s.trials, s.options))
 
 
 def test_ranges_are_declared_and_validated():
@@ -140,5 +219,5 @@ def test_ranges_are_declared_and_validated():
         k: int = tunable(3, 1, 8)
 
     assert search_space(P)["k"].integer and P().k == 3
-    with pytest.raises(ConfigError, match="lr_low"):
-        tune_options(trials=2, lr_low=0.1, lr_high=0.01)
+    with pytest.raises(ConfigError, match="lr_range"):
+        tune_options(None, {"trials": 2, "lr_range": (0.1, 0.01)})

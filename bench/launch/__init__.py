@@ -12,7 +12,7 @@ from pathlib import Path
 from mmbalance.bench.claim import describe_holder
 from mmbalance.bench.config import RunConfig
 from mmbalance.bench.launch.options import LauncherConfig
-from mmbalance.bench.launch.plan import PlannedRun, decide, format_plan, label, levels, plan, to_run
+from mmbalance.bench.launch.plan import ENDED, PlannedRun, decide, format_plan, label, levels, plan, to_run
 from mmbalance.bench.store import RunDir, Store
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ class Progress:
 
 def outcome(planned: Sequence[PlannedRun]) -> int:
     """Log how the runs ended (failed ones with their error and log, those another process
-    holds with their holder) and return 0 iff every run is finished or held by another process
+    holds with their holder) and return 0 iff every run is finished, pruned or held by another process
     (being trained there is not this launch's failure). A run its job left as pending/running
     (cancelled, killed) is marked interrupted: launching again resumes it."""
     from mmbalance.bench.launch.jobs import have_slurm, queued_job_ids
@@ -149,7 +149,7 @@ def outcome(planned: Sequence[PlannedRun]) -> int:
     if failed:
         log.warning("not finished:\n" + "\n".join(failed)
                     + "\nlaunch the sweep again to retry them (finished runs are skipped, started ones resume)")
-    return 0 if states.get("finished", 0) + states.get(ELSEWHERE, 0) == len(planned) else 1
+    return 0 if sum(states.get(s, 0) for s in (*ENDED, ELSEWHERE)) == len(planned) else 1
 
 
 ELSEWHERE = "being trained elsewhere"

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 
 from mmbalance.bench.claim import elsewhere_line
 from mmbalance.bench.launch.options import LauncherConfig
-from mmbalance.bench.launch.plan import PlannedRun, label, waiting_on
+from mmbalance.bench.launch.plan import ENDED, PlannedRun, label, waiting_on
 from mmbalance.bench.launch.worker import mark_pending, record_exit, restore_status, run_one_command, saved_status
 from mmbalance.bench.oserror import EXIT_OS_ERROR, os_message
 from mmbalance.bench.threads import cpu_share, run_threads
@@ -210,7 +210,7 @@ def report(p: PlannedRun, state: str | None, seconds: float, states: dict[str, s
                  f"{elsewhere_line(p.run_dir)}")
         return
     tail = "" if state == "finished" else f": {p.run_dir.status().get('error', '?')} (log {p.run_dir.path / 'run.log'})"
-    log.log(logging.INFO if state == "finished" else logging.WARNING,
+    log.log(logging.INFO if state in ENDED else logging.WARNING,
             f"[{len(states)}/{total}] {state} {label(p.cfg)} seed {p.cfg.train.seed} "
             f"{p.run_dir.run_id} in {seconds:.1f} s{tail}")
 

@@ -3,9 +3,10 @@
 The runs that the runs given require (Method.requires: UMT's teachers) are added, each before
 the first run that needs it (bench.requirements); each planned run lists the ids it needs.
 
-finished: skipped. queued/running: held by a live SLURM job, by a process holding the run's
-claim (bench.claim) or by a live local launcher that marked it pending, left alone. resume:
-started before (a checkpoint exists), continues from it. new: starts.
+finished: skipped. pruned: a tuning trial its study stopped (bench.trial), skipped too.
+queued/running: held by a live SLURM job, by a process holding the run's claim (bench.claim) or
+by a live local launcher that marked it pending, left alone. resume: started before (a
+checkpoint exists), continues from it. new: starts.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from mmbalance.bench.requirements import needs, with_requirements
 from mmbalance.bench.store import RunDir, Store
 
 TO_RUN = ("resume", "new")
-ORDER = ("finished", "queued", "running", "unknown", "resume", "new")
+ENDED = ("finished", "pruned")  # states a run stays in: nothing left to do (pruned: a tuning trial)
+ORDER = ("finished", "pruned", "queued", "running", "unknown", "resume", "new")
 # how format_plan names a state where its name alone would not say it
-SHOWN = {"resume": "will resume",
+SHOWN = {"resume": "will resume", "pruned": "pruned (a tuning trial its study stopped: final)",
          "unknown": "unknown (SLURM not answering: squeue failed; left alone until it answers)"}
 
 
@@ -44,6 +46,8 @@ def decide(run_dir: RunDir, queued: set[str] | None) -> str:
     state = status["state"]
     if run_dir.done():
         return "finished"
+    if state == "pruned":  # ended for good: its study stopped it (bench.trial)
+        return "pruned"
     if is_held(run_dir):
         return "running"
     if state in ("pending", "running"):

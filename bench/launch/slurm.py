@@ -26,7 +26,7 @@ import submitit
 from mmbalance.bench.claim import elsewhere_line
 from mmbalance.bench.launch import jobs as slurm_queue
 from mmbalance.bench.launch.options import LauncherConfig
-from mmbalance.bench.launch.plan import PlannedRun
+from mmbalance.bench.launch.plan import ENDED, PlannedRun
 from mmbalance.bench.launch.worker import (
     mark_pending,
     place_claimed,
@@ -105,9 +105,9 @@ class PackedSweepJob(submitit.helpers.Checkpointable):
                 continue
             code = self.procs[str(rd.path)].wait()
             states[str(rd.path)] = record_exit(rd, code, killed="interrupted")
-            log.log(logging.INFO if states[str(rd.path)] in ("finished", "elsewhere") else logging.WARNING,
+            log.log(logging.INFO if states[str(rd.path)] in (*ENDED, "elsewhere") else logging.WARNING,
                     f"task {where['job_id']}: {states[str(rd.path)]} {rd.path}")
-        failed = [f"{Path(d).name} ({state})" for d, state in states.items() if state not in ("finished", "elsewhere")]
+        failed = [f"{Path(d).name} ({state})" for d, state in states.items() if state not in (*ENDED, "elsewhere")]
         if failed:  # the task fails as a one-run task would; each run's status says why
             raise RunFailed(f"{len(failed)} of {len(todo)} run(s) of this task did not finish: {', '.join(failed)}")
         return states
