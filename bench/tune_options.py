@@ -30,7 +30,8 @@ class TuneOptions(Strict):
         try:
             Range(low=self.lr_range[0], high=self.lr_range[1], log=True)
         except ValidationError as e:
-            raise ValueError(f"lr_range {list(self.lr_range)}: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+            why = e.errors()[0]["msg"].removeprefix("Value error, ")
+            raise ValueError(f"lr_range {list(self.lr_range)}: {why}") from None
         return self
 
     def lr(self) -> Range:

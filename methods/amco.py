@@ -65,7 +65,7 @@ import torch.nn as nn
 from pydantic import Field
 
 from mmbalance.core.errors import ConfigError
-from mmbalance.core.params import Window
+from mmbalance.core.params import Window, tunable
 from mmbalance.core.registry import METHODS
 from mmbalance.core.types import Batch, Prediction
 from mmbalance.methods.base import Method, MethodSetup
@@ -73,9 +73,10 @@ from mmbalance.models.fusion import build_fusion
 
 
 class AMCoParams(Window):
-    # BalanceBenchmark's configs/trainer_config.yaml L20-28
-    sigma: float = Field(0.5, ge=0, le=1)  # the share of the softmax mass that makes a modality dependent
-    eps: float = Field(0.3, gt=0)  # l_t at which the mask ratio reaches 1
+    # BalanceBenchmark's configs/trainer_config.yaml L20-28; the search ranges centre on its values, the only
+    # ones published (no release by the authors, paper text unread)
+    sigma: float = tunable(0.5, 0.3, 0.9, ge=0, le=1)  # the share of the softmax mass that makes a modality dependent
+    eps: float = tunable(0.3, 0.1, 3.0, log=True, gt=0)  # l_t at which the mask ratio reaches 1
     modulation_ends: int | None = Field(80, ge=0)  # None: no end
     linear_star: bool = True  # the release's extra C x C layer on the fused logits
 

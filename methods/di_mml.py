@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from mmbalance.core.errors import ConfigError
-from mmbalance.core.params import Strict
+from mmbalance.core.params import Strict, tunable
 from mmbalance.core.registry import METHODS
 from mmbalance.core.types import Batch, Prediction
 from mmbalance.methods.base import Method, MethodSetup
@@ -73,11 +73,12 @@ from mmbalance.models.fusion import linear
 class DIMMLParams(Strict):
     stage1_epochs: int = Field(150, ge=1)
     stage2_epochs: int = Field(20, ge=1)
-    shared_weight: float = Field(1.0, ge=0)  # w
+    # search ranges: around the README's per-dataset values (quoted below); w is 1 in every released command
+    shared_weight: float = tunable(1.0, 0.1, 10.0, log=True, ge=0)  # w
     duc: bool = True
     duc_start_epoch: int = Field(20, ge=0)  # dimensions chosen at the start of this epoch; DUC on from it
-    tau: float = Field(50.0, gt=0)  # DUC temperature (CREMA-D 50, AVE 10, UCF 10, ModelNet 50)
-    certainty_temperature: float = Field(1.0, gt=0)  # T (CREMA-D 1, AVE 3, UCF 1, ModelNet 3)
+    tau: float = tunable(50.0, 5.0, 100.0, log=True, gt=0)  # DUC temperature (CREMA-D 50, AVE 10, UCF 10, ModelNet 50)
+    certainty_temperature: float = tunable(1.0, 0.5, 5.0, log=True, gt=0)  # T (CREMA-D 1, AVE 3, UCF 1, ModelNet 3)
     shared_head: bool = True
 
 

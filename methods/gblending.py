@@ -89,7 +89,7 @@ import torch.nn as nn
 from pydantic import Field, model_validator
 
 from mmbalance.core.errors import ConfigError
-from mmbalance.core.params import Strict
+from mmbalance.core.params import Strict, tunable
 from mmbalance.core.registry import METHODS
 from mmbalance.core.types import Batch, Prediction
 from mmbalance.methods.base import Method, MethodSetup
@@ -106,8 +106,9 @@ class GBlendingParams(Strict):
     # trial epochs per branch and estimate; None: interval (BalanceBenchmark trains the temp model
     # for super_epoch epochs)
     estimate_epochs: int | None = Field(None, ge=1)
-    # share of the training split held out as V
-    holdout: float = Field(0.1, gt=0, lt=1)
+    # share of the training split held out as V; its one continuous knob (the weights are estimated, not set):
+    # the range is this suite's, around its default (neither the paper's V size nor a release is known)
+    holdout: float = tunable(0.1, 0.05, 0.3, gt=0, lt=1)
     # False: fixed weights (fused 1, unimodal 0) and nothing held out: joint training
     blend: bool = True
 

@@ -96,7 +96,7 @@ import torch.nn as nn
 from pydantic import Field, PositiveFloat, model_validator
 
 from mmbalance.core.errors import ConfigError
-from mmbalance.core.params import Strict
+from mmbalance.core.params import Strict, tunable
 from mmbalance.core.registry import METHODS
 from mmbalance.core.types import Batch, Prediction
 from mmbalance.methods.base import Method, MethodSetup
@@ -115,8 +115,10 @@ class GreedyParams(Strict):
     # MMTMs after each of the encoders' last `mmtm_stages` blocks; 0: none (then joint training)
     mmtm_stages: int = Field(3, ge=0)
     ratio: PositiveFloat = 4.0  # MMTM's squeeze width is int(2 (C_0 + C_1) / ratio)
-    epsilon: PositiveFloat = 0.01  # |d| above it starts re-balancing
-    window: int = Field(5, ge=1)  # re-balancing steps per start (curation_windowsize)
+    # the re-balancing rule's two coefficients; ranges around both releases' values (epsilon 0.01 / 0.001,
+    # window 5 in each)
+    epsilon: PositiveFloat = tunable(0.01, 1e-4, 0.1, log=True)  # |d| above it starts re-balancing
+    window: int = tunable(5, 1, 20, log=True, ge=1)  # re-balancing steps per start (curation_windowsize)
     warmup_epochs: int = Field(1, ge=0)  # epochs before re-balancing may start
     running_average: Literal["release", "own"] = "release"
 

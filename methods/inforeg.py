@@ -86,7 +86,7 @@ import torch.nn as nn
 from pydantic import Field, model_validator
 
 from mmbalance.core.errors import ConfigError
-from mmbalance.core.params import Strict
+from mmbalance.core.params import Strict, tunable
 from mmbalance.core.registry import METHODS
 from mmbalance.core.types import Batch, Prediction
 from mmbalance.methods.base import Method, MethodSetup
@@ -103,9 +103,10 @@ INFORMATION_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 class InfoRegParams(Strict):
     variant: Literal["release", "first_release"] = "release"
-    # None: the variant's; one number applies to every modality
-    alpha: float | dict[str, float] | None = None
-    window_threshold: float | None = None  # None: the variant's (0.05 / 0.04)
+    # None: the variant's; one number applies to every modality (a tuned alpha is one number). Search ranges
+    # around the releases' values (alpha 0.95 / 0.1, threshold 0.05 / 0.04; no other published)
+    alpha: float | dict[str, float] | None = tunable(None, 0.05, 2.0, log=True)
+    window_threshold: float | None = tunable(None, 0.01, 0.2, log=True)  # None: the variant's (0.05 / 0.04)
     window_epochs: int = Field(10, ge=1)  # N of the moving averages (R:240-241)
     # the modality whose trace decides the window (R:240: audio's), or "all": the sum of every
     # encoder's trace (not in the code; for data whose dominant modality is not known)

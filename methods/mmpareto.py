@@ -90,7 +90,7 @@ import torch.nn as nn
 from pydantic import PositiveFloat
 
 from mmbalance.core.errors import ConfigError
-from mmbalance.core.params import Strict
+from mmbalance.core.params import Strict, tunable
 from mmbalance.core.registry import METHODS
 from mmbalance.core.types import Batch, Prediction
 from mmbalance.methods.base import Method, MethodSetup
@@ -102,7 +102,9 @@ COS_EPS = 1e-8  # F.cosine_similarity's default eps, which the code's cosine use
 
 
 class MMParetoParams(Strict):
-    gamma: PositiveFloat = 1.5  # the release's hard-coded gamma (MMPareto.py l.178); BalanceBenchmark's alpha
+    # the release's hard-coded gamma (MMPareto.py l.178); BalanceBenchmark's alpha (1.5 too). Searched from 1 (no
+    # enhancement: the uniform baseline's magnitude) to twice the release's
+    gamma: PositiveFloat = tunable(1.5, 1.0, 3.0)
     pareto: bool = True
     unimodal_heads: Literal["private", "fusion_split"] = "private"
     grads: Literal["separate", "accumulated"] = "separate"

@@ -85,7 +85,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from mmbalance.core.errors import ConfigError
-from mmbalance.core.params import Strict
+from mmbalance.core.params import Strict, tunable
 from mmbalance.core.registry import METHODS
 from mmbalance.core.types import Batch, Prediction
 from mmbalance.methods.base import Method, MethodSetup
@@ -98,8 +98,10 @@ class ReconBoostParams(Strict):
     variant: Literal["release", "balancebenchmark"] = "release"
     epochs_per_stage: int | None = Field(None, ge=0)  # phase 1 epochs; None: the variant's (4 / 1)
     correct_epochs: int | None = Field(None, ge=0)  # phase 2 (global rectification); None: 4 / 1
-    weight1: float = Field(5.0, ge=0)
-    weight2: float = Field(1.0, ge=0)
+    # L_boost's two weights; ranges around the README's (w1 5 CREMA-D, 4 AVE and ModelNet40; w2 1 throughout).
+    # alpha is not searched: its term has no gradient, so it changes no update
+    weight1: float = tunable(5.0, 1.0, 20.0, log=True, ge=0)
+    weight2: float = tunable(1.0, 0.1, 5.0, log=True, ge=0)
     alpha: float = Field(0.5, ge=0)  # the ga term's weight (no gradient in either release)
     use_ga: bool = True
     boost_rate: float | None = None  # its initial value; None: 1.0 / 0.01

@@ -80,7 +80,7 @@ from pydantic import Field
 from torch.func import functional_call
 
 from mmbalance.core.errors import ConfigError
-from mmbalance.core.params import Strict
+from mmbalance.core.params import Strict, tunable
 from mmbalance.core.registry import METHODS
 from mmbalance.core.types import Batch, Prediction
 from mmbalance.methods.base import Method, MethodSetup
@@ -92,10 +92,11 @@ CLIP = 1e-9  # the release's floor on the probabilities before the logarithm (T:
 class RemixParams(Strict):
     # epochs of whole-batch training before the first decoupling (train.py --warmup, 10 of 60)
     warmup: int = Field(10, ge=0)
-    # warm-up weight of each modality's private-head loss (the release's alpha and beta)
-    alpha: float = Field(0.5, ge=0)
-    # weight of the trained modality's private-head loss in a remixed step (gamma1, gamma2)
-    gamma: float = Field(1.0, ge=0)
+    # warm-up weight of each modality's private-head loss (the release's alpha and beta, 0.5 in its argparse and
+    # run_train.sh; the search range spans a factor 5 either side, as gamma's)
+    alpha: float = tunable(0.5, 0.1, 2.5, log=True, ge=0)
+    # weight of the trained modality's private-head loss in a remixed step (gamma1, gamma2: 1 in the release)
+    gamma: float = tunable(1.0, 0.2, 5.0, log=True, ge=0)
     # False: every epoch is a warm-up epoch (the release's baseline.py)
     remix: bool = True
 

@@ -87,7 +87,7 @@ import torch
 from pydantic import Field, model_validator
 
 from mmbalance.core.errors import ConfigError
-from mmbalance.core.params import Strict
+from mmbalance.core.params import Strict, tunable
 from mmbalance.core.registry import METHODS
 from mmbalance.core.types import Batch, Prediction
 from mmbalance.methods.base import Method, MethodSetup
@@ -100,8 +100,10 @@ class ValuationParams(Strict):
     variant: Literal["release", "balancebenchmark"] = "release"
     strategy: Literal["sample", "modality"] = "sample"
     warmup: int = Field(5, ge=0)  # epochs of joint training before the first re-sampled one
-    part_ratio: float = Field(0.2, gt=0, le=1)  # modality level: share of samples valued
-    alpha: float = Field(1.0, gt=0)  # modality level: scale of the re-sampled share
+    # modality level only (strategy=sample ignores both); ranges around the release's argparse (part_ratio 0.2,
+    # alpha 1) and BalanceBenchmark's config (0.2, 0.5)
+    part_ratio: float = tunable(0.2, 0.05, 0.5, log=True, gt=0, le=1)  # modality level: share of samples valued
+    alpha: float = tunable(1.0, 0.25, 4.0, log=True, gt=0)  # modality level: scale of the re-sampled share
     resample: bool = True  # false: value and log only (joint training)
 
     @model_validator(mode="after")

@@ -5,6 +5,7 @@ the sweep file's `tune:` section and the Params ranges."""
 from __future__ import annotations
 
 import json
+from typing import get_args
 
 import pytest
 from pydantic import ValidationError
@@ -221,3 +222,44 @@ def test_ranges_are_declared_and_validated():
     assert search_space(P)["k"].integer and P().k == 3
     with pytest.raises(ConfigError, match="lr_range"):
         tune_options(None, {"trials": 2, "lr_range": (0.1, 0.01)})
+
+
+# Methods that declare no search range (only the optimiser's lr is tuned for them), each with its reason
+UNTUNED = {
+    "joint": "the baseline: nothing but the optimiser",
+    "unimodal": "the baseline: nothing but the optimiser",
+    "ume": "unimodal ensemble: trains the unimodal baselines, no coefficient of its own",
+    "mbsd": "its only parameters are the window's epochs; the loss terms have no weight in the release",
+    "lfm": "its default (fitted) schedule has no coefficient and refuses the learned and fixed schedules' "
+           "(align_weight, lr_alpha), so a declared range would fail every trial of a default cell",
+}
+REQUIRED = {"mie": {"epoch_list": [2]}}  # Params fields without a default
+
+
+def at_ends(space: dict[str, Range], end: str) -> dict[str, float | int]:
+    return {f: int(getattr(r, end)) if r.integer else getattr(r, end) for f, r in space.items()}
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_every_method_declares_ranges_that_validate(name):
+    """Every method but the exceptions declares a range; under each variant its defaults lie in
+    the ranges, and a Params with every searched field at its low (high) end validates, as a
+    trial sets them all at once."""
+    params = METHODS.get(name).Params
+    space = search_space(params)
+    if name in UNTUNED:
+        assert space == {}, f"{name} declares ranges now: drop it from UNTUNED"
+        return
+    assert space, f"{name} declares no tunable field"
+    variant = params.model_fields.get("variant")
+    for given in ({"variant": v} for v in get_args(variant.annotation)) if variant else [{}]:
+        base = {**REQUIRED.get(name, {}), **given}
+        defaults = params.model_validate(base)
+        ends = [at_ends(space, "low"), at_ends(space, "high")]
+        for field, r in space.items():
+            value = getattr(defaults, field)
+            assert value is None or r.low <= value <= r.high, (given, field, value, r)
+            for end in ends:
+                assert getattr(params.model_validate({**base, field: end[field]}), field) == end[field]
+        for end in ends:
+            params.model_validate({**base, **end})
