@@ -68,7 +68,8 @@ class Cell:
     seeds: list[RunConfig]
 
     def space(self, options: TuneOptions) -> dict[str, Range]:
-        return {**search_space(METHODS.get(self.seeds[0].method["name"]).Params), LR: options.lr()}
+        method = self.seeds[0].method  # resolved: every field's value (bench.config.resolve_named)
+        return {**search_space(METHODS.get(method["name"]).Params, method), LR: options.lr()}
 
     @property
     def metric(self) -> str:

@@ -83,10 +83,10 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, PositiveFloat, PositiveInt, model_validator
+from pydantic import PositiveFloat, PositiveInt, model_validator
 
 from mmbalance.core.errors import ConfigError
-from mmbalance.core.params import Strict
+from mmbalance.core.params import Strict, tunable
 from mmbalance.core.registry import METHODS
 from mmbalance.core.types import Batch, Prediction
 from mmbalance.methods.base import Method, MethodSetup
@@ -109,8 +109,10 @@ class LFMParams(Strict):
     variant: Literal["release", "balancebenchmark"] = "release"
     schedule: Literal["fitted", "learned", "fixed"] = "fitted"
     # the learned schedule's starting alignment weight, or the fixed schedule's weight
-    align_weight: float = Field(0.95, ge=0, le=1)
-    lr_alpha: PositiveFloat = 1e-4  # the learned schedule's step size for the weight
+    # searched where a schedule reads it: [0.05, 0.95] are the learned schedule's clip bounds (R: w_align)
+    align_weight: float = tunable(0.95, 0.05, 0.95, ge=0, le=1, when={"schedule": ["learned", "fixed"]})
+    # the learned schedule's step size for the weight; a decade either side of the release's 1e-4
+    lr_alpha: PositiveFloat = tunable(1e-4, 1e-5, 1e-3, log=True, when={"schedule": "learned"})
     halve_every: PositiveInt = 20  # lr_alpha halves at epochs halve_every, 2 halve_every, ...
     hyper_samples: PositiveInt = 8  # the size of the learned schedule's batch B
 

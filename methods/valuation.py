@@ -102,8 +102,10 @@ class ValuationParams(Strict):
     warmup: int = Field(5, ge=0)  # epochs of joint training before the first re-sampled one
     # modality level only (strategy=sample ignores both); ranges around the release's argparse (part_ratio 0.2,
     # alpha 1) and BalanceBenchmark's config (0.2, 0.5)
-    part_ratio: float = tunable(0.2, 0.05, 0.5, log=True, gt=0, le=1)  # modality level: share of samples valued
-    alpha: float = tunable(1.0, 0.25, 4.0, log=True, gt=0)  # modality level: scale of the re-sampled share
+    part_ratio: float = tunable(0.2, 0.05, 0.5, log=True, gt=0, le=1,  # modality level: share of samples valued
+                                when={"strategy": "modality"})
+    alpha: float = tunable(1.0, 0.25, 4.0, log=True, gt=0,  # modality level: scale of the re-sampled share
+                           when={"strategy": "modality"})
     resample: bool = True  # false: value and log only (joint training)
 
     @model_validator(mode="after")
