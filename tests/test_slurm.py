@@ -460,3 +460,26 @@ def test_a_run_that_needs_teachers_is_submitted_after_them_with_a_dependency(par
     second = str(umt.status()["job_id"]).split("_")[0]
     assert len(first) == 1 and second not in first
     assert f"after job(s) {first.pop()}" in done.stderr + done.stdout  # submitted with the dependency
+
+
+def test_tuning_trials_run_as_slurm_array_tasks_and_report_to_their_study(partition, results, tmp_path):
+    """`mmbalance tune --launcher slurm`: each round of trials is a job array whose tasks report
+    validation to the study's journal file; the budget is spent exactly, then the defaults and
+    the tuned cell run as jobs too."""
+    root = results
+    path = write_sweep(tmp_path / "tune.yaml", "slurm-tune", partition, cells={"ogm-ge": {"method.name": "ogm_ge"}},
+                       tune={"trials": 3, "parallel": 2, "startup_trials": 1, "warmup_epochs": 0},
+                       base={"eval": {"probe": False}})
+    done = mmbalance(root, "tune", str(path))
+    assert done.returncode == 0, done.stderr
+    record = json.loads((root / "slurm-tune" / "tuning" / "ogm-ge.json").read_text())
+    assert len(record["trials"]) == 3 and set(record["chosen"]) == {"alpha", "optim.lr"}
+    trial_runs = runs_of(root / "slurm-tune" / "tuning", "ogm-ge")
+    assert len(trial_runs) == 3
+    arrays = {str(rd.status()["job_id"]).split("_")[0] for rd in trial_runs}
+    assert len(arrays) == 2, arrays  # two rounds: trials 0-1 together, then trial 2
+    assert all(rd.read_config()["trial"]["number"] in (0, 1, 2) for rd in trial_runs)
+    assert {rd.status()["state"] for rd in trial_runs} <= {"finished", "pruned"}
+    for rd in runs_of(root, "slurm-tune"):  # the default and the tuned run, each a job
+        assert rd.status()["state"] == "finished" and rd.status().get("job_id"), rd.path
+    assert sorted(rd.read_config()["label"] for rd in runs_of(root, "slurm-tune")) == ["ogm-ge", "ogm-ge-tuned"]

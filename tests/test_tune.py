@@ -287,3 +287,53 @@ def test_a_conditional_range_is_searched_only_where_its_field_says():
 
     with pytest.raises(ValueError, match=r"`when` names \['mode'\], not fields of it"):
         search_space(P)
+
+
+@pytest.mark.slow  # ~30 s: every trial is a local worker process that imports torch
+def test_ctrl_c_during_a_local_tune_loses_no_trial_and_the_rerun_resumes(tmp_path, capsys):
+    """The issue's demonstration, small: `mmbalance tune` with the local launcher is stopped by a
+    Ctrl-C while its second trial trains; the rerun keeps the first trial as it was, resumes the
+    second from its checkpoint and spends exactly the budget."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mmbalance.bench.cli import main as cli
+
+    path = tmp_path / "sweep.yaml"
+    path.write_text(SWEEP.replace("epochs: 2", "epochs: 12").replace("seeds: [0, 1]", "seeds: [0]")
+                    .replace("  ogm-ge: {method.name: ogm_ge}\n", "")
+                    + "launcher: {name: local, workers: 1}\ntune: {trials: 3, warmup_epochs: 20}\n")
+    root = tmp_path / "results"
+    trials = root / "t" / "tuning" / "joint"
+    tuner = subprocess.Popen([sys.executable, "-m", "mmbalance", "--results", str(root), "tune", str(path)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+    def second_trial_training() -> bool:
+        runs = run_dirs(trials) if trials.is_dir() else []
+        states = sorted(rd.recorded_status()["state"] for rd in runs)
+        return states == ["finished", "running"] and all(rd.metrics.exists() for rd in runs)
+
+    deadline = time.monotonic() + 120
+    while not second_trial_training():
+        assert tuner.poll() is None and time.monotonic() < deadline, tuner.communicate()
+        time.sleep(0.05)
+    os.killpg(tuner.pid, signal.SIGINT)
+    out, err = tuner.communicate(timeout=60)
+    assert tuner.returncode == 130 and "Traceback" not in out + err, err
+    [cell] = cells_of(load_sweep(path)[1])
+    before = studies(Store(root), [cell])["joint"]
+    assert [s for s, _, _ in before] == ["COMPLETE", "RUNNING"]
+    [cut] = [rd for rd in run_dirs(trials) if rd.status()["state"] == "interrupted"]
+    assert cut.checkpoint.exists()
+
+    assert cli(["--results", str(root), "tune", str(path)]) == 0
+    rec = json.loads((root / "t" / "tuning" / "joint.json").read_text())
+    assert [t["number"] for t in rec["trials"]] == [0, 1, 2]
+    assert (rec["trials"][0]["state"], rec["trials"][0]["value"], rec["trials"][0]["params"]) == before[0]
+    assert rec["trials"][1]["params"] == before[1][2] and rec["trials"][1]["run_id"] == cut.run_id
+    assert [r["epoch"] for r in cut.read_metrics()] == list(range(12))  # resumed: no epoch twice
+    assert len(run_dirs(trials)) == 3
+    assert "joint: trial" in capsys.readouterr().out
