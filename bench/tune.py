@@ -121,7 +121,7 @@ class Study:
         """The run of a trial in flight, linked to it (bench.trial)."""
         link = TrialLink(storage=str(self.path.resolve()), study=self.study.study_name, trial_id=trial._trial_id,
                          number=trial.number, startup_trials=self.options.startup_trials,
-                         warmup_epochs=self.options.warmup_epochs)
+                         warmup_epochs=self.options.warmup(self.cell.seeds[0].train.epochs))
         return with_params(self.cell.seeds[0], trial.params, self.cell.name, f"{self.cell.label}/trial", link)
 
     def in_flight(self) -> list[Any]:

@@ -16,14 +16,16 @@ class TuneOptions(Strict):
     searched on a log scale beside the method's declared parameters; parallel: a cell's trials in
     flight at once (None: 1 inline, the local launcher's workers shared by the cells, 4 on SLURM);
     the first `startup_trials` trials of a study are sampled at random, then TPE models them, and
-    the median pruner compares trials once that many have finished, after `warmup_epochs` epochs."""
+    the median pruner compares trials once that many have finished, and prunes a trial only after
+    `warmup_epochs` epochs (None: half of the cell's epochs, so that a slow start, a small lr's or a
+    staged method's, is not mistaken for a bad configuration)."""
 
     trials: int | None = Field(None, ge=1)  # None in a file: the command line must give --trials
     lr_range: tuple[float, float] = (1e-4, 1e-1)
     parallel: int | None = Field(None, ge=1)
     sampler_seed: int = 0
     startup_trials: int = Field(3, ge=0)
-    warmup_epochs: int = Field(1, ge=0)
+    warmup_epochs: int | None = Field(None, ge=0)
 
     @model_validator(mode="after")
     def _lr_range(self) -> TuneOptions:
@@ -33,6 +35,10 @@ class TuneOptions(Strict):
             why = e.errors()[0]["msg"].removeprefix("Value error, ")
             raise ValueError(f"lr_range {list(self.lr_range)}: {why}") from None
         return self
+
+    def warmup(self, epochs: int) -> int:
+        """The epochs a trial of `epochs` trains before the pruner may stop it."""
+        return epochs // 2 if self.warmup_epochs is None else self.warmup_epochs
 
     def lr(self) -> Range:
         return Range(low=self.lr_range[0], high=self.lr_range[1], log=True)

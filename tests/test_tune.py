@@ -72,6 +72,7 @@ def test_equal_trials_tuned_runs_and_report(sweep, store, tmp_path, one_torch_th
     for cell in cells_of(configs):
         trial_dirs = run_dirs(store.root / "t" / "tuning" / cell.name)
         assert sorted(rd.read_config()["trial"]["number"] for rd in trial_dirs) == [0, 1, 2]
+        assert {rd.read_config()["trial"]["warmup_epochs"] for rd in trial_dirs} == {1}  # half of 2 epochs
         finished = [trial_value(rd, "acc") for rd in trial_dirs if rd.done()]
         assert recs[cell.label]["chosen_value"] == max(finished)
     report = build_report(store.root / "t", tmp_path / "report")
@@ -164,7 +165,8 @@ def test_the_sweep_files_tune_section_and_the_flags_over_it(tmp_path):
     sweep, _ = load_sweep(path)
     assert tune_options(sweep.tune, {}).model_dump() == {
         "trials": 5, "lr_range": (0.001, 0.5), "parallel": 2, "sampler_seed": 0, "startup_trials": 3,
-        "warmup_epochs": 1}
+        "warmup_epochs": None}
+    assert (sweep.tune.warmup(40), tune_options(sweep.tune, {"warmup_epochs": 3}).warmup(40)) == (20, 3)
     assert tune_options(sweep.tune, {"trials": 7, "lr_range": None}).trials == 7
     with pytest.raises(ConfigError, match="no tuning budget: give `--trials N` or `tune: {trials: N}`"):
         tune_options(None, {})
