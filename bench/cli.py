@@ -212,8 +212,9 @@ def run_sweep(path: Path, overrides: Sequence[str], store, report: str | None, w
     from mmbalance.bench.sweep import labels_in_order, load_sweep, run_inline
 
     sweep, configs = load_sweep(path, overrides)
-    log.info(f"sweep {sweep.group!r}: {len(labels_in_order(configs))} cells x {len(sweep.seeds)} seeds = "
-             f"{len(configs)} runs -> {store.root / sweep.group}")
+    points = len(configs) // len(sweep.seeds)  # cells (x grid points, + include rows), each over every seed
+    log.info(f"sweep {sweep.group!r}: {points} cells x {len(sweep.seeds)} seeds = {len(configs)} runs, "
+             f"{len(labels_in_order(configs))} row labels -> {store.root / sweep.group}")
     run_inline(configs, store, workers=workers)
     print_table(sweep.group, configs, store, report)
     return 0

@@ -29,7 +29,7 @@ import pytest
 import yaml
 
 from tests.fixtures.cremad import write_cremad
-from tests.test_quickstart import short_quickstart
+from tests.test_quickstart import MINI_EPOCHS, short_quickstart
 
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
@@ -250,12 +250,13 @@ def from_the_wheel(record: Record, wheel: Wheel) -> Record:
     return record
 
 
-@pytest.mark.slow  # ~70 s of CPU here: 11 runs and two reports
+@pytest.mark.slow  # ~110 s here: the whole quickstart (56 runs) for 3 epochs from the wheel, and two reports
 def test_short_quickstart_and_its_report_from_the_wheel(wheel, tmp_path):
     run = from_the_wheel(finished(mmbalance(tmp_path, [wheel.site], "--results", "R", "quickstart",
                                             *SHORT_QUICKSTART)), wheel)
-    cells = list(yaml.safe_load((wheel.site / "mmbalance/configs/quickstart.yaml").read_text())["cells"])
-    assert f"{len(cells)} cells x 1 seeds = {len(cells)} runs" in run.stderr  # progress: the log
+    cells = yaml.safe_load((wheel.site / "mmbalance/configs/quickstart.yaml").read_text())["cells"]
+    labels = {cell.get("label", name) for name, cell in cells.items()}
+    assert f"{len(cells)} cells x 1 seeds = {len(cells)} runs, {len(labels)} row labels" in run.stderr  # the log
     assert (tmp_path / "reports/quickstart/table.csv").is_file()  # quickstart's own --report default
 
     from_the_wheel(finished(mmbalance(tmp_path, [wheel.site], "report", "R/quickstart", "--out", "rep")), wheel)
@@ -263,12 +264,13 @@ def test_short_quickstart_and_its_report_from_the_wheel(wheel, tmp_path):
     for name in ("README.md", "report.html", "table.md", "table.tex", "stats.md", "figures/fused_accuracy.png"):
         assert (report / name).stat().st_size > 0, name
     table = pd.read_csv(report / "table.csv")
-    assert sorted(table["label"]) == sorted(cells) and (table["n"] == 1).all()
-    assert (table["dataset"] == "avdigits (preset=audio-dominant)").all()
+    assert sorted(table["label"]) == sorted(cell.get("label", name) for name, cell in cells.items())
+    assert (table["n"] == 1).all()
+    assert set(table["dataset"]) == {"avdigits (preset=audio-dominant)", "avdigits (preset=three-modality)"}
     runs = pd.read_csv(report / "runs.csv")
     assert (runs["state"] == "finished").all() and len(runs) == len(cells)
     summaries = [json.loads(p.read_text()) for p in (tmp_path / "R/quickstart").glob("*/summary.json")]
-    assert [s["epochs"] for s in summaries] == [2] * len(cells)
+    assert [s["epochs"] for s in summaries] == [MINI_EPOCHS] * len(cells)
 
 
 def test_a_shipped_recipe_by_name_and_paper_vs_ours_from_the_wheel(wheel, tmp_path):

@@ -63,7 +63,7 @@ def test_mini_quickstart_end_to_end(tmp_path, capsys):
     n_runs = len(cells)
     # the three-modality block's cells carry their two-modality cell's label: one row label per method
     labels = list(dict.fromkeys(cell.get("label", name) for name, cell in cells.items()))
-    assert f"{len(labels)} cells x 1 seeds = {n_runs} runs" in capsys.readouterr().err  # progress: on stderr
+    assert f"{n_runs} cells x 1 seeds = {n_runs} runs, {len(labels)} row labels" in capsys.readouterr().err
     table = pd.read_csv(report / "table.csv")
     two, three = "avdigits (preset=audio-dominant)", "avdigits (preset=three-modality)"
     assert list(table["dataset"].drop_duplicates()) == [two, three]
