@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "inline, the local workers shared by the cells, 4 on slurm)")
     p.add_argument("--sampler-seed", type=int, help="seed of the TPE sampler (tune.sampler_seed; default 0)")
     p.add_argument("--report", default=None, help="write the sweep's report (with its Tuning section) here")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print each cell's search space and the trials it has spent; train nothing")
     add_launcher_arguments(p)
 
     p = sub.add_parser("cancel", help="scancel the SLURM jobs of every pending or running run under a directory")
@@ -306,6 +308,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
     options = tune_options(sweep.tune, {"trials": args.trials, "lr_range": args.lr_range,
                                         "parallel": args.parallel, "sampler_seed": args.sampler_seed})
     launcher = launcher_options(sweep.launcher, launcher_flags(args))
+    if args.dry_run:
+        from mmbalance.bench.tune import plan_text
+
+        print(plan_text(configs, Store(args.results), options, launcher))
+        return 0
     store = Store(args.results).ensure_writable()
     log.info(f"tuning {sweep.group!r}: {options.trials} trials per cell ({launcher.name} launcher) "
              f"-> {store.root / sweep.group / 'tuning'}")

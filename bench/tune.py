@@ -42,7 +42,6 @@ from mmbalance.bench.config import RunConfig, validate
 from mmbalance.bench.launch import launch
 from mmbalance.bench.launch.options import LauncherConfig
 from mmbalance.bench.store import RunDir, Store, atomic_write_json
-from mmbalance.bench.sweep import labels_in_order
 from mmbalance.bench.trial import TrialLink, journal
 from mmbalance.bench.tune_options import TuneOptions
 from mmbalance.core.errors import ConfigError, RunFailed
@@ -61,9 +60,12 @@ SLURM_PARALLEL = 4  # a cell's trials in flight on SLURM when the sweep does not
 
 @dataclass
 class Cell:
-    """One cell of the sweep: its row label, a file-safe name and its run config per seed."""
+    """One cell of the sweep on one dataset (a label may span datasets, as the quickstart's two
+    blocks do; each dataset is tuned on its own): its row label, the dataset's config (JSON, as the
+    report keys datasets), a file-safe name unique in the sweep and its run config per seed."""
 
     label: str
+    dataset: str
     name: str
     seeds: list[RunConfig]
 
@@ -76,11 +78,23 @@ class Cell:
         return self.seeds[0].eval.select_metric
 
 
+def dataset_key(cfg: RunConfig) -> str:
+    return json.dumps(cfg.dataset, sort_keys=True)
+
+
 def cells_of(configs: Sequence[RunConfig]) -> list[Cell]:
+    """One cell per (label, dataset) in the sweep's order; named after its label, and after its
+    dataset too where the label spans several."""
+    from mmbalance.bench.report.collect import dataset_labels
+
+    keys = list(dict.fromkeys((c.label or c.method["name"], dataset_key(c)) for c in configs))
+    shown = dataset_labels([ds for _, ds in keys])
     cells = []
-    for label in labels_in_order(configs):
-        seeds = [c for c in configs if (c.label or c.method["name"]) == label]
-        cells.append(Cell(label, re.sub(r"[^A-Za-z0-9_.-]+", "_", label), seeds))
+    for label, ds in keys:
+        seeds = [c for c in configs if (c.label or c.method["name"]) == label and dataset_key(c) == ds]
+        spans = sum(lab == label for lab, _ in keys) > 1
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{label}@{shown[ds]}" if spans else label).strip("_")
+        cells.append(Cell(label, ds, name, seeds))
     return cells
 
 
@@ -219,7 +233,7 @@ def run_studies(studies: Sequence[Study], launcher: LauncherConfig) -> None:
         if not flight:
             return
         log.info(f"tuning round: {len(flight)} trial run(s) of {len(studies)} cell(s); budget "
-                 + ", ".join(f"{s.cell.label} {s.spent()}/{s.options.trials}" for s in studies))
+                 + ", ".join(f"{s.cell.name} {s.spent()}/{s.options.trials}" for s in studies))
         launch([cfg for _, cfg in flight.values()], studies[0].trials, launcher, wait=True)
         for s in studies:
             settle(s)
@@ -231,7 +245,7 @@ def run_studies(studies: Sequence[Study], launcher: LauncherConfig) -> None:
 def stuck_line(stuck: Sequence[tuple[Study, RunConfig]]) -> str:
     """Trial runs the launch left neither finished, pruned nor failed (interrupted, cancelled,
     held by another process): the tuning stops, and running it again resumes them."""
-    lines = [f"  {s.cell.label} trial run {cfg.run_id()}: "
+    lines = [f"  {s.cell.name} trial run {cfg.run_id()}: "
              f"{s.trials.run_dir(cfg.group, cfg.run_id()).recorded_status()['state']}" for s, cfg in stuck]
     return "\n".join([f"{len(stuck)} trial run(s) did not end; run `mmbalance tune` again to resume them", *lines])
 
@@ -246,6 +260,7 @@ def study_record(s: Study) -> dict[str, Any]:
     best = max(complete, key=lambda t: (t.value, -t.number))  # the earliest of equal values
     return {
         "label": s.cell.label, "tuned_label": s.cell.label + TUNED, "method": s.cell.seeds[0].method["name"],
+        "dataset_config": s.cell.dataset,
         "metric": f"best val {s.cell.metric}", "trials_budget": s.options.trials,
         "space": {k: r.model_dump() for k, r in s.cell.space(s.options).items()},
         "chosen": best.params, "chosen_trial": best.number, "chosen_value": best.value,
@@ -279,7 +294,7 @@ def tuning_lock(folder: Path) -> Iterator[None]:
 @dataclass
 class Tuned:
     configs: list[RunConfig]  # the sweep's runs and its tuned cells' runs
-    records: dict[str, dict[str, Any]]  # each cell's study record, by label
+    records: dict[str, dict[str, Any]]  # each cell's study record, by cell name
     code: int  # the last launch's: 0 when every default and tuned run finished
 
 
@@ -294,9 +309,38 @@ def tune(configs: Sequence[RunConfig], store: Store, options: TuneOptions, launc
             atomic_write_json(s.path.with_suffix(".json"), rec)
     tuned = [cfg for cell, rec in zip(cells, records) for cfg in tuned_configs(cell, rec["chosen"])]
     code = launch([*configs, *tuned], store, launcher, wait=True)
-    return Tuned([*configs, *tuned], {rec["label"]: rec for rec in records}, code)
+    return Tuned([*configs, *tuned], {cell.name: rec for cell, rec in zip(cells, records)}, code)
+
+
+def range_text(r: Range) -> str:
+    kind = ", int" if r.integer else ""
+    return f"[{r.low:g}, {r.high:g}]{' log' if r.log else ''}{kind}"
+
+
+def spent_so_far(store: Store, cell: Cell) -> int:
+    """Counted trials of the cell's study, read without creating it (0 when there is none)."""
+    path = tuning_dir(store, cell.seeds[0].group) / f"{cell.name}{STUDY_SUFFIX}"
+    if not path.exists():
+        return 0
+    import optuna
+
+    return sum(counted(t) for t in optuna.load_study(study_name=cell.name, storage=journal(path)).trials)
+
+
+def plan_text(configs: Sequence[RunConfig], store: Store, options: TuneOptions, launcher: LauncherConfig) -> str:
+    """What `tune` would do, for --dry-run: each cell's search space and the trials it has spent."""
+    cells = cells_of(configs)
+    parallel = options.parallel or default_parallel(launcher, len(cells))
+    lines = [f"{options.trials} trials per cell, {parallel} in flight per cell ({launcher.name} launcher), chosen "
+             f"on validation; then {len(cells[0].seeds)} seed(s) per cell, default and -tuned; studies in "
+             f"{tuning_dir(store, configs[0].group)}"]
+    for cell in cells:
+        space = ", ".join(f"{name} {range_text(r)}" for name, r in cell.space(options).items())
+        lines.append(f"  {cell.name} ({cell.seeds[0].method['name']}): {spent_so_far(store, cell)}/{options.trials} "
+                     f"spent; searches {space}")
+    return "\n".join(lines)
 
 
 def chosen_text(records: dict[str, dict[str, Any]]) -> str:
-    return "\n".join(f"{label}: trial {r['chosen_trial']} ({r['metric']} {r['chosen_value']:.4f}) "
-                     + json.dumps(r["chosen"]) for label, r in records.items())
+    return "\n".join(f"{name}: trial {r['chosen_trial']} ({r['metric']} {r['chosen_value']:.4f}) "
+                     + json.dumps(r["chosen"]) for name, r in records.items())

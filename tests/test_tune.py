@@ -86,6 +86,35 @@ def test_equal_trials_tuned_runs_and_report(sweep, store, tmp_path, one_torch_th
     assert again.records == recs
 
 
+def test_a_label_over_two_datasets_is_tuned_on_each(tmp_path, store, one_torch_thread):
+    """The quickstart's shape: one row label on two datasets. Each dataset is a cell of its own,
+    with its own study, trials on its own data, its tuned runs and its row in the Tuning table."""
+    path = tmp_path / "sweep.yaml"
+    path.write_text(SWEEP.replace("seeds: [0, 1]", "seeds: [0]").replace(
+        "  ogm-ge: {method.name: ogm_ge}\n",
+        "  joint-hard: {label: joint, method.name: joint, dataset.separation_audio: 0.5}\n"))
+    _, configs = load_sweep(path)
+    cells = cells_of(configs)
+    assert [c.name for c in cells] == ["joint_gaussian_separation_audio_2.0", "joint_gaussian_separation_audio_0.5"]
+    tuned = tune(configs, store, options(2), INLINE)
+    assert set(tuned.records) == {c.name for c in cells}
+    for cell in cells:  # every trial trained on its cell's dataset
+        trial_cfgs = [rd.read_config() for rd in run_dirs(store.root / "t" / "tuning" / cell.name)]
+        assert len(trial_cfgs) == 2 and all(c["dataset"] == cells_dataset(cell) for c in trial_cfgs)
+    rows = [rd.read_config() for rd in run_dirs(store.root / "t")]
+    for cell in cells:  # the tuned run of each dataset has that dataset's chosen lr
+        [tuned_row] = [c for c in rows if c["label"] == "joint-tuned" and c["dataset"] == cells_dataset(cell)]
+        assert tuned_row["optim"]["lr"] == tuned.records[cell.name]["chosen"]["optim.lr"]
+    build_report(store.root / "t", tmp_path / "report")
+    table = (tmp_path / "report" / "tuning.csv").read_text().splitlines()
+    assert sorted(row.split(",")[:2] for row in table[1:]) == [
+        ["gaussian (separation_audio=0.5)", "joint"], ["gaussian (separation_audio=2.0)", "joint"]]
+
+
+def cells_dataset(cell) -> dict:
+    return json.loads(cell.dataset)
+
+
 def test_the_score_is_the_validation_value_never_test(store):
     rd = store.run_dir("g", "joint-000000000000")
     rd.path.mkdir(parents=True)
@@ -178,6 +207,21 @@ def test_the_sweep_files_tune_section_and_the_flags_over_it(tmp_path):
     path.write_text(SWEEP + "tune: {trails: 5}\n")
     with pytest.raises(ConfigError, match="trails"):
         load_sweep(path)
+
+
+def test_dry_run_shows_each_cells_space_and_spent_trials_and_writes_nothing(sweep, tmp_path, capsys):
+    from mmbalance.bench.cli import main as cli
+
+    root = tmp_path / "results"
+    assert cli(["--results", str(root), "tune", str(sweep), "--trials", "5", "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("5 trials per cell, 1 in flight per cell (inline launcher), chosen on validation; "
+                             "then 2 seed(s) per cell")
+    assert out[1:] == ["  joint (joint): 0/5 spent; searches optim.lr [0.0001, 0.1] log",
+                       "  ogm-ge (ogm_ge): 0/5 spent; searches alpha [0.05, 1.5], optim.lr [0.0001, 0.1] log"]
+    assert not root.exists()
+    assert cli(["--results", str(root), "tune", str(sweep), "--dry-run"]) == 2  # no budget: one line
+    assert "no tuning budget: give `--trials N`" in capsys.readouterr().err
 
 
 def test_trials_in_flight_per_cell():

@@ -36,10 +36,12 @@ def tuning_table(records: list[dict], runs: pd.DataFrame) -> pd.DataFrame:
     for _, row in agg.iterrows():
         acc[(row["dataset"], row["label"])] = (fmt(row["acc:mean"], row["acc:std"], row["acc:n"], row["n"]),
                                                row["acc:mean"])
+    shown = dict(zip(runs["dataset_config"], runs["dataset"]))  # a study's dataset as the tables name it
     rows = []
     for r in records:
         states = [t["state"] for t in r["trials"]]
-        for ds in dict.fromkeys(agg["dataset"]):
+        mine = [shown[r["dataset_config"]]] if r.get("dataset_config") in shown else list(dict.fromkeys(agg["dataset"]))
+        for ds in mine:
             default, tuned = acc.get((ds, r["label"]), ("–", np.nan)), acc.get((ds, r["tuned_label"]), ("–", np.nan))
             rows.append({"dataset": ds, "label": r["label"], "method": r["method"], "default acc": default[0],
                          "tuned acc": tuned[0], "gain": tuned[1] - default[1],
