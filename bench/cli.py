@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML run config or sweep file (one with `cells:`)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=5 method.alpha=0.8")
     p.add_argument("--report", default=None, help="for a sweep: write its table to this directory")
+    p.add_argument("--workers", type=int, default=1,
+                   help="for a sweep: runs trained at once, each in a worker process that lives through many "
+                        "runs (default: 1, all in this process)")
     p.add_argument("--dry-run", action="store_true",
                    help="resolve and validate the config(s), print them with their run ids; load no data, "
                         "train nothing")
@@ -194,7 +197,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run:
         return dry_run(path, args.overrides)
     if is_sweep_file(path):
-        return run_sweep(path, args.overrides, Store(args.results).ensure_writable(), args.report)
+        return run_sweep(path, args.overrides, Store(args.results).ensure_writable(), args.report, args.workers)
     from mmbalance.bench.train import run
 
     cfg = load_config(path, args.overrides)

@@ -259,6 +259,21 @@ def test_every_figure_from_a_synthetic_table(tmp_path):
     assert_files(make_figures(aggregate(runs), runs, metrics, tmp_path / "figs"), tmp_path / "figs")
 
 
+def test_figures_rendered_in_worker_processes_are_the_same_files_in_the_same_order(tmp_path):
+    """A large report draws its figure groups in worker processes: the same files, in the same
+    order, with the same images, as drawn here."""
+    from PIL import Image
+
+    runs, metrics = synthetic()
+    agg = aggregate(runs)
+    here = make_figures(agg, runs, metrics, tmp_path / "here", workers=1)
+    there = make_figures(agg, runs, metrics, tmp_path / "there", workers=2)
+    assert [p.name for p in there] == [p.name for p in here] and len(here) >= 8
+    for a, b in zip(here, there):
+        if a.suffix == ".png":
+            assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b))), a.name
+
+
 def test_two_datasets_one_seed_and_missing_metrics(tmp_path):
     """A dataset per panel (trajectories per dataset, named by it); one seed has no CI; a run
     without metrics and a table without probes do not stop the other figures."""

@@ -59,7 +59,8 @@ def mini_quickstart(path):
 def test_mini_quickstart_end_to_end(tmp_path, capsys):
     results, report, sweep_file = tmp_path / "results", tmp_path / "report", tmp_path / "mini.yaml"
     cells = mini_quickstart(sweep_file)
-    assert main(["--results", str(results), "run", str(sweep_file), "--report", str(report)]) == 0
+    # in two worker processes, as the quickstart itself trains (bench.parallel): half the wall time on 2 cores
+    assert main(["--results", str(results), "run", str(sweep_file), "--report", str(report), "--workers", "2"]) == 0
     n_runs = len(cells)
     # the three-modality block's cells carry their two-modality cell's label: one row label per method
     labels = list(dict.fromkeys(cell.get("label", name) for name, cell in cells.items()))

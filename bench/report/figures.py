@@ -295,26 +295,80 @@ def _interval(agg: pd.DataFrame, ds: str, label: str, col: str) -> tuple[float, 
     return mean, low, high
 
 
+# groups of figures drawn together (one process each when the report renders in parallel), in
+# the order the report lists them: (function, its arguments after agg, runs, metrics and colors)
+FigureGroup = tuple[Any, tuple]
+# below this many finished runs a report draws its figures in this process: starting a worker
+# (importing matplotlib, seaborn, pandas) costs about 2 s, more than small figures take
+PARALLEL_MIN_RUNS = 24
+
+
+def _summary_figures(agg: pd.DataFrame, runs: pd.DataFrame, metrics: dict, colors: dict) -> dict[str, Figure | None]:
+    return {"fused_accuracy": fused_accuracy(agg, runs, colors),
+            "probe_vs_unimodal": probe_vs_unimodal(agg, runs, colors)}
+
+
+def _dataset_figures(agg: pd.DataFrame, runs: pd.DataFrame, metrics: dict, colors: dict, ds: str,
+                     suffix: str) -> dict[str, Figure | None]:
+    return {f"trajectories_modality{suffix}": modality_trajectories(agg, runs, metrics, colors, ds),
+            f"diagnostics{suffix}": method_diagnostics(agg, runs, metrics, colors, ds)}
+
+
+def _contribution_figures(agg: pd.DataFrame, runs: pd.DataFrame, metrics: dict, colors: dict) -> dict:
+    return contribution_figures(agg, runs, metrics, colors, _slug)
+
+
+def _cost_figures(agg: pd.DataFrame, runs: pd.DataFrame, metrics: dict, colors: dict) -> dict[str, Figure | None]:
+    return {"accuracy_vs_cost": accuracy_vs_cost(agg, runs, colors)}
+
+
+def figure_groups(agg: pd.DataFrame) -> list[FigureGroup]:
+    datasets = list(dict.fromkeys(agg["dataset"]))
+    per_dataset = [(_dataset_figures, (ds, "" if len(datasets) == 1 else f"_{_slug(ds)}")) for ds in datasets]
+    return [(_summary_figures, ()), *per_dataset, (_contribution_figures, ()), (_cost_figures, ())]
+
+
 def draw_figures(agg: pd.DataFrame, runs: pd.DataFrame, metrics: dict[str, list[dict]]) -> dict[str, Figure]:
     """{file stem: figure} for every figure the runs support; a figure whose data is absent (no
     probes, no metrics) is left out, not drawn empty. `runs` are the finished runs of `agg`."""
     if runs.empty:
         return {}
     colors = label_colors(list(agg["label"]))
-    figures = {"fused_accuracy": fused_accuracy(agg, runs, colors),
-               "probe_vs_unimodal": probe_vs_unimodal(agg, runs, colors)}
-    datasets = list(dict.fromkeys(agg["dataset"]))
-    for ds in datasets:
-        suffix = "" if len(datasets) == 1 else f"_{_slug(ds)}"
-        figures[f"trajectories_modality{suffix}"] = modality_trajectories(agg, runs, metrics, colors, ds)
-        figures[f"diagnostics{suffix}"] = method_diagnostics(agg, runs, metrics, colors, ds)
-    figures.update(contribution_figures(agg, runs, metrics, colors, _slug))
-    figures["accuracy_vs_cost"] = accuracy_vs_cost(agg, runs, colors)
+    figures: dict[str, Figure | None] = {}
+    for draw, args in figure_groups(agg):
+        figures.update(draw(agg, runs, metrics, colors, *args))
     return {stem: fig for stem, fig in figures.items() if fig is not None}
 
 
-def make_figures(agg: pd.DataFrame, runs: pd.DataFrame, metrics: dict[str, list[dict]], out_dir: Path) -> list[Path]:
-    """Write every figure of `draw_figures` to `out_dir` as PNG and PDF; returns their paths."""
+def render_group(group: FigureGroup, agg: pd.DataFrame, runs: pd.DataFrame, metrics: dict[str, list[dict]],
+                 out_dir: Path) -> list[Path]:
+    """Draw one group of figures and write them (in a worker process, or here); their paths."""
+    draw, args = group
+    figures = draw(agg, runs, metrics, label_colors(list(agg["label"])), *args)
+    return [p for stem, fig in figures.items() if fig is not None for p in _save(fig, out_dir, stem)]
+
+
+def make_figures(agg: pd.DataFrame, runs: pd.DataFrame, metrics: dict[str, list[dict]], out_dir: Path,
+                 workers: int | None = None) -> list[Path]:
+    """Write every figure of `draw_figures` to `out_dir` as PNG and PDF; returns their paths, in
+    draw_figures' order. The groups render in `workers` processes (default: the cores this process
+    may use, for a report of PARALLEL_MIN_RUNS runs or more; the quickstart's 168 take about half
+    the time on 2 cores), each a fresh interpreter: never a fork of a process that may hold torch's
+    threads."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    return [p for stem, fig in draw_figures(agg, runs, metrics).items() for p in _save(fig, out_dir, stem)]
+    if runs.empty:
+        return []
+    groups = figure_groups(agg)
+    if workers is None:
+        from mmbalance.bench.threads import cpu_share
+
+        workers = cpu_share() if len(runs) >= PARALLEL_MIN_RUNS else 1
+    if min(workers, len(groups)) <= 1:
+        return [p for g in groups for p in render_group(g, agg, runs, metrics, out_dir)]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(min(workers, len(groups)), mp_context=multiprocessing.get_context("spawn")) as pool:
+        done = [pool.submit(render_group, g, agg, runs, metrics, out_dir) for g in groups]
+        return [p for future in done for p in future.result()]
