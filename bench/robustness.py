@@ -36,7 +36,9 @@ import numpy as np
 import torch
 
 from mmbalance.bench.evaluate import evaluate
+from mmbalance.bench.schema import check_robustness
 from mmbalance.bench.store import RunDir, atomic_write_json, parse_json, read_text, run_dirs
+from mmbalance.core.errors import DamagedFile
 from mmbalance.core.types import Batch
 from mmbalance.methods.base import Method
 
@@ -142,9 +144,12 @@ def path_of(run_dir: RunDir) -> Path:
 
 
 def read(run_dir: RunDir) -> dict[str, Any] | None:
-    """The run's robustness.json, or None when it has none."""
-    path = path_of(run_dir)
-    return parse_json(read_text(path), path) if path.exists() else None
+    """The run's robustness.json, or None when it has none; DamagedFile naming what is wrong."""
+    return read_result(path_of(run_dir))
+
+
+def read_result(path: Path) -> dict[str, Any] | None:
+    return check_robustness(parse_json(read_text(path), path), path) if path.exists() else None
 
 
 def evaluate_trained(trainer: Any, run_dir: RunDir, levels: Sequence[float] = LEVELS) -> dict[str, Any]:
@@ -168,11 +173,16 @@ def evaluate_run(run_dir: RunDir, force: bool = False, levels: Sequence[float] =
     state = run_dir.recorded_status().get("state")
     if state != "finished" or not run_dir.best.exists():
         return f"{name}: skipped ({state}, not finished with a best.pt)"
+    again = ""
     if not force and path_of(run_dir).exists():
-        return f"{name}: skipped (evaluated already; --force evaluates again)"
+        try:
+            read(run_dir)
+            return f"{name}: skipped (evaluated already; --force evaluates again)"
+        except DamagedFile as e:  # evaluated again: the file is rewritten whole
+            again = f" (its robustness.json was damaged: {e.why}; evaluated again)"
     result = evaluate_trained(Trainer(validate(run_dir.read_config()), run_dir), run_dir, levels)
     zero = ", ".join(f"{m} zeroed {e['zeroed']:.3f}" for m, e in result["modalities"].items())
-    return f"{name}: clean {result['clean']:.3f}; {zero}"
+    return f"{name}: clean {result['clean']:.3f}; {zero}{again}"
 
 
 def run_dirs_under(path: Path) -> list[RunDir]:

@@ -24,7 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegative
 
 from mmbalance.core.errors import DamagedFile
 
-Unit = Annotated[float, Field(ge=0.0, le=1.0)] | None  # a rate; None: undefined
+Rate = Annotated[float, Field(ge=0.0, le=1.0)]
+Unit = Rate | None  # a rate; None: undefined
 Amount = NonNegativeFloat | None
 CHECKPOINT_KEYS = ("epoch", "model", "optimizer", "scheduler", "rng", "counters")
 
@@ -131,6 +132,18 @@ class StoredConfig(Record):
     eval: EvalSection = EvalSection()
 
 
+class RobustnessEntry(Record):
+    zeroed: Rate
+    noise: dict[str, Rate] = Field(min_length=1)
+
+
+class Robustness(Record):
+    """robustness.json (bench.robustness): each modality's accuracy zeroed and per noise level."""
+
+    clean: Rate
+    modalities: dict[str, RobustnessEntry] = Field(min_length=1)
+
+
 def check(model: type[Record], data: Any, path: Path, where: str = "") -> Record:
     """`data` validated against `model`; DamagedFile naming the first broken rule otherwise."""
     try:
@@ -178,6 +191,21 @@ def check_metrics(records: Sequence[Any], path: Path) -> list[dict[str, Any]]:
             raise DamagedFile(path, f"line {n + 1}: epochs out of order: epoch {epoch} where {n} was expected "
                                     "(one line per epoch, from 0)")
     return list(records)
+
+
+def check_robustness(data: Any, path: Path) -> dict[str, Any]:
+    check(Robustness, data, path)
+    bad = [level for entry in data["modalities"].values() for level in entry["noise"] if not is_level(level)]
+    if bad:
+        raise DamagedFile(path, f"value out of range: noise level {bad[0]!r} is not a number >= 0")
+    return data
+
+
+def is_level(text: str) -> bool:
+    try:
+        return float(text) >= 0
+    except ValueError:
+        return False
 
 
 def check_summary(data: Any, path: Path) -> dict[str, Any]:

@@ -127,6 +127,34 @@ def test_report_writes_the_table_and_figure_only_when_runs_have_results(finished
     assert not (bare / "robustness.md").exists() and not list((bare / "figures").glob("robustness*"))
 
 
+@pytest.mark.parametrize("text, why", [
+    ('{"clean": 0.5, "modalities": {"audio": {"zeroed": 0.4, "noise"', "not JSON at line 1"),
+    ('{"clean": 0.5}', "modalities is missing"),
+    ('{"clean": 0.5, "modalities": {"audio": {"zeroed": 1.7, "noise": {"0.0": 0.5}}}}', "zeroed"),
+    ('{"clean": 0.5, "modalities": {"audio": {"zeroed": 0.4, "noise": {"loud": 0.5}}}}', "noise level 'loud'"),
+])
+def test_a_damaged_robustness_file_is_left_out_by_name_and_evaluated_again(finished, tmp_path, capsys, logged,
+                                                                            text, why):
+    """The report leaves the run's robustness out, saying which file and why (the others stay);
+    `evaluate-robustness` writes it again without --force."""
+    runs = list(finished.runs("g"))
+    for run_dir in runs:
+        if not rb.path_of(run_dir).exists():
+            rb.evaluate_trained(loaded(run_dir), run_dir)
+    bad = runs[0]
+    rb.path_of(bad).write_text(text)
+    out = tmp_path / "report"
+    build_report(finished.root / "g", out)
+    note = (out / "robustness.md").read_text()
+    assert f"Left out, damaged: g/{bad.run_id}/robustness.json" in note and why in note
+    assert f"robustness: left out g/{bad.run_id}/robustness.json" in logged.read()
+    import pandas as pd
+
+    assert pd.read_csv(out / "robustness.csv")["n"].sum() > 0  # the other runs are in
+    assert main(["evaluate-robustness", str(bad.path)]) == 0
+    assert "was damaged" in capsys.readouterr().out and rb.read(bad)["clean"] >= 0
+
+
 def test_eval_robustness_writes_its_file_and_keeps_the_run_id(tmp_path):
     plain = load_config(None, TINY)
     cfg = load_config(None, [*TINY, "eval.robustness=true"])

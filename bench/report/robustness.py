@@ -8,13 +8,17 @@ when no run has robustness results.
 
 from __future__ import annotations
 
-import json
+import logging
 from pathlib import Path
 
 import pandas as pd
 
 from mmbalance.bench.report.cells import aggregate, fmt
-from mmbalance.bench.store import atomic_write_text, run_dirs
+from mmbalance.bench.schema import check_robustness
+from mmbalance.bench.store import atomic_write_text, parse_json, read_text, run_dirs
+from mmbalance.core.errors import DamagedFile
+
+log = logging.getLogger(__name__)
 
 FILE = "robustness.json"  # bench.robustness.FILE (the report imports no torch)
 ZEROED = "zeroed"
@@ -24,25 +28,30 @@ NOTE = ("Fused test accuracy of the best-val checkpoint with one modality corrup
         "input; 'zeroed' replaces the modality's input by zeros. Mean ± std over seeds (n).")
 
 
-def long_results(results_dir: Path, runs: pd.DataFrame) -> pd.DataFrame:
+def long_results(results_dir: Path, runs: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     """One row per finished run of `runs` with a robustness.json × modality × condition: the run's
     key columns, `modality`, `condition` ('zeroed' or the level as text), `level` (NaN for
-    zeroed) and `acc`."""
+    zeroed) and `acc`; and a line per damaged robustness.json, left out (the file and why)."""
     files = {(rd.path.parent.name, rd.run_id): rd.path / FILE for rd in run_dirs(results_dir)}
-    rows = []
+    rows, damaged = [], []
     for run in runs[runs["state"] == "finished"].itertuples():
         path = files.get((run.group, run.run_id))
         if path is None or not path.exists():
             continue
-        for m, entry in json.loads(path.read_text())["modalities"].items():
+        try:
+            result = check_robustness(parse_json(read_text(path), path), path)
+        except DamagedFile as e:
+            damaged.append(f"{run.group}/{run.run_id}/{FILE}: {e.why}")
+            continue
+        for m, entry in result["modalities"].items():
             rows.append({"run_id": run.run_id, "modality": m, "condition": ZEROED, "level": float("nan"),
                          "acc": entry["zeroed"]})
             rows += [{"run_id": run.run_id, "modality": m, "condition": f"noise {float(level):g}",
                       "level": float(level), "acc": acc} for level, acc in entry["noise"].items()]
     if not rows:
-        return pd.DataFrame()
+        return pd.DataFrame(), damaged
     keys = [c for c in ("run_id", "group", "dataset", "label", "method", "family", "seed", "state") if c in runs]
-    return pd.DataFrame(rows).merge(runs[keys], on="run_id")
+    return pd.DataFrame(rows).merge(runs[keys], on="run_id"), damaged
 
 
 def conditions(long: pd.DataFrame) -> list[str]:
@@ -112,13 +121,16 @@ def write_robustness(results_dir: Path, runs: pd.DataFrame, agg: pd.DataFrame, o
     run has any."""
     from mmbalance.bench.report.figures import _save, _slug, label_colors
 
-    long = long_results(results_dir, runs)
+    long, damaged = long_results(results_dir, runs)
+    for line in damaged:
+        log.warning(f"robustness: left out {line}; `mmbalance evaluate-robustness` on the run writes it again")
     if long.empty:
         return [], [], []
     table = robustness_table(long, agg, order)
     view = wide(table, conditions(long))
+    note = NOTE + "".join(f" Left out, damaged: {line}." for line in damaged)
     md, csv = out / "robustness.md", out / "robustness.csv"
-    atomic_write_text(md, f"## Robustness\n\n{view.to_markdown(index=False)}\n\n{NOTE}\n")
+    atomic_write_text(md, f"## Robustness\n\n{view.to_markdown(index=False)}\n\n{note}\n")
     atomic_write_text(csv, table.to_csv(index=False))
     colors = label_colors(list(agg["label"]))
     datasets = list(dict.fromkeys(agg["dataset"]))
@@ -126,4 +138,4 @@ def write_robustness(results_dir: Path, runs: pd.DataFrame, agg: pd.DataFrame, o
     figures = [p for ds in datasets if ds in set(long["dataset"])
                for p in _save(robustness_figure(long, ds, list(agg["label"]), colors), out / "figures",
                               "robustness" if len(datasets) == 1 else f"robustness_{_slug(ds)}")]
-    return [md, csv], [("Robustness", view, NOTE)], figures
+    return [md, csv], [("Robustness", view, note)], figures
