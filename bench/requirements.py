@@ -52,6 +52,7 @@ def required_configs(cfg: RunConfig) -> dict[str, RunConfig]:
             assign(data, sources, dotted, copy.deepcopy(value),
                    f"requirement {name!r} of method {cfg.method['name']!r}")
         data["label"] = f"{run_name(cfg)}:{name}"
+        data["trial"] = None  # a tuning trial's teachers are not the trial: only the trial reports to its study
         try:
             found[name] = validate(data, sources)
         except ConfigError as e:

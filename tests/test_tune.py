@@ -115,6 +115,22 @@ def cells_dataset(cell) -> dict:
     return json.loads(cell.dataset)
 
 
+def test_a_trial_of_a_method_that_needs_teachers_trains_them_unlinked(tmp_path, store, one_torch_thread):
+    """UMT's trials need unimodal teachers trained first (with the trial's lr: the same config
+    otherwise). They are runs of the tuning store too, but not the trial: they do not report to
+    its study, so the pruner judges the UMT run alone."""
+    path = tmp_path / "sweep.yaml"
+    path.write_text(SWEEP.replace("seeds: [0, 1]", "seeds: [0]").replace("  joint: {method.name: joint}\n", "")
+                    .replace("ogm-ge: {method.name: ogm_ge}", "umt: {method.name: umt}"))
+    _, configs = load_sweep(path)
+    tuned = tune(configs, store, options(2), INLINE)
+    assert [t["state"] for t in tuned.records["umt"]["trials"]] == ["COMPLETE", "COMPLETE"]
+    runs = [rd.read_config() for rd in run_dirs(store.root / "t" / "tuning" / "umt")]
+    teachers = [c for c in runs if c["method"]["name"] == "unimodal"]
+    assert len(teachers) == 4 and all(c["trial"] is None for c in teachers)  # 2 modalities x 2 trials' lrs
+    assert sorted(c["trial"]["number"] for c in runs if c["method"]["name"] == "umt") == [0, 1]
+
+
 def test_the_score_is_the_validation_value_never_test(store):
     rd = store.run_dir("g", "joint-000000000000")
     rd.path.mkdir(parents=True)
