@@ -308,8 +308,23 @@ def tune(configs: Sequence[RunConfig], store: Store, options: TuneOptions, launc
         for s, rec in zip(studies, records):
             atomic_write_json(s.path.with_suffix(".json"), rec)
     tuned = [cfg for cell, rec in zip(cells, records) for cfg in tuned_configs(cell, rec["chosen"])]
+    warn_of_earlier_choices(store, tuned)
     code = launch([*configs, *tuned], store, launcher, wait=True)
     return Tuned([*configs, *tuned], {cell.name: rec for cell, rec in zip(cells, records)}, code)
+
+
+def warn_of_earlier_choices(store: Store, tuned: Sequence[RunConfig]) -> None:
+    """A study given more trials may choose again: the tuned runs of its earlier choice stay in the
+    store under the same label, and a report of the whole group would average both choices."""
+    from mmbalance.bench.store import run_dirs
+
+    labels, ids = {cfg.label for cfg in tuned}, {cfg.run_id() for cfg in tuned}
+    group = store.root / tuned[0].group
+    stale = [rd for rd in run_dirs(group) if rd.run_id not in ids and rd.read_config().get("label") in labels]
+    if stale:
+        log.warning(f"{len(stale)} run(s) in {group} are tuned runs of an earlier choice (a study that was given more "
+                    f"trials chose again): {', '.join(sorted(rd.run_id for rd in stale))}; `mmbalance report` on the "
+                    "group would average them with this choice's runs under one label: move them out of the group")
 
 
 def range_text(r: Range) -> str:

@@ -14,7 +14,15 @@ from mmbalance.bench.launch.options import LauncherConfig
 from mmbalance.bench.report.build import build_report
 from mmbalance.bench.store import Store, run_dirs
 from mmbalance.bench.sweep import load_sweep
-from mmbalance.bench.tune import cells_of, default_parallel, open_study, study_record, trial_value, tune
+from mmbalance.bench.tune import (
+    cells_of,
+    default_parallel,
+    open_study,
+    study_record,
+    trial_value,
+    tune,
+    tuned_configs,
+)
 from mmbalance.bench.tune_options import TuneOptions, tune_options
 from mmbalance.core.errors import ConfigError, RunFailed
 from mmbalance.core.params import Range, Strict, search_space, tunable
@@ -84,6 +92,20 @@ def test_equal_trials_tuned_runs_and_report(sweep, store, tmp_path, one_torch_th
     # a second tune spends nothing: every study has its budget
     again = tune(configs, store, options(3), INLINE)
     assert again.records == recs
+
+
+def test_a_larger_budget_asks_only_the_missing_trials_and_warns_of_an_earlier_choice(sweep, store, logged,
+                                                                                      one_torch_thread):
+    _, configs = load_sweep(sweep)
+    joint = [c for c in configs if c.label == "joint"]
+    first = tune(joint, store, options(2), INLINE).records["joint"]
+    more = tune(joint, store, options(5), INLINE).records["joint"]
+    assert [t["params"] for t in more["trials"][:2]] == [t["params"] for t in first["trials"]]
+    assert len(more["trials"]) == 5 and len(run_dirs(store.root / "t" / "tuning" / "joint")) == 5
+    assert more["chosen"] != first["chosen"], "the seeded search is expected to choose again here"
+    stale = {c.run_id() for c in tuned_configs(cells_of(joint)[0], first["chosen"])}
+    assert f"2 run(s) in {store.root / 't'} are tuned runs of an earlier choice" in logged.read()
+    assert stale <= {rd.run_id for rd in run_dirs(store.root / "t")}  # named, never removed
 
 
 def test_a_label_over_two_datasets_is_tuned_on_each(tmp_path, store, one_torch_thread):
