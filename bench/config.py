@@ -120,6 +120,9 @@ class EvalConfig(Strict):
     # a record of the run, not part of what it trains: out of the run id. Off by default: 2^M more
     # evaluation passes over val cost the quickstart's joint-concat ~14% CPU time per epoch
     contribution: bool = False
+    # how a modality is absent from a coalition (Method.predict_masked): its features zeroed where the
+    # method fuses them, or its input zeroed and still encoded (BalanceBenchmark's Calculate_Shapley)
+    contribution_mask: Literal["features", "input"] = "features"
 
 
 class RunConfig(Strict):
@@ -149,7 +152,8 @@ DEFAULT_NAMES = {"dataset": "avdigits", "method": "joint"}
 # changing them keeps a run's directory and results.
 HASH_EXCLUDED = ("group", "label", "train.workers", "train.progress", "train.prefetch", "train.channels_last",
                  "train.cudnn_benchmark", "train.compile", "train.threads", "train.checkpoint_every",
-                 "train.tensorboard", "train.tracking", "eval.robustness", "eval.contribution", "trial")
+                 "train.tensorboard", "train.tracking", "eval.robustness", "eval.contribution",
+                 "eval.contribution_mask", "trial")
 
 
 def checkpoint_seconds(every: str) -> float | None:

@@ -2,10 +2,13 @@
 subsets, and the imbalance degree derived from them.
 
 The value of a coalition S of modalities is v(S) = the accuracy of the method's fused prediction
-with only the modalities of S present (`Method.predict_masked`: by default every other modality's
-input is zeroed and still passed through its encoder). This is BalanceBenchmark's
-`Calculate_Shapley` (balancemm/evaluation/modalitys.py): the inputs of absent modalities replaced
-by zeros, v(∅) the accuracy with every input zeroed (not 0), and
+with only the modalities of S present (`Method.predict_masked`). Absent is, by `eval.contribution_mask`:
+- "features" (the default): the modality's features, its encoder's output, are zeros where the
+  method fuses them: the modality contributes nothing to the fusion (what the issue asks);
+- "input": its input is replaced by zeros and still passed through its encoder, as
+  BalanceBenchmark's `Calculate_Shapley` does (balancemm/evaluation/modalitys.py, through its
+  models' `padding`): an encoder's biases still put out something for a zero input.
+v(∅) is the accuracy with every modality absent (not 0), and
 
     φ_m = Σ_{S ⊆ M∖{m}} |S|! (M − |S| − 1)! / M! · [v(S ∪ {m}) − v(S)],
 
@@ -68,10 +71,10 @@ def imbalance_degree(phi: dict[str, float]) -> float:
 
 
 @torch.no_grad()
-def coalition_accuracies(method: Method, batches: Iterable[Batch],
-                         autocast: Callable[[], AbstractContextManager]) -> dict[frozenset[str], float]:
+def coalition_accuracies(method: Method, batches: Iterable[Batch], autocast: Callable[[], AbstractContextManager],
+                         mask: str = "features") -> dict[frozenset[str], float]:
     """v(S) for every coalition S of the method's modalities: the fused accuracy of
-    `method.predict_masked(batch, S)` over `batches`, in eval mode (restored after)."""
+    `method.predict_masked(batch, S, mask)` over `batches`, in eval mode (restored after)."""
     was_training = method.training
     method.eval()
     subsets = coalitions(method.modality_names)
@@ -80,7 +83,7 @@ def coalition_accuracies(method: Method, batches: Iterable[Batch],
     for batch in batches:
         for s in subsets:
             with autocast():
-                fused = method.predict_masked(batch, s).fused
+                fused = method.predict_masked(batch, s, mask).fused
             correct[s] += int((fused.argmax(dim=1) == batch.labels).sum())
         total += len(batch)
     method.train(was_training)
@@ -88,12 +91,12 @@ def coalition_accuracies(method: Method, batches: Iterable[Batch],
 
 
 def contribution(method: Method, batches: Callable[[], Iterable[Batch]],
-                 autocast: Callable[[], AbstractContextManager]) -> dict[str, Any] | None:
-    """{"shapley": {m: φ_m}, "imbalance_degree": x, "coalitions": {name: v(S)}} over the pass
-    `batches()`, or None for a method of more than MAX_MODALITIES modalities (not computed)."""
+                 autocast: Callable[[], AbstractContextManager], mask: str = "features") -> dict[str, Any] | None:
+    """{"shapley": {m: φ_m}, "imbalance_degree": x, "coalitions": {name: v(S)}, "mask": mask} over
+    the pass `batches()`, or None for a method of more than MAX_MODALITIES modalities (not computed)."""
     if len(method.modality_names) > MAX_MODALITIES:
         return None
-    values = coalition_accuracies(method, batches(), autocast)
+    values = coalition_accuracies(method, batches(), autocast, mask)
     phi = shapley(values, method.modality_names)
     return {"shapley": phi, "imbalance_degree": imbalance_degree(phi),
-            "coalitions": {coalition_name(s): v for s, v in values.items()}}
+            "coalitions": {coalition_name(s): v for s, v in values.items()}, "mask": mask}

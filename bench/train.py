@@ -486,7 +486,8 @@ class Trainer:
             record["test"] = self.evaluate("test").metrics
             record["method"] = method_record(self.method, val.logs)
             if cfg.eval.contribution:
-                record["contribution"] = contribution(self.method, self.loaders["val"], self.context.autocast)
+                record["contribution"] = contribution(self.method, self.loaders["val"], self.context.autocast,
+                                                      cfg.eval.contribution_mask)
             record["selectable"] = self.method.selectable(epoch)
             history.append(record)
             self.dir.write_metrics(history)  # the whole (small) file rewritten: an atomic append
@@ -516,7 +517,8 @@ class Trainer:
             self.method.load_state_dict(self.dir.load(self.dir.best)["model"])
         if cfg.eval.contribution:
             contributions = {"epoch": best_val["epoch"], "val": best_val.get("contribution"),
-                             "test": contribution(self.method, self.loaders["test"], self.context.autocast)}
+                             "test": contribution(self.method, self.loaders["test"], self.context.autocast,
+                                                  cfg.eval.contribution_mask)}
         if cfg.eval.probe:
             passes = {"train": self.loaders["train_plain"](), "val": self.loaders["val"](),
                       "test": self.loaders["test"]()}

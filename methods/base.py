@@ -212,6 +212,26 @@ class StepContext:
                 p.grad = g
 
 
+
+@contextlib.contextmanager
+def zeroed_outputs(modules: dict[str, nn.Module]) -> Iterator[dict[str, int]]:
+    """Within the block each module's output is replaced by zeros of its shape; yields how often
+    each was called (a module never called masked nothing)."""
+    calls = dict.fromkeys(modules, 0)
+
+    def zero(name: str) -> Callable:
+        def hook(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+            calls[name] += 1
+            return torch.zeros_like(output)
+        return hook
+
+    handles = [module.register_forward_hook(zero(name)) for name, module in modules.items()]
+    try:
+        yield calls
+    finally:
+        for handle in handles:
+            handle.remove()
+
 class Method(nn.Module):
     """Base class. Subclasses set `Params` and implement `training_step` and `predict`."""
 
@@ -263,13 +283,25 @@ class Method(nn.Module):
         raise NotImplementedError
 
     # ---- defaults a method may override
-    def predict_masked(self, batch: Batch, present: frozenset[str]) -> Prediction:
-        """The prediction with only the modalities in `present`: for the modality contributions
-        (bench.contribution). Default, defined through `predict` for every method: each other
-        modality's input zeroed and still passed through its encoder (BalanceBenchmark's
-        Calculate_Shapley). A method for which a zero input is no absence may override it."""
-        inputs = {m: x if m in present else torch.zeros_like(x) for m, x in batch.inputs.items()}
-        return self.predict(Batch(inputs, batch.labels, batch.ids))
+    def predict_masked(self, batch: Batch, present: frozenset[str], mask: str = "features") -> Prediction:
+        """The prediction with only the modalities in `present`, for the modality contributions
+        (bench.contribution); defined through `predict` for every method. mask="features": each
+        other modality's features (its encoder's output) are zeros where the method fuses them;
+        mask="input": its input is zeroed and still passed through its encoder (BalanceBenchmark's
+        Calculate_Shapley). A method that runs an encoder other than as one call of
+        `self.encoders[m]` (Greedy's blocks with MMTMs between) overrides the features case."""
+        if mask == "input":
+            inputs = {m: x if m in present else torch.zeros_like(x) for m, x in batch.inputs.items()}
+            return self.predict(Batch(inputs, batch.labels, batch.ids))
+        absent = [m for m in self.modality_names if m not in present]
+        with zeroed_outputs({m: self.encoders[m] for m in absent}) as calls:
+            prediction = self.predict(batch)
+        silent = [m for m in absent if not calls[m]]
+        if silent:
+            raise ConfigError(f"method {type(self).__name__} did not call its encoder of {silent[0]!r} as a whole, so "
+                              "its features cannot be masked there; the method must override predict_masked, or "
+                              "use eval.contribution_mask=input")
+        return prediction
 
     def encode(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {m: self.encoders[m](inputs[m]) for m in self.modality_names}

@@ -378,6 +378,14 @@ class Greedy(Method):
                 logs[f"acc_bypass.{m}"] = accuracy(alone[m], batch.labels)
         return Prediction(self.fusion(feats), own, logs)
 
+    def predict_masked(self, batch: Batch, present: frozenset[str], mask: str = "features") -> Prediction:
+        """With MMTMs the encoders run block by block (branches), so an absent modality's features
+        are zeroed where its branch ends, after the MMTMs, before the head."""
+        if mask == "input" or not self.mmtms:
+            return super().predict_masked(batch, present, mask)
+        feats = {m: f if m in present else torch.zeros_like(f) for m, f in self.branches(batch.inputs).items()}
+        return Prediction(self.fusion(feats), self.fusion.per_modality(feats))
+
     def features(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Each branch with the cross-modal flow cut: a function of its own modality alone."""
         return self.branches(batch.inputs, bypass=True)

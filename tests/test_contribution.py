@@ -16,6 +16,7 @@ from mmbalance.bench.contribution import coalitions, imbalance_degree, shapley
 from mmbalance.bench.report.build import build_report
 from mmbalance.bench.store import RunDir
 from mmbalance.bench.train import build_checked, build_dataset, run
+from mmbalance.core.errors import ConfigError
 from mmbalance.core.types import Batch
 
 
@@ -69,17 +70,24 @@ def balancebenchmark_shapley(modalitys, v):
     return out
 
 
-def masked_accuracy(method, split, present):
-    """Fused test accuracy with every modality outside `present` zeroed at the input, by hand."""
-    inputs = {m: x if m in present else torch.zeros_like(x) for m, x in split.inputs.items()}
+def masked_accuracy(method, split, present, mask):
+    """Joint training's fused test accuracy with every modality outside `present` absent, by hand:
+    its input zeroed (mask "input"), or its encoder's output replaced by zeros before the fusion."""
     with torch.no_grad():
-        fused = method.predict(Batch(inputs, split.labels)).fused
+        if mask == "input":
+            inputs = {m: x if m in present else torch.zeros_like(x) for m, x in split.inputs.items()}
+            fused = method.predict(Batch(inputs, split.labels)).fused
+        else:
+            feats = {m: method.encoders[m](x) for m, x in split.inputs.items()}
+            fused = method.fusion({m: f if m in present else torch.zeros_like(f) for m, f in feats.items()})
     return float((fused.argmax(dim=1) == split.labels).float().mean())
 
 
+@pytest.mark.parametrize("mask", ["features", "input"])
 @pytest.mark.parametrize("dataset", ["gaussian", "gaussian3"])
-def test_recorded_contributions_match_a_hand_computation(dataset, fast_config, store):
-    cfg = fast_config(f"dataset.name={dataset}", "train.epochs=2", "eval.probe=false", "eval.contribution=true")
+def test_recorded_contributions_match_a_hand_computation(dataset, mask, fast_config, store):
+    cfg = fast_config(f"dataset.name={dataset}", "train.epochs=2", "eval.probe=false", "eval.contribution=true",
+                      f"eval.contribution_mask={mask}")
     result = run(cfg, store)
     rd = RunDir(result.path)
     method = build_checked(cfg, build_dataset)
@@ -87,13 +95,14 @@ def test_recorded_contributions_match_a_hand_computation(dataset, fast_config, s
     method.eval()
     split = build_dataset(cfg).split("test")
     names = sorted(method.modality_names)
-    v = {frozenset(s): masked_accuracy(method, split, set(s))
+    v = {frozenset(s): masked_accuracy(method, split, set(s), mask)
          for r in range(len(names) + 1) for s in itertools.combinations(names, r)}
     # by hand: the mean over every order of adding the modalities of each one's marginal gain
     orders = list(itertools.permutations(names))
     by_hand = {m: sum(v[frozenset(o[:o.index(m) + 1])] - v[frozenset(o[:o.index(m)])] for o in orders) / len(orders)
                for m in names}
     recorded = result.summary["contribution"]
+    assert recorded["test"]["mask"] == mask
     assert recorded["test"]["shapley"] == pytest.approx(by_hand, abs=1e-12)
     assert recorded["test"]["shapley"] == pytest.approx(balancebenchmark_shapley(names, lambda c: v[frozenset(c)]))
     assert recorded["test"]["coalitions"]["+".join(names)] == pytest.approx(result.summary["best_val"]["test"]["acc"])
@@ -105,9 +114,51 @@ def test_recorded_contributions_match_a_hand_computation(dataset, fast_config, s
         assert sorted(record["contribution"]["shapley"]) == names
 
 
+def test_the_two_masks_differ_where_an_encoder_puts_out_something_for_a_zero_input(fast_config):
+    """An MLP encoder's biases: a zeroed input is not zero features, so the masks are two games."""
+    cfg = fast_config("eval.probe=false")
+    method = build_checked(cfg, build_dataset)
+    split = build_dataset(cfg).split("test")
+    batch = Batch(split.inputs, split.labels)
+    with torch.no_grad():
+        by_input = method.predict_masked(batch, frozenset({"audio"}), "input").fused
+        by_features = method.predict_masked(batch, frozenset({"audio"}), "features").fused
+        alone = method.fusion({"audio": method.encoders["audio"](batch.inputs["audio"]),
+                               "visual": torch.zeros(len(batch), method.encoders["visual"].out_dim)})
+    assert torch.equal(by_features, alone) and not torch.allclose(by_input, by_features)
+
+
+def test_greedy_masks_the_features_its_branches_end_with(fast_config):
+    cfg = fast_config("method.name=greedy", "model.fusion=late", "eval.probe=false")
+    method = build_checked(cfg, build_dataset).eval()
+    split = build_dataset(cfg).split("test")
+    batch = Batch(split.inputs, split.labels)
+    with torch.no_grad():
+        feats = method.branches(batch.inputs)
+        by_hand = method.fusion({"audio": torch.zeros_like(feats["audio"]), "visual": feats["visual"]})
+        assert torch.equal(method.predict_masked(batch, frozenset({"visual"})).fused, by_hand)
+        assert method.predict_masked(batch, frozenset({"visual"}), "input").fused.shape == by_hand.shape
+
+
+def test_a_method_that_bypasses_its_encoder_module_is_told_to_override(fast_config, monkeypatch):
+    cfg = fast_config("eval.probe=false")
+    method = build_checked(cfg, build_dataset)
+    split = build_dataset(cfg).split("test")
+    batch = Batch(split.inputs, split.labels)
+    blocks = {m: list(enc.children()) for m, enc in method.encoders.items()}
+
+    def by_blocks(inputs):  # runs each encoder's blocks itself: no call of the encoder module
+        return {m: torch.nn.Sequential(*blocks[m])(x) for m, x in inputs.items()}
+
+    monkeypatch.setattr(method, "encode", by_blocks)
+    with pytest.raises(ConfigError, match="did not call its encoder of 'visual' as a whole.*override predict_masked"):
+        method.predict_masked(batch, frozenset({"audio"}))
+
+
 def test_switch_off_records_nothing_and_keeps_the_run_id(fast_config, store):
     on, off = fast_config("eval.contribution=true"), fast_config()
-    assert on.run_id() == off.run_id()
+    assert on.run_id() == off.run_id() == fast_config("eval.contribution=true", "eval.contribution_mask=input").run_id()
+    assert on.eval.contribution_mask == "features"
     assert on.eval.contribution and not off.eval.contribution  # off by default (its cost: bench/config.py)
     result = run(fast_config("train.epochs=1", "eval.probe=false", "eval.contribution=false"), store)
     assert result.summary["contribution"] == {}
