@@ -65,9 +65,10 @@ def shapley(values: dict[frozenset[str], float], players: Iterable[str]) -> dict
 
 
 def imbalance_degree(phi: dict[str, float]) -> float:
-    """(max φ − min φ) / Σ|φ| (see the module docstring); NaN when every φ is 0."""
+    """(max φ − min φ) / Σ|φ| (see the module docstring); NaN when every φ is 0, and for a model
+    of one modality (a unimodal reference): with one player there is no balance to measure."""
     total = sum(abs(v) for v in phi.values())
-    return (max(phi.values()) - min(phi.values())) / total if total > 0 else float("nan")
+    return (max(phi.values()) - min(phi.values())) / total if total > 0 and len(phi) > 1 else float("nan")
 
 
 @torch.no_grad()

@@ -52,6 +52,7 @@ def test_imbalance_degree():
     assert imbalance_degree({"a": 0.4, "b": 0.0, "c": 0.0}) == 1.0
     assert imbalance_degree({"a": 0.3, "b": -0.1}) == pytest.approx(0.4 / 0.4)
     assert math.isnan(imbalance_degree({"a": 0.0, "b": 0.0}))
+    assert math.isnan(imbalance_degree({"audio": 0.7}))  # a unimodal model: no balance to measure
 
 
 def balancebenchmark_shapley(modalitys, v):
