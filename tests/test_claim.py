@@ -16,6 +16,7 @@ from collections import Counter
 import pytest
 
 from mmbalance.bench import claim
+from mmbalance.bench import launch as launch_module
 from mmbalance.bench.cli import main as cli
 from mmbalance.bench.config import RunConfig
 from mmbalance.bench.launch import launch, slurm
@@ -36,8 +37,16 @@ def test_two_launchers_released_at_once_train_each_run_exactly_once(fast_config,
     trained: list[str] = []
     fit = Trainer.fit
     monkeypatch.setattr(Trainer, "fit", lambda self, *args: trained.append(self.dir.run_id) or fit(self, *args))
-    barrier = threading.Barrier(2)
+    barrier, planned = threading.Barrier(2), threading.Barrier(2, timeout=60)
     codes: list[int] = []
+    real_plan = launch_module.plan
+
+    def plan_then_wait(*args, **kwargs):  # neither trains before both have planned, however loaded the machine
+        found = real_plan(*args, **kwargs)
+        planned.wait()
+        return found
+
+    monkeypatch.setattr(launch_module, "plan", plan_then_wait)
 
     def launcher() -> None:
         barrier.wait()
