@@ -85,7 +85,7 @@ def dataset_key(cfg: RunConfig) -> str:
 def cells_of(configs: Sequence[RunConfig]) -> list[Cell]:
     """One cell per (label, dataset) in the sweep's order; named after its label, and after its
     dataset too where the label spans several."""
-    from mmbalance.bench.report.collect import dataset_labels
+    from mmbalance.bench.naming import dataset_labels
 
     keys = list(dict.fromkeys((c.label or c.method["name"], dataset_key(c)) for c in configs))
     shown = dataset_labels([ds for _, ds in keys])

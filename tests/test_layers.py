@@ -26,8 +26,9 @@ ALLOWED = {  # packages of a rank that may import each other (none so far) or a 
     "models": {"core", "models"},
     "methods": {"core", "models", "methods"},
 }
+# bench.threads (os only): the cores the report's figure workers may use; bench.naming: dataset labels
 REPORT_READS = {"core", "bench.report", "bench.store", "bench.schema", "bench.selection", "bench.resources",
-                "bench.claim", "bench.cancel", "bench.oserror"}
+                "bench.claim", "bench.cancel", "bench.oserror", "bench.threads", "bench.naming"}
 
 
 def layer_of(module: str) -> str:

@@ -21,6 +21,7 @@ from typing import Any
 
 import pandas as pd
 
+from mmbalance.bench.naming import dataset_labels
 from mmbalance.bench.report.contribution import contribution_columns
 from mmbalance.bench.store import RunDir, run_dirs
 from mmbalance.core.errors import ConfigError
@@ -31,8 +32,6 @@ SELECTIONS = {
     "test": ("best_test", "test split at the best-test epoch (the papers' protocol; optimistic)"),
     "last": ("last", "test split at the last epoch"),
 }
-# dataset config keys that name a variant of the data: always part of the readable label
-VARIANT_KEYS = ("preset", "pipeline", "root")
 DEFICIT_NOTE = ("probe deficit <m> = probe accuracy on m of the unimodal-only model of m (same dataset, "
                 "same seed) − this run's probe accuracy on m; positive: the encoder of m learned less "
                 "inside this model than alone; 0 for the unimodal-only model itself; seeds without a "
@@ -96,26 +95,6 @@ def run_row(rd: RunDir, block: str) -> dict[str, Any]:
     row.update(contribution_columns(summary, block))
     row.update(cost_columns(summary.get("cost", {}), summary.get("epochs")))
     return row
-
-
-def dataset_labels(configs: pd.Series | list[str]) -> dict[str, str]:
-    """A readable label per dataset config (JSON), unique per config: the name with its preset,
-    pipeline and root when set; configs that would still share a label add the keys they differ in."""
-    parsed = {c: json.loads(c) for c in dict.fromkeys(configs)}
-    labels = {c: _label(d, [k for k in VARIANT_KEYS if d.get(k) is not None]) for c, d in parsed.items()}
-    for label in set(labels.values()):
-        same = [c for c in labels if labels[c] == label]
-        if len(same) > 1:
-            keys = sorted({k for c in same for k in parsed[c]} - {"name", *VARIANT_KEYS})
-            differ = [k for k in keys if len({json.dumps(parsed[c].get(k)) for c in same}) > 1]
-            for c in same:
-                labels[c] = _label(parsed[c], [k for k in VARIANT_KEYS if parsed[c].get(k) is not None] + differ)
-    return labels
-
-
-def _label(cfg: dict[str, Any], keys: list[str]) -> str:
-    parts = ", ".join(f"{k}={cfg.get(k)}" for k in keys)
-    return f"{cfg['name']} ({parts})" if parts else str(cfg["name"])
 
 
 def add_deficits(runs: pd.DataFrame) -> pd.DataFrame:
