@@ -398,7 +398,7 @@ def test_ctrl_c_during_a_local_tune_loses_no_trial_and_the_rerun_resumes(tmp_pat
     def second_trial_training() -> bool:
         runs = run_dirs(trials) if trials.is_dir() else []
         states = sorted(rd.recorded_status()["state"] for rd in runs)
-        return states == ["finished", "running"] and all(rd.metrics.exists() for rd in runs)
+        return states == ["finished", "running"] and all(rd.checkpoint.exists() for rd in runs)
 
     deadline = time.monotonic() + 120
     while not second_trial_training():
