@@ -36,15 +36,13 @@ import numpy as np
 import torch
 
 from mmbalance.bench.evaluate import evaluate
-from mmbalance.bench.schema import check_robustness
-from mmbalance.bench.store import RunDir, atomic_write_json, parse_json, read_text, run_dirs
+from mmbalance.bench.store import RunDir, atomic_write_json, run_dirs
 from mmbalance.core.errors import DamagedFile
 from mmbalance.core.types import Batch
 from mmbalance.methods.base import Method
 
 log = logging.getLogger(__name__)
 
-FILE = "robustness.json"
 LEVELS = (0.0, 0.25, 0.5, 1.0, 2.0)
 STREAM = 0x0B05  # with the run's seed, the random stream of the corruptions
 WHERE = "input (the batch the method receives, after test-time views and normalisation)"
@@ -140,16 +138,12 @@ def robustness(method: Method, batches: Batches, autocast, seed: int,
 
 
 def path_of(run_dir: RunDir) -> Path:
-    return run_dir.path / FILE
+    return run_dir.robustness
 
 
 def read(run_dir: RunDir) -> dict[str, Any] | None:
     """The run's robustness.json, or None when it has none; DamagedFile naming what is wrong."""
-    return read_result(path_of(run_dir))
-
-
-def read_result(path: Path) -> dict[str, Any] | None:
-    return check_robustness(parse_json(read_text(path), path), path) if path.exists() else None
+    return run_dir.read_robustness()
 
 
 def evaluate_trained(trainer: Any, run_dir: RunDir, levels: Sequence[float] = LEVELS) -> dict[str, Any]:

@@ -116,6 +116,8 @@ class RunDir:
         self.best = self.path / "best.pt"  # model weights at the best validation epoch
         # a new best.pt, written with the checkpoint that selects it and then renamed over best.pt
         self.best_next = self.path / "best.pt.next"
+        # the selected weights under missing and noised modalities (bench.robustness), when evaluated
+        self.robustness = self.path / "robustness.json"
 
     @property
     def run_id(self) -> str:
@@ -195,6 +197,11 @@ class RunDir:
         if not self.summary.exists():
             return None
         return schema.check_summary(parse_json(read_text(self.summary), self.summary), self.summary)
+
+    def read_robustness(self) -> dict[str, Any] | None:
+        if not self.robustness.exists():
+            return None
+        return schema.check_robustness(parse_json(read_text(self.robustness), self.robustness), self.robustness)
 
     def save(self, path: Path, state: dict[str, Any]) -> None:
         # serialised in memory first: torch.save writing to a full disk raises its own

@@ -32,6 +32,7 @@ import logging
 import math
 import os
 import re
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from typing import Any
 from mmbalance.bench.config import RunConfig, validate
 from mmbalance.bench.launch import launch
 from mmbalance.bench.launch.options import LauncherConfig
+from mmbalance.bench.launch.plan import label as row_label
 from mmbalance.bench.store import RunDir, Store, atomic_write_json
 from mmbalance.bench.trial import TrialLink, journal
 from mmbalance.bench.tune_options import TuneOptions
@@ -87,15 +89,13 @@ def cells_of(configs: Sequence[RunConfig]) -> list[Cell]:
     dataset too where the label spans several."""
     from mmbalance.bench.naming import dataset_labels
 
-    keys = list(dict.fromkeys((c.label or c.method["name"], dataset_key(c)) for c in configs))
-    shown = dataset_labels([ds for _, ds in keys])
-    cells = []
-    for label, ds in keys:
-        seeds = [c for c in configs if (c.label or c.method["name"]) == label and dataset_key(c) == ds]
-        spans = sum(lab == label for lab, _ in keys) > 1
-        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{label}@{shown[ds]}" if spans else label).strip("_")
-        cells.append(Cell(label, ds, name, seeds))
-    return cells
+    groups: dict[tuple[str, str], list[RunConfig]] = {}
+    for cfg in configs:
+        groups.setdefault((row_label(cfg), dataset_key(cfg)), []).append(cfg)
+    shown = dataset_labels([ds for _, ds in groups])
+    spans = Counter(lab for lab, _ in groups)
+    return [Cell(lab, ds, re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{lab}@{shown[ds]}" if spans[lab] > 1 else lab).strip("_"),
+                 seeds) for (lab, ds), seeds in groups.items()]
 
 
 def with_params(cfg: RunConfig, params: dict[str, Any], group: str, label: str,
@@ -147,10 +147,14 @@ class Study:
         return sum(counted(t) for t in self.study.trials)
 
 
+def study_path(store: Store, cell: Cell) -> Path:
+    return tuning_dir(store, cell.seeds[0].group) / f"{cell.name}{STUDY_SUFFIX}"
+
+
 def open_study(cell: Cell, store: Store, options: TuneOptions) -> Study:
     import optuna
 
-    path = tuning_dir(store, cell.seeds[0].group) / f"{cell.name}{STUDY_SUFFIX}"
+    path = study_path(store, cell)
     path.parent.mkdir(parents=True, exist_ok=True)
     study = optuna.create_study(study_name=cell.name, storage=journal(path), load_if_exists=True,
                                 direction="maximize")
@@ -195,7 +199,8 @@ def ask(s: Study, parallel: int) -> None:
     """Ask for trials until `parallel` are in flight, within the budget; record each one's run id."""
     import optuna
 
-    room = min(parallel - len(s.in_flight()), s.options.trials - s.spent() - len(s.in_flight()))
+    flying = len(s.in_flight())
+    room = min(parallel - flying, s.options.trials - s.spent() - flying)
     if room <= 0:
         return
     # seeded by the trials already there: a resumed study would otherwise ask its first points again
@@ -334,7 +339,7 @@ def range_text(r: Range) -> str:
 
 def spent_so_far(store: Store, cell: Cell) -> int:
     """Counted trials of the cell's study, read without creating it (0 when there is none)."""
-    path = tuning_dir(store, cell.seeds[0].group) / f"{cell.name}{STUDY_SUFFIX}"
+    path = study_path(store, cell)
     if not path.exists():
         return 0
     import optuna

@@ -14,13 +14,11 @@ from pathlib import Path
 import pandas as pd
 
 from mmbalance.bench.report.cells import aggregate, fmt
-from mmbalance.bench.schema import check_robustness
-from mmbalance.bench.store import atomic_write_text, parse_json, read_text, run_dirs
+from mmbalance.bench.store import atomic_write_text, run_dirs
 from mmbalance.core.errors import DamagedFile
 
 log = logging.getLogger(__name__)
 
-FILE = "robustness.json"  # bench.robustness.FILE (the report imports no torch)
 ZEROED = "zeroed"
 NOTE = ("Fused test accuracy of the best-val checkpoint with one modality corrupted at test (bench/robustness.py): "
         "'noise l' adds l × (the modality's input std on the test split) × N(0, 1) to a float input, or replaces "
@@ -32,16 +30,16 @@ def long_results(results_dir: Path, runs: pd.DataFrame) -> tuple[pd.DataFrame, l
     """One row per finished run of `runs` with a robustness.json × modality × condition: the run's
     key columns, `modality`, `condition` ('zeroed' or the level as text), `level` (NaN for
     zeroed) and `acc`; and a line per damaged robustness.json, left out (the file and why)."""
-    files = {(rd.path.parent.name, rd.run_id): rd.path / FILE for rd in run_dirs(results_dir)}
+    dirs = {(rd.path.parent.name, rd.run_id): rd for rd in run_dirs(results_dir)}
     rows, damaged = [], []
     for run in runs[runs["state"] == "finished"].itertuples():
-        path = files.get((run.group, run.run_id))
-        if path is None or not path.exists():
-            continue
+        rd = dirs.get((run.group, run.run_id))
         try:
-            result = check_robustness(parse_json(read_text(path), path), path)
+            result = rd.read_robustness() if rd else None
         except DamagedFile as e:
-            damaged.append(f"{run.group}/{run.run_id}/{FILE}: {e.why}")
+            damaged.append(f"{run.group}/{run.run_id}/{e.path.name}: {e.why}")
+            continue
+        if result is None:
             continue
         for m, entry in result["modalities"].items():
             rows.append({"run_id": run.run_id, "modality": m, "condition": ZEROED, "level": float("nan"),
