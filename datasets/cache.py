@@ -16,8 +16,10 @@ prepared stay in the arrays but are left out of every split and listed in `meta.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,11 +162,17 @@ class CacheWriter:
         return [int(i) for i in np.flatnonzero(~self.done)]
 
     def write(self, row: int, sample: dict[str, np.ndarray | SizedFrames]) -> None:
-        """Store one sample's arrays; raises DataError if they do not fit the declared specs."""
+        """Store one sample's arrays; raises DataError if they do not fit the declared specs, and
+        OSError (naming the file) if the disk has no room for the row."""
+        arrays = {}
         for m, spec in self.specs.items():
             if m not in sample:
                 raise DataError(f"sample {self.meta.ids[row]!r}: modality {m!r} was not produced")
-            arr = self._array_of(row, m, spec, sample[m])
+            arrays[m] = self._array_of(row, m, spec, sample[m])
+        for m in self.specs:
+            reserve_row(self.arrays[m], row, f"row {row} of the {m} array")
+        for m, spec in self.specs.items():
+            arr = arrays[m]
             if spec.frames:
                 t = min(len(arr), spec.shape[0])
                 if arr.shape[1:] != spec.shape[1:] or t == 0:
@@ -235,6 +243,32 @@ def split_stats(array: np.ndarray, rows: Sequence[int], counts: np.ndarray | Non
     mean = sum(float(b.sum()) for b in blocks()) / n
     var = sum(float(np.square(b - mean).sum()) for b in blocks()) / n  # two passes: no cancellation
     return {"mean": mean, "std": var ** 0.5, "values": n}
+
+
+def reserve_row(array: np.memmap, row: int, what: str) -> None:
+    """Give row `row` of the memory-mapped `array` its disk blocks before it is written. A new
+    array is a sparse file: without this, a disk that fills up mid-prepare kills the process with
+    SIGBUS at the write (no message, nothing to catch) instead of an OSError here. Row by row, not
+    the whole array at once: rows of listed samples whose files are missing are never written and
+    take no space."""
+    length = int(np.prod(array.shape[1:], dtype=np.int64)) * array.itemsize
+    fd = os.open(array.filename, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, array.offset + row * length, length)
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system that cannot reserve: written as before
+            return
+        free = shutil.disk_usage(os.path.dirname(array.filename)).free
+        raise OSError(e.errno, f"{e.strerror or os.strerror(e.errno)} ({what} needs {_size(length)}, "
+                               f"{_size(free)} is free)", str(array.filename)) from e
+    finally:
+        os.close(fd)
+
+
+def _size(n: int) -> str:
+    if n >= 1e9:
+        return f"{n / 1e9:.2f} GB"
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
 
 
 def _save_atomic(path: Path, arr: np.ndarray) -> None:

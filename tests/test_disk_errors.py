@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import resource
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mmbalance.bench import store as store_module
@@ -21,6 +23,7 @@ from mmbalance.bench.launch.options import LauncherConfig
 from mmbalance.bench.store import Store
 from mmbalance.bench.sweep import load_sweep
 from mmbalance.core.errors import RunFailed, StoreError
+from mmbalance.datasets.cache import Cache
 
 ENOSPC = os.strerror(errno.ENOSPC)  # "No space left on device"
 
@@ -198,3 +201,75 @@ def test_a_full_disk_stops_the_local_launcher_and_a_relaunch_with_space_finishes
     again = launch_sweep(store.root, sweep)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "3 runs: 3 finished" in again.stderr
+
+
+
+CACHE_ON_A_SMALL_DISK = """
+import sys
+from pathlib import Path
+import numpy as np
+from mmbalance.datasets.cache import ArraySpec, CacheMeta, CacheWriter
+spec = ArraySpec((64, 1024), "float16")  # 128 kB a row: 8 rows do not fit a 512 kB disk
+meta = CacheMeta(dataset="x", pipeline="p", pipeline_params={}, classes=["a"], arrays={"audio": spec.to_dict()},
+                 ids=[f"s{i}" for i in range(8)], labels=[0] * 8, splits={"train": list(range(8))})
+writer = CacheWriter(Path(sys.argv[1]), meta)
+try:
+    for row in writer.pending():
+        writer.write(row, {"audio": np.full((64, 1024), row, np.float16)})
+    writer.finish({}, {})
+finally:
+    writer.flush()  # as the prepare does: an error keeps every finished row
+"""
+
+
+def write_cache(where: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", CACHE_ON_A_SMALL_DISK, str(where)], capture_output=True, text=True)
+
+
+def test_a_cache_that_fills_the_disk_fails_with_the_os_message_keeps_its_rows_and_resumes(small_disk):
+    # a sparse memory-mapped file on a full disk kills the process with SIGBUS at the row write;
+    # each row's blocks reserved before it is written, the prepare fails with an OSError instead
+    cache = small_disk / "cache"
+    done = write_cache(cache)
+    assert done.returncode == 1, (done.returncode, done.stderr)
+    last = done.stderr.strip().splitlines()[-1]
+    failed_row = int(re.search(r"\(row (\d+) of the audio array needs 131 kB, ", last).group(1))
+    assert last.startswith(f"OSError: [Errno {errno.ENOSPC}] {ENOSPC} (row {failed_row} of the audio array"), last
+    assert last.endswith(f"is free): '{cache / 'audio.npy'}'"), last
+    assert 0 < failed_row < 8
+    assert np.load(cache / "done.npy").tolist() == [True] * failed_row + [False] * (8 - failed_row)
+
+    subprocess.run(["mount", "-o", "remount,size=4m", str(small_disk)], check=True)
+    again = write_cache(cache)
+    assert again.returncode == 0, again.stderr
+    finished = Cache(cache)
+    assert finished.meta.complete
+    assert [float(finished.arrays["audio"][r].mean()) for r in range(8)] == list(range(8))
+
+
+def test_reserving_a_cache_row_names_the_file_the_row_its_size_and_the_free_space(tmp_path, monkeypatch):
+    from mmbalance.bench.oserror import os_message
+    from mmbalance.datasets import cache as cache_module
+
+    path = tmp_path / "visual.npy"
+    array = np.lib.format.open_memmap(path, "w+", np.uint8, (4, 1000, 3000))
+    calls = []
+
+    def full(fd, offset, length):
+        calls.append((offset, length))
+        raise OSError(errno.ENOSPC, ENOSPC)
+
+    monkeypatch.setattr(cache_module.os, "posix_fallocate", full)
+    with pytest.raises(OSError) as error:
+        cache_module.reserve_row(array, 2, "row 2 of the visual array")
+    assert calls == [(array.offset + 2 * 3_000_000, 3_000_000)]
+    assert error.value.errno == errno.ENOSPC
+    message = os_message(error.value)
+    assert message.startswith(f"{ENOSPC} (row 2 of the visual array needs 3.0 MB, ")
+    assert message.endswith(f" is free): {path}")
+
+    def unsupported(fd, offset, length):  # a file system that cannot reserve: the row is written as before
+        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+
+    monkeypatch.setattr(cache_module.os, "posix_fallocate", unsupported)
+    cache_module.reserve_row(array, 2, "row 2 of the visual array")
