@@ -9,13 +9,16 @@ scored by its best-validation value; the test split is never read. The chosen co
 best completed trial) is then run over every seed of the sweep as `<cell>-tuned`, beside the
 sweep's default runs, which `tune` runs too, all through the same launcher.
 
-The driver works in rounds: it asks each study for trials until `parallel` of the cell's are in
-flight (seeded TPE with the constant liar, so that trials asked together differ), hands every
-trial in flight to the launcher as ordinary runs (their configs carry a `trial:` link,
-bench.trial), waits for them, and tells each study how its trials ended, read from the store:
-a finished run's best validation value, a failed run's failure (counted: the budget was spent).
-The runs themselves report validation after every epoch and end as `pruned` when the study's
-median pruner says so. Rounds go on until every study has its budget of counted trials.
+The driver asks each study for trials until `parallel` of the cell's are in flight (seeded TPE
+with the constant liar, so that trials asked together differ) and hands them to the launcher as
+ordinary runs (their configs carry a `trial:` link, bench.trial). Each time a trial run ends, its
+study is told how, read from the store (a finished run's best validation value; a failed run's
+failure, counted: the budget was spent), and asked again. On the inline and local launchers the
+new trial joins the running launch at once, so that a worker never waits for the slowest trial
+of a batch; on SLURM, the trials asked together are one job array, and the next array is asked
+once it has ended. The runs themselves report validation after every epoch and end as `pruned`
+when the study's median pruner says so. It goes on until every study has its budget of counted
+trials.
 
 A study lives in `results/<group>/tuning/<cell>.journal` (Optuna's journal file, which many
 processes and nodes may write at once), so a killed `tune` resumes: finished and pruned trials
@@ -33,7 +36,7 @@ import math
 import os
 import re
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -227,7 +230,10 @@ def default_parallel(launcher: LauncherConfig, cells: int) -> int:
 
 
 def run_studies(studies: Sequence[Study], launcher: LauncherConfig) -> None:
-    """Rounds of ask, launch and settle until every study has spent its budget."""
+    """Ask, launch and settle until every study has spent its budget. On the inline and local
+    launchers, a cell's next trial is asked as soon as one of its trial runs ends and starts in
+    the same launch (next_trials); on SLURM, each round of trials is one job array, and the next
+    round is asked once the whole array has ended."""
     parallel = studies[0].options.parallel or default_parallel(launcher, len(studies))
     for s in studies:
         settle(s)  # what ended while no driver watched (a resumed tune)
@@ -237,14 +243,36 @@ def run_studies(studies: Sequence[Study], launcher: LauncherConfig) -> None:
         flight = {cfg.run_id(): (s, cfg) for s in studies for cfg in map(s.config, s.in_flight())}
         if not flight:
             return
-        log.info(f"tuning round: {len(flight)} trial run(s) of {len(studies)} cell(s); budget "
+        log.info(f"tuning: {len(flight)} trial run(s) of {len(studies)} cell(s); budget "
                  + ", ".join(f"{s.cell.name} {s.spent()}/{s.options.trials}" for s in studies))
-        launch([cfg for _, cfg in flight.values()], studies[0].trials, launcher, wait=True)
+        follow = None if launcher.name == "slurm" else next_trials(flight, parallel)
+        launch([cfg for _, cfg in flight.values()], studies[0].trials, launcher, wait=True, follow=follow)
         for s in studies:
             settle(s)
         stuck = [(s, s.config(t)) for s in studies for t in s.in_flight()]  # every one was launched
         if stuck:
             raise RunFailed(stuck_line(stuck))
+
+
+def next_trials(flight: dict[str, tuple[Study, RunConfig]], parallel: int) -> Callable[[str], list[RunConfig]]:
+    """What a launch runs next once a run of it ends: for a trial run, its study is told how it
+    ended and asked for trials up to `parallel` in flight, within the budget; the new trials'
+    runs. A run that is not a trial (a teacher a trial requires) adds nothing."""
+    study_of = {run_id: s for run_id, (s, _) in flight.items()}
+
+    def follow(run_id: str) -> list[RunConfig]:
+        s = study_of.get(run_id)
+        if s is None:
+            return []
+        settle(s)
+        ask(s, parallel)
+        new = [cfg for cfg in map(s.config, s.in_flight()) if cfg.run_id() not in study_of]
+        study_of.update((cfg.run_id(), s) for cfg in new)
+        log.info(f"tuning {s.cell.name}: {s.spent()}/{s.options.trials} trial(s) spent"
+                 + (f", {len(new)} more started" if new else ""))
+        return new
+
+    return follow
 
 
 def stuck_line(stuck: Sequence[tuple[Study, RunConfig]]) -> str:

@@ -536,6 +536,57 @@ def test_data_missing_here_stops_a_local_launch_but_not_a_submission_or_a_dry_ru
     assert f"warning: {note}" in capsys.readouterr().err and len(executor.submitted[0]) == 4
 
 
+# ---------------------------------------------------------------- runs that join a running launch
+
+FOLLOWED = """
+group: follow
+base:
+  dataset: {name: gaussian}
+  train: {epochs: 1, batch_size: 32, progress: false, tensorboard: false}
+  optim: {lr: 0.05}
+  eval: {probe: false}
+seeds: [0, 1, 2]
+cells:
+  joint: {method: {name: joint}}
+"""
+
+
+@pytest.mark.parametrize("launcher", ["local", "inline"])
+def test_a_run_that_follows_an_ended_one_joins_the_launch(launcher, tmp_path):
+    """`follow` (a tuning study's next trial): the local launcher starts the run it returns once
+    the short run has ended, while the long run still trains, instead of after the whole batch;
+    the inline launcher runs it after its batch. The launch's outcome covers the added run."""
+    from mmbalance.bench.config import validate
+
+    short, long_run, added = load_sweep(write(tmp_path, FOLLOWED))[1]
+    long_run = validate({**long_run.to_dict(), "train": {**long_run.to_dict()["train"], "epochs": 250}})
+    store = Store(tmp_path / "results")
+    rd = {name: store.run_dir(cfg.group, cfg.run_id()) for name, cfg in
+          (("short", short), ("long", long_run), ("added", added))}
+    calls, long_state = [], []
+
+    def follow(run_id: str) -> list:
+        calls.append(run_id)
+        if run_id != short.run_id():
+            return []
+        long_state.append(rd["long"].recorded_status()["state"])
+        return [added, short]  # a run already in the launch is not added again
+
+    configs = [short, long_run] if launcher == "local" else [short]
+    assert launch(configs, store, LauncherConfig(name=launcher, workers=2), wait=True, follow=follow) == 0
+    assert all(r.done() for name, r in rd.items() if launcher == "local" or name != "long")
+    assert calls[0] == short.run_id() and sorted(calls) == sorted(c.run_id() for c in [*configs, added])
+    if launcher == "local":
+        # the added run started on the short one's worker and ended while the long one trained
+        assert long_state == ["running"]
+        assert rd["added"].metrics.stat().st_mtime < rd["long"].metrics.stat().st_mtime
+
+
+def test_follow_is_refused_on_slurm(tmp_path):
+    with pytest.raises(ValueError, match="inline or local launcher"):
+        launch([], Store(tmp_path), LauncherConfig(name="slurm"), follow=lambda run_id: [])
+
+
 # ---------------------------------------------------------------- Ctrl-C stops the local launcher
 
 INTERRUPTIBLE = """

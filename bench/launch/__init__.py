@@ -6,7 +6,7 @@ what happened. Re-launching a sweep does only what is missing.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from mmbalance.bench.claim import describe_holder
@@ -19,9 +19,15 @@ log = logging.getLogger(__name__)
 
 
 def launch(configs: Sequence[RunConfig], store: Store, options: LauncherConfig, *, wait: bool = False,
-           cluster: str | None = None, poll_s: float = 5.0) -> int:
+           cluster: str | None = None, poll_s: float = 5.0,
+           follow: Callable[[str], Sequence[RunConfig]] | None = None) -> int:
     """Run (or submit) every unfinished run of `configs`. Returns the exit code: 0 when every
-    run is finished, or, for slurm without `wait`, when the submission went through."""
+    run is finished, or, for slurm without `wait`, when the submission went through.
+
+    `follow(run_id)`, called each time a run of this launch ends, returns more configs to run in it
+    (a tuning study's next trials); the inline and local launchers take them, slurm does not."""
+    if follow is not None and options.name == "slurm":
+        raise ValueError("follow: runs added while a launch runs need the inline or local launcher")
     planned = plan(configs, store)
     todo = to_run(planned)
     if todo and options.name != "inline":  # run_inline makes the same check, on the datasets it trains on
@@ -42,18 +48,22 @@ def launch(configs: Sequence[RunConfig], store: Store, options: LauncherConfig, 
                      f"see mmbalance status {active[0].run_dir.path.parent}")
             return 0
         return outcome(planned)
+    more = following(follow, planned, store)
     if options.name == "inline":
         from mmbalance.bench.sweep import run_inline
         from mmbalance.core.errors import RunFailed
 
-        try:
-            run_inline([p.cfg for p in todo], store)
-        except RunFailed:
-            pass  # recorded in each run's status; summarised below
+        batch = todo
+        while batch:
+            try:
+                run_inline([p.cfg for p in batch], store)
+            except RunFailed:
+                pass  # recorded in each run's status; summarised below
+            batch = [q for p in batch for q in more(p, p.run_dir.recorded_status()["state"])]
     elif options.name == "local":
         from mmbalance.bench.launch.local import launch_local
 
-        launch_local(todo, options)
+        launch_local(todo, options, more if follow else None)
     else:
         return launch_slurm(todo, planned, store, options, wait, cluster, poll_s)
     return outcome(planned)
@@ -93,6 +103,21 @@ def launch_slurm(todo: list[PlannedRun], planned: list[PlannedRun], store: Store
     if earlier:  # runs an earlier launch had queued: the summary waits for them too
         slurm.wait_for_ids(earlier, poll_s, Progress(len(earlier)))
     return outcome(planned)
+
+
+def following(follow: Callable[[str], Sequence[RunConfig]] | None, planned: list[PlannedRun],
+              store: Store) -> Callable[[PlannedRun, str], list[PlannedRun]]:
+    """The runs to add once a run has ended: `follow`'s configs planned, those left to run and not
+    yet in this launch; they join `planned`, so that the launch's outcome covers them."""
+    def more(ended: PlannedRun, state: str) -> list[PlannedRun]:
+        if follow is None:
+            return []
+        known = {p.run_dir.run_id for p in planned}
+        new = [p for p in to_run(plan(follow(ended.run_dir.run_id), store)) if p.run_dir.run_id not in known]
+        planned.extend(new)
+        return new
+
+    return more
 
 
 def active_job_ids(planned: Sequence[PlannedRun]) -> list[str]:

@@ -16,13 +16,13 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, as_completed, wait
 from contextlib import contextmanager
 
 from mmbalance.bench.claim import elsewhere_line
 from mmbalance.bench.launch.options import LauncherConfig
-from mmbalance.bench.launch.plan import ENDED, PlannedRun, label, waiting_on
+from mmbalance.bench.launch.plan import ENDED, PlannedRun, label
 from mmbalance.bench.launch.worker import mark_pending, record_exit, restore_status, run_one_command, saved_status
 from mmbalance.bench.oserror import EXIT_OS_ERROR, os_message
 from mmbalance.bench.threads import cpu_share, run_threads
@@ -104,32 +104,53 @@ def placement_line(runs: int, workers: int, gpus: int, runs_per_gpu: int, thread
     return line
 
 
-def launch_local(todo: Sequence[PlannedRun], options: LauncherConfig) -> dict[str, str]:
-    """Run every planned run; returns run id -> final state (finished | failed).
+Follow = Callable[[PlannedRun, str], Sequence[PlannedRun]]
 
+
+def launch_local(todo: Sequence[PlannedRun], options: LauncherConfig, follow: Follow | None = None) -> dict[str, str]:
+    """Run every planned run; returns run id -> final state (finished | failed | ...).
+
+    `follow(run, state)`, called each time a run ends, returns more runs for this launch (a tuning
+    study's next trials, bench.tune): they start as soon as a worker is free, so no worker waits
+    for the slowest run of a batch. The worker count is settled by `todo` alone.
     Ctrl-C (KeyboardInterrupt) stops the launch (see stop_launch), then goes on up."""
     gpus, k = gpu_count(), options.packing()
     workers = worker_count(options, gpus, len(todo), run_thread_count(todo, gpus, workers=1))  # threads: CPU only
     slots: queue.Queue[int] = queue.Queue()
     for slot in range(workers):
         slots.put(slot)
-    before = {p.run_dir.run_id: saved_status(p.run_dir) for p in todo}
+    runs: list[PlannedRun] = []  # every run of this launch: `todo` and what `follow` added
+    before: dict[str, str | None] = {}
     running = Workers()
     states: dict[str, str] = {}
     marked: list[PlannedRun] = []  # the runs this launch marked pending (or was marking)
+    waits: dict[str, set[str]] = {}
     with ThreadPoolExecutor(max_workers=workers) as pool:
         futures: dict[Future, PlannedRun] = {}
         try:
-            for p in todo:  # pending for this launcher, under each run's claim (see mark_pending)
-                marked.append(p)
-                state = mark_pending(p.run_dir, p.cfg.to_dict(), job_id=None, log=str(p.run_dir.path / "run.log"),
-                                     stdout=None)
-                if state != "pending":  # taken or finished by another launch since this one planned
-                    marked.pop()
-                    report(p, state, 0.0, states, len(todo))
-            if marked:
+            def add(new: Sequence[PlannedRun]) -> list[PlannedRun]:
+                """Mark `new` pending for this launcher (under each run's claim, see mark_pending);
+                each waits for the runs of this launch it requires that have not ended."""
+                ids = {q.run_dir.run_id for q in runs}
+                new = [q for q in new if q.run_dir.run_id not in ids]
+                runs.extend(new)
+                before.update((q.run_dir.run_id, saved_status(q.run_dir)) for q in new)
+                added = []
+                for q in new:
+                    marked.append(q)
+                    state = mark_pending(q.run_dir, q.cfg.to_dict(), job_id=None,
+                                         log=str(q.run_dir.path / "run.log"), stdout=None)
+                    if state != "pending":  # taken or finished by another launch since this one planned
+                        marked.pop()
+                        report(q, state, 0.0, states, len(runs))
+                    else:
+                        added.append(q)
+                live = {q.run_dir.run_id for q in marked if q.run_dir.run_id not in states}
+                waits.update((q.run_dir.run_id, {rid for rid in q.needs.values() if rid in live}) for q in added)
+                return added
+
+            if add(todo):
                 log.info(placement_line(len(marked), workers, gpus, k, run_thread_count(marked, gpus, workers)))
-            waits = waiting_on(marked)
             pending: set[Future] = set()
 
             def start_ready() -> None:  # in plan order, the runs whose requirements have ended
@@ -145,9 +166,12 @@ def launch_local(todo: Sequence[PlannedRun], options: LauncherConfig) -> dict[st
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for future in done:
                     pending.discard(future)
-                    report(futures[future], *future.result(), states, len(todo))
+                    ended, (state, seconds) = futures[future], future.result()
+                    report(ended, state, seconds, states, len(runs))
                     for left in waits.values():  # ended, finished or not: a dependent then fails naming it
-                        left.discard(futures[future].run_dir.run_id)
+                        left.discard(ended.run_dir.run_id)
+                    if follow is not None and state is not None and not running.stopped:
+                        add(follow(ended, state))
                 start_ready()
         except KeyboardInterrupt:
             with sigint_ignored():  # a second Ctrl-C must not cut the clean-up short; it has a deadline
@@ -157,7 +181,7 @@ def launch_local(todo: Sequence[PlannedRun], options: LauncherConfig) -> dict[st
         except OSError as e:  # marking the runs pending failed (a full disk, say): none has started
             running.halt(os_message(e))
     if running.halted:
-        raise halted_launch(todo, running, before)
+        raise halted_launch(runs, running, before)
     return states
 
 
