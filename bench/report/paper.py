@@ -19,7 +19,8 @@ from mmbalance.bench.report.stats import baseline_label, describe
 
 # paper_tables.csv dataset -> our registry name
 DATASETS = {"cremad": "cremad", "ks": "kinetics_sounds", "ucf101": "ucf101", "vggsound": "vggsound",
-            "ave": "ave", "modelnet40": "modelnet40", "avdigits": "avdigits", "mosei": "cmu_mosei"}
+            "ave": "ave", "modelnet40": "modelnet40", "avdigits": "avdigits", "mosei": "cmu_mosei",
+            "food101": "food101"}
 # paper_tables.csv method -> (our method, unimodal modality or None). BalanceBenchmark's "OGM" is
 # its OGM-GE implementation, so both map to ours.
 METHODS = {"baseline": ("joint", None), "concat": ("joint", None), "joint": ("joint", None),
