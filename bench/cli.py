@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", type=int, help="trials of one cell run at once (tune.parallel; default: 1 "
                                                 "inline, the local workers shared by the cells, 4 on slurm)")
     p.add_argument("--sampler-seed", type=int, help="seed of the TPE sampler (tune.sampler_seed; default 0)")
+    p.add_argument("--schedule", choices=["rounds", "asap"],
+                   help="ask the next trials once a round has ended (default; a rerun asks the same trials) "
+                        "or as soon as each trial run ends (asap: inline and local launchers)")
     p.add_argument("--report", default=None, help="write the sweep's report (with its Tuning section) here")
     p.add_argument("--dry-run", action="store_true",
                    help="print each cell's search space and the trials it has spent; train nothing")
@@ -305,12 +308,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from mmbalance.bench.store import Store
     from mmbalance.bench.sweep import load_sweep
     from mmbalance.bench.tune import chosen_text, tune
-    from mmbalance.bench.tune_options import tune_options
+    from mmbalance.bench.tune_options import check_schedule, tune_options
 
     sweep, configs = load_sweep(config_path(args.file), args.overrides)
-    options = tune_options(sweep.tune, {"trials": args.trials, "lr_range": args.lr_range,
-                                        "parallel": args.parallel, "sampler_seed": args.sampler_seed})
+    options = tune_options(sweep.tune, {"trials": args.trials, "lr_range": args.lr_range, "parallel": args.parallel,
+                                        "sampler_seed": args.sampler_seed, "schedule": args.schedule})
     launcher = launcher_options(sweep.launcher, launcher_flags(args))
+    check_schedule(options, launcher.name)
     if args.dry_run:
         from mmbalance.bench.tune import plan_text
 

@@ -11,14 +11,14 @@ sweep's default runs, which `tune` runs too, all through the same launcher.
 
 The driver asks each study for trials until `parallel` of the cell's are in flight (seeded TPE
 with the constant liar, so that trials asked together differ) and hands them to the launcher as
-ordinary runs (their configs carry a `trial:` link, bench.trial). Each time a trial run ends, its
-study is told how, read from the store (a finished run's best validation value; a failed run's
-failure, counted: the budget was spent), and asked again. On the inline and local launchers the
-new trial joins the running launch at once, so that a worker never waits for the slowest trial
-of a batch; on SLURM, the trials asked together are one job array, and the next array is asked
-once it has ended. The runs themselves report validation after every epoch and end as `pruned`
-when the study's median pruner says so. It goes on until every study has its budget of counted
-trials.
+ordinary runs (their configs carry a `trial:` link, bench.trial). When trial runs end, each study
+is told how, read from the store (a finished run's best validation value; a failed run's failure,
+counted: the budget was spent), and asked again: by default once the whole round has ended (one
+launch, on SLURM one job array, per round: the same trials on a rerun), or with `schedule: asap`
+(inline and local launchers) as soon as each run ends, its cell's next trial joining the running
+launch so that no worker waits for the slowest run of a round. The runs themselves report
+validation after every epoch and end as `pruned` when the study's median pruner says so. It goes
+on until every study has its budget of counted trials.
 
 A study lives in `results/<group>/tuning/<cell>.journal` (Optuna's journal file, which many
 processes and nodes may write at once), so a killed `tune` resumes: finished and pruned trials
@@ -48,7 +48,7 @@ from mmbalance.bench.launch.options import LauncherConfig
 from mmbalance.bench.launch.plan import label as row_label
 from mmbalance.bench.store import RunDir, Store, atomic_write_json
 from mmbalance.bench.trial import TrialLink, journal
-from mmbalance.bench.tune_options import TuneOptions
+from mmbalance.bench.tune_options import TuneOptions, check_schedule
 from mmbalance.core.errors import ConfigError, RunFailed
 from mmbalance.core.params import Range, search_space
 from mmbalance.core.registry import METHODS
@@ -230,10 +230,9 @@ def default_parallel(launcher: LauncherConfig, cells: int) -> int:
 
 
 def run_studies(studies: Sequence[Study], launcher: LauncherConfig) -> None:
-    """Ask, launch and settle until every study has spent its budget. On the inline and local
-    launchers, a cell's next trial is asked as soon as one of its trial runs ends and starts in
-    the same launch (next_trials); on SLURM, each round of trials is one job array, and the next
-    round is asked once the whole array has ended."""
+    """Ask, launch and settle until every study has spent its budget: in rounds (each round's
+    trials one launch; on SLURM one job array), or, with `schedule: asap`, a cell's next trial
+    asked as soon as one of its trial runs ends and started in the same launch (next_trials)."""
     parallel = studies[0].options.parallel or default_parallel(launcher, len(studies))
     for s in studies:
         settle(s)  # what ended while no driver watched (a resumed tune)
@@ -245,7 +244,7 @@ def run_studies(studies: Sequence[Study], launcher: LauncherConfig) -> None:
             return
         log.info(f"tuning: {len(flight)} trial run(s) of {len(studies)} cell(s); budget "
                  + ", ".join(f"{s.cell.name} {s.spent()}/{s.options.trials}" for s in studies))
-        follow = None if launcher.name == "slurm" else next_trials(flight, parallel)
+        follow = next_trials(flight, parallel) if studies[0].options.schedule == "asap" else None
         launch([cfg for _, cfg in flight.values()], studies[0].trials, launcher, wait=True, follow=follow)
         for s in studies:
             settle(s)
@@ -333,6 +332,7 @@ class Tuned:
 
 def tune(configs: Sequence[RunConfig], store: Store, options: TuneOptions, launcher: LauncherConfig) -> Tuned:
     """Tune every cell of a sweep's `configs`, then run its default and tuned runs."""
+    check_schedule(options, launcher.name)
     cells = cells_of(configs)
     with tuning_lock(tuning_dir(store, configs[0].group)):
         studies = [open_study(cell, store, options) for cell in cells]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
@@ -18,7 +18,14 @@ class TuneOptions(Strict):
     the first `startup_trials` trials of a study are sampled at random, then TPE models them, and
     the median pruner compares trials once that many have finished, and prunes a trial only after
     `warmup_epochs` epochs (None: half of the cell's epochs, so that a slow start, a small lr's or a
-    staged method's, is not mistaken for a bad configuration)."""
+    staged method's, is not mistaken for a bad configuration).
+
+    schedule: when the driver asks for the next trials. `rounds`: once every trial in flight has
+    ended, so each round's trials are asked from the same finished ones whatever order their runs
+    end in (a rerun asks the same trials: reproducible). `asap` (inline and local launchers): as
+    soon as one trial run ends, its cell's next trial starts on the freed worker; no worker waits
+    for the slowest (or a pruned trial's) run of a round, but which trials are asked depends on
+    which runs end first."""
 
     trials: int | None = Field(None, ge=1)  # None in a file: the command line must give --trials
     lr_range: tuple[float, float] = (1e-4, 1e-1)
@@ -26,6 +33,7 @@ class TuneOptions(Strict):
     sampler_seed: int = 0
     startup_trials: int = Field(3, ge=0)
     warmup_epochs: int | None = Field(None, ge=0)
+    schedule: Literal["rounds", "asap"] = "rounds"
 
     @model_validator(mode="after")
     def _lr_range(self) -> TuneOptions:
@@ -58,3 +66,10 @@ def tune_options(from_file: TuneOptions | None, flags: dict[str, Any], origin: s
         raise ConfigError("no tuning budget: give `--trials N` or `tune: {trials: N}` in the sweep file "
                           "(the trials every cell gets)")
     return options
+
+
+def check_schedule(options: TuneOptions, launcher: str) -> None:
+    """`schedule: asap` adds trials to a running launch, which a SLURM job array cannot take."""
+    if options.schedule == "asap" and launcher == "slurm":
+        raise ConfigError("tune.schedule: 'asap' needs the inline or local launcher; on slurm each round "
+                          "of trials is one job array (schedule: rounds)")

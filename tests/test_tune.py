@@ -137,15 +137,17 @@ def cells_dataset(cell) -> dict:
     return json.loads(cell.dataset)
 
 
-def test_a_trial_of_a_method_that_needs_teachers_trains_them_unlinked(tmp_path, store, one_torch_thread):
+@pytest.mark.parametrize("schedule", ["rounds", "asap"])
+def test_a_trial_of_a_method_that_needs_teachers_trains_them_unlinked(schedule, tmp_path, store, one_torch_thread):
     """UMT's trials need unimodal teachers trained first (with the trial's lr: the same config
     otherwise). They are runs of the tuning store too, but not the trial: they do not report to
-    its study, so the pruner judges the UMT run alone."""
+    its study, so the pruner judges the UMT run alone. Under `asap`, the second trial and its
+    teachers join the launch when the first trial has ended."""
     path = tmp_path / "sweep.yaml"
     path.write_text(SWEEP.replace("seeds: [0, 1]", "seeds: [0]").replace("  joint: {method.name: joint}\n", "")
                     .replace("ogm-ge: {method.name: ogm_ge}", "umt: {method.name: umt}"))
     _, configs = load_sweep(path)
-    tuned = tune(configs, store, options(2), INLINE)
+    tuned = tune(configs, store, options(2, schedule=schedule), INLINE)
     assert [t["state"] for t in tuned.records["umt"]["trials"]] == ["COMPLETE", "COMPLETE"]
     runs = [rd.read_config() for rd in run_dirs(store.root / "t" / "tuning" / "umt")]
     teachers = [c for c in runs if c["method"]["name"] == "unimodal"]
@@ -232,7 +234,10 @@ def test_the_sweep_files_tune_section_and_the_flags_over_it(tmp_path):
     sweep, _ = load_sweep(path)
     assert tune_options(sweep.tune, {}).model_dump() == {
         "trials": 5, "lr_range": (0.001, 0.5), "parallel": 2, "sampler_seed": 0, "startup_trials": 3,
-        "warmup_epochs": None}
+        "warmup_epochs": None, "schedule": "rounds"}
+    assert tune_options(sweep.tune, {"schedule": "asap"}).schedule == "asap"
+    with pytest.raises(ConfigError, match=r"tune.schedule.*the command line"):
+        tune_options(sweep.tune, {"schedule": "eager"})
     assert (sweep.tune.warmup(40), tune_options(sweep.tune, {"warmup_epochs": 3}).warmup(40)) == (20, 3)
     assert tune_options(sweep.tune, {"trials": 7, "lr_range": None}).trials == 7
     with pytest.raises(ConfigError, match="no tuning budget: give `--trials N` or `tune: {trials: N}`"):
@@ -373,11 +378,13 @@ def test_a_conditional_range_is_searched_only_where_its_field_says():
         search_space(P)
 
 
-@pytest.mark.slow  # ~30 s: every trial is a local worker process that imports torch
-def test_ctrl_c_during_a_local_tune_loses_no_trial_and_the_rerun_resumes(tmp_path, capsys):
+@pytest.mark.slow  # ~30 s each: every trial is a local worker process that imports torch
+@pytest.mark.parametrize("schedule", ["rounds", "asap"])
+def test_ctrl_c_during_a_local_tune_loses_no_trial_and_the_rerun_resumes(schedule, tmp_path, capsys):
     """The issue's demonstration, small: `mmbalance tune` with the local launcher is stopped by a
     Ctrl-C while its second trial trains; the rerun keeps the first trial as it was, resumes the
-    second from its checkpoint and spends exactly the budget."""
+    second from its checkpoint and spends exactly the budget. Under `asap` the second trial
+    joined the first one's launch, and the Ctrl-C stops that launch."""
     import os
     import signal
     import subprocess
@@ -389,7 +396,8 @@ def test_ctrl_c_during_a_local_tune_loses_no_trial_and_the_rerun_resumes(tmp_pat
     path = tmp_path / "sweep.yaml"
     path.write_text(SWEEP.replace("epochs: 2", "epochs: 12").replace("seeds: [0, 1]", "seeds: [0]")
                     .replace("  ogm-ge: {method.name: ogm_ge}\n", "")
-                    + "launcher: {name: local, workers: 1}\ntune: {trials: 3, warmup_epochs: 20}\n")
+                    + "launcher: {name: local, workers: 1}\n"
+                    + f"tune: {{trials: 3, warmup_epochs: 20, schedule: {schedule}}}\n")
     root = tmp_path / "results"
     trials = root / "t" / "tuning" / "joint"
     tuner = subprocess.Popen([sys.executable, "-m", "mmbalance", "--results", str(root), "tune", str(path)],
@@ -421,3 +429,44 @@ def test_ctrl_c_during_a_local_tune_loses_no_trial_and_the_rerun_resumes(tmp_pat
     assert [r["epoch"] for r in cut.read_metrics()] == list(range(12))  # resumed: no epoch twice
     assert len(run_dirs(trials)) == 3
     assert "joint: trial" in capsys.readouterr().out
+
+
+def test_asap_is_refused_on_slurm_with_one_line(sweep, tmp_path, capsys):
+    from mmbalance.bench.cli import main as cli
+
+    code = cli(["--results", str(tmp_path / "results"), "tune", str(sweep), "--trials", "2", "--schedule", "asap",
+                "--launcher", "slurm", "--dry-run"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == ("error: tune.schedule: 'asap' needs the inline or local launcher; on slurm each "
+                                 "round of trials is one job array (schedule: rounds)")
+    with pytest.raises(ConfigError, match="'asap' needs the inline or local launcher"):
+        tune(load_sweep(sweep)[1], Store(tmp_path / "r"), options(2, schedule="asap"), LauncherConfig(name="slurm"))
+
+
+@pytest.mark.slow  # ~40 s: a dozen local worker processes
+def test_asap_on_the_local_launcher_starts_a_trial_and_its_teachers_as_the_last_one_ends(tmp_path, store):
+    """UMT on the local launcher, one trial in flight: each next trial joins the running launch
+    together with its unimodal teachers, which it waits for; the budget is spent exactly and the
+    study is told every trial."""
+    path = tmp_path / "sweep.yaml"
+    path.write_text(SWEEP.replace("epochs: 2", "epochs: 1").replace("seeds: [0, 1]", "seeds: [0]")
+                    .replace("  joint: {method.name: joint}\n", "")
+                    .replace("ogm-ge: {method.name: ogm_ge}", "umt: {method.name: umt}"))
+    _, configs = load_sweep(path)
+    tuned = tune(configs, store, options(3, schedule="asap", parallel=1), LauncherConfig(name="local", workers=2))
+    assert tuned.code == 0
+    assert [t["state"] for t in tuned.records["umt"]["trials"]] == ["COMPLETE"] * 3
+    runs = run_dirs(store.root / "t" / "tuning" / "umt")
+    assert len(runs) == 9 and all(rd.done() for rd in runs)  # 3 trials, 2 teachers each
+    for rd in runs:  # each trial started once its teachers had finished
+        if rd.read_config()["method"]["name"] == "umt":
+            teachers = [store.root / "t" / "tuning" / "umt" / rid for rid in needs_of(rd)]
+            assert teachers and all(t.joinpath("summary.json").stat().st_mtime <= rd.metrics.stat().st_mtime
+                                    for t in teachers)
+
+
+def needs_of(rd) -> list[str]:
+    from mmbalance.bench.config import validate
+    from mmbalance.bench.requirements import needs
+
+    return list(needs(validate(rd.read_config())).values())
