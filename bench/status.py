@@ -66,16 +66,19 @@ class Snapshot(RunDir):
 
 def shown_state(status: dict[str, Any], queued: set[str] | None = None, held: bool = False) -> str:
     """The recorded state, with 'running'/'pending' marked stale when nothing carries it on: its
-    SLURM job has left the queue (`queued`: squeue's job ids, None when unknown) or, for a run
-    without a job, no process holds its claim (`held`: bench.claim.is_held; a killed process
-    cannot record its own end; launching again resumes it) and, for a pending one, the local
-    launcher that marked it is gone. A recorded pid alone decides nothing: it may be reused."""
+    SLURM job has left the queue (`queued`: squeue's job ids, None when unknown: then marked
+    unchecked) or, for a run without a job, no process holds its claim (`held`:
+    bench.claim.is_held; a killed process cannot record its own end; launching again resumes it)
+    and, for a pending one, the local launcher that marked it is gone. A recorded pid alone
+    decides nothing: it may be reused."""
     state = status["state"]
     if state not in ("running", "pending") or held:
         return state
     job = status.get("job_id")
     if job:
-        if queued is not None and str(job) not in queued:
+        if queued is None:
+            return f"{state} (unchecked: no word from SLURM)"
+        if str(job) not in queued:
             return f"{state} (stale: job gone)"
         return state
     if state == "running":
@@ -138,7 +141,19 @@ def status_table(path: Path) -> str:
     # print it as 0.81
     table = tabulate(rows, headers="keys", tablefmt="pipe", floatfmt=".3f")
     return "\n\n".join([table, count_line([row["state"] for row in rows])] + (
-        ["failed, interrupted or damaged:\n" + "\n".join(problems)] if problems else []))
+        ["failed, interrupted or damaged:\n" + "\n".join(problems)] if problems else []) + unchecked_note(rows))
+
+
+def unchecked_note(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Where squeue gave no answer, why, and what that leaves unknown: runs under SLURM jobs show
+    their recorded state, which a job that died without a word leaves as it was."""
+    unchecked = sum("unchecked" in row["state"] for row in rows)
+    if not unchecked:
+        return []
+    from mmbalance.bench.launch.jobs import squeue_failure
+
+    return [f"note: {squeue_failure()}; {unchecked} run(s) under SLURM jobs show their recorded state, "
+            "not checked against the queue (run status again once SLURM answers)"]
 
 
 def count_line(states: Sequence[str]) -> str:
@@ -146,9 +161,11 @@ def count_line(states: Sequence[str]) -> str:
     any other state ('damaged', 'new'), most frequent first."""
     base = Counter(state.split(" ")[0] for state in states)
     stale = sum("stale" in state for state in states)
+    unchecked = sum("unchecked" in state for state in states)
     other = Counter({s: n for s, n in base.items() if s not in COUNTED}).most_common()
     parts = [f"{base[s]} {s}" for s in COUNTED] + [f"{n} {s}" for s, n in other]
-    return f"{len(states)} runs: " + ", ".join(parts) + (f" ({stale} stale: launch again to resume)" if stale else "")
+    return (f"{len(states)} runs: " + ", ".join(parts) + (f" ({stale} stale: launch again to resume)" if stale else "")
+            + (f" ({unchecked} unchecked: no word from SLURM)" if unchecked else ""))
 
 
 def damaged_row(rd: RunDir, damage: DamagedFile) -> dict[str, Any]:

@@ -114,3 +114,16 @@ def test_a_relaunch_with_slurm_not_answering_fails_in_one_line_and_changes_nothi
         "(connect failure); nothing was submitted, the runs are as they were (is SLURM up? try `sinfo`)"]
     assert [rd.status_file.read_text() for rd in rds[:2]] == before  # not taken for dead, not resubmitted
     assert not rds[2].status_file.exists()
+
+
+def test_status_with_slurm_not_answering_marks_job_runs_unchecked_and_says_why(slurm_down, capsys):
+    _, store, rds = slurm_down
+    rds[1].checkpoint.unlink()  # the fixture's empty stand-in would show the run as damaged
+    assert cli(["status", str(store.root / rds[0].path.parent.name)]) == 0
+    out = capsys.readouterr().out
+    assert "pending (unchecked: no word from SLURM)" in out and "running (unchecked: no word from SLURM)" in out
+    assert "(2 unchecked: no word from SLURM)" in out
+    assert out.rstrip().endswith(
+        "note: squeue failed: slurm_load_jobs error: Unable to contact slurm controller (connect failure); "
+        "2 run(s) under SLURM jobs show their recorded state, not checked against the queue (run status again "
+        "once SLURM answers)")

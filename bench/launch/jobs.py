@@ -28,6 +28,20 @@ def queued_job_ids() -> set[str] | None:
     return {line.strip() for line in out.splitlines() if line.strip()}
 
 
+def squeue_failure() -> str:
+    """Why squeue gives no answer here, in its own words (for a note; queued_job_ids said None)."""
+    if not have_slurm():
+        return "squeue is not installed here"
+    try:
+        done = subprocess.run(["squeue", "-h", "-r", "-o", "%i"], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return "squeue did not answer within 60 s"
+    except OSError as e:
+        return f"squeue could not be run: {e}"
+    said = (done.stderr or done.stdout).strip().splitlines()
+    return f"squeue failed: {said[-1]}" if said else f"squeue failed (exit status {done.returncode})"
+
+
 def cancel_jobs(job_ids: Iterable[str]) -> str:
     """scancel the given jobs; returns what scancel said (empty when all went well)."""
     ids = sorted(set(job_ids))
