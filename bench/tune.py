@@ -379,9 +379,10 @@ def plan_text(configs: Sequence[RunConfig], store: Store, options: TuneOptions, 
     """What `tune` would do, for --dry-run: each cell's search space and the trials it has spent."""
     cells = cells_of(configs)
     parallel = options.parallel or default_parallel(launcher, len(cells))
-    lines = [f"{options.trials} trials per cell, {parallel} in flight per cell ({launcher.name} launcher), chosen "
-             f"on validation; then {len(cells[0].seeds)} seed(s) per cell, default and -tuned; studies in "
-             f"{tuning_dir(store, configs[0].group)}"]
+    asked = "in rounds" if options.schedule == "rounds" else "as each trial run ends"
+    lines = [f"{options.trials} trials per cell, {parallel} in flight per cell ({launcher.name} launcher), asked "
+             f"{asked}, chosen on validation; then {len(cells[0].seeds)} seed(s) per cell, default and -tuned; "
+             f"studies in {tuning_dir(store, configs[0].group)}"]
     for cell in cells:
         space = ", ".join(f"{name} {range_text(r)}" for name, r in cell.space(options).items())
         lines.append(f"  {cell.name} ({cell.seeds[0].method['name']}): {spent_so_far(store, cell)}/{options.trials} "

@@ -258,11 +258,13 @@ def test_dry_run_shows_each_cells_space_and_spent_trials_and_writes_nothing(swee
     root = tmp_path / "results"
     assert cli(["--results", str(root), "tune", str(sweep), "--trials", "5", "--dry-run"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("5 trials per cell, 1 in flight per cell (inline launcher), chosen on validation; "
-                             "then 2 seed(s) per cell")
+    assert out[0].startswith("5 trials per cell, 1 in flight per cell (inline launcher), asked in rounds, chosen on "
+                             "validation; then 2 seed(s) per cell")
     assert out[1:] == ["  joint (joint): 0/5 spent; searches optim.lr [0.0001, 0.1] log",
                        "  ogm-ge (ogm_ge): 0/5 spent; searches alpha [0.05, 1.5], optim.lr [0.0001, 0.1] log"]
     assert not root.exists()
+    assert cli(["--results", str(root), "tune", str(sweep), "--trials", "5", "--schedule", "asap", "--dry-run"]) == 0
+    assert "1 in flight per cell (inline launcher), asked as each trial run ends," in capsys.readouterr().out
     assert cli(["--results", str(root), "tune", str(sweep), "--dry-run"]) == 2  # no budget: one line
     assert "no tuning budget: give `--trials N`" in capsys.readouterr().err
 
