@@ -593,7 +593,9 @@ INTERRUPTIBLE = """
 group: ctrlc
 base:
   dataset: {name: gaussian}
-  train: {epochs: 15, batch_size: 32, progress: false}
+  # 45 epochs (about 2 s here): the first run must still train when the launcher, loaded or not,
+  # gets round to handling the Ctrl-C sent once the run reports `running`
+  train: {epochs: 45, batch_size: 32, progress: false}
   optim: {lr: 0.05}
   eval: {probe: false}
 seeds: [0, 1, 2]
@@ -638,7 +640,7 @@ def test_ctrl_c_stops_the_local_launcher_nothing_new_starts_and_a_relaunch_finis
     assert "0 running, 0 pending, 0 failed, 1 interrupted, 2 new" in capsys.readouterr().out
     assert cli(["--results", str(store.root), "sweep", str(path), "--launcher", "inline"]) == 0
     assert "3 runs: 3 finished" in capsys.readouterr().err
-    assert all(len(rd.read_metrics()) == 15 for rd in [first, *queued])
+    assert all(len(rd.read_metrics()) == 45 for rd in [first, *queued])
 
 
 def test_a_run_process_interrupted_before_it_recorded_anything_is_interrupted(tmp_path):
