@@ -1,7 +1,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+import shutil
+from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 import torch
@@ -24,6 +25,21 @@ FAST = [
     "schedule.step_size=2",
     "eval.probe_c_grid=[0.1,1.0]",
 ]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _module_temp_dirs_go_with_the_module(request, tmp_path_factory) -> Iterator[None]:
+    """The temp directories a module made (its module-scoped fixtures' prepared caches and stores,
+    tens of MB each) are removed when the module ends, unless one of its tests failed: with
+    `tmp_path_retention_policy = "failed"` (pyproject) a passing test's tmp_path goes at its end,
+    but tmp_path_factory's directories would stay until the session ends and add up to over a
+    GB on CI's small disk. No fixture here is session-scoped, so none outlives its module."""
+    base = tmp_path_factory.getbasetemp()
+    before, failed = set(base.iterdir()), request.session.testsfailed
+    yield
+    if request.session.testsfailed == failed:
+        for path in set(base.iterdir()) - before:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
