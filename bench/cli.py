@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Sequence
@@ -342,6 +343,10 @@ def cmd_run_one(args: argparse.Namespace) -> int:
     from mmbalance.bench.store import RunDir
     from mmbalance.core.errors import EXIT_ELSEWHERE, RunFailed
 
+    # the launchers stop a run with SIGINT (bench.launch.local.stop_running); a launcher started
+    # where SIGINT is ignored (a `&` job of a script, nohup) hands that on, and the run would sit
+    # out the grace period and be killed instead of recording its end
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         state = run_one(args.run_dir)
     except RunFailed as e:  # recorded in status.json; the traceback goes to this process's log too

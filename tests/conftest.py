@@ -42,6 +42,15 @@ def _module_temp_dirs_go_with_the_module(request, tmp_path_factory) -> Iterator[
             shutil.rmtree(path, ignore_errors=True)
 
 
+def as_at_a_terminal() -> None:
+    """Popen's preexec_fn for a command a test sends a Ctrl-C (SIGINT): the disposition a shell at
+    a terminal starts it with. A test runner started as a `&` job of a script has SIGINT ignored,
+    its children inherit that, and a Python started so never raises KeyboardInterrupt."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture
 def fast_config() -> Callable[..., RunConfig]:
     def make(*overrides: str) -> RunConfig:

@@ -14,7 +14,7 @@ from mmbalance.bench.launch import launch
 from mmbalance.bench.launch.options import LauncherConfig
 from mmbalance.bench.store import Store
 from mmbalance.bench.sweep import load_sweep
-from tests.conftest import stand_in_summary
+from tests.conftest import as_at_a_terminal, stand_in_summary
 
 SWEEP = """
 group: two
@@ -551,35 +551,54 @@ cells:
 """
 
 
-@pytest.mark.parametrize("launcher", ["local", "inline"])
-def test_a_run_that_follows_an_ended_one_joins_the_launch(launcher, tmp_path):
-    """`follow` (a tuning study's next trial): the local launcher starts the run it returns once
-    the short run has ended, while the long run still trains, instead of after the whole batch;
-    the inline launcher runs it after its batch. The launch's outcome covers the added run."""
-    from mmbalance.bench.config import validate
-
-    short, long_run, added = load_sweep(write(tmp_path, FOLLOWED))[1]
-    long_run = validate({**long_run.to_dict(), "train": {**long_run.to_dict()["train"], "epochs": 250}})
+def test_a_run_that_follows_an_ended_one_joins_the_inline_launch(tmp_path):
+    """`follow` (a tuning study's next trial) on the inline launcher: the run it returns runs in
+    the same launch, whose outcome covers it; a run already in the launch is not added again."""
+    short, added, _ = load_sweep(write(tmp_path, FOLLOWED))[1]
     store = Store(tmp_path / "results")
-    rd = {name: store.run_dir(cfg.group, cfg.run_id()) for name, cfg in
-          (("short", short), ("long", long_run), ("added", added))}
-    calls, long_state = [], []
+    calls = []
 
     def follow(run_id: str) -> list:
         calls.append(run_id)
-        if run_id != short.run_id():
-            return []
-        long_state.append(rd["long"].recorded_status()["state"])
-        return [added, short]  # a run already in the launch is not added again
+        return [added, short] if run_id == short.run_id() else []
 
-    configs = [short, long_run] if launcher == "local" else [short]
-    assert launch(configs, store, LauncherConfig(name=launcher, workers=2), wait=True, follow=follow) == 0
-    assert all(r.done() for name, r in rd.items() if launcher == "local" or name != "long")
-    assert calls[0] == short.run_id() and sorted(calls) == sorted(c.run_id() for c in [*configs, added])
-    if launcher == "local":
-        # the added run started on the short one's worker and ended while the long one trained
-        assert long_state == ["running"]
-        assert rd["added"].metrics.stat().st_mtime < rd["long"].metrics.stat().st_mtime
+    assert launch([short], store, LauncherConfig(name="inline"), wait=True, follow=follow) == 0
+    assert calls == [short.run_id(), added.run_id()]
+    assert all(store.run_dir(c.group, c.run_id()).done() for c in (short, added))
+
+
+def test_a_run_that_follows_an_ended_one_starts_on_the_freed_worker_while_the_others_run(tmp_path, monkeypatch):
+    """The local launcher with stand-in runs (no processes, no timing): of two workers, the short
+    run's ends at once and `follow` adds a run; the long run waits until that run has started,
+    which it can only do on the short run's freed worker while the long one still holds the other
+    (a launcher that waited for the whole batch would leave it waiting)."""
+    import threading
+
+    from mmbalance.bench.launch import local
+    from mmbalance.bench.launch.plan import plan
+
+    short, long_run, added = load_sweep(write(tmp_path, FOLLOWED))[1]
+    store = Store(tmp_path / "results")
+    name = {c.run_id(): n for n, c in (("short", short), ("long", long_run), ("added", added))}
+    added_started, events = threading.Event(), []
+
+    def stand_in(p, slots, workers, gpus, runs_per_gpu, running):
+        slot = slots.get()
+        try:
+            events.append(f"{name[p.run_dir.run_id]} starts")
+            if name[p.run_dir.run_id] == "added":
+                added_started.set()
+            if name[p.run_dir.run_id] == "long":
+                events.append(f"long saw added start: {added_started.wait(timeout=30)}")
+        finally:
+            slots.put(slot)
+        return "finished", 0.0
+
+    monkeypatch.setattr(local, "run_in_process", stand_in)
+    states = local.launch_local(plan([short, long_run], store), LauncherConfig(name="local", workers=2),
+                                lambda p, state: plan([added], store) if p.run_dir.run_id == short.run_id() else [])
+    assert states == {c.run_id(): "finished" for c in (short, long_run, added)}
+    assert "long saw added start: True" in events
 
 
 def test_follow_is_refused_on_slurm(tmp_path):
@@ -619,7 +638,8 @@ def test_ctrl_c_stops_the_local_launcher_nothing_new_starts_and_a_relaunch_finis
     _, configs = load_sweep(path)
     first, *queued = [store.run_dir(c.group, c.run_id()) for c in configs]
     launcher = subprocess.Popen([sys.executable, "-m", "mmbalance", "--results", str(store.root), "sweep", str(path)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                preexec_fn=as_at_a_terminal)
     deadline = time.monotonic() + 60
     while first.status()["state"] != "running":  # recorded once its model is built, before epoch 1
         assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()
@@ -641,6 +661,32 @@ def test_ctrl_c_stops_the_local_launcher_nothing_new_starts_and_a_relaunch_finis
     assert cli(["--results", str(store.root), "sweep", str(path), "--launcher", "inline"]) == 0
     assert "3 runs: 3 finished" in capsys.readouterr().err
     assert all(len(rd.read_metrics()) == 45 for rd in [first, *queued])
+
+
+def test_a_run_process_started_with_sigint_ignored_still_stops_on_sigint(fast_config, store):
+    """A launcher started where SIGINT is ignored (a `&` job of a script, nohup) hands that on to
+    its run processes; run-one takes SIGINT back, so the launcher's SIGINT still stops the run at
+    an epoch's end, recorded interrupted, instead of after the grace period, killed."""
+    import signal
+    import subprocess
+    import time
+
+    from mmbalance.bench.launch.worker import run_one_command
+    from mmbalance.core.errors import EXIT_INTERRUPTED
+
+    cfg = fast_config("train.epochs=400")  # about 20 s: it would finish if the SIGINT were lost
+    rd = store.run_dir(cfg.group, cfg.run_id())
+    rd.write_config(cfg.to_dict())
+    proc = subprocess.Popen(run_one_command(rd.path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    deadline = time.monotonic() + 60
+    while not rd.metrics.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == EXIT_INTERRUPTED, out
+    assert rd.status()["state"] == "interrupted" and len(rd.read_metrics()) < 400
 
 
 def test_a_run_process_interrupted_before_it_recorded_anything_is_interrupted(tmp_path):

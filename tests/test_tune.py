@@ -27,6 +27,7 @@ from mmbalance.bench.tune_options import TuneOptions, tune_options
 from mmbalance.core.errors import ConfigError, RunFailed
 from mmbalance.core.params import Range, Strict, search_space, tunable
 from mmbalance.core.registry import METHODS
+from tests.conftest import as_at_a_terminal
 
 pytest.importorskip("optuna")
 
@@ -403,7 +404,8 @@ def test_ctrl_c_during_a_local_tune_loses_no_trial_and_the_rerun_resumes(schedul
     root = tmp_path / "results"
     trials = root / "t" / "tuning" / "joint"
     tuner = subprocess.Popen([sys.executable, "-m", "mmbalance", "--results", str(root), "tune", str(path)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                             preexec_fn=as_at_a_terminal)
 
     def second_trial_training() -> bool:
         runs = run_dirs(trials) if trials.is_dir() else []
