@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -45,6 +46,20 @@ class Batch:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @staticmethod
+    def cat(batches: Sequence[Batch]) -> Batch:
+        """One batch of `batches`' samples in order; ids kept where every part has them."""
+        if len(batches) == 1:
+            return batches[0]
+        ids = [b.ids for b in batches]
+        return Batch({m: torch.cat([b.inputs[m] for b in batches]) for m in batches[0].inputs},
+                     torch.cat([b.labels for b in batches]), None if any(i is None for i in ids) else torch.cat(ids))
+
+    def rows(self, index: torch.Tensor) -> Batch:
+        """The samples at `index` (indices or a boolean mask), with their ids where it has them."""
+        return Batch({m: x[index] for m, x in self.inputs.items()}, self.labels[index],
+                     None if self.ids is None else self.ids[index.to(self.ids.device)])
 
 
 @dataclass

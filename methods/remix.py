@@ -125,10 +125,6 @@ def zero_others(feats: dict[str, torch.Tensor], keep: str) -> dict[str, torch.Te
             for m, f in feats.items()}
 
 
-def rows(batch: Batch, index: torch.Tensor) -> Batch:
-    return Batch({m: x[index] for m, x in batch.inputs.items()}, batch.labels[index])
-
-
 @dataclass
 class Queue:
     """Samples waiting for a step of one modality, in the order they came."""
@@ -143,12 +139,10 @@ class Queue:
 
     def take(self, n: int) -> Batch:
         """The first n samples (all of them if fewer), removed from the queue."""
-        whole = self.parts[0] if len(self.parts) == 1 else Batch(
-            {m: torch.cat([p.inputs[m] for p in self.parts]) for m in self.parts[0].inputs},
-            torch.cat([p.labels for p in self.parts]))
+        whole = Batch.cat(self.parts)
         n = min(n, len(whole))
-        taken = rows(whole, torch.arange(n, device=whole.labels.device))
-        rest = rows(whole, torch.arange(n, len(whole), device=whole.labels.device))
+        taken = whole.rows(torch.arange(n, device=whole.labels.device))
+        rest = whole.rows(torch.arange(n, len(whole), device=whole.labels.device))
         self.parts, self.size = ([rest] if len(rest) else []), len(rest)
         return taken
 
@@ -226,7 +220,7 @@ class Remix(Method):
         scores = self.scores(batch)
         chosen = assignment(scores)
         for k, m in enumerate(self.modality_names):
-            self.queues[m].put(rows(batch, (chosen == k).nonzero().squeeze(1)))
+            self.queues[m].put(batch.rows((chosen == k).nonzero().squeeze(1)))
         last = ctx.batch_index == ctx.num_batches - 1
         total = torch.zeros((), device=batch.labels.device)
         for m, queue in self.queues.items():

@@ -258,7 +258,7 @@ class Valuation(Method):
                     if not len(take):
                         continue
                     take = take.to(batch.labels.device)
-                    batch = Batch({m: x[take] for m, x in batch.inputs.items()}, batch.labels[take])
+                    batch = batch.rows(take)
                 phis.append(shapley(self.correctness(batch), len(self.modality_names),
                                     self.params.variant == "release"))
                 where.append(at)

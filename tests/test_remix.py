@@ -123,6 +123,20 @@ def test_queue_takes_in_order_and_keeps_the_rest():
     assert q.size == 0 and q.parts == []
 
 
+def test_queue_keeps_each_samples_id_through_its_parts():
+    q = Queue()
+    for start, stop in ((0, 3), (3, 7)):
+        ids = torch.arange(10 + start, 10 + stop)
+        q.put(Batch({"a": torch.arange(float(start), stop)}, torch.arange(start, stop), ids))
+    taken, rest = q.take(5), q.take(5)
+    assert taken.ids.tolist() == [10, 11, 12, 13, 14] and rest.ids.tolist() == [15, 16]
+    chosen = taken.rows(torch.tensor([True, False, True, False, True]))
+    assert chosen.labels.tolist() == [0, 2, 4] and chosen.ids.tolist() == [10, 12, 14]
+    q.put(Batch({"a": torch.arange(2.0)}, torch.arange(2)))  # a part without ids: the whole has none
+    q.put(Batch({"a": torch.arange(2.0)}, torch.arange(2), torch.arange(2)))
+    assert q.take(4).ids is None
+
+
 # ------------------------------------------------------------------- beside the release
 
 
