@@ -114,75 +114,93 @@ def launch_local(todo: Sequence[PlannedRun], options: LauncherConfig, follow: Fo
     study's next trials, bench.tune): they start as soon as a worker is free, so no worker waits
     for the slowest run of a batch. The worker count is settled by `todo` alone.
     Ctrl-C (KeyboardInterrupt) stops the launch (see stop_launch), then goes on up."""
-    gpus, k = gpu_count(), options.packing()
+    gpus = gpu_count()
     workers = worker_count(options, gpus, len(todo), run_thread_count(todo, gpus, workers=1))  # threads: CPU only
-    slots: queue.Queue[int] = queue.Queue()
-    for slot in range(workers):
-        slots.put(slot)
-    runs: list[PlannedRun] = []  # every run of this launch: `todo` and what `follow` added
-    before: dict[str, str | None] = {}
-    running = Workers()
-    states: dict[str, str] = {}
-    marked: list[PlannedRun] = []  # the runs this launch marked pending (or was marking)
-    waits: dict[str, set[str]] = {}
+    launch = LocalLaunch(workers, gpus, options.packing())
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures: dict[Future, PlannedRun] = {}
         try:
-            def add(new: Sequence[PlannedRun]) -> list[PlannedRun]:
-                """Mark `new` pending for this launcher (under each run's claim, see mark_pending);
-                each waits for the runs of this launch it requires that have not ended."""
-                ids = {q.run_dir.run_id for q in runs}
-                new = [q for q in new if q.run_dir.run_id not in ids]
-                runs.extend(new)
-                before.update((q.run_dir.run_id, saved_status(q.run_dir)) for q in new)
-                added = []
-                for q in new:
-                    marked.append(q)
-                    state = mark_pending(q.run_dir, q.cfg.to_dict(), job_id=None,
-                                         log=str(q.run_dir.path / "run.log"), stdout=None)
-                    if state != "pending":  # taken or finished by another launch since this one planned
-                        marked.pop()
-                        report(q, state, 0.0, states, len(runs))
-                    else:
-                        added.append(q)
-                live = {q.run_dir.run_id for q in marked if q.run_dir.run_id not in states}
-                waits.update((q.run_dir.run_id, {rid for rid in q.needs.values() if rid in live}) for q in added)
-                return added
-
-            if add(todo):
-                log.info(placement_line(len(marked), workers, gpus, k, run_thread_count(marked, gpus, workers)))
-            pending: set[Future] = set()
-
-            def start_ready() -> None:  # in plan order, the runs whose requirements have ended
-                for p in marked:
-                    if p.run_dir.run_id in waits and not waits[p.run_dir.run_id]:
-                        del waits[p.run_dir.run_id]
-                        future = pool.submit(run_in_process, p, slots, workers, gpus, k, running)
-                        futures[future] = p
-                        pending.add(future)
-
-            start_ready()
-            while pending:
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for future in done:
-                    pending.discard(future)
-                    ended, (state, seconds) = futures[future], future.result()
-                    report(ended, state, seconds, states, len(runs))
-                    for left in waits.values():  # ended, finished or not: a dependent then fails naming it
-                        left.discard(ended.run_dir.run_id)
-                    if follow is not None and state is not None and not running.stopped:
-                        add(follow(ended, state))
-                start_ready()
+            if launch.add(todo):
+                log.info(placement_line(len(launch.marked), workers, gpus, launch.runs_per_gpu,
+                                        run_thread_count(launch.marked, gpus, workers)))
+            launch.run(pool, follow)
         except KeyboardInterrupt:
             with sigint_ignored():  # a second Ctrl-C must not cut the clean-up short; it has a deadline
                 pool.shutdown(wait=False, cancel_futures=True)
-                stop_launch(marked, running, futures, states, before)
+                stop_launch(launch.marked, launch.running, launch.futures, launch.states, launch.before)
             raise
         except OSError as e:  # marking the runs pending failed (a full disk, say): none has started
-            running.halt(os_message(e))
-    if running.halted:
-        raise halted_launch(runs, running, before)
-    return states
+            launch.running.halt(os_message(e))
+    if launch.running.halted:
+        raise halted_launch(launch.runs, launch.running, launch.before)
+    return launch.states
+
+
+class LocalLaunch:
+    """The runs of one local launch and where each stands: marked pending, waiting for the runs
+    of this launch it requires, started on a free worker slot, ended."""
+
+    def __init__(self, workers: int, gpus: int, runs_per_gpu: int) -> None:
+        self.workers, self.gpus, self.runs_per_gpu = workers, gpus, runs_per_gpu
+        self.slots: queue.Queue[int] = queue.Queue()
+        for slot in range(workers):
+            self.slots.put(slot)
+        self.running = Workers()
+        self.runs: list[PlannedRun] = []  # every run of this launch: the first ones and those added
+        self.before: dict[str, str | None] = {}  # each run's status before this launch
+        self.marked: list[PlannedRun] = []  # the runs this launch marked pending (or was marking)
+        self.states: dict[str, str] = {}  # run id -> how it ended
+        self.waits: dict[str, set[str]] = {}  # run not yet started -> the runs it waits for
+        self.futures: dict[Future, PlannedRun] = {}
+        self.pending: set[Future] = set()
+
+    def add(self, new: Sequence[PlannedRun]) -> list[PlannedRun]:
+        """Mark the runs of `new` not yet in the launch pending for this launcher (under each run's
+        claim, see mark_pending); each waits for the runs of this launch it requires that have not
+        ended. Returns those marked (one taken or finished by another launch since it was planned
+        is reported as it stands)."""
+        known = {q.run_dir.run_id for q in self.runs}
+        new = [q for q in new if q.run_dir.run_id not in known]
+        self.runs.extend(new)
+        self.before.update((q.run_dir.run_id, saved_status(q.run_dir)) for q in new)
+        added = []
+        for q in new:
+            self.marked.append(q)
+            state = mark_pending(q.run_dir, q.cfg.to_dict(), job_id=None, log=str(q.run_dir.path / "run.log"),
+                                 stdout=None)
+            if state != "pending":
+                self.marked.pop()
+                report(q, state, 0.0, self.states, len(self.runs))
+            else:
+                added.append(q)
+        live = {q.run_dir.run_id for q in self.marked if q.run_dir.run_id not in self.states}
+        self.waits.update((q.run_dir.run_id, {rid for rid in q.needs.values() if rid in live}) for q in added)
+        return added
+
+    def run(self, pool: ThreadPoolExecutor, follow: Follow | None) -> None:
+        """Start what is ready, and after each run's end what that made ready (and what `follow`
+        added), until no run is left."""
+        self.start_ready(pool)
+        while self.pending:
+            done, _ = wait(self.pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                self.pending.discard(future)
+                ended, (state, seconds) = self.futures[future], future.result()
+                report(ended, state, seconds, self.states, len(self.runs))
+                for left in self.waits.values():  # ended, finished or not: a dependent then fails naming it
+                    left.discard(ended.run_dir.run_id)
+                if follow is not None and state is not None and not self.running.stopped:
+                    self.add(follow(ended, state))
+            self.start_ready(pool)
+
+    def start_ready(self, pool: ThreadPoolExecutor) -> None:
+        """In plan order, hand the pool the runs whose requirements have ended."""
+        for p in self.marked:
+            if p.run_dir.run_id in self.waits and not self.waits[p.run_dir.run_id]:
+                del self.waits[p.run_dir.run_id]
+                future = pool.submit(run_in_process, p, self.slots, self.workers, self.gpus, self.runs_per_gpu,
+                                     self.running)
+                self.futures[future] = p
+                self.pending.add(future)
 
 
 def halted_launch(todo: Sequence[PlannedRun], running: Workers, before: dict[str, str | None]) -> StoreError:
