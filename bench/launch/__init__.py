@@ -48,7 +48,7 @@ def launch(configs: Sequence[RunConfig], store: Store, options: LauncherConfig, 
                      f"see mmbalance status {active[0].run_dir.path.parent}")
             return 0
         return outcome(planned)
-    more = following(follow, planned, store)
+    more = following(follow, planned, store) if follow else None
     if options.name == "inline":
         from mmbalance.bench.sweep import run_inline
         from mmbalance.core.errors import RunFailed
@@ -59,11 +59,11 @@ def launch(configs: Sequence[RunConfig], store: Store, options: LauncherConfig, 
                 run_inline([p.cfg for p in batch], store)
             except RunFailed:
                 pass  # recorded in each run's status; summarised below
-            batch = [q for p in batch for q in more(p, p.run_dir.recorded_status()["state"])]
+            batch = [q for p in batch for q in more(p, p.run_dir.recorded_status()["state"])] if more else []
     elif options.name == "local":
         from mmbalance.bench.launch.local import launch_local
 
-        launch_local(todo, options, more if follow else None)
+        launch_local(todo, options, more)
     else:
         return launch_slurm(todo, planned, store, options, wait, cluster, poll_s)
     return outcome(planned)
@@ -105,13 +105,11 @@ def launch_slurm(todo: list[PlannedRun], planned: list[PlannedRun], store: Store
     return outcome(planned)
 
 
-def following(follow: Callable[[str], Sequence[RunConfig]] | None, planned: list[PlannedRun],
+def following(follow: Callable[[str], Sequence[RunConfig]], planned: list[PlannedRun],
               store: Store) -> Callable[[PlannedRun, str], list[PlannedRun]]:
     """The runs to add once a run has ended: `follow`'s configs planned, those left to run and not
     yet in this launch; they join `planned`, so that the launch's outcome covers them."""
     def more(ended: PlannedRun, state: str) -> list[PlannedRun]:
-        if follow is None:
-            return []
         known = {p.run_dir.run_id for p in planned}
         new = [p for p in to_run(plan(follow(ended.run_dir.run_id), store)) if p.run_dir.run_id not in known]
         planned.extend(new)
