@@ -32,8 +32,9 @@ How the suite forms the epochs, and where it departs from the release:
 - The release re-samples the dataset once an epoch: it writes each modality's samples to a CSV,
   builds a loader per modality and trains ALL of one modality's batches (video first), then all of
   the other's. The suite's harness hands a method its own batches (the epoch's shuffled training
-  batches) one step at a time, so the decoupling is done per step: each batch is scored by the epoch-start model (its parameters and buffers, snapshotted
-  when the epoch starts, run through torch.func.functional_call) and its samples are queued by
+  batches) one step at a time, so the decoupling is done per step: each batch is scored by the
+  epoch-start model (its parameters and buffers, snapshotted when the epoch starts, run through
+  torch.func.functional_call) and its samples are queued by
   modality; whenever a modality's queue holds a training batch's worth (the epoch's first batch
   size), those samples take one step; at the epoch's last batch every queue is emptied, a smaller
   batch each (as the release's loaders end an epoch, drop_last off). Each modality's batches are
