@@ -189,6 +189,8 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(where)], capture_output=True)
 
 
+@pytest.mark.slow  # ~27 s: two launches of 3 runs in worker processes; the file-size-limit test keeps
+# the launcher's OS-error path in the default suite
 def test_a_full_disk_stops_the_local_launcher_and_a_relaunch_with_space_finishes(small_disk, tmp_path):
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(SWEEP)
