@@ -11,6 +11,12 @@ from typing import Any
 VARIANT_KEYS = ("preset", "pipeline", "root")
 
 
+def dataset_key(dataset: dict[str, Any]) -> str:
+    """A dataset config as one string (JSON, keys sorted): how the report's rows and a tuning
+    study's record name the same dataset config."""
+    return json.dumps(dataset, sort_keys=True)
+
+
 def dataset_labels(configs: Iterable[str]) -> dict[str, str]:
     """A readable label per dataset config (JSON), unique per config: the name with its preset,
     pipeline and root when set; configs that would still share a label add the keys they differ in."""

@@ -137,15 +137,6 @@ def robustness(method: Method, batches: Batches, autocast, seed: int,
 # ------------------------------------------------------------------------ runs in the store
 
 
-def path_of(run_dir: RunDir) -> Path:
-    return run_dir.robustness
-
-
-def read(run_dir: RunDir) -> dict[str, Any] | None:
-    """The run's robustness.json, or None when it has none; DamagedFile naming what is wrong."""
-    return run_dir.read_robustness()
-
-
 def evaluate_trained(trainer: Any, run_dir: RunDir, levels: Sequence[float] = LEVELS) -> dict[str, Any]:
     """Load best.pt into a bench.train.Trainer's method, evaluate its test split, write robustness.json."""
     best = run_dir.load(run_dir.best)
@@ -153,7 +144,7 @@ def evaluate_trained(trainer: Any, run_dir: RunDir, levels: Sequence[float] = LE
     result = {"split": "test", "checkpoint": "best.pt", "epoch": best["epoch"],
               **robustness(trainer.method, trainer.loaders["test"], trainer.context.autocast,
                            trainer.cfg.train.seed, levels)}
-    atomic_write_json(path_of(run_dir), result)
+    atomic_write_json(run_dir.robustness, result)
     return result
 
 
@@ -168,9 +159,9 @@ def evaluate_run(run_dir: RunDir, force: bool = False, levels: Sequence[float] =
     if state != "finished" or not run_dir.best.exists():
         return f"{name}: skipped ({state}, not finished with a best.pt)"
     again = ""
-    if not force and path_of(run_dir).exists():
+    if not force and run_dir.robustness.exists():
         try:
-            read(run_dir)
+            run_dir.read_robustness()
             return f"{name}: skipped (evaluated already; --force evaluates again)"
         except DamagedFile as e:  # evaluated again: the file is rewritten whole
             again = f" (its robustness.json was damaged: {e.why}; evaluated again)"

@@ -83,18 +83,14 @@ class Cell:
         return self.seeds[0].eval.select_metric
 
 
-def dataset_key(cfg: RunConfig) -> str:
-    return json.dumps(cfg.dataset, sort_keys=True)
-
-
 def cells_of(configs: Sequence[RunConfig]) -> list[Cell]:
     """One cell per (label, dataset) in the sweep's order; named after its label, and after its
     dataset too where the label spans several."""
-    from mmbalance.bench.naming import dataset_labels
+    from mmbalance.bench.naming import dataset_key, dataset_labels
 
     groups: dict[tuple[str, str], list[RunConfig]] = {}
     for cfg in configs:
-        groups.setdefault((row_label(cfg), dataset_key(cfg)), []).append(cfg)
+        groups.setdefault((row_label(cfg), dataset_key(cfg.dataset)), []).append(cfg)
     shown = dataset_labels([ds for _, ds in groups])
     spans = Counter(lab for lab, _ in groups)
     return [Cell(lab, ds, re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{lab}@{shown[ds]}" if spans[lab] > 1 else lab).strip("_"),

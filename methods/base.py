@@ -212,7 +212,6 @@ class StepContext:
                 p.grad = g
 
 
-
 @contextlib.contextmanager
 def zeroed_outputs(modules: dict[str, nn.Module]) -> Iterator[dict[str, int]]:
     """Within the block each module's output is replaced by zeros of its shape; yields how often
@@ -231,6 +230,7 @@ def zeroed_outputs(modules: dict[str, nn.Module]) -> Iterator[dict[str, int]]:
     finally:
         for handle in handles:
             handle.remove()
+
 
 class Method(nn.Module):
     """Base class. Subclasses set `Params` and implement `training_step` and `predict`."""

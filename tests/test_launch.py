@@ -596,7 +596,7 @@ def test_a_run_that_follows_an_ended_one_starts_on_the_freed_worker_while_the_ot
 
     monkeypatch.setattr(local, "run_in_process", stand_in)
     states = local.launch_local(plan([short, long_run], store), LauncherConfig(name="local", workers=2),
-                                lambda p, state: plan([added], store) if p.run_dir.run_id == short.run_id() else [])
+                                lambda p: plan([added], store) if p.run_dir.run_id == short.run_id() else [])
     assert states == {c.run_id(): "finished" for c in (short, long_run, added)}
     assert "long saw added start: True" in events
 

@@ -44,7 +44,7 @@ def test_zeroed_accuracy_is_an_evaluation_with_that_modality_zeroed_by_hand(fini
         by_hand = [Batch({**b.inputs, m: torch.zeros_like(b.inputs[m])}, b.labels) for b in trainer.loaders["test"]()]
         expected = evaluate(trainer.method, by_hand, trainer.context.autocast).metrics["acc"]
         assert result["modalities"][m]["zeroed"] == expected
-    assert rb.read(run_dir) == json.loads(json.dumps(result))
+    assert run_dir.read_robustness() == json.loads(json.dumps(result))
 
 
 def test_level_zero_is_the_clean_test_accuracy_of_the_selected_epoch(finished):
@@ -90,14 +90,14 @@ def test_token_ids_are_replaced_by_ids_of_the_split_with_probability_min_level_1
 def test_cli_evaluates_each_run_once_unless_forced(finished, capsys):
     group = finished.root / "g"
     for run_dir in finished.runs("g"):
-        rb.path_of(run_dir).unlink(missing_ok=True)
+        run_dir.robustness.unlink(missing_ok=True)
     assert main(["evaluate-robustness", str(group)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 3 and all("clean" in line and "audio zeroed" in line for line in lines)
-    stamps = {rd.run_id: rb.path_of(rd).stat().st_mtime_ns for rd in finished.runs("g")}
+    stamps = {rd.run_id: rd.robustness.stat().st_mtime_ns for rd in finished.runs("g")}
     assert main(["evaluate-robustness", str(group)]) == 0
     assert all("skipped (evaluated already" in line for line in capsys.readouterr().out.splitlines())
-    assert stamps == {rd.run_id: rb.path_of(rd).stat().st_mtime_ns for rd in finished.runs("g")}
+    assert stamps == {rd.run_id: rd.robustness.stat().st_mtime_ns for rd in finished.runs("g")}
     one = next(finished.runs("g"))
     assert main(["evaluate-robustness", str(one.path), "--force"]) == 0
     assert capsys.readouterr().out.count("clean") == 1
@@ -105,7 +105,7 @@ def test_cli_evaluates_each_run_once_unless_forced(finished, capsys):
 
 def test_report_writes_the_table_and_figure_only_when_runs_have_results(finished, tmp_path):
     for run_dir in finished.runs("g"):
-        if not rb.path_of(run_dir).exists():
+        if not run_dir.robustness.exists():
             rb.evaluate_trained(loaded(run_dir), run_dir)
     out = tmp_path / "report"
     report = build_report(finished.root / "g", out)
@@ -116,12 +116,12 @@ def test_report_writes_the_table_and_figure_only_when_runs_have_results(finished
     rows = pd.read_csv(out / "robustness.csv")
     assert set(rows["condition"]) == {"zeroed", "noise 0", "noise 0.25", "noise 0.5", "noise 1", "noise 2"}
     joint = rows[(rows["label"] == "joint") & (rows["modality"] == "audio") & (rows["condition"] == "zeroed")]
-    values = [rb.read(rd)["modalities"]["audio"]["zeroed"] for rd in finished.runs("g")
+    values = [rd.read_robustness()["modalities"]["audio"]["zeroed"] for rd in finished.runs("g")
               if rd.read_config()["method"]["name"] == "joint"]
     assert len(joint) == 1 and joint["n"].item() == 2 and joint["mean"].item() == pytest.approx(sum(values) / 2)
     assert "Robustness" in (out / "README.md").read_text() and "zeroed" in table
     for run_dir in finished.runs("g"):
-        rb.path_of(run_dir).unlink()
+        run_dir.robustness.unlink()
     bare = tmp_path / "bare"
     build_report(finished.root / "g", bare)
     assert not (bare / "robustness.md").exists() and not list((bare / "figures").glob("robustness*"))
@@ -139,10 +139,10 @@ def test_a_damaged_robustness_file_is_left_out_by_name_and_evaluated_again(finis
     `evaluate-robustness` writes it again without --force."""
     runs = list(finished.runs("g"))
     for run_dir in runs:
-        if not rb.path_of(run_dir).exists():
+        if not run_dir.robustness.exists():
             rb.evaluate_trained(loaded(run_dir), run_dir)
     bad = runs[0]
-    rb.path_of(bad).write_text(text)
+    bad.robustness.write_text(text)
     out = tmp_path / "report"
     build_report(finished.root / "g", out)
     note = (out / "robustness.md").read_text()
@@ -152,7 +152,7 @@ def test_a_damaged_robustness_file_is_left_out_by_name_and_evaluated_again(finis
 
     assert pd.read_csv(out / "robustness.csv")["n"].sum() > 0  # the other runs are in
     assert main(["evaluate-robustness", str(bad.path)]) == 0
-    assert "was damaged" in capsys.readouterr().out and rb.read(bad)["clean"] >= 0
+    assert "was damaged" in capsys.readouterr().out and bad.read_robustness()["clean"] >= 0
 
 
 def test_eval_robustness_writes_its_file_and_keeps_the_run_id(tmp_path):
@@ -160,6 +160,6 @@ def test_eval_robustness_writes_its_file_and_keeps_the_run_id(tmp_path):
     cfg = load_config(None, [*TINY, "eval.robustness=true"])
     assert cfg.run_id() == plain.run_id()
     result = run(cfg, Store(tmp_path / "results"))
-    data = rb.read(Store(tmp_path / "results").run_dir("g", result.run_id))
+    data = Store(tmp_path / "results").run_dir("g", result.run_id).read_robustness()
     assert data["clean"] == result.summary["best_val"]["test"]["acc"]
     assert set(data["modalities"]) == {"audio", "visual"}

@@ -59,7 +59,7 @@ def launch(configs: Sequence[RunConfig], store: Store, options: LauncherConfig, 
                 run_inline([p.cfg for p in batch], store)
             except RunFailed:
                 pass  # recorded in each run's status; summarised below
-            batch = [q for p in batch for q in more(p, p.run_dir.recorded_status()["state"])] if more else []
+            batch = [q for p in batch for q in more(p)] if more else []
     elif options.name == "local":
         from mmbalance.bench.launch.local import launch_local
 
@@ -106,10 +106,10 @@ def launch_slurm(todo: list[PlannedRun], planned: list[PlannedRun], store: Store
 
 
 def following(follow: Callable[[str], Sequence[RunConfig]], planned: list[PlannedRun],
-              store: Store) -> Callable[[PlannedRun, str], list[PlannedRun]]:
+              store: Store) -> Callable[[PlannedRun], list[PlannedRun]]:
     """The runs to add once a run has ended: `follow`'s configs planned, those left to run and not
     yet in this launch; they join `planned`, so that the launch's outcome covers them."""
-    def more(ended: PlannedRun, state: str) -> list[PlannedRun]:
+    def more(ended: PlannedRun) -> list[PlannedRun]:
         known = {p.run_dir.run_id for p in planned}
         new = [p for p in to_run(plan(follow(ended.run_dir.run_id), store)) if p.run_dir.run_id not in known]
         planned.extend(new)

@@ -15,17 +15,23 @@ def have_slurm() -> bool:
     return shutil.which("squeue") is not None
 
 
+def squeue() -> subprocess.CompletedProcess:
+    """squeue's list of every job id it holds, array elements one by one; raises as subprocess.run."""
+    return subprocess.run(["squeue", "-h", "-r", "-o", "%i"], capture_output=True, text=True, timeout=60)
+
+
 def queued_job_ids() -> set[str] | None:
     """Ids of every job SLURM still holds (pending or running), array elements one by one
     (`123_4`); None where squeue is missing or fails (nothing can be said)."""
     if not have_slurm():
         return None
     try:
-        out = subprocess.run(["squeue", "-h", "-r", "-o", "%i"], capture_output=True, text=True,
-                             timeout=60, check=True).stdout
+        done = squeue()
     except (subprocess.SubprocessError, OSError):
         return None
-    return {line.strip() for line in out.splitlines() if line.strip()}
+    if done.returncode:
+        return None
+    return {line.strip() for line in done.stdout.splitlines() if line.strip()}
 
 
 def squeue_failure() -> str:
@@ -33,7 +39,7 @@ def squeue_failure() -> str:
     if not have_slurm():
         return "squeue is not installed here"
     try:
-        done = subprocess.run(["squeue", "-h", "-r", "-o", "%i"], capture_output=True, text=True, timeout=60)
+        done = squeue()
     except subprocess.TimeoutExpired:
         return "squeue did not answer within 60 s"
     except OSError as e:

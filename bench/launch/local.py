@@ -104,13 +104,13 @@ def placement_line(runs: int, workers: int, gpus: int, runs_per_gpu: int, thread
     return line
 
 
-Follow = Callable[[PlannedRun, str], Sequence[PlannedRun]]
+Follow = Callable[[PlannedRun], Sequence[PlannedRun]]
 
 
 def launch_local(todo: Sequence[PlannedRun], options: LauncherConfig, follow: Follow | None = None) -> dict[str, str]:
     """Run every planned run; returns run id -> final state (finished | failed | ...).
 
-    `follow(run, state)`, called each time a run ends, returns more runs for this launch (a tuning
+    `follow(run)`, called each time a run ends, returns more runs for this launch (a tuning
     study's next trials, bench.tune): they start as soon as a worker is free, so no worker waits
     for the slowest run of a batch. The worker count is settled by `todo` alone.
     Ctrl-C (KeyboardInterrupt) stops the launch (see stop_launch), then goes on up."""
@@ -189,7 +189,7 @@ class LocalLaunch:
                 for left in self.waits.values():  # ended, finished or not: a dependent then fails naming it
                     left.discard(ended.run_dir.run_id)
                 if follow is not None and state is not None and not self.running.stopped:
-                    self.add(follow(ended, state))
+                    self.add(follow(ended))
             self.start_ready(pool)
 
     def start_ready(self, pool: ThreadPoolExecutor) -> None:

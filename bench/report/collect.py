@@ -15,13 +15,12 @@ unimodal-only run of m has no deficit (NaN).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from mmbalance.bench.naming import dataset_labels
+from mmbalance.bench.naming import dataset_key, dataset_labels
 from mmbalance.bench.report.contribution import contribution_columns
 from mmbalance.bench.store import RunDir, run_dirs
 from mmbalance.core.errors import ConfigError
@@ -73,7 +72,7 @@ def run_row(rd: RunDir, block: str) -> dict[str, Any]:
         "group": rd.path.parent.name,
         "run_id": rd.run_id,
         "dataset_name": cfg["dataset"]["name"],
-        "dataset_config": json.dumps(cfg["dataset"], sort_keys=True),
+        "dataset_config": dataset_key(cfg["dataset"]),
         "label": cfg.get("label") or method,
         "method": method,
         "fusion": (cfg.get("model") or {}).get("fusion"),
